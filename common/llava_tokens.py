@@ -1,0 +1,119 @@
+"""LLaVA forward passes over a *subset* of visual tokens.
+
+LLaVA feeds the projector with the vision tower's hidden states at ``vision_feature_layer`` (CLS dropped
+with the "default" strategy). Device and cloud share that frozen tower, so what travels is those features
+for selected patches; both sides then run projector + language model on only the selected tokens. This
+module builds those inputs and returns the answer-position logits and hidden states. It works on a plain
+``LlavaForConditionalGeneration`` or on a ``PeftModel`` wrapping one (LoRA layers are applied in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import TandemError
+
+DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+class TokenPathError(TandemError):
+    """Inputs to the selected-token forward are inconsistent (shapes, empty batch, missing image slot)."""
+
+
+@dataclass
+class AnswerOutput:
+    """Answer-position outputs for a batch: logits [B, V] and last-layer hidden states [B, H]."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``LlavaForConditionalGeneration`` inside a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def vision_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What LLaVA feeds its projector: tower hidden states at the feature layer, CLS dropped. [B, N, D]."""
+    llava = unwrap_llava(model)
+    cfg = llava.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise TokenPathError("only a single integer vision_feature_layer is supported")
+    out = llava.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    feats = out.hidden_states[layer]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return feats
+
+
+class PromptBuilder:
+    """Token ids of the chat prompt with a variable number of image tokens at the image slot."""
+
+    def __init__(self, tokenizer, image_token_id: int, template: str = DEFAULT_PROMPT_TEMPLATE) -> None:
+        if "{question}" not in template or "<image>" not in template:
+            raise TokenPathError("prompt template must contain '<image>' and '{question}'")
+        self.tokenizer = tokenizer
+        self.image_token_id = int(image_token_id)
+        self.template = template
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def split(self, question: str) -> tuple[list[int], list[int]]:
+        """Ids before and after the single image slot of ``question``'s prompt."""
+        hit = self._cache.get(question)
+        if hit is not None:
+            return hit
+        ids = self.tokenizer(self.template.format(question=question), add_special_tokens=True)["input_ids"]
+        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(slots) != 1:
+            raise TokenPathError(f"prompt must hold exactly one image token, found {len(slots)}")
+        pair = (list(ids[: slots[0]]), list(ids[slots[0] + 1 :]))
+        self._cache[question] = pair
+        return pair
+
+
+def answer_forward(
+    model: torch.nn.Module,
+    prompts: PromptBuilder,
+    features: Sequence[torch.Tensor],
+    questions: Sequence[str],
+) -> AnswerOutput:
+    """Run projector + language model on each sample's selected features and question.
+
+    ``features[i]`` is [k_i, D] (k_i may differ; right padding). Returns logits and last hidden state at the
+    last prompt position, i.e. the distribution of the first answer token.
+    """
+    if len(features) == 0:
+        raise TokenPathError("empty batch")
+    if len(features) != len(questions):
+        raise TokenPathError(f"{len(features)} feature sets for {len(questions)} questions")
+    llava = unwrap_llava(model)
+    embed = llava.get_input_embeddings()
+    projector = llava.model.multi_modal_projector
+    in_dim = projector.linear_1.in_features
+    param = next(projector.parameters())
+    seqs: list[torch.Tensor] = []
+    for feats, question in zip(features, questions, strict=True):
+        if feats.dim() != 2 or feats.shape[1] != in_dim or feats.shape[0] == 0:
+            raise TokenPathError(f"features must be [k>0, {in_dim}], got {tuple(feats.shape)}")
+        before, after = prompts.split(question)
+        ids_b = torch.tensor(before, dtype=torch.long, device=param.device)
+        ids_a = torch.tensor(after, dtype=torch.long, device=param.device)
+        vis = projector(feats.to(param.device, param.dtype))
+        seqs.append(torch.cat([embed(ids_b), vis, embed(ids_a)], dim=0))
+    lengths = torch.tensor([s.shape[0] for s in seqs], device=param.device)
+    width = int(lengths.max())
+    hidden_size = seqs[0].shape[1]
+    batch = seqs[0].new_zeros((len(seqs), width, hidden_size))
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=param.device)
+    for i, s in enumerate(seqs):
+        batch[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    out = llava.model.language_model(inputs_embeds=batch, attention_mask=mask, return_dict=True)
+    last = out.last_hidden_state[torch.arange(len(seqs), device=param.device), lengths - 1]
+    logits = llava.lm_head(last)
+    return AnswerOutput(logits=logits, hidden=last)
