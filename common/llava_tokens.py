@@ -25,10 +25,17 @@ class TokenPathError(TandemError):
 
 @dataclass
 class AnswerOutput:
-    """Answer-position outputs for a batch: logits [B, V] and last-layer hidden states [B, H]."""
+    """Answer-position outputs for a batch: logits [B, V] and last-layer hidden states [B, H].
+
+    With ``with_relevance``: ``similarity[i]`` [k_i] is the cosine between each image token's last-layer
+    state and the answer position's state; ``attention[i]`` [k_i] is the answer position's attention to
+    each image token averaged over layers and heads (None unless the model runs eager attention).
+    """
 
     logits: torch.Tensor
     hidden: torch.Tensor
+    similarity: list[torch.Tensor] | None = None
+    attention: list[torch.Tensor] | None = None
 
 
 def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
@@ -81,6 +88,7 @@ def answer_forward(
     prompts: PromptBuilder,
     features: Sequence[torch.Tensor],
     questions: Sequence[str],
+    with_relevance: bool = False,
 ) -> AnswerOutput:
     """Run projector + language model on each sample's selected features and question.
 
@@ -97,6 +105,7 @@ def answer_forward(
     in_dim = projector.linear_1.in_features
     param = next(projector.parameters())
     seqs: list[torch.Tensor] = []
+    spans: list[tuple[int, int]] = []
     for feats, question in zip(features, questions, strict=True):
         if feats.dim() != 2 or feats.shape[1] != in_dim or feats.shape[0] == 0:
             raise TokenPathError(f"features must be [k>0, {in_dim}], got {tuple(feats.shape)}")
@@ -105,6 +114,7 @@ def answer_forward(
         ids_a = torch.tensor(after, dtype=torch.long, device=param.device)
         vis = projector(feats.to(param.device, param.dtype))
         seqs.append(torch.cat([embed(ids_b), vis, embed(ids_a)], dim=0))
+        spans.append((len(before), len(before) + vis.shape[0]))
     lengths = torch.tensor([s.shape[0] for s in seqs], device=param.device)
     width = int(lengths.max())
     hidden_size = seqs[0].shape[1]
@@ -113,7 +123,19 @@ def answer_forward(
     for i, s in enumerate(seqs):
         batch[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = 1
-    out = llava.model.language_model(inputs_embeds=batch, attention_mask=mask, return_dict=True)
+    eager = getattr(llava.config.text_config, "_attn_implementation", None) == "eager"
+    out = llava.model.language_model(
+        inputs_embeds=batch, attention_mask=mask, output_attentions=with_relevance and eager, return_dict=True
+    )
     last = out.last_hidden_state[torch.arange(len(seqs), device=param.device), lengths - 1]
     logits = llava.lm_head(last)
-    return AnswerOutput(logits=logits, hidden=last)
+    result = AnswerOutput(logits=logits, hidden=last)
+    if with_relevance:
+        result.similarity = [
+            torch.nn.functional.cosine_similarity(out.last_hidden_state[i, a:b], last[i : i + 1], dim=-1)
+            for i, (a, b) in enumerate(spans)
+        ]
+        if eager and out.attentions:
+            stacked = torch.stack([att.mean(dim=1) for att in out.attentions]).mean(dim=0)  # [B, T, T]
+            result.attention = [stacked[i, int(lengths[i]) - 1, a:b] for i, (a, b) in enumerate(spans)]
+    return result

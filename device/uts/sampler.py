@@ -1,0 +1,132 @@
+"""UTS, the device-side pipeline: answer, score uncertainty, gate on the budget, pick tokens, encode."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from common.config import StrictConfig
+from common.llava_tokens import PromptBuilder, answer_forward
+from common.sample_codec import UploadSample, encode_sample
+from device.uts.budget import BudgetGate, GateConfig
+from device.uts.tokens import SourceFeatureStats, select_tokens, token_priority
+from device.uts.uncertainty import ScoreKind, answer_uncertainty, uncertainty_score
+
+
+class UTSConfig(StrictConfig):
+    """Uncertainty-guided token sampling settings."""
+
+    score: ScoreKind = "confidence"
+    gate: GateConfig = GateConfig()
+    keep_ratio: float = Field(0.25, gt=0.0, le=1.0)
+    min_tokens: int = Field(4, ge=1)
+    relevance_weight: float = Field(0.5, ge=0.0, le=1.0)
+    relevance_source: Literal["auto", "attention", "similarity"] = "auto"
+    top_answers: int = Field(5, ge=1)
+
+
+@dataclass
+class UTSResult:
+    """The device's answer for one sample and what UTS decided."""
+
+    answer_id: int
+    uncertainty: dict[str, float]
+    score: float
+    sent: bool
+    payload: bytes | None = None
+    token_indices: torch.Tensor | None = None
+
+
+class UncertaintyTokenSampler:
+    """Stateful per device (the budget gate keeps its history between calls)."""
+
+    def __init__(
+        self, config: UTSConfig | None = None, source_stats: SourceFeatureStats | None = None
+    ) -> None:
+        self.config = config or UTSConfig()
+        self.gate = BudgetGate(self.config.gate)
+        self.source_stats = source_stats
+
+    def _relevance(self, i: int, out, rater: torch.Tensor | None) -> torch.Tensor | None:
+        if rater is not None:
+            return rater.float()
+        source = self.config.relevance_source
+        if source in ("auto", "attention") and out.attention is not None:
+            return out.attention[i].detach().float().cpu()
+        if source == "attention":
+            raise ValueError("relevance_source='attention' needs a model running eager attention")
+        return out.similarity[i].detach().float().cpu()
+
+    def pick_tokens(self, features: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
+        """Stage 2 for one sample: indices of the tokens to send."""
+        ood = self.source_stats.ood_scores(features) if self.source_stats is not None else None
+        if relevance is not None and relevance.numel() != features.shape[0]:
+            raise ValueError(f"{relevance.numel()} relevance scores for {features.shape[0]} tokens")
+        priority = token_priority(relevance, ood, self.config.relevance_weight)
+        return select_tokens(priority, self.config.keep_ratio, self.config.min_tokens)
+
+    @torch.no_grad()
+    def process(
+        self,
+        model: torch.nn.Module,
+        prompts: PromptBuilder,
+        features: torch.Tensor,
+        questions: list[str],
+        rater_scores: list[torch.Tensor | None] | None = None,
+    ) -> list[UTSResult]:
+        """Run the device model on all tokens of each frame, then decide and encode the uploads.
+
+        ``features`` [B, N, D] are the vision tower's features (what LLaVA feeds the projector);
+        ``rater_scores[i]`` [N] are optional per-token relevance scores (SparseVLM's raters).
+        """
+        if features.dim() != 3 or features.shape[0] == 0:
+            raise ValueError(f"features must be [B>0, N, D], got {tuple(features.shape)}")
+        if rater_scores is not None and len(rater_scores) != features.shape[0]:
+            raise ValueError("one rater score vector (or None) per sample is required")
+        out = answer_forward(model, prompts, list(features), questions, with_relevance=True)
+        unc = answer_uncertainty(out.logits)
+        scores = uncertainty_score(unc, self.config.score)
+        probs = torch.softmax(out.logits.float(), dim=-1)
+        top = torch.topk(probs, min(self.config.top_answers, probs.shape[-1]), dim=-1)
+        results = []
+        for i in range(features.shape[0]):
+            score = float(scores[i])
+            result = UTSResult(int(probs[i].argmax()), unc.row(i), score, sent=False)
+            if score >= self.gate.threshold():
+                rater = rater_scores[i] if rater_scores is not None else None
+                idx = self.pick_tokens(features[i], self._relevance(i, out, rater))
+                sample = UploadSample(
+                    features=features[i, idx].float().cpu(),
+                    patch_indices=idx,
+                    num_patches=features.shape[1],
+                    question=questions[i],
+                    answer_ids=top.indices[i].cpu(),
+                    answer_probs=top.values[i].cpu(),
+                    uncertainty=unc.row(i),
+                )
+                payload = encode_sample(sample)
+                if self.gate.decide(score, len(payload)):
+                    result.sent, result.payload, result.token_indices = True, payload, idx
+            else:
+                self.gate.decide(score, self.gate._mean_cost)
+            results.append(result)
+        return results
+
+
+def frame_bytes(image: np.ndarray) -> int:
+    """Bytes of the raw uint8 frame."""
+    return int(image.nbytes)
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 90) -> int:
+    """Bytes of the frame as a JPEG at ``quality`` (what sending the picture instead would cost)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.tell()

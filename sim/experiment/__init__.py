@@ -1,0 +1,1 @@
+"""The offline continual-adaptation experiment (UTS + AKD + DWC against baselines)."""
