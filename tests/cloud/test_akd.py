@@ -1,4 +1,4 @@
-"""AKD on micro models: the KD loss drops, only adapters train, the PEFT export loads, bad input is refused."""
+"""AKD on micro models: KD loss drops, only adapters train, PEFT export loads, bad input refused."""
 
 from __future__ import annotations
 
