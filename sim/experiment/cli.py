@@ -1,0 +1,38 @@
+"""`tandem-sim experiment offline`: the offline continual-adaptation experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from sim.experiment.config import sized
+
+experiment_app = typer.Typer(help="Offline experiments of the learning core.", no_args_is_help=True)
+
+
+@experiment_app.callback()
+def _group() -> None:
+    """Offline experiments of the learning core (UTS, AKD, DWC)."""
+
+
+@experiment_app.command("offline")
+def offline(
+    size: str = typer.Option("quick", help="quick (a few minutes) or full (the complete drift, <= 15 min)"),
+    recipe: str = typer.Option(None, help="zoo recipe: base (default), micro, or micro-random (untrained)"),
+    seed: int = typer.Option(None, help="world and zoo seed"),
+    out: Path = typer.Option(Path("reports/offline"), help="directory for table.md, plot.png, results.json"),
+    threads: int = typer.Option(None, help="torch threads"),
+) -> None:
+    """Device pretrained on clear, stream drifting through shifts; UTS + AKD + DWC against baselines."""
+    from sim.experiment.report import print_report, write_reports
+    from sim.experiment.runner import run_experiment
+
+    config = sized(size, recipe, seed=seed, threads=threads)
+    console = Console()
+    with console.status("running the offline experiment") as status:
+        result = run_experiment(config, progress=lambda line: (console.log(line), status.update(line)))
+    print_report(result, console)
+    paths = write_reports(result, out)
+    console.print(f"wrote {paths['table']}, {paths['plot']}, {paths['json']}")

@@ -1,0 +1,84 @@
+"""Settings of the offline continual-adaptation experiment (quick and full sizes)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cloud.akd import AKDConfig
+from common.config import StrictConfig
+from common.errors import ConfigError
+from sim.world import parse_domain
+
+
+class ExperimentConfig(StrictConfig):
+    """One offline run: the drifting stream, the per-round budgets, and the learning settings."""
+
+    recipe: Literal["base", "micro", "micro-random"] = "base"
+    seed: int = 0
+    shifts: list[str] = ["dusk", "fog:0.7+noise:0.4", "night", "palette"]
+    rounds_per_shift: int = Field(3, ge=1)
+    stream_per_round: int = Field(256, ge=4)
+    eval_size: int = Field(400, ge=4)
+    calibration_size: int = Field(256, ge=4)
+    # UTS: samples per round the uplink may carry, and the share of visual tokens kept per sample.
+    uplink_samples_per_round: int = Field(64, ge=1)
+    keep_ratio: float = Field(0.25, gt=0, le=1)
+    uncertainty_score: Literal["confidence", "entropy", "energy", "combined"] = "confidence"
+    relevance_weight: float = Field(0.5, ge=0, le=1)
+    # AKD on a buffer of the uploads of the last ``replay_rounds`` rounds.
+    replay_rounds: int = Field(3, ge=1)
+    akd: AKDConfig = AKDConfig(epochs=4, batch_size=32, lr=3e-3)
+    # DWC: downlink byte budget per round as a fraction of the fp32 adapter.
+    downlink_fraction: float = Field(0.05, gt=0, le=1)
+    dwc_bits: Literal[4, 8, "auto"] = "auto"
+    dwc_energy_share: float = Field(0.98, gt=0, le=1)
+    baselines: list[Literal["send_all", "fp32", "ce_only"]] = ["send_all", "fp32", "ce_only"]
+    threads: int = Field(2, ge=1)
+
+    def check(self) -> ExperimentConfig:
+        """Validate the domain names (ConfigError naming the bad one)."""
+        if not self.shifts:
+            raise ConfigError("the stream needs at least one shift")
+        for s in self.shifts:
+            parse_domain(s)
+        return self
+
+
+def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig:
+    """The ``quick`` or ``full`` experiment (``tiny`` is for tests), with overrides applied."""
+    presets: dict[str, dict] = {
+        "full": {},
+        "quick": {
+            "shifts": ["dusk", "fog:0.7+noise:0.4"],
+            "rounds_per_shift": 3,
+            "stream_per_round": 192,
+            "eval_size": 200,
+            "calibration_size": 128,
+            "uplink_samples_per_round": 48,
+        },
+        "tiny": {
+            "recipe": "micro-random",
+            "shifts": ["night"],
+            "rounds_per_shift": 2,
+            "stream_per_round": 16,
+            "eval_size": 12,
+            "calibration_size": 8,
+            "uplink_samples_per_round": 6,
+            "akd": AKDConfig(epochs=1, batch_size=8),
+            "downlink_fraction": 0.2,
+        },
+    }
+    if size not in presets:
+        raise ConfigError(f"unknown experiment size {size!r}; known: {', '.join(presets)}")
+    data = dict(presets[size])
+    if recipe is not None:
+        data["recipe"] = recipe
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ExperimentConfig(**data).check()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"invalid experiment settings: {exc}") from None

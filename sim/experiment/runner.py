@@ -1,0 +1,210 @@
+"""Run the offline experiment: a device pretrained on clear meets a stream that drifts through shifts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from cloud.dwc import DWCConfig, full_state_bytes
+from common.errors import TandemError
+from device.uts import GateConfig, SourceFeatureStats, UncertaintyTokenSampler, UTSConfig, jpeg_bytes
+from sim.experiment.arms import AdaptingArm, accuracy
+from sim.experiment.config import ExperimentConfig
+from sim.experiment.data import CALIBRATION_OFFSET, EVAL_OFFSET, feature_set
+from sim.experiment.micro import ModelPair, random_pair
+from sim.world import World
+
+ARM_LABELS = {
+    "none": "no adaptation",
+    "teacher": "teacher (upper bound)",
+    "tandem": "Tandem (UTS+AKD+DWC)",
+    "tandem_fp32": "fp32 adapter downlink",
+    "send_all": "send-everything uplink",
+    "ce_only": "CE on pseudo-labels only",
+}
+
+
+@dataclass
+class Row:
+    """One arm in one round."""
+
+    round: int
+    shift: str
+    shift_round: int
+    arm: str
+    accuracy: float
+    uplink_bytes: int = 0
+    uplink_samples: int = 0
+    downlink_bytes: int = 0
+    wall_s: float = 0.0
+
+
+@dataclass
+class ExperimentResult:
+    """Every row plus the byte facts the report quotes."""
+
+    config: dict
+    rows: list[Row] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "rows": [asdict(r) for r in self.rows], "facts": self.facts}
+
+
+def load_pair(recipe: str, seed: int) -> ModelPair:
+    """Teacher and device of a zoo recipe (trained and cached by the zoo), or random micro models."""
+    if recipe == "micro-random":
+        return random_pair(seed=seed)
+    try:
+        from sim.zoo.build import ensure_zoo  # the lead's zoo trainer
+    except ImportError as exc:
+        raise TandemError("the model zoo builder (sim.zoo.build) is not available in this checkout") from exc
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from common.llava_tokens import PromptBuilder
+    from sim.zoo.recipe import ZooRecipe, micro_recipe
+    from sim.zoo.tokenizer import IMAGE_TOKEN
+
+    zoo = ensure_zoo(micro_recipe(seed) if recipe == "micro" else ZooRecipe(seed=seed), progress=False)
+    processor = AutoProcessor.from_pretrained(str(zoo.device))
+    teacher = AutoModelForImageTextToText.from_pretrained(str(zoo.teacher)).eval()
+    device = AutoModelForImageTextToText.from_pretrained(str(zoo.device)).eval()
+    for m in (teacher, device):
+        m.requires_grad_(False)
+    tok = processor.tokenizer
+    return ModelPair(teacher, device, processor, PromptBuilder(tok, tok.convert_tokens_to_ids(IMAGE_TOKEN)))
+
+
+def run_experiment(
+    config: ExperimentConfig, progress: Callable[[str], None] | None = None, pair: ModelPair | None = None
+) -> ExperimentResult:
+    """Run every arm through every round of the stream; ``progress`` gets one line per round."""
+    torch.set_num_threads(config.threads)
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    pair = pair or load_pair(config.recipe, config.seed)
+    world = World(config.seed, pair.processor.image_processor.crop_size["height"])
+    calib = feature_set(pair, world, CALIBRATION_OFFSET, config.calibration_size, "clear")
+    stats = SourceFeatureStats(calib.features.shape[-1])
+    stats.update(calib.features)
+
+    def make_uts() -> UncertaintyTokenSampler:
+        gate = GateConfig(budget=config.uplink_samples_per_round, expected_arrivals=config.stream_per_round)
+        cfg = UTSConfig(
+            score=config.uncertainty_score,
+            gate=gate,
+            keep_ratio=config.keep_ratio,
+            relevance_weight=config.relevance_weight,
+        )
+        return UncertaintyTokenSampler(cfg, stats)
+
+    probe = AdaptingArm("probe", pair.teacher, pair.device, pair.prompts, config.akd, None, DWCConfig(), 1)
+    fp32_bytes = full_state_bytes(probe.trainer.adapter_state())
+    del probe
+    dwc = DWCConfig(
+        bits=config.dwc_bits,
+        energy_share=config.dwc_energy_share,
+        budget_bytes=max(1, int(config.downlink_fraction * fp32_bytes)),
+    )
+    kd_free = config.akd.model_copy(update={"w_kd": 0.0, "w_align": 0.0})
+    arms = [
+        AdaptingArm(
+            "tandem",
+            pair.teacher,
+            pair.device,
+            pair.prompts,
+            config.akd,
+            make_uts(),
+            dwc,
+            config.replay_rounds,
+            track_fp32="fp32" in config.baselines,
+        )
+    ]
+    if "send_all" in config.baselines:
+        arms.append(
+            AdaptingArm(
+                "send_all",
+                pair.teacher,
+                pair.device,
+                pair.prompts,
+                config.akd,
+                None,
+                dwc,
+                config.replay_rounds,
+            )
+        )
+    if "ce_only" in config.baselines:
+        arms.append(
+            AdaptingArm(
+                "ce_only",
+                pair.teacher,
+                pair.device,
+                pair.prompts,
+                kd_free,
+                make_uts(),
+                dwc,
+                config.replay_rounds,
+            )
+        )
+
+    result = ExperimentResult(config=config.model_dump(mode="json"))
+    result.facts["fp32_adapter_bytes"] = fp32_bytes
+    result.facts["downlink_budget_bytes"] = dwc.budget_bytes
+    result.facts["adapter_params"] = sum(v.numel() for v in arms[0].trainer.adapter_state().values())
+    clear_eval = feature_set(pair, world, EVAL_OFFSET, config.eval_size, "clear")
+    result.facts["clear_accuracy"] = {
+        "device": accuracy(pair.device, pair.prompts, clear_eval),
+        "teacher": accuracy(pair.teacher, pair.prompts, clear_eval),
+    }
+    frame, jpeg, sent_bytes, sent_count, all_bytes, all_count = [], [], 0, 0, 0, 0
+    stream_start, round_no = 0, 0
+    for s_idx, shift in enumerate(config.shifts):
+        held_out = feature_set(
+            pair, world, EVAL_OFFSET + (s_idx + 1) * config.eval_size, config.eval_size, shift
+        )
+        base_acc = accuracy(pair.device, pair.prompts, held_out)
+        teacher_acc = accuracy(pair.teacher, pair.prompts, held_out)
+        for r in range(1, config.rounds_per_shift + 1):
+            round_no += 1
+            stream = feature_set(pair, world, stream_start, config.stream_per_round, shift)
+            stream_start += config.stream_per_round
+            result.rows.append(Row(round_no, shift, r, "none", base_acc))
+            result.rows.append(Row(round_no, shift, r, "teacher", teacher_acc))
+            for arm in arms:
+                for name, fig in arm.run_round(stream, held_out).items():
+                    result.rows.append(
+                        Row(
+                            round_no,
+                            shift,
+                            r,
+                            name,
+                            fig.accuracy,
+                            fig.uplink_bytes,
+                            fig.uplink_samples,
+                            fig.downlink_bytes,
+                            fig.wall_s,
+                        )
+                    )
+                    if name == "tandem":
+                        picked = fig.extra["picked"]
+                        frame += [int(stream.images[i].nbytes) for i in picked]
+                        jpeg += [jpeg_bytes(stream.images[i]) for i in picked]
+                        sent_bytes += fig.uplink_bytes
+                        sent_count += fig.uplink_samples
+                    if name == "send_all":
+                        all_bytes += fig.uplink_bytes
+                        all_count += fig.uplink_samples
+            latest = {row.arm: row.accuracy for row in result.rows if row.round == round_no}
+            say(f"round {round_no} ({shift} #{r}): " + ", ".join(f"{k} {v:.3f}" for k, v in latest.items()))
+    result.facts["uplink_per_sample"] = {
+        "tandem_bytes": sent_bytes / max(1, sent_count),
+        "send_all_bytes": all_bytes / max(1, all_count) if all_count else None,
+        "raw_frame_bytes": float(np.mean(frame)) if frame else None,
+        "jpeg_q90_bytes": float(np.mean(jpeg)) if jpeg else None,
+    }
+    result.facts["total_wall_s"] = time.perf_counter() - started
+    return result

@@ -1,0 +1,51 @@
+"""The offline experiment on untrained micro models: structure, bytes and reports (not accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from common.errors import ConfigError
+from sim.experiment.cli import experiment_app
+from sim.experiment.config import sized
+
+
+def test_tiny_offline_run_writes_reports_with_consistent_bytes(tmp_path):
+    result = CliRunner().invoke(
+        experiment_app, ["offline", "--size", "tiny", "--out", str(tmp_path), "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "targets" in result.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert "| rnd | shift |" in (tmp_path / "table.md").read_text()
+    rows = data["rows"]
+    arms = {r["arm"] for r in rows}
+    assert arms == {"none", "teacher", "tandem", "tandem_fp32", "send_all", "ce_only"}
+    cfg = data["config"]
+    budget = data["facts"]["downlink_budget_bytes"]
+    for r in rows:
+        if r["arm"] == "tandem":
+            assert 0 < r["uplink_samples"] <= cfg["uplink_samples_per_round"]
+            assert 0 < r["downlink_bytes"] <= budget
+        if r["arm"] == "send_all":
+            assert r["uplink_samples"] == cfg["stream_per_round"]
+        if r["arm"] == "tandem_fp32":
+            assert r["downlink_bytes"] >= data["facts"]["fp32_adapter_bytes"] * 0.99
+    s = data["summary"]
+    assert 0 < s["uplink_ratio"] < 0.5
+    assert 0 < s["downlink_ratio"] <= budget / data["facts"]["fp32_adapter_bytes"] + 1e-9
+    per = data["facts"]["uplink_per_sample"]
+    assert per["tandem_bytes"] < per["send_all_bytes"]
+
+
+def test_sizes_and_bad_settings():
+    assert sized("quick").rounds_per_shift >= 1
+    with pytest.raises(ConfigError, match="unknown experiment size"):
+        sized("huge")
+    with pytest.raises(ConfigError, match="unknown shift"):
+        sized("tiny", shifts=["sepia"])
+    with pytest.raises(ConfigError, match="invalid experiment settings"):
+        sized("tiny", keep_ratio=0.0)
