@@ -170,7 +170,8 @@ def markdown(result: ExperimentResult) -> str:
         f"Recipe `{cfg['recipe']}`, seed {cfg['seed']}, shifts {', '.join(cfg['shifts'])}; "
         f"{cfg['rounds_per_shift']} rounds per shift, {cfg['stream_per_round']} stream frames per round, "
         f"{cfg['eval_size']} held-out samples per domain; uplink budget {cfg['uplink_samples_per_round']} "
-        f"samples/round, keep ratio {cfg['keep_ratio']}; downlink budget {f['downlink_budget_bytes']:,} B/round."
+        f"samples/round, keep ratio {cfg['keep_ratio']}; "
+        f"downlink budget {f['downlink_budget_bytes']:,} B/round."
     )
     md += [
         "",
