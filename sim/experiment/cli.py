@@ -36,3 +36,9 @@ def offline(
     print_report(result, console)
     paths = write_reports(result, out)
     console.print(f"wrote {paths['table']}, {paths['plot']}, {paths['json']}")
+
+
+if __name__ == "__main__":
+    from common.cli import run_app
+
+    run_app(experiment_app)

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from cloud.dwc import DWCConfig, full_state_bytes
-from common.errors import TandemError
 from device.uts import GateConfig, SourceFeatureStats, UncertaintyTokenSampler, UTSConfig, jpeg_bytes
 from sim.experiment.arms import AdaptingArm, accuracy
 from sim.experiment.config import ExperimentConfig
@@ -59,20 +58,16 @@ def load_pair(recipe: str, seed: int) -> ModelPair:
     """Teacher and device of a zoo recipe (trained and cached by the zoo), or random micro models."""
     if recipe == "micro-random":
         return random_pair(seed=seed)
-    try:
-        from sim.zoo.build import ensure_zoo  # the lead's zoo trainer
-    except ImportError as exc:
-        raise TandemError("the model zoo builder (sim.zoo.build) is not available in this checkout") from exc
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from common.llava_tokens import PromptBuilder
+    from common.modeling import load_mllm
+    from sim.zoo.build import ensure_zoo
     from sim.zoo.recipe import ZooRecipe, micro_recipe
     from sim.zoo.tokenizer import IMAGE_TOKEN
 
     zoo = ensure_zoo(micro_recipe(seed) if recipe == "micro" else ZooRecipe(seed=seed), progress=False)
-    processor = AutoProcessor.from_pretrained(str(zoo.device))
-    teacher = AutoModelForImageTextToText.from_pretrained(str(zoo.teacher)).eval()
-    device = AutoModelForImageTextToText.from_pretrained(str(zoo.device)).eval()
+    teacher = load_mllm(zoo.teacher).model.eval()
+    loaded = load_mllm(zoo.device)
+    device, processor = loaded.model.eval(), loaded.processor
     for m in (teacher, device):
         m.requires_grad_(False)
     tok = processor.tokenizer
