@@ -93,12 +93,7 @@ def test_fast_encoder_equals_saved_processor(micro_zoo):
 
 def test_chat_template_gives_the_training_prompt(micro_zoo):
     processor = AutoProcessor.from_pretrained(micro_zoo.device)
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}],
-        }
-    ]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt_for(
         "how many objects are there ?"
     )
@@ -122,9 +117,7 @@ def test_training_step_lowers_loss():
     recipe = micro_recipe()
     processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
     encoder = BatchEncoder.from_processor(processor)
-    model = build_llava(
-        recipe.vision, recipe.device, len(processor.tokenizer), encoder.image_id, encoder.pad_id, 0
-    )
+    model = build_llava(recipe.vision, recipe.device, len(processor.tokenizer), encoder.image_id, encoder.pad_id, 0)
     world = World(0, 32)
     fixed = world.samples(0, 16)
     batch = encoder.encode([s.image for s in fixed], [s.question for s in fixed], [s.answer for s in fixed])
