@@ -78,7 +78,17 @@ def run_experiment(
     config: ExperimentConfig, progress: Callable[[str], None] | None = None, pair: ModelPair | None = None
 ) -> ExperimentResult:
     """Run every arm through every round of the stream; ``progress`` gets one line per round."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _run(config, progress, pair)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(
+    config: ExperimentConfig, progress: Callable[[str], None] | None, pair: ModelPair | None
+) -> ExperimentResult:
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     pair = pair or load_pair(config.recipe, config.seed)
