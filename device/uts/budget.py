@@ -51,6 +51,11 @@ class BudgetGate:
         self.accepted = 0
 
     @property
+    def mean_cost(self) -> float:
+        """Mean byte cost of recent samples (the estimate a rejected, unencoded sample is charged with)."""
+        return self._mean_cost
+
+    @property
     def remaining(self) -> float:
         """Budget left in this period (samples or bytes)."""
         return self.config.budget - self.spent

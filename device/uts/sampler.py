@@ -113,7 +113,7 @@ class UncertaintyTokenSampler:
                 if self.gate.decide(score, len(payload)):
                     result.sent, result.payload, result.token_indices = True, payload, idx
             else:
-                self.gate.decide(score, self.gate._mean_cost)
+                self.gate.decide(score, self.gate.mean_cost)
             results.append(result)
         return results
 
