@@ -6,7 +6,9 @@ import typer
 
 from common.cli import run_app
 
-app = typer.Typer(name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False
+)
 
 
 @app.callback()
