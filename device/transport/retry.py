@@ -40,7 +40,7 @@ def retrying(initial_s: float, max_s: float, jitter_s: float, give_up_after_s: f
     """Exponential backoff with jitter on transient errors; forever unless ``give_up_after_s``."""
     return AsyncRetrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=initial_s, max=max_s, jitter=jitter_s),
+        wait=wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=jitter_s),
         stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
         before_sleep=before_sleep_log(log, logging.INFO),
         reraise=True,
