@@ -11,6 +11,10 @@ from protocol.payload import check_payload
 from protocol.tandem.v1 import gateway_pb2
 
 
+MAX_SEQ = 2**63 - 1
+"""Seqs are stored as signed 64-bit integers."""
+
+
 class ProtocolViolation(ValueError):
     """A client message breaks the protocol; its text goes back as the INVALID_ARGUMENT detail."""
 
@@ -60,8 +64,8 @@ class SampleAssembler:
         return self._finish(partial)
 
     def _start(self, chunk: gateway_pb2.SampleChunk) -> None:
-        if chunk.seq == 0:
-            raise ProtocolViolation("seq must be >= 1")
+        if not 1 <= chunk.seq <= MAX_SEQ:
+            raise ProtocolViolation(f"seq must be between 1 and {MAX_SEQ}, got {chunk.seq}")
         if chunk.seq <= self._last_seq:
             raise ProtocolViolation(f"seq {chunk.seq} not above previous seq {self._last_seq} in this stream")
         if chunk.offset != 0:

@@ -14,7 +14,7 @@ import grpc
 
 from cloud.config import GatewayConfig
 from cloud.devices import DeviceRecord, DeviceRegistry
-from cloud.gateway.assembler import ProtocolViolation, SampleAssembler
+from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation, SampleAssembler
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.writer import GroupCommitWriter
 from cloud.samples.base import Sample
@@ -155,6 +155,9 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.metrics.upload_bytes.inc(sum(len(s.payload) for s in samples))
 
     async def _authorized_update(self, context, method: str, device: DeviceRecord, update_id: int) -> UpdateRecord:
+        if not 1 <= update_id <= MAX_SEQ:
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"update_id must be between 1 and {MAX_SEQ}")
         record = self.updates.get(update_id)
         if record is None:
             await self._abort(context, method, grpc.StatusCode.NOT_FOUND, f"no update {update_id}")
@@ -195,6 +198,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         device = await self._authenticate(context, m)
         if request.current_version:
             self.devices.touch(device.device_id, request.current_version)
+        if request.after_update_id > MAX_SEQ:
+            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}")
         cursor = request.after_update_id
         self.metrics.active_streams.labels(m).inc()
         try:
