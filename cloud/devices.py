@@ -76,12 +76,20 @@ class DeviceRegistry:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._conn.execute(
-                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
-                " registered_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
-                " token_sha256=excluded.token_sha256, cohort=excluded.cohort, model_family=excluded.model_family,"
+                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version,"
+                " capabilities, registered_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(device_id) DO UPDATE SET token_sha256=excluded.token_sha256,"
+                " cohort=excluded.cohort, model_family=excluded.model_family,"
                 " model_version=excluded.model_version, capabilities=excluded.capabilities, revoked=0",
-                (device_id, _hash(token), cohort, model_family, model_version,
-                 json.dumps(capabilities, sort_keys=True), _now_ms()),
+                (
+                    device_id,
+                    _hash(token),
+                    cohort,
+                    model_family,
+                    model_version,
+                    json.dumps(capabilities, sort_keys=True),
+                    _now_ms(),
+                ),
             )
         record = self.get(device_id)
         assert record is not None
@@ -90,7 +98,9 @@ class DeviceRegistry:
     def get(self, device_id: str) -> DeviceRecord | None:
         """The device's record, or None."""
         with self._lock:
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
         return _record(row) if row else None
 
     def authenticate(self, token: str) -> DeviceRecord | None:
@@ -105,7 +115,8 @@ class DeviceRegistry:
         """Record the device's latest status, applied version and metrics."""
         with self._lock:
             self._conn.execute(
-                "UPDATE devices SET status=?, applied_version=?, metrics=?, last_seen_unix_ms=? WHERE device_id=?",
+                "UPDATE devices SET status=?, applied_version=?, metrics=?, last_seen_unix_ms=?"
+                " WHERE device_id=?",
                 (status, applied_version, json.dumps(metrics, sort_keys=True), _now_ms(), device_id),
             )
 
@@ -118,7 +129,9 @@ class DeviceRegistry:
                     (_now_ms(), applied_version, device_id),
                 )
             else:
-                self._conn.execute("UPDATE devices SET last_seen_unix_ms=? WHERE device_id=?", (_now_ms(), device_id))
+                self._conn.execute(
+                    "UPDATE devices SET last_seen_unix_ms=? WHERE device_id=?", (_now_ms(), device_id)
+                )
 
     def revoke(self, device_id: str) -> bool:
         """Invalidate the device's token; True if the device exists."""
@@ -139,14 +152,22 @@ class DeviceRegistry:
 
 
 _COLUMNS = (
-    "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version, status,"
-    " metrics, last_seen_unix_ms, revoked"
+    "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version,"
+    " status, metrics, last_seen_unix_ms, revoked"
 )
 
 
 def _record(row: tuple) -> DeviceRecord:
     return DeviceRecord(
-        device_id=row[0], cohort=row[1], model_family=row[2], model_version=row[3],
-        capabilities=json.loads(row[4]), registered_unix_ms=int(row[5]), applied_version=row[6], status=row[7],
-        metrics=json.loads(row[8]), last_seen_unix_ms=int(row[9]), revoked=bool(row[10]),
+        device_id=row[0],
+        cohort=row[1],
+        model_family=row[2],
+        model_version=row[3],
+        capabilities=json.loads(row[4]),
+        registered_unix_ms=int(row[5]),
+        applied_version=row[6],
+        status=row[7],
+        metrics=json.loads(row[8]),
+        last_seen_unix_ms=int(row[9]),
+        revoked=bool(row[10]),
     )

@@ -48,7 +48,7 @@ def sha256_hex(data: bytes | memoryview) -> str:
 
 
 def iter_chunks(data: bytes, chunk_size: int, start: int = 0) -> Iterator[tuple[int, memoryview]]:
-    """Yield ``(offset, view)`` pieces of at most ``chunk_size`` bytes from ``start``; one empty piece for b''."""
+    """Yield ``(offset, view)`` pieces of at most ``chunk_size`` bytes from ``start`` (one for b'')."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     view = memoryview(data)
@@ -121,8 +121,12 @@ def tensor_infos(data: bytes) -> list[TensorInfo]:
         except json.JSONDecodeError as exc:
             raise CodecError(f"quantization metadata is not JSON: {exc}") from exc
     return [
-        TensorInfo(name=name, dtype=str(entry["dtype"]), shape=tuple(int(d) for d in entry["shape"]),
-                   quantization=quant.get(name, {}))
+        TensorInfo(
+            name=name,
+            dtype=str(entry["dtype"]),
+            shape=tuple(int(d) for d in entry["shape"]),
+            quantization=quant.get(name, {}),
+        )
         for name, entry in sorted(header.items())
     ]
 

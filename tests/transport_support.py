@@ -13,16 +13,32 @@ from device.transport.config import DeviceClientConfig
 
 def gateway_config(data_dir: Path, **overrides) -> GatewayConfig:
     """A gateway on 127.0.0.1:0 with small chunks so multi-chunk paths are exercised."""
-    base = dict(host="127.0.0.1", port=0, data_dir=data_dir, chunk_size=64 * 1024, max_message_bytes=1024 * 1024,
-                max_sample_bytes=4 * 1024 * 1024, watch_poll_interval_s=0.2, sqlite_synchronous="NORMAL")
+    base = dict(
+        host="127.0.0.1",
+        port=0,
+        data_dir=data_dir,
+        chunk_size=64 * 1024,
+        max_message_bytes=1024 * 1024,
+        max_sample_bytes=4 * 1024 * 1024,
+        watch_poll_interval_s=0.2,
+        sqlite_synchronous="NORMAL",
+    )
     base.update(overrides)
     return GatewayConfig(**base)
 
 
 def device_config(state_dir: Path, gateway: str, device_id: str = "dev-1", **overrides) -> DeviceClientConfig:
     """A device client with fast backoff for tests."""
-    base = dict(gateway=gateway, state_dir=state_dir, device_id=device_id, backoff_initial_s=0.05,
-                backoff_max_s=0.5, backoff_jitter_s=0.05, rpc_timeout_s=20.0, poll_interval_s=0.05)
+    base = dict(
+        gateway=gateway,
+        state_dir=state_dir,
+        device_id=device_id,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        backoff_jitter_s=0.05,
+        rpc_timeout_s=20.0,
+        poll_interval_s=0.05,
+    )
     base.update(overrides)
     return DeviceClientConfig(**base)
 

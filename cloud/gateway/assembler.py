@@ -10,7 +10,6 @@ from protocol.limits import MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_ME
 from protocol.payload import check_payload
 from protocol.tandem.v1 import gateway_pb2
 
-
 MAX_SEQ = 2**63 - 1
 """Seqs are stored as signed 64-bit integers."""
 
@@ -41,8 +40,9 @@ class SampleAssembler:
     def add(self, chunk: gateway_pb2.SampleChunk) -> Sample | None:
         """Consume one chunk; return the sample it completes, if any."""
         if len(chunk.data) > self.chunk_size:
-            raise ProtocolViolation(f"seq {chunk.seq}: chunk of {len(chunk.data)} bytes exceeds chunk_size "
-                                    f"{self.chunk_size}")
+            raise ProtocolViolation(
+                f"seq {chunk.seq}: chunk of {len(chunk.data)} bytes exceeds chunk_size {self.chunk_size}"
+            )
         if self._partial is None:
             self._start(chunk)
         partial = self._partial
@@ -50,12 +50,18 @@ class SampleAssembler:
         if chunk.seq != partial.seq:
             raise ProtocolViolation(f"seq {chunk.seq} started before seq {partial.seq} was complete")
         if chunk.offset != partial.received:
-            raise ProtocolViolation(f"seq {chunk.seq}: chunk offset {chunk.offset} != expected {partial.received}")
+            raise ProtocolViolation(
+                f"seq {chunk.seq}: chunk offset {chunk.offset} != expected {partial.received}"
+            )
         if chunk.offset > 0 and (chunk.HasField("payload") or chunk.metadata):
-            raise ProtocolViolation(f"seq {chunk.seq}: payload info and metadata belong to the first chunk only")
+            raise ProtocolViolation(
+                f"seq {chunk.seq}: payload info and metadata belong to the first chunk only"
+            )
         partial.received += len(chunk.data)
         if partial.received > partial.expected_size:
-            raise ProtocolViolation(f"seq {chunk.seq}: more data than the declared size {partial.expected_size}")
+            raise ProtocolViolation(
+                f"seq {chunk.seq}: more data than the declared size {partial.expected_size}"
+            )
         partial.parts.append(chunk.data)
         if partial.received < partial.expected_size:
             if not chunk.data:
@@ -74,8 +80,10 @@ class SampleAssembler:
             raise ProtocolViolation(f"seq {chunk.seq}: first chunk must carry payload info (size, sha256)")
         info = chunk.payload
         if info.size > self.max_sample_bytes:
-            raise ProtocolViolation(f"seq {chunk.seq}: sample of {info.size} bytes exceeds max_sample_bytes "
-                                    f"{self.max_sample_bytes}")
+            raise ProtocolViolation(
+                f"seq {chunk.seq}: sample of {info.size} bytes exceeds max_sample_bytes "
+                f"{self.max_sample_bytes}"
+            )
         if len(info.sha256) != 32:
             raise ProtocolViolation(f"seq {chunk.seq}: sha256 must be 32 bytes, got {len(info.sha256)}")
         _check_metadata(chunk.seq, chunk.metadata)
@@ -113,4 +121,6 @@ def _check_metadata(seq: int, metadata) -> None:
         if not key or len(key) > MAX_METADATA_KEY_CHARS:
             raise ProtocolViolation(f"seq {seq}: metadata key must be 1-{MAX_METADATA_KEY_CHARS} chars")
         if len(value) > MAX_METADATA_VALUE_CHARS:
-            raise ProtocolViolation(f"seq {seq}: metadata value of {key!r} exceeds {MAX_METADATA_VALUE_CHARS} chars")
+            raise ProtocolViolation(
+                f"seq {seq}: metadata value of {key!r} exceeds {MAX_METADATA_VALUE_CHARS} chars"
+            )

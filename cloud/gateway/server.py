@@ -83,7 +83,9 @@ class GatewayServer:
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(config)
-        self.samples: SampleStore = open_sample_store(config.sample_store, str(data_dir), config.sqlite_synchronous)
+        self.samples: SampleStore = open_sample_store(
+            config.sample_store, str(data_dir), config.sqlite_synchronous
+        )
         self.devices = DeviceRegistry(data_dir / "devices.db", config.sqlite_synchronous)
         self.updates = SqliteUpdateRegistry(data_dir / "updates", self.signing_key, config.sqlite_synchronous)
         self.writer: GroupCommitWriter | None = None
@@ -99,14 +101,23 @@ class GatewayServer:
         self.writer = GroupCommitWriter(self.samples, self.metrics, self.config.commit_batch_bytes)
         self.writer.start()
         self.servicer = DeviceGatewayServicer(
-            self.config, self.devices, self.writer, self.updates, public_key_pem(self.signing_key), self.metrics
+            self.config,
+            self.devices,
+            self.writer,
+            self.updates,
+            public_key_pem(self.signing_key),
+            self.metrics,
         )
         server = grpc.aio.server(options=server_options(self.config))
         gateway_pb2_grpc.add_DeviceGatewayServicer_to_server(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         bind = f"{self.config.host}:{self.config.port}"
@@ -125,7 +136,12 @@ class GatewayServer:
         return self.port
 
     def publish(
-        self, device_id: str, base_version: str, target_version: str, payload: bytes, metadata: dict | None = None
+        self,
+        device_id: str,
+        base_version: str,
+        target_version: str,
+        payload: bytes,
+        metadata: dict | None = None,
     ) -> UpdateRecord:
         """Publish an update for one device and wake its watchers."""
         record = self.updates.publish(device_id, base_version, target_version, payload, metadata)
@@ -134,7 +150,12 @@ class GatewayServer:
         return record
 
     def publish_cohort(
-        self, cohort: str, base_version: str, target_version: str, payload: bytes, metadata: dict | None = None
+        self,
+        cohort: str,
+        base_version: str,
+        target_version: str,
+        payload: bytes,
+        metadata: dict | None = None,
     ) -> UpdateRecord:
         """Publish an update for a cohort and wake watchers."""
         record = self.updates.publish_cohort(cohort, base_version, target_version, payload, metadata)

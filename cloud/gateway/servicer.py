@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -58,10 +59,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
         device = self.devices.authenticate(token)
         if device is None:
-            await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token")
+            await self._abort(
+                context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token"
+            )
         return device  # type: ignore[return-value]
 
-    async def _abort(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str) -> Any:
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
+    ) -> Any:
         self.metrics.calls.labels(method, code.name).inc()
         await context.abort(code, msg)
 
@@ -71,14 +76,26 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
     async def Register(self, request: gateway_pb2.RegisterRequest, context) -> gateway_pb2.RegisterResponse:
         m = "Register"
         secret = self.config.enrollment_secret
-        if secret is not None and not hmac.compare_digest(request.enrollment_secret.encode(), secret.encode()):
-            await self._abort(context, m, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing enrollment secret")
+        if secret is not None and not hmac.compare_digest(
+            request.enrollment_secret.encode(), secret.encode()
+        ):
+            await self._abort(
+                context, m, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing enrollment secret"
+            )
         if not _ID_RE.match(request.device_id):
-            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT,
-                              "device_id must be 1-128 chars of [A-Za-z0-9._-]")
+            await self._abort(
+                context,
+                m,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "device_id must be 1-128 chars of [A-Za-z0-9._-]",
+            )
         if not _COHORT_RE.match(request.cohort):
-            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT,
-                              "cohort must be at most 128 chars of [A-Za-z0-9._-]")
+            await self._abort(
+                context,
+                m,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "cohort must be at most 128 chars of [A-Za-z0-9._-]",
+            )
         if not request.model_family:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "model_family must not be empty")
         existing = self.devices.get(request.device_id)
@@ -86,8 +103,12 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             token = token_from_metadata(context.invocation_metadata())
             holder = self.devices.authenticate(token) if token else None
             if holder is None or holder.device_id != request.device_id:
-                await self._abort(context, m, grpc.StatusCode.PERMISSION_DENIED,
-                                  f"device {request.device_id} is already registered; re-register with its token")
+                await self._abort(
+                    context,
+                    m,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"device {request.device_id} is already registered; re-register with its token",
+                )
         caps = request.capabilities
         record, token = self.devices.register(
             request.device_id,
@@ -154,18 +175,30 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.metrics.samples_duplicate.inc(len(results) - new)
         self.metrics.upload_bytes.inc(sum(len(s.payload) for s in samples))
 
-    async def _authorized_update(self, context, method: str, device: DeviceRecord, update_id: int) -> UpdateRecord:
+    async def _authorized_update(
+        self, context, method: str, device: DeviceRecord, update_id: int
+    ) -> UpdateRecord:
         if not 1 <= update_id <= MAX_SEQ:
-            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"update_id must be between 1 and {MAX_SEQ}")
+            await self._abort(
+                context,
+                method,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"update_id must be between 1 and {MAX_SEQ}",
+            )
         record = self.updates.get(update_id)
         if record is None:
             await self._abort(context, method, grpc.StatusCode.NOT_FOUND, f"no update {update_id}")
         assert record is not None
-        mine = record.device_id == device.device_id or (record.cohort != "" and record.cohort == device.cohort)
+        mine = record.device_id == device.device_id or (
+            record.cohort != "" and record.cohort == device.cohort
+        )
         if not mine:
-            await self._abort(context, method, grpc.StatusCode.PERMISSION_DENIED,
-                              f"update {update_id} is not addressed to device {device.device_id}")
+            await self._abort(
+                context,
+                method,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"update {update_id} is not addressed to device {device.device_id}",
+            )
         return record
 
     async def FetchUpdate(self, request: gateway_pb2.FetchUpdateRequest, context):
@@ -173,8 +206,12 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         device = await self._authenticate(context, m)
         record = await self._authorized_update(context, m, device, request.update_id)
         if request.offset > record.size:
-            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"offset {request.offset} beyond update size {record.size}")
+            await self._abort(
+                context,
+                m,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"offset {request.offset} beyond update size {record.size}",
+            )
         self.metrics.active_streams.labels(m).inc()
         try:
             offset = request.offset
@@ -182,9 +219,15 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             first = True
             while first or offset < record.size:
                 n = min(self.config.chunk_size, record.size - offset)
-                data = await asyncio.to_thread(self.updates.read_payload, record.update_id, offset, n) if n else b""
+                data = (
+                    await asyncio.to_thread(self.updates.read_payload, record.update_id, offset, n)
+                    if n
+                    else b""
+                )
                 if len(data) != n:
-                    await self._abort(context, m, grpc.StatusCode.DATA_LOSS, f"update {record.update_id} blob short")
+                    await self._abort(
+                        context, m, grpc.StatusCode.DATA_LOSS, f"update {record.update_id} blob short"
+                    )
                 yield gateway_pb2.UpdateChunk(header=header if first else None, offset=offset, data=data)
                 self.metrics.update_bytes.inc(n)
                 offset += n
@@ -199,7 +242,9 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if request.current_version:
             self.devices.touch(device.device_id, request.current_version)
         if request.after_update_id > MAX_SEQ:
-            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}")
+            await self._abort(
+                context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}"
+            )
         cursor = request.after_update_id
         self.metrics.active_streams.labels(m).inc()
         try:
@@ -210,28 +255,33 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 ):
                     yield gateway_pb2.UpdateNotice(header=record.to_proto())
                     cursor = record.update_id
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=self.config.watch_poll_interval_s)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             self.metrics.active_streams.labels(m).dec()
 
-    async def Heartbeat(self, request: gateway_pb2.HeartbeatRequest, context) -> gateway_pb2.HeartbeatResponse:
+    async def Heartbeat(
+        self, request: gateway_pb2.HeartbeatRequest, context
+    ) -> gateway_pb2.HeartbeatResponse:
         m = "Heartbeat"
         device = await self._authenticate(context, m)
         metrics = dict(request.metrics)
         metrics["outbox_depth"] = float(request.outbox_depth)
         if len(json.dumps(metrics)) > 64 * 1024:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat metrics exceed 64 KiB")
-        self.devices.heartbeat(device.device_id, status=request.status[:256],
-                               applied_version=request.applied_version[:128], metrics=metrics)
+        self.devices.heartbeat(
+            device.device_id,
+            status=request.status[:256],
+            applied_version=request.applied_version[:128],
+            metrics=metrics,
+        )
         self._ok(m)
         return gateway_pb2.HeartbeatResponse(
             server_unix_ms=_now_ms(),
             acked_seq=await self.writer.high_water(device.device_id),
-            latest_update_id=max((r.update_id for r in self.updates.for_device(device.device_id, device.cohort)),
-                                 default=0),
+            latest_update_id=max(
+                (r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0
+            ),
         )
 
 

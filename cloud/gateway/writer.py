@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,9 @@ class GroupCommitWriter:
 
     async def high_water(self, device_id: str) -> int:
         """Highest stored seq of ``device_id``."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._store.high_water, device_id)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._store.high_water, device_id
+        )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -70,8 +73,6 @@ class GroupCommitWriter:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)

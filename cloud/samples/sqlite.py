@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,8 +43,14 @@ class SqliteSampleStore(SampleStore):
                 for s in samples:
                     cur.execute(
                         "INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?, ?)",
-                        (s.device_id, s.seq, s.payload, json.dumps(s.metadata, sort_keys=True),
-                         s.created_unix_ms, s.received_unix_ms),
+                        (
+                            s.device_id,
+                            s.seq,
+                            s.payload,
+                            json.dumps(s.metadata, sort_keys=True),
+                            s.created_unix_ms,
+                            s.received_unix_ms,
+                        ),
                     )
                     results.append(cur.rowcount == 1)
                 cur.execute("COMMIT")
@@ -56,7 +61,9 @@ class SqliteSampleStore(SampleStore):
 
     def high_water(self, device_id: str) -> int:
         with self._lock:
-            row = self._conn.execute("SELECT MAX(seq) FROM samples WHERE device_id = ?", (device_id,)).fetchone()
+            row = self._conn.execute(
+                "SELECT MAX(seq) FROM samples WHERE device_id = ?", (device_id,)
+            ).fetchone()
         return int(row[0] or 0)
 
     def iter_samples(self, device_id: str, after_seq: int = 0, limit: int | None = None) -> Iterator[Sample]:
@@ -74,7 +81,9 @@ class SqliteSampleStore(SampleStore):
             if not rows:
                 return
             for seq, payload, meta, created, received in rows:
-                yield Sample(device_id, int(seq), bytes(payload), json.loads(meta), int(created), int(received))
+                yield Sample(
+                    device_id, int(seq), bytes(payload), json.loads(meta), int(created), int(received)
+                )
             cursor = int(rows[-1][0])
             if remaining is not None:
                 remaining -= len(rows)
@@ -84,7 +93,9 @@ class SqliteSampleStore(SampleStore):
             if device_id is None:
                 row = self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()
             else:
-                row = self._conn.execute("SELECT COUNT(*) FROM samples WHERE device_id = ?", (device_id,)).fetchone()
+                row = self._conn.execute(
+                    "SELECT COUNT(*) FROM samples WHERE device_id = ?", (device_id,)
+                ).fetchone()
         return int(row[0])
 
     def devices(self) -> list[str]:

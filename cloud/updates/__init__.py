@@ -1,4 +1,4 @@
-"""Versioned, signed updates per device and per cohort: the interface and its SQLite + files implementation."""
+"""Versioned, signed updates per device and per cohort: interface and SQLite + files implementation."""
 
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from cloud.updates.sqlite import SqliteUpdateRegistry

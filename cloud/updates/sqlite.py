@@ -49,7 +49,9 @@ class UpdateError(TandemError):
 class SqliteUpdateRegistry(UpdateRegistry):
     """Updates under ``data_dir``: ``updates.db`` (WAL) plus ``blobs/<sha256>`` files written atomically."""
 
-    def __init__(self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL"
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.blob_dir = self.data_dir / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -85,14 +87,38 @@ class SqliteUpdateRegistry(UpdateRegistry):
         created = int(time.time() * 1000)
         with self._lock:
             cur = self._conn.execute(
-                "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size, metadata,"
-                " created_unix_ms, signature, key_id, payload_info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (device_id, cohort, base, target, digest, len(payload), json.dumps(meta, sort_keys=True), created,
-                 signature, kid, info),
+                "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size,"
+                " metadata, created_unix_ms, signature, key_id, payload_info)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device_id,
+                    cohort,
+                    base,
+                    target,
+                    digest,
+                    len(payload),
+                    json.dumps(meta, sort_keys=True),
+                    created,
+                    signature,
+                    kid,
+                    info,
+                ),
             )
             update_id = int(cur.lastrowid or 0)
-        return UpdateRecord(update_id, device_id, cohort, base, target, digest, len(payload), meta, created,
-                            signature, kid, info)
+        return UpdateRecord(
+            update_id,
+            device_id,
+            cohort,
+            base,
+            target,
+            digest,
+            len(payload),
+            meta,
+            created,
+            signature,
+            kid,
+            info,
+        )
 
     def _write_blob(self, digest: str, payload: bytes) -> None:
         path = self.blob_dir / digest
@@ -116,7 +142,9 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
     def get(self, update_id: int) -> UpdateRecord | None:
         with self._lock:
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)).fetchone()
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)
+            ).fetchone()
         return _record(row) if row else None
 
     def list(self, device_id=None, cohort=None, after_id=0) -> list[UpdateRecord]:
@@ -161,7 +189,16 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
 def _record(row: tuple) -> UpdateRecord:
     return UpdateRecord(
-        update_id=int(row[0]), device_id=row[1], cohort=row[2], base_version=row[3], target_version=row[4],
-        sha256_hex=row[5], size=int(row[6]), metadata=json.loads(row[7]), created_unix_ms=int(row[8]),
-        signature=bytes(row[9]), key_id=row[10], payload_info=bytes(row[11]),
+        update_id=int(row[0]),
+        device_id=row[1],
+        cohort=row[2],
+        base_version=row[3],
+        target_version=row[4],
+        sha256_hex=row[5],
+        size=int(row[6]),
+        metadata=json.loads(row[7]),
+        created_unix_ms=int(row[8]),
+        signature=bytes(row[9]),
+        key_id=row[10],
+        payload_info=bytes(row[11]),
     )

@@ -53,7 +53,9 @@ def make_channel(config: DeviceClientConfig, target: str | None = None) -> grpc.
     if tls is None:
         return grpc.aio.insecure_channel(target, options=channel_options(config))
     creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca_file), private_key=_read(tls.key_file), certificate_chain=_read(tls.cert_file)
+        root_certificates=_read(tls.ca_file),
+        private_key=_read(tls.key_file),
+        certificate_chain=_read(tls.cert_file),
     )
     return grpc.aio.secure_channel(target, creds, options=channel_options(config))
 

@@ -56,7 +56,9 @@ class Outbox:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_sample_bytes = max_sample_bytes
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._conn = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
@@ -67,7 +69,9 @@ class Outbox:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise OutboxError(f"payload must be bytes, got {type(payload).__name__}")
         if self.max_sample_bytes is not None and len(payload) > self.max_sample_bytes:
-            raise OutboxError(f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}")
+            raise OutboxError(
+                f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}"
+            )
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         with self._lock:
             cur = self._conn.execute(
@@ -77,13 +81,16 @@ class Outbox:
             seq = int(cur.lastrowid or 0)
         return seq
 
-    def pending(self, max_samples: int = 64, max_bytes: int = 16 * 1024 * 1024, after_seq: int = 0) -> list[OutboxItem]:
+    def pending(
+        self, max_samples: int = 64, max_bytes: int = 16 * 1024 * 1024, after_seq: int = 0
+    ) -> list[OutboxItem]:
         """Oldest unacked samples in seq order (at least one even when it alone exceeds ``max_bytes``)."""
         items: list[OutboxItem] = []
         total = 0
         with self._lock:
             rows = self._conn.execute(
-                "SELECT seq, length(payload) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, max_samples)
+                "SELECT seq, length(payload) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, max_samples),
             ).fetchall()
             chosen = []
             for seq, size in rows:
@@ -104,8 +111,8 @@ class Outbox:
             self._conn.execute("BEGIN IMMEDIATE")
             cur = self._conn.execute("DELETE FROM outbox WHERE seq <= ?", (upto_seq,))
             self._conn.execute(
-                "INSERT INTO outbox_state (key, value) VALUES ('acked_seq', ?) ON CONFLICT(key) DO UPDATE SET "
-                "value = MAX(value, excluded.value)",
+                "INSERT INTO outbox_state (key, value) VALUES ('acked_seq', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
                 (upto_seq,),
             )
             self._conn.execute("COMMIT")
@@ -130,7 +137,9 @@ class Outbox:
             ).fetchone()
             acked = self._conn.execute("SELECT value FROM outbox_state WHERE key = 'acked_seq'").fetchone()
             last = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-        return OutboxStats(int(n), int(size), lo, hi, int(acked[0]) if acked else 0, (int(last[0]) if last else 0) + 1)
+        return OutboxStats(
+            int(n), int(size), lo, hi, int(acked[0]) if acked else 0, (int(last[0]) if last else 0) + 1
+        )
 
     def close(self) -> None:
         """Release the database."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ class UplinkWorker:
         self.stats = UplinkStats()
 
     async def push_batch(self) -> int:
-        """Upload one batch (retrying transient failures); returns the number of samples acked (0 if empty)."""
+        """Upload one batch, retrying transient failures; returns how many samples were acked."""
         c = self.config
         async for attempt in retrying(c.backoff_initial_s, c.backoff_max_s, c.backoff_jitter_s):
             with attempt:
@@ -51,7 +52,9 @@ class UplinkWorker:
         self.stats.duplicates += resp.duplicates
         self.stats.acked_seq = max(self.stats.acked_seq, resp.acked_seq)
         if deleted == 0 and items[0].seq > resp.acked_seq:
-            raise RuntimeError(f"cloud acked seq {resp.acked_seq} below the oldest pending seq {items[0].seq}")
+            raise RuntimeError(
+                f"cloud acked seq {resp.acked_seq} below the oldest pending seq {items[0].seq}"
+            )
         return deleted
 
     async def push_all(self) -> int:
@@ -69,7 +72,5 @@ class UplinkWorker:
             await self.push_all()
             if await asyncio.to_thread(self.outbox.pending, 1, 1):
                 continue
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.config.poll_interval_s)
-            except asyncio.TimeoutError:
-                pass

@@ -84,8 +84,14 @@ class _Pipe:
 class LinkProxy:
     """Listen on ``listen_host:port`` (0 = ephemeral) and forward to ``target``, emulating ``config``."""
 
-    def __init__(self, target_host: str, target_port: int, config: LinkConfig | None = None,
-                 listen_host: str = "127.0.0.1", listen_port: int = 0) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        config: LinkConfig | None = None,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+    ) -> None:
         self.target = (target_host, target_port)
         self.config = config or LinkConfig()
         self.listen = (listen_host, listen_port)

@@ -1,4 +1,4 @@
-"""Malformed, oversize and inconsistent uploads get INVALID_ARGUMENT with a message; the server keeps serving."""
+"""Malformed, oversize, inconsistent uploads get INVALID_ARGUMENT with a message; the server keeps serving."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ def _chunk(seq, offset, data, size=None, digest=None, with_info=True, metadata=N
     msg = gateway_pb2.SampleChunk(seq=seq, offset=offset, data=data, metadata=metadata or {})
     if with_info:
         msg.payload.CopyFrom(
-            tensors_pb2.PayloadInfo(format="opaque", size=len(data) if size is None else size,
-                                    sha256=hashlib.sha256(data).digest() if digest is None else digest)
+            tensors_pb2.PayloadInfo(
+                format="opaque",
+                size=len(data) if size is None else size,
+                sha256=hashlib.sha256(data).digest() if digest is None else digest,
+            )
         )
     return msg
 
@@ -34,7 +37,9 @@ def _bad_streams():
         st.builds(lambda n: [_chunk(1, 0, good, size=n)], st.integers(0, 2)),  # more data than declared
         st.builds(lambda o: [_chunk(1, o, good)], st.integers(1, 10**12)),  # first offset not 0
         st.just([_chunk(0, 0, good)]),  # seq 0
-        st.builds(lambda s: [_chunk(s, 0, good), _chunk(s, 0, good)], st.integers(1, 2**63 - 2)),  # seq repeats
+        st.builds(
+            lambda s: [_chunk(s, 0, good), _chunk(s, 0, good)], st.integers(1, 2**63 - 2)
+        ),  # seq repeats
         st.builds(lambda s: [_chunk(s, 0, good)], st.integers(2**63, 2**64 - 1)),  # seq beyond int64
         st.just([_chunk(1, 0, good, with_info=False)]),  # no payload info
         st.builds(lambda d: [_chunk(1, 0, good, digest=d)], st.binary(max_size=31)),  # short digest
@@ -45,8 +50,10 @@ def _bad_streams():
             lambda n: [_chunk(1, 0, b"y" * 100, size=200), _chunk(2, 100, b"y" * 100, with_info=False)],
             st.integers(0, 3),
         ),  # second sample starts before first completes
-        st.builds(lambda b: [gateway_pb2.SampleChunk.FromString(b"")] if not b else [_chunk(1, 0, b, size=0)],
-                  st.binary(min_size=1, max_size=50)),
+        st.builds(
+            lambda b: [gateway_pb2.SampleChunk.FromString(b"")] if not b else [_chunk(1, 0, b, size=0)],
+            st.binary(min_size=1, max_size=50),
+        ),
     )
 
 
@@ -119,10 +126,12 @@ async def test_register_validation(tmp_path):
     async with running_gateway(tmp_path / "cloud") as gw:
         channel = grpc.aio.insecure_channel(gw.address)
         stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
-        for req in (gateway_pb2.RegisterRequest(device_id="", model_family="m"),
-                    gateway_pb2.RegisterRequest(device_id="bad id!", model_family="m"),
-                    gateway_pb2.RegisterRequest(device_id="ok", model_family=""),
-                    gateway_pb2.RegisterRequest(device_id="ok", model_family="m", cohort="x" * 200)):
+        for req in (
+            gateway_pb2.RegisterRequest(device_id="", model_family="m"),
+            gateway_pb2.RegisterRequest(device_id="bad id!", model_family="m"),
+            gateway_pb2.RegisterRequest(device_id="ok", model_family=""),
+            gateway_pb2.RegisterRequest(device_id="ok", model_family="m", cohort="x" * 200),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Register(req)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details()

@@ -19,7 +19,10 @@ def _items(start: int, n: int, size: int) -> list[OutboxItem]:
 
 
 async def test_upload_acks_highest_stored_and_is_idempotent(tmp_path):
-    async with running_gateway(tmp_path / "cloud") as gw, registered_client(tmp_path / "dev", gw.address) as client:
+    async with (
+        running_gateway(tmp_path / "cloud") as gw,
+        registered_client(tmp_path / "dev", gw.address) as client,
+    ):
         resp = await client.upload(_items(1, 5, 150_000))  # 150 kB > 64 KiB chunks: multi-chunk samples
         assert (resp.acked_seq, resp.stored, resp.duplicates) == (5, 5, 0)
         again = await client.upload(_items(3, 4, 150_000))
@@ -30,9 +33,11 @@ async def test_upload_acks_highest_stored_and_is_idempotent(tmp_path):
 
 
 async def test_missing_and_foreign_tokens_are_refused(tmp_path):
-    async with running_gateway(tmp_path / "cloud") as gw, \
-            registered_client(tmp_path / "a", gw.address, "dev-a") as a, \
-            registered_client(tmp_path / "b", gw.address, "dev-b") as b:
+    async with (
+        running_gateway(tmp_path / "cloud") as gw,
+        registered_client(tmp_path / "a", gw.address, "dev-a") as a,
+        registered_client(tmp_path / "b", gw.address, "dev-b") as b,
+    ):
         record = gw.publish("dev-a", "v0", "v1", b"weights-for-a")
         stub = gateway_pb2_grpc.DeviceGatewayStub(a.channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -46,8 +51,10 @@ async def test_missing_and_foreign_tokens_are_refused(tmp_path):
                 pass
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.aio.AioRpcError) as err:  # taking over dev-a's id needs dev-a's token
-            await stub.Register(gateway_pb2.RegisterRequest(device_id="dev-a", model_family="x"),
-                                metadata=bearer_metadata(b.identity.token))
+            await stub.Register(
+                gateway_pb2.RegisterRequest(device_id="dev-a", model_family="x"),
+                metadata=bearer_metadata(b.identity.token),
+            )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         chunks = [c async for c in a.fetch(record.update_id, 0)]
         assert b"".join(c.data for c in chunks) == b"weights-for-a"

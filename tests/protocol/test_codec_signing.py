@@ -22,7 +22,9 @@ from protocol.updates import UpdateHeader
 
 def test_tensor_round_trip_with_quantization_metadata():
     tensors = {"w": torch.arange(12, dtype=torch.int8).reshape(3, 4), "s": torch.ones(3, dtype=torch.float16)}
-    data = encode_tensors(tensors, {"round": "7"}, quantization={"w": {"scheme": "int8", "bits": 8, "scale": "s"}})
+    data = encode_tensors(
+        tensors, {"round": "7"}, quantization={"w": {"scheme": "int8", "bits": 8, "scale": "s"}}
+    )
     back = decode_tensors(data)
     assert torch.equal(back["w"], tensors["w"]) and back["s"].dtype == torch.float16
     infos = {t.name: t for t in tensor_infos(data)}
@@ -31,7 +33,11 @@ def test_tensor_round_trip_with_quantization_metadata():
     info = describe_payload(data)
     assert info.format == "safetensors" and info.size == len(data) and info.sha256.hex() == sha256_hex(data)
     w = next(t for t in info.tensors if t.name == "w")
-    assert (w.quantization.scheme, w.quantization.bits, dict(w.quantization.params)) == ("int8", 8, {"scale": "s"})
+    assert (w.quantization.scheme, w.quantization.bits, dict(w.quantization.params)) == (
+        "int8",
+        8,
+        {"scale": "s"},
+    )
     assert check_payload(data, info) is None
 
 
@@ -54,7 +60,11 @@ def test_check_payload_names_the_mismatch():
 
 def test_iter_chunks_covers_payload_from_offset():
     data = bytes(range(100))
-    assert [(o, bytes(v)) for o, v in iter_chunks(data, 40)] == [(0, data[:40]), (40, data[40:80]), (80, data[80:])]
+    assert [(o, bytes(v)) for o, v in iter_chunks(data, 40)] == [
+        (0, data[:40]),
+        (40, data[40:80]),
+        (80, data[80:]),
+    ]
     assert [o for o, _ in iter_chunks(data, 40, start=50)] == [50, 90]
     assert [(o, bytes(v)) for o, v in iter_chunks(b"", 40)] == [(0, b"")]
     with pytest.raises(ValueError):

@@ -17,7 +17,10 @@ def test_check_detects_a_stale_stub(tmp_path):
     stub = root / generate.PROTO_DIR / "gateway_pb2.py"
     stub.write_text(stub.read_text() + "\n# edited by hand\n")
     (root / generate.PROTO_DIR / "old_pb2.py").write_text("")
-    assert generate.diff_against_committed(root) == ["stale extra file: old_pb2.py", "differs: gateway_pb2.py"]
+    assert generate.diff_against_committed(root) == [
+        "stale extra file: old_pb2.py",
+        "differs: gateway_pb2.py",
+    ]
 
 
 def test_generated_modules_import_by_package_path():
