@@ -72,6 +72,19 @@ def keygen(
     console.print(f"wrote {out} and {out}.pub (key id {key_id(key)})")
 
 
+@app.command("dev-certs")
+def dev_certs(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.crt/.key and client certs."),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Server name or IP (repeatable)."),
+    client: list[str] = typer.Option(["device"], "--client", help="Client certificate name (repeatable)."),
+) -> None:
+    """Write a development CA with server and client certificates for TLS / mutual TLS trials."""
+    from cloud.devcerts import write_dev_certs
+
+    paths = write_dev_certs(out, host, client)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def _registry(config: Path | None, data_dir: Path | None):
     from cloud.gateway.server import load_or_create_signing_key
     from cloud.updates import SqliteUpdateRegistry

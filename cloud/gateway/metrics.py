@@ -40,4 +40,14 @@ class GatewayMetrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> None:
         """Start the ``/metrics`` HTTP endpoint in a background thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop the ``/metrics`` endpoint if it runs."""
+        http = getattr(self, "_http", None)
+        if http is not None:
+            server, thread = http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._http = None

@@ -176,6 +176,7 @@ class GatewayServer:
         if self.writer is not None:
             await self.writer.close()
             self.writer = None
+        self.metrics.close()
         self.samples.close()
         self.devices.close()
         self.updates.close()

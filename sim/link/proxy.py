@@ -113,6 +113,10 @@ class LinkProxy:
         """``host:port`` devices should dial."""
         return f"{self.listen[0]}:{self.port}"
 
+    def retarget(self, host: str, port: int) -> None:
+        """Send new connections to another upstream (e.g. a restarted gateway on a new port)."""
+        self.target = (host, port)
+
     def delay_s(self) -> float:
         """One-way delay for the next piece of data."""
         c = self.config
