@@ -75,7 +75,9 @@ def keygen(
 @app.command("dev-certs")
 def dev_certs(
     out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.crt/.key and client certs."),
-    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Server name or IP (repeatable)."),
+    host: list[str] = typer.Option(
+        ["localhost", "127.0.0.1"], "--host", help="Server name or IP (repeatable)."
+    ),
     client: list[str] = typer.Option(["device"], "--client", help="Client certificate name (repeatable)."),
 ) -> None:
     """Write a development CA with server and client certificates for TLS / mutual TLS trials."""

@@ -74,8 +74,12 @@ def write_dev_certs(
     paths = {"ca": out / "ca.crt"}
     server_key = _key()
     server = _issue(
-        "tandem-gateway", server_key, ca, ca_key,
-        sans=hosts or ["localhost", "127.0.0.1"], usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        "tandem-gateway",
+        server_key,
+        ca,
+        ca_key,
+        sans=hosts or ["localhost", "127.0.0.1"],
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
     )
     _write(out / "server", server_key, server)
     paths["server"] = out / "server.crt"

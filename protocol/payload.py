@@ -9,9 +9,12 @@ FORMAT_SAFETENSORS = "safetensors"
 FORMAT_OPAQUE = "opaque"
 
 
-def describe_payload(data: bytes) -> tensors_pb2.PayloadInfo:
-    """PayloadInfo for ``data``: safetensors payloads list their tensors, anything else is opaque."""
-    info = tensors_pb2.PayloadInfo(size=len(data), sha256=sha256_digest(data))
+def describe_payload(data: bytes, sha256: bytes | None = None) -> tensors_pb2.PayloadInfo:
+    """PayloadInfo for ``data``: safetensors payloads list their tensors, anything else is opaque.
+
+    ``sha256`` is a digest the caller already computed over exactly these bytes (skips re-hashing).
+    """
+    info = tensors_pb2.PayloadInfo(size=len(data), sha256=sha256 or sha256_digest(data))
     if is_safetensors(data):
         try:
             tensors = tensor_infos(data)

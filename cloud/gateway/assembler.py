@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cloud.samples.base import Sample
 from protocol.limits import MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS
 from protocol.payload import check_payload
-from protocol.tandem.v1 import gateway_pb2
+from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 
 MAX_SEQ = 2**63 - 1
 """Seqs are stored as signed 64-bit integers."""
@@ -37,8 +37,8 @@ class SampleAssembler:
         self._partial: _Partial | None = None
         self._last_seq = 0
 
-    def add(self, chunk: gateway_pb2.SampleChunk) -> Sample | None:
-        """Consume one chunk; return the sample it completes, if any."""
+    def add(self, chunk: gateway_pb2.SampleChunk) -> tuple[Sample, tensors_pb2.PayloadInfo] | None:
+        """Consume one chunk; return the sample it completes (not yet checked, see ``verify``) and its info."""
         if len(chunk.data) > self.chunk_size:
             raise ProtocolViolation(
                 f"seq {chunk.seq}: chunk of {len(chunk.data)} bytes exceeds chunk_size {self.chunk_size}"
@@ -89,14 +89,11 @@ class SampleAssembler:
         _check_metadata(chunk.seq, chunk.metadata)
         self._partial = _Partial(chunk.seq, info.size, chunk, [], 0)
 
-    def _finish(self, partial: _Partial) -> Sample:
+    def _finish(self, partial: _Partial) -> tuple[Sample, tensors_pb2.PayloadInfo]:
         data = b"".join(partial.parts)
-        problem = check_payload(data, partial.first.payload)
-        if problem:
-            raise ProtocolViolation(f"seq {partial.seq}: {problem}")
         self._partial = None
         self._last_seq = partial.seq
-        return Sample(
+        sample = Sample(
             device_id=self.device_id,
             seq=partial.seq,
             payload=data,
@@ -104,6 +101,7 @@ class SampleAssembler:
             created_unix_ms=partial.first.created_unix_ms,
             received_unix_ms=int(time.time() * 1000),
         )
+        return sample, partial.first.payload
 
     def finish(self) -> None:
         """Call at end of stream: raises when a sample was left incomplete."""
@@ -112,6 +110,13 @@ class SampleAssembler:
                 f"seq {self._partial.seq}: stream ended after {self._partial.received} of "
                 f"{self._partial.expected_size} bytes"
             )
+
+
+def verify(sample: Sample, info: tensors_pb2.PayloadInfo) -> None:
+    """Raise ProtocolViolation unless the payload matches its declared size, digest and tensor list."""
+    problem = check_payload(sample.payload, info)
+    if problem:
+        raise ProtocolViolation(f"seq {sample.seq}: {problem}")
 
 
 def _check_metadata(seq: int, metadata) -> None:

@@ -15,7 +15,7 @@ import grpc
 
 from cloud.config import GatewayConfig
 from cloud.devices import DeviceRecord, DeviceRegistry
-from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation, SampleAssembler
+from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation, SampleAssembler, verify
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.writer import GroupCommitWriter
 from cloud.samples.base import Sample
@@ -26,6 +26,8 @@ from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _COHORT_RE = re.compile(r"^[A-Za-z0-9._-]{0,128}$")
 _FLUSH_SAMPLES = 64
+_FLUSH_BYTES = 4 * 1024 * 1024
+_THREAD_VERIFY_BYTES = 256 * 1024
 
 
 class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
@@ -140,40 +142,48 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         assembler = SampleAssembler(device.device_id, self.config.chunk_size, self.config.max_sample_bytes)
         pending: list[Sample] = []
         pending_bytes = 0
-        counts = [0, 0]
+        writes: list[asyncio.Task[list[bool]]] = []  # commits overlap with receiving the rest of the stream
         self.metrics.active_streams.labels(m).inc()
         try:
             try:
                 async for chunk in request_iterator:
-                    sample = assembler.add(chunk)
-                    if sample is None:
+                    done = assembler.add(chunk)
+                    if done is None:
                         continue
+                    sample, info = done
+                    if len(sample.payload) >= _THREAD_VERIFY_BYTES:  # hash off the event loop
+                        await asyncio.to_thread(verify, sample, info)
+                    else:
+                        verify(sample, info)
                     pending.append(sample)
                     pending_bytes += len(sample.payload)
-                    if len(pending) >= _FLUSH_SAMPLES or pending_bytes >= self.config.commit_batch_bytes:
-                        await self._store(pending, counts)
+                    if len(pending) >= _FLUSH_SAMPLES or pending_bytes >= _FLUSH_BYTES:
+                        writes.append(asyncio.ensure_future(self.writer.put(pending)))
                         pending, pending_bytes = [], 0
                 assembler.finish()
             except ProtocolViolation as exc:
-                await self._store(pending, counts)  # keep what was valid; the device resends the rest
+                writes.append(asyncio.ensure_future(self.writer.put(pending)))
+                await self._settle(writes)  # keep what was valid; the device resends the rest
                 await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            await self._store(pending, counts)
+            except BaseException:
+                for w in writes:
+                    w.cancel()
+                raise
+            writes.append(asyncio.ensure_future(self.writer.put(pending)))
+            stored, duplicates = await self._settle(writes)
             acked = await self.writer.high_water(device.device_id)
         finally:
             self.metrics.active_streams.labels(m).dec()
         self._ok(m)
-        return gateway_pb2.UploadResponse(acked_seq=acked, stored=counts[0], duplicates=counts[1])
+        return gateway_pb2.UploadResponse(acked_seq=acked, stored=stored, duplicates=duplicates)
 
-    async def _store(self, samples: list[Sample], counts: list[int]) -> None:
-        if not samples:
-            return
-        results = await self.writer.put(samples)
+    async def _settle(self, writes: list[asyncio.Task[list[bool]]]) -> tuple[int, int]:
+        """Wait for every queued write; returns (new, duplicate) counts."""
+        results = [r for batch in await asyncio.gather(*writes) for r in batch]
         new = sum(results)
-        counts[0] += new
-        counts[1] += len(results) - new
         self.metrics.samples_stored.inc(new)
         self.metrics.samples_duplicate.inc(len(results) - new)
-        self.metrics.upload_bytes.inc(sum(len(s.payload) for s in samples))
+        return new, len(results) - new
 
     async def _authorized_update(
         self, context, method: str, device: DeviceRecord, update_id: int

@@ -61,6 +61,7 @@ class GroupCommitWriter:
                 continue
             self._metrics.commit_seconds.observe(time.perf_counter() - started)
             self._metrics.commit_samples.observe(len(flat))
+            self._metrics.upload_bytes.inc(sum(len(s.payload) for s in flat))
             pos = 0
             for samples, fut in batch:
                 if not fut.done():

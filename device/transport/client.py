@@ -155,13 +155,14 @@ class GatewayClient:
 def _chunks(items: Iterable[OutboxItem], chunk_size: int):
     """Sync generator of SampleChunk messages (grpc consumes it lazily)."""
     for item in items:
+        whole = len(item.payload) <= chunk_size  # one chunk: pass the bytes object on without a copy
         for offset, piece in iter_chunks(item.payload, chunk_size):
             if offset == 0:
                 yield gateway_pb2.SampleChunk(
                     seq=item.seq,
                     offset=0,
-                    data=bytes(piece),
-                    payload=describe_payload(item.payload),
+                    data=item.payload if whole else bytes(piece),
+                    payload=describe_payload(item.payload, item.sha256 or None),
                     metadata=item.metadata,
                     created_unix_ms=item.created_unix_ms,
                 )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.codec import sha256_digest
 from common.errors import TandemError
 
 _SCHEMA = """
@@ -17,7 +18,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     payload BLOB NOT NULL,
     metadata TEXT NOT NULL,
-    created_unix_ms INTEGER NOT NULL
+    created_unix_ms INTEGER NOT NULL,
+    sha256 BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -35,6 +37,8 @@ class OutboxItem:
     payload: bytes
     metadata: dict[str, str] = field(default_factory=dict)
     created_unix_ms: int = 0
+    sha256: bytes = b""
+    """Digest computed once at ``put`` (empty: compute when sending)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Outbox:
         self._conn = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
+        self._conn.execute("PRAGMA page_size=65536")  # fewer overflow pages for MiB-sized samples (new files)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
@@ -73,10 +78,11 @@ class Outbox:
                 f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}"
             )
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        digest = sha256_digest(payload)
         with self._lock:
             cur = self._conn.execute(
-                "INSERT INTO outbox (payload, metadata, created_unix_ms) VALUES (?, ?, ?)",
-                (bytes(payload), json.dumps(meta, sort_keys=True), int(time.time() * 1000)),
+                "INSERT INTO outbox (payload, metadata, created_unix_ms, sha256) VALUES (?, ?, ?, ?)",
+                (bytes(payload), json.dumps(meta, sort_keys=True), int(time.time() * 1000), digest),
             )
             seq = int(cur.lastrowid or 0)
         return seq
@@ -100,9 +106,11 @@ class Outbox:
                 total += size
             for seq in chosen:
                 row = self._conn.execute(
-                    "SELECT payload, metadata, created_unix_ms FROM outbox WHERE seq = ?", (seq,)
+                    "SELECT payload, metadata, created_unix_ms, sha256 FROM outbox WHERE seq = ?", (seq,)
                 ).fetchone()
-                items.append(OutboxItem(int(seq), bytes(row[0]), json.loads(row[1]), int(row[2])))
+                items.append(
+                    OutboxItem(int(seq), bytes(row[0]), json.loads(row[1]), int(row[2]), bytes(row[3]))
+                )
         return items
 
     def ack(self, upto_seq: int) -> int:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
-from device.transport.outbox import Outbox
+from device.transport.outbox import Outbox, OutboxItem
 from device.transport.retry import retrying
+from protocol.tandem.v1 import gateway_pb2
 
 log = logging.getLogger("tandem.device.uplink")
 
@@ -35,42 +36,53 @@ class UplinkWorker:
         self.config = config
         self.stats = UplinkStats()
 
-    async def push_batch(self) -> int:
-        """Upload one batch, retrying transient failures; returns how many samples were acked."""
+    async def _upload(self, items: list[OutboxItem]) -> gateway_pb2.UploadResponse:
+        """Upload ``items``, retrying transient failures with exponential backoff and jitter."""
         c = self.config
         async for attempt in retrying(c.backoff_initial_s, c.backoff_max_s, c.backoff_jitter_s):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.stats.attempts_failed += 1
-                items = await asyncio.to_thread(self.outbox.pending, c.batch_max_samples, c.batch_max_bytes)
-                if not items:
-                    return 0
-                resp = await self.client.upload(items)
-        deleted = await asyncio.to_thread(self.outbox.ack, resp.acked_seq)
-        self.stats.batches += 1
-        self.stats.acked += deleted
-        self.stats.duplicates += resp.duplicates
-        self.stats.acked_seq = max(self.stats.acked_seq, resp.acked_seq)
-        if deleted == 0 and items[0].seq > resp.acked_seq:
-            raise RuntimeError(
-                f"cloud acked seq {resp.acked_seq} below the oldest pending seq {items[0].seq}"
-            )
-        return deleted
+                return await self.client.upload(items)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read(self, after_seq: int) -> list[OutboxItem]:
+        c = self.config
+        return await asyncio.to_thread(self.outbox.pending, c.batch_max_samples, c.batch_max_bytes, after_seq)
 
     async def push_all(self) -> int:
-        """Upload until the outbox is empty; returns the number of samples acked."""
+        """Upload until the outbox is empty; returns the number of samples acked.
+
+        The next batch is read from the outbox while the current one is in flight; samples are deleted only
+        once the cloud acked them.
+        """
         total = 0
-        while True:
-            n = await self.push_batch()
-            if n == 0 and not await asyncio.to_thread(self.outbox.pending, 1, 1):
-                return total
-            total += n
+        items = await self._read(0)
+        while items:
+            upload = asyncio.ensure_future(self._upload(items))
+            try:
+                following = await self._read(items[-1].seq)
+                resp = await upload
+            except BaseException:
+                upload.cancel()
+                raise
+            if resp.acked_seq < items[-1].seq:
+                raise RuntimeError(
+                    f"cloud acked seq {resp.acked_seq} below the last sent seq {items[-1].seq}"
+                )
+            deleted = await asyncio.to_thread(self.outbox.ack, resp.acked_seq)
+            total += deleted
+            self.stats.batches += 1
+            self.stats.acked += deleted
+            self.stats.duplicates += resp.duplicates
+            self.stats.acked_seq = max(self.stats.acked_seq, resp.acked_seq)
+            following = [it for it in following if it.seq > resp.acked_seq]
+            items = following or await self._read(resp.acked_seq)
+        return total
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the outbox drained until ``stop`` is set."""
         while not stop.is_set():
             await self.push_all()
-            if await asyncio.to_thread(self.outbox.pending, 1, 1):
-                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.config.poll_interval_s)

@@ -60,7 +60,9 @@ def _bad_streams():
 @pytest.fixture
 def loop():
     lp = asyncio.new_event_loop()
+    asyncio.set_event_loop(lp)  # grpc.aio looks the loop up outside coroutines too
     yield lp
+    asyncio.set_event_loop(None)
     lp.close()
 
 
