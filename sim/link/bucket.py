@@ -7,13 +7,14 @@ import time
 
 
 class TokenBucket:
-    """Rate limiter in bytes per second with a small burst; debt is allowed and paid by sleeping."""
+    """Rate limiter in bytes per second with a small burst (default 5 ms of traffic, at least one packet);
+    a take larger than the bucket goes into debt, paid by sleeping, so any piece size keeps the rate."""
 
     def __init__(self, rate_bytes_per_s: float, burst_bytes: float | None = None) -> None:
         if rate_bytes_per_s <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate_bytes_per_s
-        self.burst = burst_bytes if burst_bytes is not None else max(16 * 1024, rate_bytes_per_s * 0.01)
+        self.burst = burst_bytes if burst_bytes is not None else max(1500.0, rate_bytes_per_s * 0.005)
         self._tokens = self.burst
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()

@@ -52,8 +52,11 @@ class _Pipe:
     async def _read(self) -> None:
         cfg = self.proxy.config
         last_due = 0.0
+        size = cfg.read_chunk_bytes
+        if self.bucket is not None:  # about 10 ms of data per piece keeps slow links smooth
+            size = max(1024, min(size, int(self.bucket.rate * 0.01)))
         while True:
-            data = await self.reader.read(cfg.read_chunk_bytes)
+            data = await self.reader.read(size)
             if not data:
                 await self.queue.put((last_due, b""))
                 await asyncio.Event().wait()  # let the writer flush then finish the pipe
@@ -199,8 +202,8 @@ class LinkProxy:
             up = _Pipe(self, c_reader, s_writer, self._up_bucket, up=True)
             down = _Pipe(self, s_reader, c_writer, self._down_bucket, up=False)
             await asyncio.gather(up.pump(), down.pump())
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # a cut or a stop ends the connection; nothing to report
         finally:
             for w in (c_writer, s_writer):
                 self._writers.discard(w)
@@ -216,9 +219,10 @@ class LinkProxy:
         if self._server is not None:
             self._server.close()
         self.cut_all()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=2.0)
         for t in list(self._conns):
             t.cancel()
-        for t in list(self._conns):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self._server is not None:
