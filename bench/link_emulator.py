@@ -54,6 +54,7 @@ async def measure_rate(config: LinkConfig, seconds: float) -> float:
 
 async def measure_rtt(config: LinkConfig, rounds: int = 20) -> float:
     """Median round trip of 100-byte pings through the proxy to an echo server, in seconds."""
+
     async def echo(reader, writer):
         while data := await reader.read(65536):
             writer.write(data)
@@ -86,14 +87,28 @@ async def run(seconds: float) -> None:
         achieved = await measure_rate(LinkConfig(up_mbps=mbps), seconds)
         ratio = achieved * 8 / 1e6 / mbps
         worst = max(worst, abs(ratio - 1))
-        rows.append([f"up_mbps={mbps}", f"{mbps}", f"{achieved * 8 / 1e6:.3f}", f"{ratio:.3f}",
-                     "yes" if abs(ratio - 1) <= 0.05 else "NO"])
-    print_table("Link emulator rate", ["link", "configured Mbit/s", "achieved Mbit/s", "ratio", "within 5%"], rows)
+        rows.append(
+            [
+                f"up_mbps={mbps}",
+                f"{mbps}",
+                f"{achieved * 8 / 1e6:.3f}",
+                f"{ratio:.3f}",
+                "yes" if abs(ratio - 1) <= 0.05 else "NO",
+            ]
+        )
+    print_table(
+        "Link emulator rate", ["link", "configured Mbit/s", "achieved Mbit/s", "ratio", "within 5%"], rows
+    )
     base_rtt = await measure_rtt(LinkConfig())
     rtt = await measure_rtt(LinkConfig(latency_ms=50))
-    print_table("Link emulator latency (median RTT of 100-byte pings)", ["link", "RTT ms", "added ms (expected 100)"],
-                [["latency_ms=0 (baseline)", f"{base_rtt * 1000:.2f}", "-"],
-                 ["latency_ms=50", f"{rtt * 1000:.2f}", f"{(rtt - base_rtt) * 1000:.2f}"]])
+    print_table(
+        "Link emulator latency (median RTT of 100-byte pings)",
+        ["link", "RTT ms", "added ms (expected 100)"],
+        [
+            ["latency_ms=0 (baseline)", f"{base_rtt * 1000:.2f}", "-"],
+            ["latency_ms=50", f"{rtt * 1000:.2f}", f"{(rtt - base_rtt) * 1000:.2f}"],
+        ],
+    )
     print(f"worst rate error = {worst * 100:.2f}% (target <= 5%)")
 
 

@@ -25,8 +25,15 @@ from device.transport.config import DeviceClientConfig
 from device.transport.outbox import OutboxItem
 
 
-async def device_loop(client: GatewayClient, payload: bytes, mean_interval_s: float, until: float,
-                      rng: random.Random, latencies: list[float], acked: list[int]) -> None:
+async def device_loop(
+    client: GatewayClient,
+    payload: bytes,
+    mean_interval_s: float,
+    until: float,
+    rng: random.Random,
+    latencies: list[float],
+    acked: list[int],
+) -> None:
     """Upload one sample at a time at random intervals until ``until``; record latency and acked seqs."""
     seq = 0
     digest = sha256_digest(payload)
@@ -42,8 +49,9 @@ async def device_loop(client: GatewayClient, payload: bytes, mean_interval_s: fl
         await asyncio.sleep(rng.expovariate(1.0 / mean_interval_s))
 
 
-async def run_devices(address: str, state: Path, n: int, seconds: float, size: int, prefix: str
-                      ) -> tuple[list[float], dict[str, list[int]]]:
+async def run_devices(
+    address: str, state: Path, n: int, seconds: float, size: int, prefix: str
+) -> tuple[list[float], dict[str, list[int]]]:
     """Register ``n`` devices, run them concurrently, return all latencies and acked seqs per device."""
     clients = []
     for i in range(n):
@@ -55,10 +63,12 @@ async def run_devices(address: str, state: Path, n: int, seconds: float, size: i
     latencies: list[float] = []
     acked: dict[str, list[int]] = {c.identity.device_id: [] for c in clients}
     until = time.monotonic() + seconds
-    await asyncio.gather(*(
-        device_loop(c, payload, 1.0, until, random.Random(i), latencies, acked[c.identity.device_id])
-        for i, c in enumerate(clients)
-    ))
+    await asyncio.gather(
+        *(
+            device_loop(c, payload, 1.0, until, random.Random(i), latencies, acked[c.identity.device_id])
+            for i, c in enumerate(clients)
+        )
+    )
     for c in clients:
         await c.close()
     return latencies, acked
@@ -81,8 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "cloud"
         with gateway_subprocess(data_dir) as address:
-            base_lat, base_acked = asyncio.run(run_devices(address, Path(tmp), 1, base_seconds, args.size, "solo-"))
-            lat, acked = asyncio.run(run_devices(address, Path(tmp), args.devices, seconds, args.size, "dev-"))
+            base_lat, base_acked = asyncio.run(
+                run_devices(address, Path(tmp), 1, base_seconds, args.size, "solo-")
+            )
+            lat, acked = asyncio.run(
+                run_devices(address, Path(tmp), args.devices, seconds, args.size, "dev-")
+            )
         store = SqliteSampleStore(data_dir / "samples.db")
         lost = 0
         for dev, seqs in {**base_acked, **acked}.items():
@@ -93,14 +107,33 @@ def main(argv: list[str] | None = None) -> None:
         store.close()
     base_p50, base_p99 = _pct(base_lat, 50), _pct(base_lat, 99)
     p50, p99 = _pct(lat, 50), _pct(lat, 99)
-    rows.append(["1 device (baseline)", str(len(base_lat)), f"{base_p50 * 1000:.1f}", f"{base_p99 * 1000:.1f}",
-                 "1.00"])
-    rows.append([f"{args.devices} devices", str(len(lat)), f"{p50 * 1000:.1f}", f"{p99 * 1000:.1f}",
-                 f"{p99 / base_p99:.2f}"])
-    print_table(f"Ack latency, {args.size // 1024} KiB samples, Poisson 1/s per device, {seconds:.0f} s loaded",
-                ["case", "acked uploads", "p50 ms", "p99 ms", "p99 ratio vs baseline"], rows)
-    print(f"p99 with {args.devices} devices = {p99 * 1000:.1f} ms (target <= 250 ms); "
-          f"lost acked samples = {lost} (target 0); max = {max(lat) * 1000:.1f} ms")
+    rows.append(
+        [
+            "1 device (baseline)",
+            str(len(base_lat)),
+            f"{base_p50 * 1000:.1f}",
+            f"{base_p99 * 1000:.1f}",
+            "1.00",
+        ]
+    )
+    rows.append(
+        [
+            f"{args.devices} devices",
+            str(len(lat)),
+            f"{p50 * 1000:.1f}",
+            f"{p99 * 1000:.1f}",
+            f"{p99 / base_p99:.2f}",
+        ]
+    )
+    print_table(
+        f"Ack latency, {args.size // 1024} KiB samples, Poisson 1/s per device, {seconds:.0f} s loaded",
+        ["case", "acked uploads", "p50 ms", "p99 ms", "p99 ratio vs baseline"],
+        rows,
+    )
+    print(
+        f"p99 with {args.devices} devices = {p99 * 1000:.1f} ms (target <= 250 ms); "
+        f"lost acked samples = {lost} (target 0); max = {max(lat) * 1000:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.transport_common import gateway_subprocess, print_table
+from bench.transport_common import REPO_ROOT, gateway_subprocess, print_table
 from common.codec import sha256_digest
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
@@ -41,6 +41,62 @@ while got < total:
     got += n
 conn.sendall(b"k")
 """
+
+
+GRPC_SINK = """
+import asyncio, sys
+import grpc
+from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
+
+class Sink(gateway_pb2_grpc.DeviceGatewayServicer):
+    async def Upload(self, it, ctx):
+        seq = 0
+        async for chunk in it:
+            seq = chunk.seq
+        return gateway_pb2.UploadResponse(acked_seq=seq)
+
+async def main():
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
+    gateway_pb2_grpc.add_DeviceGatewayServicer_to_server(Sink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+async def _grpc_stream(port: int, samples: list[bytes], batch: int) -> float:
+    import grpc
+
+    from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as channel:
+        stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
+        start = time.perf_counter()
+        for i in range(0, len(samples), batch):
+            msgs = (
+                gateway_pb2.SampleChunk(seq=j + 1, data=samples[j])
+                for j in range(i, min(i + batch, len(samples)))
+            )
+            await stub.Upload(msgs)
+        return time.perf_counter() - start
+
+
+def bare_grpc_stream(samples: list[bytes], batch: int) -> float:
+    """Seconds to stream the samples to a gRPC sink that does nothing with them (the gRPC-only ceiling)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    sink = subprocess.Popen([sys.executable, "-c", GRPC_SINK], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        return asyncio.run(_grpc_stream(port, samples, batch))
+    finally:
+        sink.terminate()
+        sink.wait(10)
 
 
 def raw_tcp_copy(samples: list[bytes]) -> float:
@@ -102,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = raw_tcp_copy(samples)
+        bare = bare_grpc_stream(samples, args.batch)
         with gateway_subprocess(Path(tmp) / "cloud") as address:
             direct = asyncio.run(
                 gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1")
@@ -111,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             )
     for name, secs in (
         ("raw loopback TCP copy (baseline)", base),
-        ("gateway Upload, acked + durable", direct),
+        ("bare gRPC stream, sink discards (reference)", bare),
+        ("gateway Upload: verified, durable, acked", direct),
         ("outbox -> uplink -> gateway, acked", outbox),
     ):
         rows.append([name, f"{n}", f"{secs:.2f}", f"{n / secs:.0f}", f"{base / secs:.2f}"])

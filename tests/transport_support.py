@@ -80,8 +80,21 @@ def gateway_process(data_dir: Path, *extra: str, timeout: float = 30.0):
     ready = data_dir.parent / f"{data_dir.name}.ready"
     ready.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "cloud.cli", "serve", "--data-dir", str(data_dir), "--port", "0",
-           "--ready-file", str(ready), "--log-level", "WARNING", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cloud.cli",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        "0",
+        "--ready-file",
+        str(ready),
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout

@@ -38,7 +38,7 @@ class SampleAssembler:
         self._last_seq = 0
 
     def add(self, chunk: gateway_pb2.SampleChunk) -> tuple[Sample, tensors_pb2.PayloadInfo] | None:
-        """Consume one chunk; return the sample it completes (not yet checked, see ``verify``) and its info."""
+        """Consume one chunk; return the sample it completes (unchecked, see ``verify``) and its info."""
         if len(chunk.data) > self.chunk_size:
             raise ProtocolViolation(
                 f"seq {chunk.seq}: chunk of {len(chunk.data)} bytes exceeds chunk_size {self.chunk_size}"

@@ -1,9 +1,10 @@
 """SQLite (WAL) sample store: metadata rows in SQLite, payload bytes appended to segment files.
 
-Payloads are appended to ``segments/<n>.seg`` and made durable (fsync with ``synchronous=FULL``) before the
-transaction that inserts their rows commits, so a committed row always points at durable bytes. A crash between
-the two leaves unreferenced bytes in a segment (the sample was never acked; the device resends it). Writing each
-payload once, sequentially, is several times faster than SQLite overflow pages plus WAL checkpoint copies.
+Payloads are appended to ``<db stem>.segments/<n>.seg`` and made durable (fsync with ``synchronous=FULL``)
+before the transaction that inserts their rows commits, so a committed row always points at durable bytes.
+A crash between the two leaves unreferenced bytes in a segment (the sample was never acked; the device
+resends it). Writing each payload once, sequentially, is several times faster than SQLite overflow pages
+plus WAL checkpoint copies.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class SqliteSampleStore(SampleStore):
         self._conn.executescript(_SCHEMA)
         existing = sorted(int(p.stem) for p in self.segment_dir.glob("*.seg"))
         self._segment = existing[-1] if existing else 0
-        self._writer = open(self._segment_path(self._segment), "ab")
+        self._writer = open(self._segment_path(self._segment), "ab")  # noqa: SIM115 (kept open, closed in close())
         self._readers: dict[int, int] = {}
 
     def _segment_path(self, n: int) -> Path:
@@ -59,7 +60,7 @@ class SqliteSampleStore(SampleStore):
         if self._writer.tell() >= self.segment_bytes:
             self._writer.close()
             self._segment += 1
-            self._writer = open(self._segment_path(self._segment), "ab")
+            self._writer = open(self._segment_path(self._segment), "ab")  # noqa: SIM115
 
     def put(self, samples: Sequence[Sample]) -> list[bool]:
         if not samples:
@@ -135,8 +136,8 @@ class SqliteSampleStore(SampleStore):
             n = page if remaining is None else min(page, remaining)
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT seq, segment, offset, length, metadata, created_unix_ms, received_unix_ms FROM samples"
-                    " WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    "SELECT seq, segment, offset, length, metadata, created_unix_ms, received_unix_ms"
+                    " FROM samples WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                     (device_id, cursor, n),
                 ).fetchall()
                 if not rows:

@@ -18,22 +18,27 @@ from device.transport.config import ClientTlsConfig
 async def test_mutual_tls_accepts_client_cert_and_refuses_without(tmp_path):
     certs = tmp_path / "certs"
     write_dev_certs(certs, clients=["device"])
-    tls = ServerTlsConfig(cert_file=certs / "server.crt", key_file=certs / "server.key",
-                          client_ca_file=certs / "ca.crt")
+    tls = ServerTlsConfig(
+        cert_file=certs / "server.crt", key_file=certs / "server.key", client_ca_file=certs / "ca.crt"
+    )
     async with running_gateway(tmp_path / "cloud", tls=tls) as gw:
-        good = ClientTlsConfig(ca_file=certs / "ca.crt", cert_file=certs / "device.crt",
-                               key_file=certs / "device.key")
+        good = ClientTlsConfig(
+            ca_file=certs / "ca.crt", cert_file=certs / "device.crt", key_file=certs / "device.key"
+        )
         client = GatewayClient(device_config(tmp_path / "d", f"localhost:{gw.port}", tls=good))
         assert (await client.register()).device_id == "dev-1"
         await client.close()
         anonymous = ClientTlsConfig(ca_file=certs / "ca.crt")
-        client = GatewayClient(device_config(tmp_path / "d2", f"localhost:{gw.port}", "dev-2", tls=anonymous,
-                                             rpc_timeout_s=3))
+        client = GatewayClient(
+            device_config(tmp_path / "d2", f"localhost:{gw.port}", "dev-2", tls=anonymous, rpc_timeout_s=3)
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.register()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         await client.close()
-        plaintext = GatewayClient(device_config(tmp_path / "d3", f"localhost:{gw.port}", "dev-3", rpc_timeout_s=3))
+        plaintext = GatewayClient(
+            device_config(tmp_path / "d3", f"localhost:{gw.port}", "dev-3", rpc_timeout_s=3)
+        )
         with pytest.raises(grpc.aio.AioRpcError):
             await plaintext.register()
         await plaintext.close()
@@ -65,7 +70,9 @@ async def test_prometheus_metrics_count_calls(tmp_path):
         await client.close()
         import asyncio
 
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+        )
     text = body.decode()
     assert 'tandem_gateway_calls_total{code="OK",method="Register"} 1.0' in text
     assert 'tandem_gateway_calls_total{code="OK",method="Heartbeat"} 1.0' in text
