@@ -102,3 +102,19 @@ async def test_health_and_reflection(tmp_path):
         names = [s.name async for r in call for s in r.list_services_response.service]
         assert "tandem.v1.DeviceGateway" in names and "grpc.health.v1.Health" in names
         await channel.close()
+
+
+async def test_reregister_with_own_token_rotates_it(tmp_path):
+    async with running_gateway(tmp_path / "cloud") as gw, registered_client(tmp_path / "d", gw.address) as c:
+        old = c.identity.token
+        new_identity = await c.register()  # the client sends its current token
+        assert new_identity.token != old
+        stub = gateway_pb2_grpc.DeviceGatewayStub(c.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Heartbeat(gateway_pb2.HeartbeatRequest(), metadata=bearer_metadata(old))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (await c.heartbeat("ok", "v0", {}, 0)).server_unix_ms > 0
+        gw.devices.revoke("dev-1")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.heartbeat("ok", "v0", {}, 0)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -120,3 +120,23 @@ async def test_sync_once_sees_updates_published_before(tmp_path):
         outcomes = await fetcher.sync_once()
         await client.close()
     assert [o.version for o in outcomes] == ["v1", "v2"]
+
+
+async def test_watch_sees_updates_published_by_another_process(tmp_path):
+    async with running_gateway(tmp_path / "cloud") as gw:
+        rec = Recorder()
+        client, fetcher = await _fetcher(tmp_path, gw.address, rec)
+        stop = asyncio.Event()
+        task = asyncio.create_task(fetcher.run(stop))
+        await asyncio.sleep(0.1)
+        other = SqliteUpdateRegistry(gw.updates.data_dir, gw.signing_key)  # what `tandem-cloud updates publish` does
+        other.publish("dev-1", "v0", "v1", b"from the cli")
+        other.close()
+        for _ in range(100):
+            if rec.applied:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+        await client.close()
+    assert rec.applied == [(b"from the cli", "v1")]

@@ -83,3 +83,17 @@ async def test_token_bucket_rate():
     assert 0.4 <= time.monotonic() - start <= 0.8
     with pytest.raises(ValueError):
         TokenBucket(0)
+
+
+async def test_random_cuts_follow_probability():
+    server, port = await _echo_server()
+    async with LinkProxy("127.0.0.1", port, LinkConfig(cut_probability_per_s=20.0, seed=7)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            for _ in range(100):  # 5 s at most; a cut is expected within a fraction of a second
+                writer.write(b"ping")
+                await writer.drain()
+                await reader.readexactly(4)
+                await asyncio.sleep(0.05)
+        assert proxy.stats.cuts >= 1
+    server.close()
