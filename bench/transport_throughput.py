@@ -99,6 +99,18 @@ def bare_grpc_stream(samples: list[bytes], batch: int) -> float:
         sink.wait(10)
 
 
+def durable_file_write(samples: list[bytes], directory: Path, batch: int) -> float:
+    """Seconds to append the samples to a file with an fsync every ``batch`` samples (the disk's bound)."""
+    start = time.perf_counter()
+    with open(directory / "disk-reference.bin", "wb") as fh:
+        for i, s in enumerate(samples, 1):
+            fh.write(s)
+            if i % batch == 0 or i == len(samples):
+                fh.flush()
+                os.fsync(fh.fileno())
+    return time.perf_counter() - start
+
+
 def raw_tcp_copy(samples: list[bytes]) -> float:
     """Seconds to push every sample through a loopback socket to a sink process that acks the end."""
     total = sum(len(s) for s in samples)
@@ -159,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = raw_tcp_copy(samples)
         bare = bare_grpc_stream(samples, args.batch)
+        disk = durable_file_write(samples, Path(tmp), args.batch)
         with gateway_subprocess(Path(tmp) / "cloud") as address:
             direct = asyncio.run(
                 gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1")
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, secs in (
         ("raw loopback TCP copy (baseline)", base),
         ("bare gRPC stream, sink discards (reference)", bare),
+        ("append + fsync to a file, no network (disk reference)", disk),
         ("gateway Upload: verified, durable, acked", direct),
         ("outbox -> uplink -> gateway, acked", outbox),
     ):
