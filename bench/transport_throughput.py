@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64 MiB instead of 512 MiB")
     parser.add_argument("--batch", type=int, default=16, help="samples per Upload call")
+    parser.add_argument(
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="gateway durability: FULL fsyncs before acking (default), NORMAL survives process crashes only",
+    )
     args = parser.parse_args(argv)
     n = 64 if args.quick else 512
     samples = [os.urandom(MiB) for _ in range(n)]
@@ -172,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         base = raw_tcp_copy(samples)
         bare = bare_grpc_stream(samples, args.batch)
         disk = durable_file_write(samples, Path(tmp), args.batch)
-        with gateway_subprocess(Path(tmp) / "cloud") as address:
+        config = Path(tmp) / "cloud.yaml"
+        config.write_text(f"sqlite_synchronous: {args.synchronous}\n")
+        with gateway_subprocess(Path(tmp) / "cloud", "--config", str(config)) as address:
             direct = asyncio.run(
                 gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1")
             )
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         rows.append([name, f"{n}", f"{secs:.2f}", f"{n / secs:.0f}", f"{base / secs:.2f}"])
     print_table(
-        f"Upload throughput, {n} x 1 MiB samples, batch {args.batch}",
+        f"Upload throughput, {n} x 1 MiB samples, batch {args.batch}, synchronous={args.synchronous}",
         ["path", "MiB", "seconds", "MiB/s", "ratio vs raw"],
         rows,
     )

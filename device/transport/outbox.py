@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.codec import sha256_digest
 from common.errors import TandemError
+from protocol.limits import MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -53,6 +54,17 @@ class OutboxStats:
     next_seq: int
 
 
+def _check_metadata(meta: dict[str, str]) -> None:
+    """Refuse metadata the gateway would refuse, before it is queued (it could never be delivered)."""
+    if len(meta) > MAX_METADATA_ENTRIES:
+        raise OutboxError(f"more than {MAX_METADATA_ENTRIES} metadata entries")
+    for key, value in meta.items():
+        if not key or len(key) > MAX_METADATA_KEY_CHARS:
+            raise OutboxError(f"metadata key must be 1-{MAX_METADATA_KEY_CHARS} chars: {key[:40]!r}")
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise OutboxError(f"metadata value of {key!r} exceeds {MAX_METADATA_VALUE_CHARS} chars")
+
+
 class Outbox:
     """Samples in seq order; ``ack(n)`` deletes every seq <= n, nothing else ever deletes."""
 
@@ -78,6 +90,7 @@ class Outbox:
                 f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}"
             )
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        _check_metadata(meta)
         digest = sha256_digest(payload)
         with self._lock:
             cur = self._conn.execute(

@@ -129,7 +129,8 @@ async def test_watch_sees_updates_published_by_another_process(tmp_path):
         stop = asyncio.Event()
         task = asyncio.create_task(fetcher.run(stop))
         await asyncio.sleep(0.1)
-        other = SqliteUpdateRegistry(gw.updates.data_dir, gw.signing_key)  # what `tandem-cloud updates publish` does
+        # what `tandem-cloud updates publish` does from its own process:
+        other = SqliteUpdateRegistry(gw.updates.data_dir, gw.signing_key)
         other.publish("dev-1", "v0", "v1", b"from the cli")
         other.close()
         for _ in range(100):

@@ -39,4 +39,8 @@ def test_rejects_oversize_and_non_bytes(tmp_path):
         box.put(b"x" * 11)
     with pytest.raises(OutboxError, match="bytes"):
         box.put("text")  # type: ignore[arg-type]
+    with pytest.raises(OutboxError, match="metadata value"):
+        box.put(b"x", {"k": "v" * 5000})
+    with pytest.raises(OutboxError, match="metadata entries"):
+        box.put(b"x", {str(i): "" for i in range(65)})
     assert box.stats().pending == 0
