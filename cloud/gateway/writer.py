@@ -70,7 +70,10 @@ class GroupCommitWriter:
 
     async def close(self) -> None:
         """Stop the loop (after pending commits) and release the thread."""
-        while not self._queue.empty():
+        deadline = asyncio.get_running_loop().time() + 30.0
+        while not self._queue.empty() and self._task is not None and not self._task.done():
+            if asyncio.get_running_loop().time() > deadline:
+                break
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
