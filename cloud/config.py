@@ -22,6 +22,8 @@ class ServerTlsConfig(StrictConfig):
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+    bind_client_cert_to_device: bool = False
+    """With mutual TLS: the client certificate's common name must equal the device id (Register included)."""
 
 
 class GatewayConfig(StrictConfig):

@@ -64,7 +64,24 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             await self._abort(
                 context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token"
             )
+        await self._check_cert_binding(context, method, device.device_id)  # type: ignore[union-attr]
         return device  # type: ignore[return-value]
+
+    async def _check_cert_binding(
+        self, context: grpc.aio.ServicerContext, method: str, device_id: str
+    ) -> None:
+        """With ``bind_client_cert_to_device``, the mTLS client certificate must name this device."""
+        tls = self.config.tls
+        if tls is None or tls.client_ca_file is None or not tls.bind_client_cert_to_device:
+            return
+        names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
+        if device_id not in names:
+            await self._abort(
+                context,
+                method,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client certificate {names or '(none)'} does not name device {device_id}",
+            )
 
     async def _abort(
         self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
@@ -100,6 +117,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             )
         if not request.model_family:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "model_family must not be empty")
+        await self._check_cert_binding(context, m, request.device_id)
         existing = self.devices.get(request.device_id)
         if existing is not None and not existing.revoked:
             token = token_from_metadata(context.invocation_metadata())

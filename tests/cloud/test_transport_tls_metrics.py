@@ -76,3 +76,30 @@ async def test_prometheus_metrics_count_calls(tmp_path):
     text = body.decode()
     assert 'tandem_gateway_calls_total{code="OK",method="Register"} 1.0' in text
     assert 'tandem_gateway_calls_total{code="OK",method="Heartbeat"} 1.0' in text
+
+
+async def test_client_cert_bound_to_device_id(tmp_path):
+    certs = tmp_path / "certs"
+    write_dev_certs(certs, clients=["dev-1", "dev-2"])
+    tls = ServerTlsConfig(
+        cert_file=certs / "server.crt",
+        key_file=certs / "server.key",
+        client_ca_file=certs / "ca.crt",
+        bind_client_cert_to_device=True,
+    )
+    async with running_gateway(tmp_path / "cloud", tls=tls) as gw:
+        own = ClientTlsConfig(
+            ca_file=certs / "ca.crt", cert_file=certs / "dev-1.crt", key_file=certs / "dev-1.key"
+        )
+        client = GatewayClient(device_config(tmp_path / "a", f"localhost:{gw.port}", "dev-1", tls=own))
+        await client.register()
+        assert (await client.heartbeat("ok", "v0", {}, 0)).server_unix_ms > 0
+        await client.close()
+        other = ClientTlsConfig(
+            ca_file=certs / "ca.crt", cert_file=certs / "dev-2.crt", key_file=certs / "dev-2.key"
+        )
+        client = GatewayClient(device_config(tmp_path / "b", f"localhost:{gw.port}", "dev-1", tls=other))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.register()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "dev-2" in err.value.details()
+        await client.close()
