@@ -127,6 +127,7 @@ class UpdateFetcher:
                             header = chunk.header
                             if header.update_id != update_id:
                                 raise UpdateRejected(f"asked for update {update_id}, got {header.update_id}")
+                            self._check_addressing(header)  # before spending the link on the payload
                         if header is None or chunk.offset != offset:
                             raise UpdateRejected(
                                 f"update {update_id}: stream out of order at offset {chunk.offset}"
@@ -141,8 +142,7 @@ class UpdateFetcher:
         assert header is not None
         return header, part.read_bytes()
 
-    def verify(self, header: gateway_pb2.UpdateHeader, payload: bytes) -> None:
-        """Raise UpdateRejected unless addressing, base version, size, digest and signature all check out."""
+    def _check_addressing(self, header: gateway_pb2.UpdateHeader) -> None:
         ident = self.identity
         if not (header.device_id == ident.device_id or (header.cohort and header.cohort == ident.cohort)):
             raise UpdateRejected(f"update {header.update_id} is addressed to another device or cohort")
@@ -151,6 +151,10 @@ class UpdateFetcher:
                 f"update {header.update_id} needs base version {header.base_version!r}, "
                 f"device holds {self.current_version!r}"
             )
+
+    def verify(self, header: gateway_pb2.UpdateHeader, payload: bytes) -> None:
+        """Raise UpdateRejected unless addressing, base version, size, digest and signature all check out."""
+        self._check_addressing(header)
         if len(payload) != header.payload.size:
             raise UpdateRejected(f"update {header.update_id}: size {len(payload)} != {header.payload.size}")
         if sha256_digest(payload) != header.payload.sha256:
