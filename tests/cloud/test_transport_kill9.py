@@ -11,7 +11,7 @@ from cloud.samples import SqliteSampleStore
 from device.transport.client import GatewayClient
 from device.transport.outbox import Outbox
 from device.transport.uplink import UplinkWorker
-from sim.link import LinkProxy
+from sim.link import LinkConfig, LinkProxy
 
 N = 60
 SIZE = 200_000
@@ -25,7 +25,7 @@ async def test_sigkill_mid_upload_then_restart(tmp_path):
     data_dir = tmp_path / "cloud"
     with gateway_process(data_dir) as (proc, address):
         host, port = address.rsplit(":", 1)
-        proxy = LinkProxy(host, int(port))
+        proxy = LinkProxy(host, int(port), LinkConfig(up_mbps=80))  # about 1.2 s for the 12 MB: time to kill
         await proxy.start()
         cfg = device_config(tmp_path / "dev", proxy.address, batch_max_samples=4, backoff_max_s=0.3)
         client = GatewayClient(cfg)

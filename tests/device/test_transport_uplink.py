@@ -14,19 +14,28 @@ from sim.link import LinkConfig, LinkProxy
 
 async def test_uplink_survives_cuts_without_duplicates(tmp_path):
     async with running_gateway(tmp_path / "cloud") as gw:
-        link = LinkConfig(up_mbps=40, latency_ms=5, cut_schedule_s=[0.3, 0.6, 0.9], seed=1)
-        async with LinkProxy("127.0.0.1", gw.port, link) as proxy:
+        async with LinkProxy("127.0.0.1", gw.port, LinkConfig(up_mbps=40, latency_ms=5)) as proxy:
             cfg = device_config(tmp_path / "dev", proxy.address, batch_max_samples=8)
             client = GatewayClient(cfg)
             identity = await client.register()
             box = Outbox(tmp_path / "dev" / "outbox.db")
             payloads = {box.put(bytes([i % 256]) * 100_000, {"i": str(i)}): i for i in range(40)}
             worker = UplinkWorker(client, box, cfg)
+
+            async def cutter():  # cut the link mid-upload twice, wherever the upload has got to
+                for threshold in (300_000, 2_000_000):
+                    while proxy.stats.bytes_up < threshold:
+                        await asyncio.sleep(0.005)
+                    proxy.cut_all()
+
+            cuts = asyncio.create_task(cutter())
             acked = await asyncio.wait_for(worker.push_all(), timeout=60)
+            await asyncio.wait_for(cuts, timeout=5)
+            cut_count = proxy.stats.cuts
             await client.close()
-        assert proxy.stats.cuts >= 1
+        assert cut_count == 2
         assert acked == 40 and box.stats().pending == 0
-        assert worker.stats.attempts_failed >= 1  # a cut interrupted an upload and it was resent
+        assert worker.stats.attempts_failed >= 2  # each cut interrupted an upload and it was resent
         stored = list(gw.samples.iter_samples(identity.device_id))
         assert [s.seq for s in stored] == sorted(payloads)
         assert all(s.payload == bytes([payloads[s.seq] % 256]) * 100_000 for s in stored)

@@ -97,3 +97,19 @@ async def test_random_cuts_follow_probability():
                 await asyncio.sleep(0.05)
         assert proxy.stats.cuts >= 1
     server.close()
+
+
+async def test_scheduled_cut():
+    server, port = await _echo_server()
+    async with LinkProxy("127.0.0.1", port, LinkConfig(cut_schedule_s=[0.3])) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"a")
+        await reader.readexactly(1)
+        assert proxy.stats.cuts == 0
+        await asyncio.sleep(0.5)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            writer.write(b"b")
+            await writer.drain()
+            await reader.readexactly(1)
+        assert proxy.stats.cuts == 1
+    server.close()
