@@ -124,12 +124,15 @@ def outbox_inspect(
     try:
         s = box.stats()
         items = box.pending(max_samples=limit, max_bytes=1 << 62)
+        refused = box.rejected()
     finally:
         box.close()
     console.print(
         f"device {identity.device_id}: {s.pending} pending ({s.pending_bytes} bytes), "
         f"seq {s.first_seq or '-'}..{s.last_seq or '-'}, acked up to {s.acked_seq}, next seq {s.next_seq}"
     )
+    for seq, reason in refused:
+        console.print(f"[yellow]set aside (refused by the cloud): seq {seq}: {reason}[/]")
     if items:
         table = Table("seq", "bytes", "metadata")
         for it in items:

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = Path("protocol") / "tandem" / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
-PYI_HEADER = "# ruff: noqa\n"
+PYI_HEADER = "# ruff: noqa\n# fmt: off\n"
 
 
 def proto_files(root: Path = REPO_ROOT) -> list[Path]:

@@ -17,6 +17,9 @@ MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 4096
 
+REJECTED_SEQ_TRAILER = "tandem-rejected-seq"
+"""Trailing-metadata key naming a sample the gateway refuses for its content (resending cannot help)."""
+
 ENVELOPE_SLACK_BYTES = 64 * 1024
 """Room left in a message for everything but the chunk data (headers, metadata, tensor list)."""
 

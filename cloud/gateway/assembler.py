@@ -15,7 +15,15 @@ MAX_SEQ = 2**63 - 1
 
 
 class ProtocolViolation(ValueError):
-    """A client message breaks the protocol; its text goes back as the INVALID_ARGUMENT detail."""
+    """A client message breaks the protocol; its text goes back as the INVALID_ARGUMENT detail.
+
+    ``sample_seq`` is set when the sample itself is at fault (digest, size, tensors, metadata), so resending
+    it can never succeed; the gateway names it in a trailer and the device sets the sample aside.
+    """
+
+    def __init__(self, message: str, sample_seq: int | None = None) -> None:
+        super().__init__(message)
+        self.sample_seq = sample_seq
 
 
 @dataclass
@@ -82,7 +90,8 @@ class SampleAssembler:
         if info.size > self.max_sample_bytes:
             raise ProtocolViolation(
                 f"seq {chunk.seq}: sample of {info.size} bytes exceeds max_sample_bytes "
-                f"{self.max_sample_bytes}"
+                f"{self.max_sample_bytes}",
+                chunk.seq,
             )
         if len(info.sha256) != 32:
             raise ProtocolViolation(f"seq {chunk.seq}: sha256 must be 32 bytes, got {len(info.sha256)}")
@@ -116,16 +125,16 @@ def verify(sample: Sample, info: tensors_pb2.PayloadInfo) -> None:
     """Raise ProtocolViolation unless the payload matches its declared size, digest and tensor list."""
     problem = check_payload(sample.payload, info)
     if problem:
-        raise ProtocolViolation(f"seq {sample.seq}: {problem}")
+        raise ProtocolViolation(f"seq {sample.seq}: {problem}", sample.seq)
 
 
 def _check_metadata(seq: int, metadata) -> None:
     if len(metadata) > MAX_METADATA_ENTRIES:
-        raise ProtocolViolation(f"seq {seq}: more than {MAX_METADATA_ENTRIES} metadata entries")
+        raise ProtocolViolation(f"seq {seq}: more than {MAX_METADATA_ENTRIES} metadata entries", seq)
     for key, value in metadata.items():
         if not key or len(key) > MAX_METADATA_KEY_CHARS:
-            raise ProtocolViolation(f"seq {seq}: metadata key must be 1-{MAX_METADATA_KEY_CHARS} chars")
+            raise ProtocolViolation(f"seq {seq}: metadata key must be 1-{MAX_METADATA_KEY_CHARS} chars", seq)
         if len(value) > MAX_METADATA_VALUE_CHARS:
             raise ProtocolViolation(
-                f"seq {seq}: metadata value of {key!r} exceeds {MAX_METADATA_VALUE_CHARS} chars"
+                f"seq {seq}: metadata value of {key!r} exceeds {MAX_METADATA_VALUE_CHARS} chars", seq
             )

@@ -21,6 +21,7 @@ from cloud.gateway.writer import GroupCommitWriter
 from cloud.samples.base import Sample
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from protocol.auth import token_from_metadata
+from protocol.limits import REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -182,6 +183,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             except ProtocolViolation as exc:
                 writes.append(asyncio.ensure_future(self.writer.put(pending)))
                 await self._settle(writes)  # keep what was valid; the device resends the rest
+                if exc.sample_seq is not None:
+                    context.set_trailing_metadata(((REJECTED_SEQ_TRAILER, str(exc.sample_seq)),))
                 await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except BaseException:
                 for w in writes:

@@ -50,14 +50,15 @@ def make_channel(config: DeviceClientConfig, target: str | None = None) -> grpc.
     """An aio channel to the gateway (TLS / mTLS when configured)."""
     target = target or config.gateway
     tls = config.tls
+    compression = grpc.Compression.Gzip if config.compression == "gzip" else grpc.Compression.NoCompression
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=channel_options(config))
+        return grpc.aio.insecure_channel(target, options=channel_options(config), compression=compression)
     creds = grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca_file),
         private_key=_read(tls.key_file),
         certificate_chain=_read(tls.cert_file),
     )
-    return grpc.aio.secure_channel(target, creds, options=channel_options(config))
+    return grpc.aio.secure_channel(target, creds, options=channel_options(config), compression=compression)
 
 
 class GatewayClient:

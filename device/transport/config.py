@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -45,3 +46,5 @@ class DeviceClientConfig(StrictConfig):
     keepalive_time_s: float = Field(30.0, gt=0)
     keepalive_timeout_s: float = Field(10.0, gt=0)
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    compression: Literal["none", "gzip"] = "none"
+    """gRPC message compression on the channel (worth it for compressible payloads on slow links)."""

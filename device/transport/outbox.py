@@ -23,6 +23,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     sha256 BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL,
+    metadata TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_unix_ms INTEGER NOT NULL
+);
 """
 
 
@@ -52,6 +61,8 @@ class OutboxStats:
     last_seq: int | None
     acked_seq: int
     next_seq: int
+    rejected: int = 0
+    """Samples the cloud refused for their content, kept aside in the ``rejected`` table."""
 
 
 def _check_metadata(meta: dict[str, str]) -> None:
@@ -139,6 +150,25 @@ class Outbox:
             self._conn.execute("COMMIT")
         return cur.rowcount
 
+    def quarantine(self, seq: int, reason: str) -> bool:
+        """Move a sample the cloud refused for its content out of the queue (kept for inspection)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO rejected SELECT seq, payload, metadata, created_unix_ms, sha256, ?, ?"
+                " FROM outbox WHERE seq = ?",
+                (reason, int(time.time() * 1000), seq),
+            )
+            self._conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            self._conn.execute("COMMIT")
+        return cur.rowcount == 1
+
+    def rejected(self) -> list[tuple[int, str]]:
+        """``(seq, reason)`` of every quarantined sample."""
+        with self._lock:
+            rows = self._conn.execute("SELECT seq, reason FROM rejected ORDER BY seq").fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
+
     def ensure_seq_above(self, seq: int) -> None:
         """Make future seqs larger than ``seq`` (the cloud already holds samples up to it)."""
         with self._lock:
@@ -158,8 +188,15 @@ class Outbox:
             ).fetchone()
             acked = self._conn.execute("SELECT value FROM outbox_state WHERE key = 'acked_seq'").fetchone()
             last = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            (rejected,) = self._conn.execute("SELECT COUNT(*) FROM rejected").fetchone()
         return OutboxStats(
-            int(n), int(size), lo, hi, int(acked[0]) if acked else 0, (int(last[0]) if last else 0) + 1
+            int(n),
+            int(size),
+            lo,
+            hi,
+            int(acked[0]) if acked else 0,
+            (int(last[0]) if last else 0) + 1,
+            int(rejected),
         )
 
     def close(self) -> None:

@@ -7,10 +7,13 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import grpc
+
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
 from device.transport.outbox import Outbox, OutboxItem
 from device.transport.retry import retrying
+from protocol.limits import REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2
 
 log = logging.getLogger("tandem.device.uplink")
@@ -25,6 +28,20 @@ class UplinkStats:
     duplicates: int = 0
     attempts_failed: int = 0
     acked_seq: int = 0
+    rejected: int = 0
+
+
+def _rejected_seq(exc: grpc.aio.AioRpcError) -> int | None:
+    """The seq the gateway named as refused for its content (INVALID_ARGUMENT + trailer), if any."""
+    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == REJECTED_SEQ_TRAILER:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class UplinkWorker:
@@ -36,14 +53,27 @@ class UplinkWorker:
         self.config = config
         self.stats = UplinkStats()
 
-    async def _upload(self, items: list[OutboxItem]) -> gateway_pb2.UploadResponse:
-        """Upload ``items``, retrying transient failures with exponential backoff and jitter."""
+    async def _upload(self, items: list[OutboxItem]) -> gateway_pb2.UploadResponse | None:
+        """Upload ``items``, retrying transient failures with exponential backoff and jitter.
+
+        Returns None when the cloud refused one of the samples for its content: that sample is moved to the
+        outbox's ``rejected`` table and the caller carries on with the rest.
+        """
         c = self.config
-        async for attempt in retrying(c.backoff_initial_s, c.backoff_max_s, c.backoff_jitter_s):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.stats.attempts_failed += 1
-                return await self.client.upload(items)
+        try:
+            async for attempt in retrying(c.backoff_initial_s, c.backoff_max_s, c.backoff_jitter_s):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.stats.attempts_failed += 1
+                    return await self.client.upload(items)
+        except grpc.aio.AioRpcError as exc:
+            seq = _rejected_seq(exc)
+            if seq is None or seq not in {it.seq for it in items}:
+                raise
+            await asyncio.to_thread(self.outbox.quarantine, seq, exc.details() or "rejected")
+            self.stats.rejected += 1
+            log.warning("cloud refused sample %d, set aside: %s", seq, exc.details())
+            return None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read(self, after_seq: int) -> list[OutboxItem]:
@@ -66,6 +96,11 @@ class UplinkWorker:
             except BaseException:
                 upload.cancel()
                 raise
+            if (
+                resp is None
+            ):  # a sample was set aside; valid ones before it may be stored, resend from the top
+                items = await self._read(0)
+                continue
             if resp.acked_seq < items[-1].seq:
                 raise RuntimeError(
                     f"cloud acked seq {resp.acked_seq} below the last sent seq {items[-1].seq}"

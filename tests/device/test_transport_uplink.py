@@ -80,3 +80,42 @@ async def test_run_loop_drains_new_samples(tmp_path):
         await asyncio.wait_for(task, timeout=5)
         assert gw.samples.count("dev-1") == 3 and box.stats().pending == 0
         await client.close()
+
+
+async def test_gzip_compression_shrinks_compressible_uploads(tmp_path):
+    sizes = {}
+    for mode in ("none", "gzip"):
+        gateway = running_gateway(tmp_path / f"cloud-{mode}")
+        async with gateway as gw, LinkProxy("127.0.0.1", gw.port) as proxy:
+            cfg = device_config(tmp_path / f"dev-{mode}", proxy.address, compression=mode)
+            client = GatewayClient(cfg)
+            await client.register()
+            box = Outbox(tmp_path / f"dev-{mode}" / "outbox.db")
+            for _ in range(4):
+                box.put(b"\x00" * 200_000)
+            await UplinkWorker(client, box, cfg).push_all()
+            await client.close()
+            sizes[mode] = proxy.stats.bytes_up
+            assert [s.payload for s in gw.samples.iter_samples("dev-1")] == [b"\x00" * 200_000] * 4
+    assert sizes["gzip"] < sizes["none"] / 10
+
+
+async def test_sample_refused_for_its_content_is_set_aside(tmp_path):
+    import sqlite3
+
+    async with running_gateway(tmp_path / "cloud") as gw:
+        cfg = device_config(tmp_path / "dev", gw.address)
+        client = GatewayClient(cfg)
+        await client.register()
+        box = Outbox(tmp_path / "dev" / "outbox.db")
+        for i in range(6):
+            box.put(bytes([i]) * 1000)
+        with sqlite3.connect(tmp_path / "dev" / "outbox.db") as db:  # bit rot in the stored digest of seq 3
+            db.execute("UPDATE outbox SET sha256 = zeroblob(32) WHERE seq = 3")
+        worker = UplinkWorker(client, box, cfg)
+        assert await asyncio.wait_for(worker.push_all(), timeout=20) == 5
+        await client.close()
+        stored = [s.seq for s in gw.samples.iter_samples("dev-1")]
+    assert stored == [1, 2, 4, 5, 6]
+    assert worker.stats.rejected == 1 and box.stats().pending == 0 and box.stats().rejected == 1
+    assert box.rejected()[0][0] == 3 and "digest" in box.rejected()[0][1]
