@@ -144,3 +144,23 @@ async def test_watch_sees_updates_published_by_another_process(tmp_path):
         await asyncio.wait_for(task, timeout=5)
         await client.close()
     assert rec.applied == [(b"from the cli", "v1")]
+
+
+async def test_resume_from_partial_file_left_by_a_previous_run(tmp_path):
+    payload = bytes(range(256)) * 1024
+    async with running_gateway(tmp_path / "cloud") as gw:
+        rec = Recorder()
+        client, fetcher = await _fetcher(tmp_path, gw.address, rec)
+        good = gw.publish("dev-1", "v0", "v1", payload)
+        (tmp_path / "dev" / "updates" / f"{good.update_id}.part").write_bytes(payload[:100_000])
+        outcome = await fetcher.fetch_and_apply(good.update_id)
+        assert outcome.applied and fetcher.stats.fetch_offsets == [100_000]
+        assert fetcher.stats.bytes_fetched == len(payload) - 100_000
+        # a partial file with wrong bytes: the digest fails, the fetcher refetches once from 0
+        stale = gw.publish("dev-1", "v1", "v2", payload[::-1])
+        (tmp_path / "dev" / "updates" / f"{stale.update_id}.part").write_bytes(b"\xff" * 5000)
+        outcome = await fetcher.fetch_and_apply(stale.update_id)
+        await client.close()
+    assert outcome.applied, outcome.reason
+    assert fetcher.stats.fetch_offsets[-2:] == [5000, 0]
+    assert rec.applied == [(payload, "v1"), (payload[::-1], "v2")]
