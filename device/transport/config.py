@@ -37,6 +37,8 @@ class DeviceClientConfig(StrictConfig):
     tls: ClientTlsConfig | None = None
     batch_max_samples: int = Field(64, gt=0)
     batch_max_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_in_flight_batches: int = Field(2, ge=1, le=16)
+    """Upload calls running at once (the next batch streams while the previous one commits)."""
     rpc_timeout_s: float = Field(60.0, gt=0)
     backoff_initial_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(10.0, gt=0)

@@ -169,6 +169,22 @@ class Outbox:
             rows = self._conn.execute("SELECT seq, reason FROM rejected ORDER BY seq").fetchall()
         return [(int(r[0]), str(r[1])) for r in rows]
 
+    def delete(self, seqs: list[int]) -> int:
+        """Delete the given samples (all durably stored by the cloud); returns how many were deleted."""
+        if not seqs:
+            return 0
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            cur = self._conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            deleted = cur.rowcount
+            self._conn.execute(
+                "INSERT INTO outbox_state (key, value) VALUES ('acked_seq', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+                (max(seqs),),
+            )
+            self._conn.execute("COMMIT")
+        return deleted
+
     def ensure_seq_above(self, seq: int) -> None:
         """Make future seqs larger than ``seq`` (the cloud already holds samples up to it)."""
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
@@ -83,37 +84,49 @@ class UplinkWorker:
     async def push_all(self) -> int:
         """Upload until the outbox is empty; returns the number of samples acked.
 
-        The next batch is read from the outbox while the current one is in flight; samples are deleted only
-        once the cloud acked them.
+        Up to ``max_in_flight_batches`` Upload calls run at once (the next batch streams while the previous
+        one commits). A call that returns OK means every sample in it is durable, so exactly those samples
+        are deleted; a failed call leaves its samples queued and they are sent again.
         """
+        limit = self.config.max_in_flight_batches
         total = 0
-        items = await self._read(0)
-        while items:
-            upload = asyncio.ensure_future(self._upload(items))
-            try:
-                following = await self._read(items[-1].seq)
+        inflight: deque[tuple[list[OutboxItem], asyncio.Future]] = deque()
+        last_read = 0
+        try:
+            while True:
+                while len(inflight) < limit:
+                    items = await self._read(last_read)
+                    if not items:
+                        break
+                    last_read = items[-1].seq
+                    inflight.append((items, asyncio.ensure_future(self._upload(items))))
+                if not inflight:
+                    return total
+                items, upload = inflight.popleft()
                 resp = await upload
-            except BaseException:
+                if resp is None:  # a sample was set aside: finish the others, then start over from the top
+                    for later_items, later in inflight:
+                        later_resp = await later
+                        if later_resp is not None:
+                            total += await self._delete(later_items, later_resp)
+                    inflight.clear()
+                    last_read = 0
+                    continue
+                total += await self._delete(items, resp)
+        finally:
+            for _, upload in inflight:
                 upload.cancel()
-                raise
-            if (
-                resp is None
-            ):  # a sample was set aside; valid ones before it may be stored, resend from the top
-                items = await self._read(0)
-                continue
-            if resp.acked_seq < items[-1].seq:
-                raise RuntimeError(
-                    f"cloud acked seq {resp.acked_seq} below the last sent seq {items[-1].seq}"
-                )
-            deleted = await asyncio.to_thread(self.outbox.ack, resp.acked_seq)
-            total += deleted
-            self.stats.batches += 1
-            self.stats.acked += deleted
-            self.stats.duplicates += resp.duplicates
-            self.stats.acked_seq = max(self.stats.acked_seq, resp.acked_seq)
-            following = [it for it in following if it.seq > resp.acked_seq]
-            items = following or await self._read(resp.acked_seq)
-        return total
+
+    async def _delete(self, items: list[OutboxItem], resp: gateway_pb2.UploadResponse) -> int:
+        """Delete the samples of a successful Upload call and count them."""
+        if resp.acked_seq < items[-1].seq:
+            raise RuntimeError(f"cloud acked seq {resp.acked_seq} below the last sent seq {items[-1].seq}")
+        deleted = await asyncio.to_thread(self.outbox.delete, [it.seq for it in items])
+        self.stats.batches += 1
+        self.stats.acked += deleted
+        self.stats.duplicates += resp.duplicates
+        self.stats.acked_seq = max(self.stats.acked_seq, resp.acked_seq)
+        return deleted
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the outbox drained until ``stop`` is set."""

@@ -44,3 +44,12 @@ def test_rejects_oversize_and_non_bytes(tmp_path):
     with pytest.raises(OutboxError, match="metadata entries"):
         box.put(b"x", {str(i): "" for i in range(65)})
     assert box.stats().pending == 0
+
+
+def test_delete_removes_exactly_the_given_samples(tmp_path):
+    box = Outbox(tmp_path / "o.db")
+    for i in range(6):
+        box.put(bytes([i]))
+    assert box.delete([4, 5, 6]) == 3  # a later batch acked before an earlier one
+    assert [it.seq for it in box.pending()] == [1, 2, 3]
+    assert box.delete([4]) == 0 and box.delete([]) == 0
