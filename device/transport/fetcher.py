@@ -115,32 +115,42 @@ class UpdateFetcher:
     async def download(self, update_id: int) -> tuple[gateway_pb2.UpdateHeader, bytes]:
         """Fetch an update's header and payload, resuming from the partial file after any cut."""
         part = self._part(update_id)
-        header: gateway_pb2.UpdateHeader | None = None
         c = self.config
         async for attempt in retrying(c.backoff_initial_s, c.backoff_max_s, c.backoff_jitter_s):
             with attempt:
-                offset = part.stat().st_size if part.exists() else 0
-                self.stats.fetch_offsets.append(offset)
-                with open(part, "ab") as fh:
-                    async for chunk in self.client.fetch(update_id, offset):
-                        if chunk.HasField("header"):
-                            header = chunk.header
-                            if header.update_id != update_id:
-                                raise UpdateRejected(f"asked for update {update_id}, got {header.update_id}")
-                            self._check_addressing(header)  # before spending the link on the payload
-                        if header is None or chunk.offset != offset:
-                            raise UpdateRejected(
-                                f"update {update_id}: stream out of order at offset {chunk.offset}"
-                            )
-                        if offset + len(chunk.data) > header.payload.size:
-                            raise UpdateRejected(f"update {update_id}: more data than its declared size")
-                        fh.write(chunk.data)
-                        offset += len(chunk.data)
-                        self.stats.bytes_fetched += len(chunk.data)
-                if header is None or offset < header.payload.size:
+                header, offset = await self._receive(update_id, part)
+                if offset < header.payload.size:
                     raise IncompleteTransfer(f"update {update_id}: stream ended at {offset}")
-        assert header is not None
         return header, part.read_bytes()
+
+    async def _receive(self, update_id: int, part: Path) -> tuple[gateway_pb2.UpdateHeader, int]:
+        """One FetchUpdate call from the partial file's length; returns the header and the reached offset."""
+        offset = part.stat().st_size if part.exists() else 0
+        self.stats.fetch_offsets.append(offset)
+        header: gateway_pb2.UpdateHeader | None = None
+        call = self.client.fetch(update_id, offset)
+        try:
+            with open(part, "ab") as fh:
+                async for chunk in call:
+                    if chunk.HasField("header"):
+                        header = chunk.header
+                        if header.update_id != update_id:
+                            raise UpdateRejected(f"asked for update {update_id}, got {header.update_id}")
+                        self._check_addressing(header)  # before spending the link on the payload
+                    if header is None or chunk.offset != offset:
+                        raise UpdateRejected(
+                            f"update {update_id}: stream out of order at offset {chunk.offset}"
+                        )
+                    if offset + len(chunk.data) > header.payload.size:
+                        raise UpdateRejected(f"update {update_id}: more data than its declared size")
+                    fh.write(chunk.data)
+                    offset += len(chunk.data)
+                    self.stats.bytes_fetched += len(chunk.data)
+        finally:
+            call.cancel()  # no-op when the stream finished; frees it after a rejection
+        if header is None:
+            raise IncompleteTransfer(f"update {update_id}: stream ended before its header")
+        return header, offset
 
     def _check_addressing(self, header: gateway_pb2.UpdateHeader) -> None:
         ident = self.identity
