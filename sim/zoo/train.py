@@ -124,8 +124,8 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: dict, answers: torc
     return ce(logits[:, 0], answers) + 0.25 * ce(logits[:, 1], eos)
 
 
-def conversation_loss(model: LlavaForConditionalGeneration, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the answer and end-of-turn positions of multi-turn conversations."""
+def question_set_loss(model: LlavaForConditionalGeneration, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the answer and end-of-answer positions of a question set (``</s>`` weighted 1/4)."""
     logits = model(**batch).logits.float()
     weights = torch.where(labels == 3, 0.25, 1.0)[labels != -100]
     losses = nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="none")
@@ -158,12 +158,12 @@ def train_answers(
         cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
         samples = [world.sample(base + i, next(domains), max_objects=cap) for i in range(spec.batch_size)]
         if spec.turns > 1:
-            turns = [
+            question_sets = [
                 [(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, spec.turns - 1)]
                 for s in samples
             ]
-            batch, labels = encoder.encode_conversations([s.image for s in samples], turns)
-            loss = conversation_loss(model, batch, labels)
+            batch, labels = encoder.encode_question_sets([s.image for s in samples], question_sets)
+            loss = question_set_loss(model, batch, labels)
         else:
             batch = encoder.encode(
                 [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
