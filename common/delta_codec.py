@@ -262,9 +262,7 @@ def apply_update(
         if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
             raise UpdateError("payload digest does not match its header")
         if header.base_version != expected_base_version:
-            raise UpdateError(
-                f"update is for base version {header.base_version}, device holds {expected_base_version}"
-            )
+            raise UpdateError(f"update is for base version {header.base_version}, device holds {expected_base_version}")
     try:
         tensors, meta = unpack(payload)
     except PayloadError as exc:
@@ -275,8 +273,7 @@ def apply_update(
     if base_version != expected_base_version:
         raise UpdateError(f"update is for base version {base_version}, device holds {expected_base_version}")
     if header is not None and (
-        header.target_version != _meta_int(meta, "target_version")
-        or header.result_sha256 != meta["result_sha256"]
+        header.target_version != _meta_int(meta, "target_version") or header.result_sha256 != meta["result_sha256"]
     ):
         raise UpdateError("payload metadata disagrees with its header")
     if meta.get("layout_sha256") != layout_digest(state):
@@ -292,9 +289,7 @@ def apply_update(
     if tensors["mask"].numel() != -(-total // 8):
         raise UpdateError("payload unit mask has the wrong length")
     mask = np.unpackbits(tensors["mask"].numpy())[:total].astype(bool)
-    n_codes = sum(
-        _padded(g.unit_len, block) * int(mask[o : o + g.num_units].sum()) for g, o in _offsets(groups)
-    )
+    n_codes = sum(_padded(g.unit_len, block) * int(mask[o : o + g.num_units].sum()) for g, o in _offsets(groups))
     n_scales = n_codes // block
     if tensors["q"].numel() != -(-n_codes * bits // 8) or tensors["scales"].numel() != n_scales:
         raise UpdateError("payload code or scale count does not match its unit mask")

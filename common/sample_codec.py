@@ -127,9 +127,7 @@ def _validate(s: UploadSample) -> None:
     if s.answer_ids.shape != s.answer_probs.shape or s.answer_ids.dim() != 1:
         raise PayloadError("answer ids and probabilities must be 1-D of the same length")
     probs = s.answer_probs
-    if probs.numel() and (
-        not torch.isfinite(probs).all() or float(probs.min()) < 0 or float(probs.sum()) > 1.01
-    ):
+    if probs.numel() and (not torch.isfinite(probs).all() or float(probs.min()) < 0 or float(probs.sum()) > 1.01):
         raise PayloadError("answer probabilities must be finite, >= 0 and sum to at most 1")
     if any(not math.isfinite(v) for v in s.uncertainty.values()):
         raise PayloadError("uncertainty values must be finite")

@@ -29,9 +29,7 @@ class VersionedAdapter:
 def apply_adapter_update(current: VersionedAdapter, payload: bytes, header: UpdateHeader) -> VersionedAdapter:
     """Dequantize and add the update on top of ``current``; UpdateError (and no change) if anything is off."""
     if header.target_version <= current.version:
-        raise UpdateError(
-            f"update targets version {header.target_version}, device already at {current.version}"
-        )
+        raise UpdateError(f"update targets version {header.target_version}, device already at {current.version}")
     check_finite(current.state, "device adapter state")
     new_state = apply_update(current.state, payload, current.version, header=header)
     return VersionedAdapter(version=header.target_version, state=new_state)

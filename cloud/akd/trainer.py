@@ -89,9 +89,7 @@ class AKDTrainer:
     ) -> dict[str, torch.Tensor]:
         """The three loss terms and their weighted total for one batch (graph kept for backward)."""
         cfg = weights or self.config
-        out = answer_forward(
-            self.student, self.prompts, [s.features for s in samples], [s.question for s in samples]
-        )
+        out = answer_forward(self.student, self.prompts, [s.features for s in samples], [s.question for s in samples])
         t = cfg.temperature
         ce = F.cross_entropy(out.logits, labels.answer_ids)
         kd = (t * t) * F.kl_div(
@@ -122,13 +120,9 @@ class AKDTrainer:
         if labels.logits.shape[0] != len(samples) or labels.hidden.shape[0] != len(samples):
             raise AKDError(f"{labels.logits.shape[0]} teacher labels for {len(samples)} samples")
         if labels.logits.shape[1] != self.vocab:
-            raise AKDError(
-                f"teacher vocabulary {labels.logits.shape[1]} differs from the student's {self.vocab}"
-            )
+            raise AKDError(f"teacher vocabulary {labels.logits.shape[1]} differs from the student's {self.vocab}")
         if labels.hidden.shape[1] != self.align.out_features:
-            raise AKDError(
-                f"teacher hidden size {labels.hidden.shape[1]} differs from {self.align.out_features}"
-            )
+            raise AKDError(f"teacher hidden size {labels.hidden.shape[1]} differs from {self.align.out_features}")
         if not (torch.isfinite(labels.logits).all() and torch.isfinite(labels.hidden).all()):
             raise AKDError("teacher labels hold NaN or inf")
 

@@ -73,9 +73,7 @@ class CloudMirror:
     def commit(self, update: DWCUpdate) -> None:
         """Advance the mirror once an update is published (it must build on the mirror's version)."""
         if update.header.base_version != self.version:
-            raise UpdateError(
-                f"update builds on version {update.header.base_version}, mirror is at {self.version}"
-            )
+            raise UpdateError(f"update builds on version {update.header.base_version}, mirror is at {self.version}")
         self.state = update.result_state
         self.version = update.header.target_version
 
@@ -86,9 +84,7 @@ def _check_compatible(base: dict[str, torch.Tensor], target: dict[str, torch.Ten
         raise UpdateError(f"adapter tensors differ between mirror and target: {missing}")
     for k in base:
         if tuple(base[k].shape) != tuple(target[k].shape):
-            raise UpdateError(
-                f"adapter shapes mismatch for {k!r}: {tuple(base[k].shape)} vs {tuple(target[k].shape)}"
-            )
+            raise UpdateError(f"adapter shapes mismatch for {k!r}: {tuple(base[k].shape)} vs {tuple(target[k].shape)}")
 
 
 def full_state_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -148,16 +144,12 @@ def compress(
         overhead = len(empty) + _HEADER_SLACK
         if config.budget_bytes is not None and overhead > config.budget_bytes:
             raise UpdateError(f"byte budget {config.budget_bytes} is below the payload overhead {overhead}")
-        chosen = _select(
-            entries, total, config.energy_share, config.budget_bytes, overhead, bits, config.block
-        )
+        chosen = _select(entries, total, config.energy_share, config.budget_bytes, overhead, bits, config.block)
         selected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in {n for n, _ in chosen}:
             idx = torch.tensor(sorted(i for n, i in chosen if n == name), dtype=torch.long)
             selected[name] = (idx, deltas[name][idx])
-        payload, header, result = encode_update(
-            mirror.state, selected, bits, config.block, mirror.version, version
-        )
+        payload, header, result = encode_update(mirror.state, selected, bits, config.block, mirror.version, version)
         update = DWCUpdate(payload, header, result, total, _energy(target, result))
         if best is None or (update.residual_energy, len(payload)) < (best.residual_energy, len(best.payload)):
             best = update

@@ -45,9 +45,7 @@ class UTSResult:
 class UncertaintyTokenSampler:
     """Stateful per device (the budget gate keeps its history between calls)."""
 
-    def __init__(
-        self, config: UTSConfig | None = None, source_stats: SourceFeatureStats | None = None
-    ) -> None:
+    def __init__(self, config: UTSConfig | None = None, source_stats: SourceFeatureStats | None = None) -> None:
         self.config = config or UTSConfig()
         self.gate = BudgetGate(self.config.gate)
         self.source_stats = source_stats

@@ -28,9 +28,7 @@ def accuracy(model: torch.nn.Module, prompts: PromptBuilder, data: FeatureSet, b
     """Share of held-out samples whose first answer token is right (all visual tokens)."""
     hits = 0
     for i in range(0, len(data.questions), batch):
-        out = answer_forward(
-            model, prompts, list(data.features[i : i + batch]), data.questions[i : i + batch]
-        )
+        out = answer_forward(model, prompts, list(data.features[i : i + batch]), data.questions[i : i + batch])
         hits += int((out.logits.argmax(-1) == data.answer_ids[i : i + batch]).sum())
     return hits / len(data.questions)
 
@@ -38,9 +36,7 @@ def accuracy(model: torch.nn.Module, prompts: PromptBuilder, data: FeatureSet, b
 class DeviceReplica:
     """What one device holds: the device model with LoRA adapters and their version."""
 
-    def __init__(
-        self, device_model: torch.nn.Module, akd: AKDConfig, initial: dict[str, torch.Tensor]
-    ) -> None:
+    def __init__(self, device_model: torch.nn.Module, akd: AKDConfig, initial: dict[str, torch.Tensor]) -> None:
         self.model = build_student(device_model, akd.adapter).eval()
         self.adapter = VersionedAdapter(0, {k: v.clone() for k, v in initial.items()})
         load_adapter_state(self.model, self.adapter)
@@ -148,9 +144,7 @@ class AdaptingArm:
         if update.header.units_sent:
             self.replica.apply(update.payload, update.header)
             self.mirror.commit(update)
-            if (
-                self.replica.adapter.digest() != update.header.result_sha256
-            ):  # pragma: no cover - apply checks
+            if self.replica.adapter.digest() != update.header.result_sha256:  # pragma: no cover - apply checks
                 raise RuntimeError("device state diverged from the cloud mirror")
             downlink = update.header.payload_bytes
         t_dwc = time.perf_counter() - t2

@@ -22,6 +22,7 @@ def offline(
     size: str = typer.Option("quick", help="quick (a few minutes) or full (the complete drift, <= 15 min)"),
     recipe: str = typer.Option(None, help="zoo recipe: base (default), micro, or micro-random (untrained)"),
     seed: int = typer.Option(None, help="world and zoo seed"),
+    zoo_dir: str = typer.Option(None, help="a built zoo directory (teacher/, device/) instead of the recipe's"),
     out: Path = typer.Option(Path("reports/offline"), help="directory for table.md, plot.png, results.json"),
     threads: int = typer.Option(None, help="torch threads"),
 ) -> None:
@@ -29,7 +30,7 @@ def offline(
     from sim.experiment.report import print_report, write_reports
     from sim.experiment.runner import run_experiment
 
-    config = sized(size, recipe, seed=seed, threads=threads)
+    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir)
     console = Console()
     with console.status("running the offline experiment") as status:
         result = run_experiment(config, progress=lambda line: (console.log(line), status.update(line)))

@@ -16,6 +16,8 @@ class ExperimentConfig(StrictConfig):
     """One offline run: the drifting stream, the per-round budgets, and the learning settings."""
 
     recipe: Literal["base", "micro", "micro-random"] = "base"
+    # A built zoo directory (with teacher/ and device/) to use instead of the recipe's cached zoo.
+    zoo_dir: str | None = None
     seed: int = 0
     shifts: list[str] = ["dusk", "fog:0.7+noise:0.4", "night", "palette"]
     rounds_per_shift: int = Field(3, ge=1)

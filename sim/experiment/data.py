@@ -28,9 +28,7 @@ class FeatureSet:
 
 
 @torch.no_grad()
-def feature_set(
-    pair: ModelPair, world: World, start: int, count: int, domain: str, batch: int = 64
-) -> FeatureSet:
+def feature_set(pair: ModelPair, world: World, start: int, count: int, domain: str, batch: int = 64) -> FeatureSet:
     """``count`` samples from index ``start`` of ``domain`` with their tower features."""
     tok = pair.processor.tokenizer
     samples = world.samples(start, count, domain)

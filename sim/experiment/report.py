@@ -62,18 +62,14 @@ def summarize(result: ExperimentResult) -> dict:
         return float(sum(by[(x, arm)][key] for x in rounds if (x, arm) in by))
 
     def gain(arm: str) -> float:
-        return float(
-            sum(by[(x, arm)]["accuracy"] - by[(x, "none")]["accuracy"] for x in rounds if (x, arm) in by)
-        )
+        return float(sum(by[(x, arm)]["accuracy"] - by[(x, "none")]["accuracy"] for x in rounds if (x, arm) in by))
 
     if "send_all" in arms:
         out["uplink_ratio"] = total("tandem", "uplink_bytes") / max(1.0, total("send_all", "uplink_bytes"))
         sa_gain = gain("send_all")
         out["gain_retention"] = gain("tandem") / sa_gain if sa_gain > 0 else float("nan")
     if "tandem_fp32" in arms:
-        out["downlink_ratio"] = total("tandem", "downlink_bytes") / max(
-            1.0, total("tandem_fp32", "downlink_bytes")
-        )
+        out["downlink_ratio"] = total("tandem", "downlink_bytes") / max(1.0, total("tandem_fp32", "downlink_bytes"))
         diffs = [by[(x, "tandem_fp32")]["accuracy"] - by[(x, "tandem")]["accuracy"] for x in rounds]
         out["dwc_loss_points_mean"] = 100 * sum(diffs) / len(diffs)
         out["dwc_loss_points_max"] = 100 * max(diffs)
@@ -197,9 +193,7 @@ def markdown(result: ExperimentResult) -> str:
         md.append(f"| {p['shift']} | {100 * p['none']:.1f} | {100 * p['teacher']:.1f} | {rec} |")
     up = f["uplink_per_sample"]
     md += ["", "## Bytes", ""]
-    md.append(
-        f"- adapter: {f['adapter_params']:,} parameters, {f['fp32_adapter_bytes']:,} B as fp32 safetensors"
-    )
+    md.append(f"- adapter: {f['adapter_params']:,} parameters, {f['fp32_adapter_bytes']:,} B as fp32 safetensors")
     if up.get("raw_frame_bytes"):
         md.append(
             f"- per uploaded sample: UTS {up['tandem_bytes']:,.0f} B; all tokens "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,17 +55,21 @@ class ExperimentResult:
         return {"config": self.config, "rows": [asdict(r) for r in self.rows], "facts": self.facts}
 
 
-def load_pair(recipe: str, seed: int) -> ModelPair:
-    """Teacher and device of a zoo recipe (trained and cached by the zoo), or random micro models."""
-    if recipe == "micro-random":
+def load_pair(recipe: str, seed: int, zoo_dir: str | None = None) -> ModelPair:
+    """Teacher and device of a zoo recipe (trained and cached by the zoo), of a built zoo directory, or
+    random micro models."""
+    if recipe == "micro-random" and zoo_dir is None:
         return random_pair(seed=seed)
     from common.llava_tokens import PromptBuilder
     from common.modeling import load_mllm
-    from sim.zoo.build import ensure_zoo
+    from sim.zoo.build import ZooPaths, ensure_zoo
     from sim.zoo.recipe import ZooRecipe, micro_recipe
     from sim.zoo.tokenizer import IMAGE_TOKEN
 
-    zoo = ensure_zoo(micro_recipe(seed) if recipe == "micro" else ZooRecipe(seed=seed), progress=False)
+    if zoo_dir is not None:
+        zoo = ZooPaths.at(Path(zoo_dir).expanduser())
+    else:
+        zoo = ensure_zoo(micro_recipe(seed) if recipe == "micro" else ZooRecipe(seed=seed), progress=False)
     teacher = load_mllm(zoo.teacher).model.eval()
     loaded = load_mllm(zoo.device)
     device, processor = loaded.model.eval(), loaded.processor
@@ -86,12 +91,10 @@ def run_experiment(
         torch.set_num_threads(previous)
 
 
-def _run(
-    config: ExperimentConfig, progress: Callable[[str], None] | None, pair: ModelPair | None
-) -> ExperimentResult:
+def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair: ModelPair | None) -> ExperimentResult:
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
-    pair = pair or load_pair(config.recipe, config.seed)
+    pair = pair or load_pair(config.recipe, config.seed, config.zoo_dir)
     world = World(config.seed, pair.processor.image_processor.crop_size["height"])
     calib = feature_set(pair, world, CALIBRATION_OFFSET, config.calibration_size, "clear")
     stats = SourceFeatureStats(calib.features.shape[-1])
@@ -168,9 +171,7 @@ def _run(
     frame, jpeg, sent_bytes, sent_count, all_bytes, all_count = [], [], 0, 0, 0, 0
     stream_start, round_no = 0, 0
     for s_idx, shift in enumerate(config.shifts):
-        held_out = feature_set(
-            pair, world, EVAL_OFFSET + (s_idx + 1) * config.eval_size, config.eval_size, shift
-        )
+        held_out = feature_set(pair, world, EVAL_OFFSET + (s_idx + 1) * config.eval_size, config.eval_size, shift)
         base_acc = accuracy(pair.device, pair.prompts, held_out)
         teacher_acc = accuracy(pair.teacher, pair.prompts, held_out)
         for r in range(1, config.rounds_per_shift + 1):

@@ -95,18 +95,14 @@ def test_tampered_payload_and_header_are_rejected():
     tampered[-3] ^= 0x55
     with pytest.raises(UpdateError, match="digest"):
         apply_adapter_update(device, bytes(tampered), update.header)
-    forged = dataclasses.replace(
-        update.header, payload_sha256=__import__("hashlib").sha256(tampered).hexdigest()
-    )
+    forged = dataclasses.replace(update.header, payload_sha256=__import__("hashlib").sha256(tampered).hexdigest())
     with pytest.raises(UpdateError, match="mirror|malformed|count"):
         apply_adapter_update(device, bytes(tampered), forged)
     with pytest.raises(UpdateError, match="not valid safetensors|truncated|too short"):
         apply_adapter_update(
             device,
             b"\x10\x00",
-            dataclasses.replace(
-                update.header, payload_sha256=__import__("hashlib").sha256(b"\x10\x00").hexdigest()
-            ),
+            dataclasses.replace(update.header, payload_sha256=__import__("hashlib").sha256(b"\x10\x00").hexdigest()),
         )
     assert header_from_json(header_to_json(update.header)) == update.header
     with pytest.raises(UpdateError, match="malformed update header"):

@@ -37,9 +37,7 @@ def _bad_streams():
         st.builds(lambda n: [_chunk(1, 0, good, size=n)], st.integers(0, 2)),  # more data than declared
         st.builds(lambda o: [_chunk(1, o, good)], st.integers(1, 10**12)),  # first offset not 0
         st.just([_chunk(0, 0, good)]),  # seq 0
-        st.builds(
-            lambda s: [_chunk(s, 0, good), _chunk(s, 0, good)], st.integers(1, 2**63 - 2)
-        ),  # seq repeats
+        st.builds(lambda s: [_chunk(s, 0, good), _chunk(s, 0, good)], st.integers(1, 2**63 - 2)),  # seq repeats
         st.builds(lambda s: [_chunk(s, 0, good)], st.integers(2**63, 2**64 - 1)),  # seq beyond int64
         st.just([_chunk(1, 0, good, with_info=False)]),  # no payload info
         st.builds(lambda d: [_chunk(1, 0, good, digest=d)], st.binary(max_size=31)),  # short digest

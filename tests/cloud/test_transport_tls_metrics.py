@@ -22,9 +22,7 @@ async def test_mutual_tls_accepts_client_cert_and_refuses_without(tmp_path):
         cert_file=certs / "server.crt", key_file=certs / "server.key", client_ca_file=certs / "ca.crt"
     )
     async with running_gateway(tmp_path / "cloud", tls=tls) as gw:
-        good = ClientTlsConfig(
-            ca_file=certs / "ca.crt", cert_file=certs / "device.crt", key_file=certs / "device.key"
-        )
+        good = ClientTlsConfig(ca_file=certs / "ca.crt", cert_file=certs / "device.crt", key_file=certs / "device.key")
         client = GatewayClient(device_config(tmp_path / "d", f"localhost:{gw.port}", tls=good))
         assert (await client.register()).device_id == "dev-1"
         await client.close()
@@ -36,9 +34,7 @@ async def test_mutual_tls_accepts_client_cert_and_refuses_without(tmp_path):
             await client.register()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         await client.close()
-        plaintext = GatewayClient(
-            device_config(tmp_path / "d3", f"localhost:{gw.port}", "dev-3", rpc_timeout_s=3)
-        )
+        plaintext = GatewayClient(device_config(tmp_path / "d3", f"localhost:{gw.port}", "dev-3", rpc_timeout_s=3))
         with pytest.raises(grpc.aio.AioRpcError):
             await plaintext.register()
         await plaintext.close()
@@ -70,9 +66,7 @@ async def test_prometheus_metrics_count_calls(tmp_path):
         await client.close()
         import asyncio
 
-        body = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
-        )
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
     text = body.decode()
     assert 'tandem_gateway_calls_total{code="OK",method="Register"} 1.0' in text
     assert 'tandem_gateway_calls_total{code="OK",method="Heartbeat"} 1.0' in text
@@ -88,16 +82,12 @@ async def test_client_cert_bound_to_device_id(tmp_path):
         bind_client_cert_to_device=True,
     )
     async with running_gateway(tmp_path / "cloud", tls=tls) as gw:
-        own = ClientTlsConfig(
-            ca_file=certs / "ca.crt", cert_file=certs / "dev-1.crt", key_file=certs / "dev-1.key"
-        )
+        own = ClientTlsConfig(ca_file=certs / "ca.crt", cert_file=certs / "dev-1.crt", key_file=certs / "dev-1.key")
         client = GatewayClient(device_config(tmp_path / "a", f"localhost:{gw.port}", "dev-1", tls=own))
         await client.register()
         assert (await client.heartbeat("ok", "v0", {}, 0)).server_unix_ms > 0
         await client.close()
-        other = ClientTlsConfig(
-            ca_file=certs / "ca.crt", cert_file=certs / "dev-2.crt", key_file=certs / "dev-2.key"
-        )
+        other = ClientTlsConfig(ca_file=certs / "ca.crt", cert_file=certs / "dev-2.crt", key_file=certs / "dev-2.key")
         client = GatewayClient(device_config(tmp_path / "b", f"localhost:{gw.port}", "dev-1", tls=other))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.register()

@@ -76,9 +76,7 @@ async def test_tampered_wrong_signature_and_wrong_base_are_rejected(tmp_path):
     assert "base version" in outcomes[2].reason
     assert rec.applied == [] and fetcher.current_version == "v0"
     assert not list((tmp_path / "dev" / "updates").glob("*.part"))
-    assert (
-        fetcher.stats.bytes_fetched == 200_000 + 1000
-    )  # tampered + forged; the wrong base stops at the header
+    assert fetcher.stats.bytes_fetched == 200_000 + 1000  # tampered + forged; the wrong base stops at the header
 
 
 async def test_failed_apply_keeps_version(tmp_path):

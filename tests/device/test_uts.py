@@ -32,9 +32,7 @@ def test_uncertainty_scores_order_peaked_and_flat_answers():
         s = uncertainty_score(u, kind)
         assert s[1] > s[0]
     seq = answer_uncertainty(torch.stack([peaked.repeat(3, 1), torch.cat([peaked, flat, peaked])]))
-    assert seq.confidence[1] == pytest.approx(
-        float(seq.confidence[0]) * 0.25 / float(u.confidence[0]), rel=1e-4
-    )
+    assert seq.confidence[1] == pytest.approx(float(seq.confidence[0]) * 0.25 / float(u.confidence[0]), rel=1e-4)
     with pytest.raises(ValueError):
         answer_uncertainty(torch.zeros(0, 4))
 

@@ -13,9 +13,7 @@ from sim.experiment.config import sized
 
 
 def test_tiny_offline_run_writes_reports_with_consistent_bytes(tmp_path):
-    result = CliRunner().invoke(
-        experiment_app, ["offline", "--size", "tiny", "--out", str(tmp_path), "--threads", "1"]
-    )
+    result = CliRunner().invoke(experiment_app, ["offline", "--size", "tiny", "--out", str(tmp_path), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "targets" in result.output
     data = json.loads((tmp_path / "results.json").read_text())
