@@ -8,8 +8,8 @@ the payload carries only its digest.
 
 Payload (safetensors bytes, three tensors plus string metadata):
 - ``mask``: uint8 bitmap over all units in layout order (which units the update touches);
-- ``q``: the selected units' codes, each unit zero-padded to whole blocks; int8 as bytes, or int4 packed
-  two per byte (code + 8 in the low nibble first);
+- ``q``: the selected units' codes, each unit zero-padded to whole blocks; int8 as bytes, int4 two per
+  byte or int2 (ternary) four per byte, as offset codes with the lowest bits first;
 - ``scales``: one bfloat16 scale per block (symmetric absmax / qmax, rounded to bf16 *before* quantizing
   so both sides dequantize with the identical scale).
 Metadata: format, base/target version, bits, block, layout digest and the digest of the state after
@@ -34,7 +34,7 @@ from common.errors import TandemError
 from common.tensor_pack import PayloadError, pack, require, unpack
 
 FORMAT = "tandem.dwc/1"
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 4, 8)
 
 
 class UpdateError(TandemError):
@@ -141,19 +141,29 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, length: int, block:
 
 
 def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 codes -> bytes: int8 as is; 4- and 2-bit as offset codes, lowest bits first."""
     flat = q.reshape(-1)
     if bits == 8:
         return flat.view(torch.uint8)
-    u = (flat.to(torch.int16) + 8).to(torch.uint8)
-    return u[0::2] | (u[1::2] << 4)
+    per = 8 // bits
+    u = (flat.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    pad = (-u.numel()) % per
+    if pad:
+        u = torch.cat([u, torch.zeros(pad, dtype=torch.uint8)])
+    u = u.view(-1, per)
+    out = torch.zeros(u.shape[0], dtype=torch.uint8)
+    for j in range(per):
+        out |= u[:, j] << (bits * j)
+    return out
 
 
 def _unpack_codes(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return data.view(torch.int8)[:count]
-    lo = (data & 0x0F).to(torch.int16) - 8
-    hi = (data >> 4).to(torch.int16) - 8
-    return torch.stack([lo, hi], dim=1).reshape(-1)[:count].to(torch.int8)
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [((data >> (bits * j)) & mask).to(torch.int16) - (1 << (bits - 1)) for j in range(per)]
+    return torch.stack(parts, dim=1).reshape(-1)[:count].to(torch.int8)
 
 
 def encoded_unit_bytes(unit_len: int, bits: int, block: int) -> int:

@@ -4,7 +4,7 @@ Error feedback is carried by the mirror: the delta of each round is ``target - m
 plus everything earlier rounds left out or lost to quantization (the residual), so nothing is ever dropped for
 good. Selection is dynamic: units (rows/columns, see ``common.delta_codec``) are ranked by the energy of their
 delta; the smallest set covering ``energy_share`` of the total is taken, cut to the byte budget. With
-``bits="auto"`` both 8- and 4-bit codes are built and the one leaving the smaller residual is sent.
+``bits="auto"`` 8-, 4- and 2-bit (ternary) codes are built and the one leaving the smaller residual is sent.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _HEADER_SLACK = 48
 class DWCConfig(StrictConfig):
     """Compression settings of one device's downlink."""
 
-    bits: Literal[4, 8, "auto"] = "auto"
+    bits: Literal[2, 4, 8, "auto"] = "auto"
     block: int = Field(64, ge=2, multiple_of=2)
     energy_share: float = Field(0.98, gt=0.0, le=1.0)
     budget_bytes: int | None = Field(None, ge=1)
@@ -137,7 +137,7 @@ def compress(
     if version <= mirror.version:
         raise UpdateError(f"target version {version} must exceed the mirror's {mirror.version}")
     entries, deltas, total = _ranked_units(mirror.state, target)
-    candidates = (8, 4) if config.bits == "auto" else (config.bits,)
+    candidates = (8, 4, 2) if config.bits == "auto" else (config.bits,)
     best: DWCUpdate | None = None
     for bits in candidates:
         empty, _, _ = encode_update(mirror.state, {}, bits, config.block, mirror.version, version)

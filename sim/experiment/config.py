@@ -34,10 +34,10 @@ class ExperimentConfig(StrictConfig):
     akd: AKDConfig = AKDConfig(epochs=4, batch_size=32, lr=3e-3)
     # DWC: downlink byte budget per round as a fraction of the fp32 adapter.
     downlink_fraction: float = Field(0.05, gt=0, le=1)
-    dwc_bits: Literal[4, 8, "auto"] = "auto"
+    dwc_bits: Literal[2, 4, 8, "auto"] = "auto"
     dwc_energy_share: float = Field(0.98, gt=0, le=1)
     baselines: list[Literal["send_all", "fp32", "ce_only"]] = ["send_all", "fp32", "ce_only"]
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1)
 
     def check(self) -> ExperimentConfig:
         """Validate the domain names (ConfigError naming the bad one)."""

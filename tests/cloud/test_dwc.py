@@ -28,7 +28,7 @@ def _step(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dic
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("bits", [4, 8, "auto"])
+@pytest.mark.parametrize("bits", [2, 4, 8, "auto"])
 def test_round_trip_is_bit_exact_against_mirror(bits):
     base = _lora_like_state(0)
     mirror = CloudMirror(base)
