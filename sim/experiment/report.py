@@ -195,10 +195,10 @@ def markdown(result: ExperimentResult) -> str:
     md += ["", "## Bytes", ""]
     md.append(f"- adapter: {f['adapter_params']:,} parameters, {f['fp32_adapter_bytes']:,} B as fp32 safetensors")
     if up.get("raw_frame_bytes"):
+        all_tokens = f"all tokens {up['send_all_bytes']:,.0f} B; " if up.get("send_all_bytes") else ""
         md.append(
-            f"- per uploaded sample: UTS {up['tandem_bytes']:,.0f} B; all tokens "
-            f"{(up['send_all_bytes'] or 0):,.0f} B; raw frame {up['raw_frame_bytes']:,.0f} B; "
-            f"JPEG q90 {up['jpeg_q90_bytes']:,.0f} B"
+            f"- per uploaded sample: UTS {up['tandem_bytes']:,.0f} B; {all_tokens}"
+            f"raw frame {up['raw_frame_bytes']:,.0f} B; JPEG q90 {up['jpeg_q90_bytes']:,.0f} B"
         )
     if "kd_gain_points_mean" in s:
         md.append(f"- KD + alignment vs CE-only: {s['kd_gain_points_mean']:+.2f} points mean over rounds")
