@@ -135,7 +135,8 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
 
         def vision_stage(cb) -> list[float]:
             losses, trained_heads = pretrain_vision(
-                teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb
+                teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb,
+                max_severity=recipe.vision_max_severity,
             )
             heads.append(trained_heads)
             return losses
@@ -146,14 +147,15 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
         if recipe.projector_from_heads:
             init_projector_from_heads(teacher, heads[0])
             init_projector_from_heads(device, heads[0])
-        run(
-            "teacher (all)",
-            recipe.teacher_stage.steps,
-            lambda cb: train_answers(
-                teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
-                shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
-            ),
-        )  # fmt: skip
+        if recipe.with_teacher:
+            run(
+                "teacher (all)",
+                recipe.teacher_stage.steps,
+                lambda cb: train_answers(
+                    teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
+                    shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
+                ),
+            )  # fmt: skip
         run(
             "device (clear)",
             recipe.device_stage.steps,
@@ -162,7 +164,8 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
                 shifted=False, min_severity=0.0, seed=recipe.seed + 2, on_step=cb,
             ),
         )  # fmt: skip
-    for member, model in (("teacher", teacher), ("device", device)):
+    members = (("teacher", teacher), ("device", device)) if recipe.with_teacher else (("device", device),)
+    for member, model in members:
         out = getattr(paths, member)
         model.save_pretrained(out)
         processor.save_pretrained(out)
