@@ -124,10 +124,19 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
     final_loss: dict[str, float] = {}
     with _progress(show_progress) as bar:
 
+        plain = show_progress and not bar.console.is_terminal
+
         def run(name: str, total: int, fn) -> None:
             task = bar.add_task(name, total=total, loss=float("nan"))
             start = time.perf_counter()
-            losses = fn(lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
+
+            def on_step(step: int, loss: float) -> None:
+                bar.update(task, completed=step + 1, loss=loss)
+                if plain and (step + 1) % max(1, total // 10) == 0:  # no live bar in logs: a line per 10%
+                    elapsed = time.perf_counter() - start
+                    print(f"{name}: {step + 1}/{total} loss {loss:.3f} {elapsed:.0f}s", flush=True)
+
+            losses = fn(on_step)
             timings[name] = round(time.perf_counter() - start, 1)
             final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
 
