@@ -199,3 +199,11 @@ def test_question_sets_equal_single_question_prompts():
             with torch.no_grad():
                 ref = model(**single).logits[0, -1]
             assert torch.allclose(ref, logits[i, j], atol=1e-5)
+
+
+def test_recipes_geometry():
+    from sim.zoo.recipe import RECIPES
+
+    assert RECIPES["base"]().vision.num_patches == 144
+    assert RECIPES["base576"]().vision.num_patches == 576
+    assert not RECIPES["base576"]().with_teacher
