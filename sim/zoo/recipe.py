@@ -101,8 +101,8 @@ def base576_recipe(seed: int = 0) -> ZooRecipe:
         seed=seed,
         vision=VisionSpec(image_size=96, patch_size=4),
         with_teacher=False,
-        vision_stage=StageSpec(steps=400, batch_size=32, lr=2e-3, warmup=30),
-        device_stage=StageSpec(steps=900, batch_size=8, lr=2e-3, warmup=50, turns=8),
+        vision_stage=StageSpec(steps=150, batch_size=32, lr=3e-3, warmup=20),
+        device_stage=StageSpec(steps=400, batch_size=8, lr=2e-3, warmup=30, turns=8),
     )
 
 
