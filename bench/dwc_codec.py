@@ -54,10 +54,10 @@ def training_step(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 layers instead of 32")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     layers = 4 if args.quick else 32
     base = lora_state(layers, 16, 0)
     target = training_step(base, 1)
@@ -86,6 +86,7 @@ def main() -> None:
         f"   ({update.header.bits}-bit, {update.header.units_sent}/{update.header.units_total} units)"
     )
     print(f"bytes ratio DWC/fp32      : 1/{len(fp32) / len(update.payload):.1f}")
+    print(f"time ratio DWC (compress+apply) / fp32 (encode+decode): {(compress_s + apply_s) / fp32_s:.1f}x")
     print(f"delta energy delivered    : {100 * update.sent_share:.1f}% (rest stays in the cloud residual)")
     print(f"device state == cloud mirror (bit-exact): {exact}")
 
