@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from common.cli import run_app
+from sim.experiment.cli import experiment_app
 from sim.world_cli import world_app
 from sim.zoo_cli import demo_command, zoo_app
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(world_app, name="world")
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(experiment_app, name="experiment")
 app.command("demo")(demo_command)
 
 
