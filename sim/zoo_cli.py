@@ -63,6 +63,11 @@ def path_command(recipe: str = RecipeOpt, home: Path | None = HomeOpt) -> None:
     console.print(f"{root} ({state})")
 
 
+def zoo_members(paths: ZooPaths) -> dict[str, Path]:
+    """The model directories a built zoo holds (device-only recipes have no teacher)."""
+    return {name: p for name, p in (("teacher", paths.teacher), ("device", paths.device)) if p.is_dir()}
+
+
 def run_evaluation(
     models: dict[str, Path],
     domains: list[str],
@@ -122,7 +127,7 @@ def eval_command(
         paths = ZooPaths.at(zoo_dir(rec, home))
         if not is_built(paths, rec):
             raise ConfigError(f"zoo {rec.name!r} is not built yet; run: tandem-sim zoo build --recipe {rec.name}")
-        models = {"teacher": paths.teacher, "device": paths.device}
+        models = zoo_members(paths)
     results = run_evaluation(models, domains, qtypes, samples, seed)
     print_tables(results, domains, report)
     if as_json is not None:
@@ -141,6 +146,5 @@ def demo_command(
     paths = ensure_zoo(rec, progress=True)
     console.print(f"zoo [bold]{rec.name}[/] at {paths.root}")
     domains = list(BENCHMARK_DOMAINS)
-    results = run_evaluation({"teacher": paths.teacher, "device": paths.device}, domains, list(QUESTION_TYPES),
-                             samples, seed=0)  # fmt: skip
+    results = run_evaluation(zoo_members(paths), domains, list(QUESTION_TYPES), samples, seed=0)
     print_tables(results, domains, Path("reports/zoo_eval.md"))

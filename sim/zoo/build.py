@@ -185,7 +185,11 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
         "seconds": timings,
         "final_loss": final_loss,
         "parameters": {
-            "teacher_language_model": sum(p.numel() for p in teacher.model.language_model.parameters()),
+            **(
+                {"teacher_language_model": sum(p.numel() for p in teacher.model.language_model.parameters())}
+                if recipe.with_teacher
+                else {}
+            ),
             "device_language_model": sum(p.numel() for p in device.model.language_model.parameters()),
             "vision_tower": sum(p.numel() for p in teacher.model.vision_tower.parameters()),
         },
