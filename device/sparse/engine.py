@@ -1,0 +1,232 @@
+"""The sparse decoder pass: prefill with progressive visual-token pruning, and cached decode steps after it.
+
+Every decoder layer is the model's own module with SDPA attention; between layers the sequence shrinks (hidden
+states, original position ids, mask) and each layer's KV cache holds only the tokens that layer processed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from device.sparse.adapters import DecoderAdapter
+from device.sparse.config import SparseConfig
+from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
+from device.sparse.recycle import cluster_dpc_knn, merge_clusters, recycle_plan
+from device.sparse.scoring import attention_rank, random_scores, rater_attention
+from device.sparse.sequence import TokenSeq, decode_mask, prefill_mask
+from device.sparse.stats import PruneStep, SampleStats, SparseStats
+
+CACHE_STATE_ATTR = "_tandem_sparse_state"
+
+
+@dataclass
+class CacheState:
+    """What decode steps need to know about a sparse prefill stored in a KV cache."""
+
+    key_valid: list[torch.Tensor]  # per layer [B, n_layer]: which cached prefill slots are real tokens
+    orig_len: int  # length of the prefill input (original coordinates)
+    next_pos: torch.Tensor  # [B] first position after the prefill
+    new_valid: torch.Tensor  # [B, t] validity of the tokens appended since the prefill
+
+
+def _scores_for_sample(
+    cfg: SparseConfig,
+    adapter: DecoderAdapter,
+    layer: int,
+    seq: TokenSeq,
+    normed: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    b: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores of the current visual slots of sample ``b`` and the attention matrix P (None for random)."""
+    vis_slots = torch.nonzero(seq.vis[b] & seq.valid[b]).flatten()
+    if cfg.method == "random":
+        return random_scores(len(vis_slots), cfg.seed * 1_000_003 + 7919 * layer + b, seq.h.device), None
+    if cfg.method == "fastv":
+        rows = torch.nonzero(seq.valid[b] & seq.decide[b]).flatten()[-1:]
+    else:
+        rows = torch.nonzero(seq.rater[b]).flatten()
+    attn = rater_attention(adapter, layer, normed[b], cos[b], sin[b], rows, seq.valid[b])
+    p = attn[:, vis_slots]
+    return p.mean(dim=0), p
+
+
+def _target(cfg: SparseConfig, step: int, n_steps: int, n_visual0: int, current: int, p: torch.Tensor | None) -> tuple[int, int | None]:
+    """Visual tokens to keep (merged included) after this step, and the rank of P in rank mode."""
+    if cfg.mode == "budget":
+        return min(cfg.step_targets(n_visual0, n_steps)[step], current), None
+    rank = attention_rank(p, cfg.rank_rtol) if p is not None else 0
+    delete = round(cfg.rank_lambda * (current - rank))
+    return max(1, current - delete), rank
+
+
+class SparsePrefill:
+    """One prefill forward of the language model with visual-token pruning."""
+
+    def __init__(self, cfg: SparseConfig, adapter: DecoderAdapter) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self.layers = cfg.pruning_layers(adapter.num_layers)
+
+    def run(
+        self,
+        embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DynamicCache | None,
+        decision_length: int | None,
+    ) -> tuple[BaseModelOutputWithPast, SparseStats]:
+        b, n, _ = embeds.shape
+        dev = embeds.device
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
+        if position_ids is None:
+            position_ids = torch.arange(n, device=dev)[None]
+        pos = position_ids.expand(b, n).clone()
+        idx = torch.arange(n, device=dev)
+        decide = (idx < (decision_length if decision_length is not None else n))[None].expand(b, n).clone()
+        vis = image_mask & valid
+        rater = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        samples: list[SampleStats] = []
+        for i in range(b):
+            vis_idx = torch.nonzero(vis[i]).flatten()
+            after = vis_idx[-1] + 1 if len(vis_idx) else n
+            text_idx = torch.nonzero(valid[i] & ~vis[i] & decide[i] & (idx >= after)).flatten()
+            raters, fallback = (text_idx[:0], None) if self.cfg.method != "sparsevlm" else select_raters(
+                embeds[i], vis_idx, text_idx
+            )
+            if self.cfg.method == "fastv" and len(text_idx) == 0:
+                fallback = NO_TEXT_AFTER_IMAGE
+            rater[i, raters] = True
+            samples.append(SampleStats(len(vis_idx), [], raters.tolist(), None, fallback=fallback))
+        seq = TokenSeq(embeds, pos, valid, idx[None].expand(b, n).clone(), vis, rater, decide)
+        out = torch.zeros_like(embeds)
+        stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        score_at = {s: p for p, s in ((p, (p - 1 if self.cfg.method == "fastv" and p > 0 else p)) for p in self.layers)}
+        key_valid: list[torch.Tensor] = []
+        cos, sin = self.adapter.rotary(seq.h, seq.pos)
+        for li, layer in enumerate(self.adapter.layers[: self.adapter.num_layers]):
+            if li in score_at:
+                normed = self.adapter.input_norm(li, seq.h)
+                for i, st in enumerate(samples):
+                    if st.fallback != NO_TEXT_AFTER_IMAGE and st.n_visual > 0:
+                        stash[i] = _scores_for_sample(self.cfg, self.adapter, li, seq, normed, cos, sin, i)
+            if li in self.layers:
+                seq = self._prune(seq, li, stash, samples, out)
+                stash = {}
+                cos, sin = self.adapter.rotary(seq.h, seq.pos)
+            for i, st in enumerate(samples):
+                st.layer_counts.append(int((seq.vis[i] & seq.valid[i]).sum()))
+            key_valid.append(seq.valid)
+            seq.h = layer(
+                seq.h,
+                attention_mask=prefill_mask(seq.valid),
+                position_embeddings=(cos, sin),
+                position_ids=seq.pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        for i, st in enumerate(samples):
+            patch_of = torch.cumsum(image_mask[i].long(), 0) - 1
+            alive = seq.orig[i, seq.vis[i] & seq.valid[i] & (seq.orig[i] >= 0)]
+            st.kept_patches = patch_of[alive].tolist()
+        rows, cols = torch.nonzero(seq.orig >= 0, as_tuple=True)
+        out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
+        hidden = self.adapter.language_model.norm(out)
+        if cache is not None:
+            setattr(
+                cache,
+                CACHE_STATE_ATTR,
+                CacheState(key_valid, n, position_ids.expand(b, n).max(dim=1).values + 1, valid[:, :0]),
+            )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
+
+    def _prune(
+        self,
+        seq: TokenSeq,
+        layer: int,
+        stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+        samples: list[SampleStats],
+        out: torch.Tensor,
+    ) -> TokenSeq:
+        """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to ``out``."""
+        step = self.layers.index(layer)
+        rows: list[dict] = []
+        for i, st in enumerate(samples):
+            keep_all = torch.arange(seq.length, device=seq.h.device)
+            empty = keep_all[:0]
+            if i not in stash:
+                rows.append(seq.row(i, keep_all, seq.h[i, :0], empty))
+                continue
+            scores, p = stash[i]
+            if st.visual_scores is None:
+                st.visual_scores = scores.detach().clone()
+            vis_slots = torch.nonzero(seq.vis[i] & seq.valid[i]).flatten()
+            current = len(vis_slots)
+            target, rank = _target(self.cfg, step, len(self.layers), st.n_visual, current, p)
+            if target >= current:
+                st.steps.append(PruneStep(layer, current, current, 0, rank))
+                rows.append(seq.row(i, keep_all, seq.h[i, :0], empty))
+                continue
+            groups = recycle_plan(target, current, self.cfg.recycle, self.cfg.recycle_ratio, self.cfg.cluster_ratio)
+            order = torch.argsort(scores, descending=True, stable=True)
+            kept = vis_slots[order[: target - groups]]
+            pruned = vis_slots[order[target - groups :]]
+            merged_h, merged_slot = seq.h[i, :0], empty
+            if groups:
+                n_rec = max(groups, min(int(self.cfg.recycle_ratio * len(pruned)) + 1, len(pruned)))
+                recycled = pruned[:n_rec]
+                labels = cluster_dpc_knn(seq.h[i, recycled], groups, self.cfg.cluster_knn)
+                merged_h = merge_clusters(seq.h[i, recycled], labels, groups)
+                # representative: the best-scored member (recycled is sorted by score, best first)
+                first = torch.full((groups,), len(recycled), dtype=torch.long, device=labels.device)
+                first = first.scatter_reduce(0, labels, torch.arange(len(recycled), device=labels.device), "amin")
+                merged_slot = recycled[first]
+            dropped = pruned[seq.orig[i, pruned] >= 0]
+            out[i, seq.orig[i, dropped]] = seq.h[i, dropped]
+            keep = torch.sort(torch.cat([torch.nonzero(~(seq.vis[i] & seq.valid[i])).flatten(), kept])).values
+            rows.append(seq.row(i, keep, merged_h, merged_slot))
+            st.steps.append(PruneStep(layer, current, target, groups, rank))
+        return TokenSeq.stack(rows)
+
+
+def sparse_decode(
+    adapter: DecoderAdapter,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: DynamicCache,
+    state: CacheState,
+) -> BaseModelOutputWithPast:
+    """Decode step(s) on top of a sparse prefill: per-layer masks over each layer's own cached slots."""
+    b, q, _ = embeds.shape
+    t_past = state.new_valid.shape[1]
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= q:
+        fresh = attention_mask[:, -q:].bool()
+    else:
+        fresh = torch.ones(b, q, dtype=torch.bool, device=embeds.device)
+    new_valid = torch.cat([state.new_valid, fresh], dim=1)
+    if position_ids is None:
+        position_ids = state.next_pos[:, None] + t_past + torch.arange(q, device=embeds.device)[None]
+    position_ids = position_ids.expand(b, q)
+    cos, sin = adapter.rotary(embeds, position_ids)
+    h = embeds
+    all_new_valid = bool(new_valid.all())
+    for li, layer in enumerate(adapter.layers[: adapter.num_layers]):
+        prefix_valid = state.key_valid[li]
+        plain = q == 1 and all_new_valid and bool(prefix_valid.all())
+        h = layer(
+            h,
+            attention_mask=None if plain else decode_mask(prefix_valid, new_valid, q),
+            position_embeddings=(cos, sin),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    state.new_valid = new_valid
+    return BaseModelOutputWithPast(last_hidden_state=adapter.language_model.norm(h), past_key_values=cache)
