@@ -39,24 +39,26 @@ def _scores_for_sample(
     layer: int,
     seq: TokenSeq,
     normed: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
     b: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scores of the current visual slots of sample ``b`` and the attention matrix P (None for random)."""
-    vis_slots = torch.nonzero(seq.vis[b] & seq.valid[b]).flatten()
+    vis_slots = torch.nonzero(seq.visual[b]).flatten()
     if cfg.method == "random":
         return random_scores(len(vis_slots), cfg.seed * 1_000_003 + 7919 * layer + b, seq.h.device), None
     if cfg.method == "fastv":
         rows = torch.nonzero(seq.valid[b] & seq.decide[b]).flatten()[-1:]
     else:
         rows = torch.nonzero(seq.rater[b]).flatten()
-    attn = rater_attention(adapter, layer, normed[b], cos[b], sin[b], rows, seq.valid[b])
+    cos, sin = rope
+    attn = rater_attention(adapter, layer, normed[b], cos[b], sin[b], rows, None if seq.all_valid else seq.valid[b])
     p = attn[:, vis_slots]
     return p.mean(dim=0), p
 
 
-def _target(cfg: SparseConfig, step: int, n_steps: int, n_visual0: int, current: int, p: torch.Tensor | None) -> tuple[int, int | None]:
+def _target(
+    cfg: SparseConfig, step: int, n_steps: int, n_visual0: int, current: int, p: torch.Tensor | None
+) -> tuple[int, int | None]:
     """Visual tokens to keep (merged included) after this step, and the rank of P in rank mode."""
     if cfg.mode == "budget":
         return min(cfg.step_targets(n_visual0, n_steps)[step], current), None
@@ -73,6 +75,38 @@ class SparsePrefill:
         self.adapter = adapter
         self.layers = cfg.pruning_layers(adapter.num_layers)
 
+    def _initial(
+        self,
+        embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        valid: torch.Tensor,
+        pos: torch.Tensor,
+        decision_length: int | None,
+    ) -> tuple[TokenSeq, list[SampleStats]]:
+        """Slots of the input sequence, raters chosen per sample."""
+        b, n, _ = embeds.shape
+        idx = torch.arange(n, device=embeds.device)
+        decide = (idx < (decision_length if decision_length is not None else n))[None].expand(b, n)
+        vis = image_mask & valid
+        rater = torch.zeros(b, n, dtype=torch.bool, device=embeds.device)
+        samples: list[SampleStats] = []
+        for i in range(b):
+            vis_idx = torch.nonzero(vis[i]).flatten()
+            after = int(vis_idx[-1]) + 1 if len(vis_idx) else n
+            text_idx = torch.nonzero(valid[i, after:] & decide[i, after:]).flatten() + after
+            fallback = NO_TEXT_AFTER_IMAGE if len(text_idx) == 0 else None
+            raters = text_idx[:0]
+            if self.cfg.method == "sparsevlm":
+                raters, fallback = select_raters(embeds[i], vis_idx, text_idx)
+            elif self.cfg.method == "random":
+                fallback = None
+            rater[i, raters] = True
+            samples.append(SampleStats(len(vis_idx), [], raters.tolist(), None, fallback=fallback))
+        meta = torch.stack(
+            [pos, valid.long(), idx[None].expand(b, n), vis.long(), rater.long(), decide.long()], dim=-1
+        )
+        return TokenSeq(embeds, meta), samples
+
     def run(
         self,
         embeds: torch.Tensor,
@@ -84,66 +118,55 @@ class SparsePrefill:
     ) -> tuple[BaseModelOutputWithPast, SparseStats]:
         b, n, _ = embeds.shape
         dev = embeds.device
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
+        if attention_mask is not None:
+            valid = attention_mask.bool()
+        else:
+            valid = torch.ones(b, n, dtype=torch.bool, device=dev)
         if position_ids is None:
             position_ids = torch.arange(n, device=dev)[None]
-        pos = position_ids.expand(b, n).clone()
-        idx = torch.arange(n, device=dev)
-        decide = (idx < (decision_length if decision_length is not None else n))[None].expand(b, n).clone()
-        vis = image_mask & valid
-        rater = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        samples: list[SampleStats] = []
-        for i in range(b):
-            vis_idx = torch.nonzero(vis[i]).flatten()
-            after = vis_idx[-1] + 1 if len(vis_idx) else n
-            text_idx = torch.nonzero(valid[i] & ~vis[i] & decide[i] & (idx >= after)).flatten()
-            raters, fallback = (text_idx[:0], None) if self.cfg.method != "sparsevlm" else select_raters(
-                embeds[i], vis_idx, text_idx
-            )
-            if self.cfg.method == "fastv" and len(text_idx) == 0:
-                fallback = NO_TEXT_AFTER_IMAGE
-            rater[i, raters] = True
-            samples.append(SampleStats(len(vis_idx), [], raters.tolist(), None, fallback=fallback))
-        seq = TokenSeq(embeds, pos, valid, idx[None].expand(b, n).clone(), vis, rater, decide)
+        pos = position_ids.expand(b, n)
+        seq, samples = self._initial(embeds, image_mask, valid, pos, decision_length)
         out = torch.zeros_like(embeds)
         stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        score_at = {s: p for p, s in ((p, (p - 1 if self.cfg.method == "fastv" and p > 0 else p)) for p in self.layers)}
+        fastv = self.cfg.method == "fastv"
+        score_at = {(p - 1 if fastv and p > 0 else p): p for p in self.layers}
         key_valid: list[torch.Tensor] = []
-        cos, sin = self.adapter.rotary(seq.h, seq.pos)
+        rope = self.adapter.rotary(seq.h, seq.pos)
+        mask = prefill_mask(seq)
+        counts = seq.visual.sum(dim=1).tolist()
         for li, layer in enumerate(self.adapter.layers[: self.adapter.num_layers]):
             if li in score_at:
                 normed = self.adapter.input_norm(li, seq.h)
                 for i, st in enumerate(samples):
                     if st.fallback != NO_TEXT_AFTER_IMAGE and st.n_visual > 0:
-                        stash[i] = _scores_for_sample(self.cfg, self.adapter, li, seq, normed, cos, sin, i)
+                        stash[i] = _scores_for_sample(self.cfg, self.adapter, li, seq, normed, rope, i)
             if li in self.layers:
                 seq = self._prune(seq, li, stash, samples, out)
                 stash = {}
-                cos, sin = self.adapter.rotary(seq.h, seq.pos)
+                rope = self.adapter.rotary(seq.h, seq.pos)
+                mask = prefill_mask(seq)
+                counts = seq.visual.sum(dim=1).tolist()
             for i, st in enumerate(samples):
-                st.layer_counts.append(int((seq.vis[i] & seq.valid[i]).sum()))
+                st.layer_counts.append(int(counts[i]))
             key_valid.append(seq.valid)
             seq.h = layer(
                 seq.h,
-                attention_mask=prefill_mask(seq.valid),
-                position_embeddings=(cos, sin),
+                attention_mask=mask,
+                position_embeddings=rope,
                 position_ids=seq.pos,
                 past_key_values=cache,
                 use_cache=cache is not None,
             )
+        patch_of = torch.cumsum(image_mask.long(), dim=1) - 1
+        alive = seq.visual & (seq.orig >= 0)
         for i, st in enumerate(samples):
-            patch_of = torch.cumsum(image_mask[i].long(), 0) - 1
-            alive = seq.orig[i, seq.vis[i] & seq.valid[i] & (seq.orig[i] >= 0)]
-            st.kept_patches = patch_of[alive].tolist()
+            st.kept_patches = patch_of[i, seq.orig[i, alive[i]]].tolist()
         rows, cols = torch.nonzero(seq.orig >= 0, as_tuple=True)
         out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
         hidden = self.adapter.language_model.norm(out)
         if cache is not None:
-            setattr(
-                cache,
-                CACHE_STATE_ATTR,
-                CacheState(key_valid, n, position_ids.expand(b, n).max(dim=1).values + 1, valid[:, :0]),
-            )
+            next_pos = position_ids.expand(b, n).max(dim=1).values + 1
+            setattr(cache, CACHE_STATE_ATTR, CacheState(key_valid, n, next_pos, valid[:, :0]))
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
 
     def _prune(
@@ -156,41 +179,44 @@ class SparsePrefill:
     ) -> TokenSeq:
         """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to ``out``."""
         step = self.layers.index(layer)
-        rows: list[dict] = []
+        rows: list[tuple] = []
+        everything = torch.arange(seq.length, device=seq.h.device)
         for i, st in enumerate(samples):
-            keep_all = torch.arange(seq.length, device=seq.h.device)
-            empty = keep_all[:0]
             if i not in stash:
-                rows.append(seq.row(i, keep_all, seq.h[i, :0], empty))
+                rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
                 continue
             scores, p = stash[i]
             if st.visual_scores is None:
                 st.visual_scores = scores.detach().clone()
-            vis_slots = torch.nonzero(seq.vis[i] & seq.valid[i]).flatten()
+            vis_slots = torch.nonzero(seq.visual[i]).flatten()
             current = len(vis_slots)
             target, rank = _target(self.cfg, step, len(self.layers), st.n_visual, current, p)
             if target >= current:
                 st.steps.append(PruneStep(layer, current, current, 0, rank))
-                rows.append(seq.row(i, keep_all, seq.h[i, :0], empty))
+                rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
                 continue
-            groups = recycle_plan(target, current, self.cfg.recycle, self.cfg.recycle_ratio, self.cfg.cluster_ratio)
+            cfg = self.cfg
+            groups = recycle_plan(target, current, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
             order = torch.argsort(scores, descending=True, stable=True)
             kept = vis_slots[order[: target - groups]]
             pruned = vis_slots[order[target - groups :]]
-            merged_h, merged_slot = seq.h[i, :0], empty
+            merged_h, merged_slot = seq.h[i, :0], everything[:0]
             if groups:
-                n_rec = max(groups, min(int(self.cfg.recycle_ratio * len(pruned)) + 1, len(pruned)))
+                n_rec = max(groups, min(int(cfg.recycle_ratio * len(pruned)) + 1, len(pruned)))
                 recycled = pruned[:n_rec]
-                labels = cluster_dpc_knn(seq.h[i, recycled], groups, self.cfg.cluster_knn)
-                merged_h = merge_clusters(seq.h[i, recycled], labels, groups)
+                states = seq.h[i, recycled]
+                labels = cluster_dpc_knn(states, groups, cfg.cluster_knn)
+                merged_h = merge_clusters(states, labels, groups)
                 # representative: the best-scored member (recycled is sorted by score, best first)
-                first = torch.full((groups,), len(recycled), dtype=torch.long, device=labels.device)
-                first = first.scatter_reduce(0, labels, torch.arange(len(recycled), device=labels.device), "amin")
+                first = torch.full((groups,), n_rec, dtype=torch.long, device=labels.device)
+                first = first.scatter_reduce(0, labels, torch.arange(n_rec, device=labels.device), "amin")
                 merged_slot = recycled[first]
-            dropped = pruned[seq.orig[i, pruned] >= 0]
-            out[i, seq.orig[i, dropped]] = seq.h[i, dropped]
-            keep = torch.sort(torch.cat([torch.nonzero(~(seq.vis[i] & seq.valid[i])).flatten(), kept])).values
-            rows.append(seq.row(i, keep, merged_h, merged_slot))
+            orig = seq.orig[i, pruned]
+            dropped = orig >= 0
+            out[i, orig[dropped]] = seq.h[i, pruned[dropped]]
+            keep_mask = ~seq.visual[i]
+            keep_mask[kept] = True
+            rows.append(seq.row(i, torch.nonzero(keep_mask).flatten(), merged_h, merged_slot))
             st.steps.append(PruneStep(layer, current, target, groups, rank))
         return TokenSeq.stack(rows)
 

@@ -18,17 +18,20 @@ def rater_attention(
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
 ) -> torch.Tensor:
     """Head-averaged causal softmax attention of ``rows`` over all tokens of one sample: [R, n].
 
-    ``normed`` [n, hidden] is the layer input after its input norm; ``valid`` [n] masks padding / filler keys.
+    ``normed`` [n, hidden] is the layer input after its input norm; ``valid`` [n] masks padding / filler keys
+    (``None``: all real).
     """
     q, k, scaling = adapter.query_key(layer_idx, normed, cos, sin, rows)
     logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
     n = normed.shape[0]
-    allowed = valid[None, :] & (torch.arange(n, device=normed.device)[None, :] <= rows[:, None])
-    logits = logits.masked_fill(~allowed[None], float("-inf"))
+    blocked = torch.arange(n, device=normed.device)[None, :] > rows[:, None]
+    if valid is not None:
+        blocked |= ~valid[None, :]
+    logits = logits.masked_fill(blocked[None], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=0)
 
 

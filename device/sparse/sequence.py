@@ -3,73 +3,98 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+# Columns of TokenSeq.meta (one long tensor, so that a gather moves all bookkeeping in one op).
+POS, VALID, ORIG, VIS, RATER, DECIDE = range(6)
 
 
 @dataclass
 class TokenSeq:
-    """Batch of token slots [B, n]. Slots stay in original order (merged tokens sit at their representative's slot).
+    """Batch of token slots [B, n], kept in original order (a merged token sits at its representative's slot).
 
-    ``pos``: original position ids; ``valid``: real token (not padding / batch filler); ``orig``: index in the
-    input sequence, -1 for merged tokens and filler; ``vis``: visual token (merged included); ``rater``: rater
-    text token; ``decide``: inside the decision prefix.
+    ``meta[..., POS]``: original position id; ``VALID``: real token (not padding / batch filler); ``ORIG``: index
+    in the input sequence, -1 for merged tokens and filler; ``VIS``: visual token (merged included); ``RATER``:
+    rater text token; ``DECIDE``: inside the decision prefix.
     """
 
     h: torch.Tensor
-    pos: torch.Tensor
-    valid: torch.Tensor
-    orig: torch.Tensor
-    vis: torch.Tensor
-    rater: torch.Tensor
-    decide: torch.Tensor
+    meta: torch.Tensor
 
     @property
     def length(self) -> int:
         return self.h.shape[1]
 
-    def row(self, b: int, idx: torch.Tensor, merged_h: torch.Tensor, merged_slot: torch.Tensor) -> dict:
-        """Sample ``b`` reduced to slots ``idx`` plus merged tokens placed at ``merged_slot`` (sorted order)."""
-        key = torch.cat([idx, merged_slot]).float()
-        # a merged token takes the slot of its pruned representative; order by slot, merged after a tie
-        key = key + torch.cat([torch.zeros(len(idx)), torch.full((len(merged_slot),), 0.5)]).to(key.device)
-        order = torch.argsort(key)
-        m = len(merged_slot)
-        fields = {
-            "h": torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)]),
-            "pos": torch.cat([self.pos[b, idx], self.pos[b, merged_slot]]),
-            "valid": torch.cat([self.valid[b, idx], torch.ones(m, dtype=torch.bool, device=idx.device)]),
-            "orig": torch.cat([self.orig[b, idx], torch.full((m,), -1, dtype=torch.long, device=idx.device)]),
-            "vis": torch.cat([self.vis[b, idx], torch.ones(m, dtype=torch.bool, device=idx.device)]),
-            "rater": torch.cat([self.rater[b, idx], torch.zeros(m, dtype=torch.bool, device=idx.device)]),
-            "decide": torch.cat([self.decide[b, idx], self.decide[b, merged_slot]]),
-        }
-        return {k: v[order] for k, v in fields.items()}
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.meta[..., POS]
+
+    @property
+    def orig(self) -> torch.Tensor:
+        return self.meta[..., ORIG]
+
+    @cached_property
+    def valid(self) -> torch.Tensor:
+        return self.meta[..., VALID].bool()
+
+    @cached_property
+    def visual(self) -> torch.Tensor:
+        """Real visual slots (merged included)."""
+        return (self.meta[..., VIS] & self.meta[..., VALID]).bool()
+
+    @cached_property
+    def rater(self) -> torch.Tensor:
+        return self.meta[..., RATER].bool()
+
+    @cached_property
+    def decide(self) -> torch.Tensor:
+        return self.meta[..., DECIDE].bool()
+
+    @cached_property
+    def all_valid(self) -> bool:
+        return bool(self.valid.all())
+
+    def row(self, b: int, idx: torch.Tensor, merged_h: torch.Tensor, merged_slot: torch.Tensor) -> tuple:
+        """Sample ``b`` reduced to sorted slots ``idx`` plus merged tokens placed at ``merged_slot``."""
+        if len(merged_slot) == 0:
+            return self.h[b, idx], self.meta[b, idx]
+        merged_meta = self.meta[b, merged_slot].clone()
+        merged_meta[:, VALID] = 1
+        merged_meta[:, ORIG] = -1
+        merged_meta[:, VIS] = 1
+        merged_meta[:, RATER] = 0
+        order = torch.argsort(torch.cat([idx, merged_slot]))  # merged slots were pruned: no ties
+        return torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)])[order], torch.cat([self.meta[b, idx], merged_meta])[order]
 
     @classmethod
-    def stack(cls, rows: list[dict]) -> TokenSeq:
-        """Left-pad the rows with invalid filler slots to a common length."""
-        n = max(r["h"].shape[0] for r in rows)
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in rows[0]}
-        for r in rows:
-            pad = n - r["h"].shape[0]
-            for k, v in r.items():
-                if pad:
-                    filler = torch.zeros((pad, *v.shape[1:]), dtype=v.dtype, device=v.device)
-                    if k == "orig":
-                        filler -= 1
-                    v = torch.cat([filler, v])
-                out[k].append(v)
-        return cls(**{k: torch.stack(v) for k, v in out.items()})
+    def stack(cls, rows: list[tuple]) -> TokenSeq:
+        """Left-pad the rows with invalid filler slots (ORIG -1) to a common length."""
+        if len(rows) == 1:
+            return cls(rows[0][0][None], rows[0][1][None])
+        n = max(h.shape[0] for h, _ in rows)
+        hs, metas = [], []
+        for h, meta in rows:
+            pad = n - h.shape[0]
+            if pad:
+                h = torch.cat([h.new_zeros(pad, h.shape[1]), h])
+                filler = meta.new_zeros(pad, meta.shape[1])
+                filler[:, ORIG] = -1
+                meta = torch.cat([filler, meta])
+            hs.append(h)
+            metas.append(meta)
+        return cls(torch.stack(hs), torch.stack(metas))
 
 
-def prefill_mask(valid: torch.Tensor) -> torch.Tensor | None:
+def prefill_mask(seq: TokenSeq) -> torch.Tensor | None:
     """Causal 4D boolean mask over the slots ([B, 1, n, n]); ``None`` (plain causal SDPA) when nothing is masked.
 
     Every slot sees itself, so padding / filler rows never produce NaN.
     """
-    if bool(valid.all()):
+    if seq.all_valid:
         return None
+    valid = seq.valid
     n = valid.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
     mask = causal[None] & valid[:, None, :]

@@ -1,0 +1,357 @@
+"""SparseVLM benchmark: dense vs SparseVLM (budgets and rank mode), FastV and random pruning, in one run.
+
+``python -m bench.sparsevlm [--quick]`` loads the zoo device model (576 visual tokens by default), measures
+every method on the same inputs and prints ratios to the dense model measured in the same process; the table is
+also written to ``reports/sparsevlm.md``.
+
+Measures: visual tokens (final layer and layer-averaged), prefill FLOPs (torch.utils.flop_counter: matmul,
+linear and attention; language model = total - vision tower + projector), CPU prefill wall time (median,
+methods interleaved), peak live-tensor memory of the prefill (a dispatch-mode tracker: activations, masks, KV
+cache, outputs; not weights, not kernel scratch), KV-cache bytes, and greedy first-token accuracy on the world,
+clear and shifted domains, as a percentage of dense.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bench.sparsevlm_measure import count_flops, median, peak_tensor_bytes, time_call
+from common.cli import run_app
+from common.errors import TandemError
+from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, sparse_stats
+from sim.world import BENCHMARK_DOMAINS, QUESTION_TYPES, World
+from sim.zoo.tokenizer import prompt_for
+
+REFERENCE_VISUAL = 576  # budgets are given for 576 visual tokens and scaled to the model's geometry
+EVAL_SEED = 10_000  # held-out world seed (training uses small seeds)
+console = Console()
+
+
+@dataclass
+class Method:
+    """One row of the table."""
+
+    name: str
+    budget: str
+    cfg: SparseConfig | None
+    correct: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+    final_counts: list[int] = field(default_factory=list)
+    mean_counts: list[float] = field(default_factory=list)
+    perf: dict[str, float] = field(default_factory=dict)
+
+    def accuracy(self, domains: list[str]) -> float:
+        total = sum(self.total.get(d, 0) for d in domains)
+        return sum(self.correct.get(d, 0) for d in domains) / max(1, total)
+
+
+def build_methods(n_visual: int, budgets: list[int], rank_lambda: float) -> list[Method]:
+    """Dense, SparseVLM at each budget and in rank mode, FastV and random at each budget."""
+    methods = [Method("dense", str(n_visual), None)]
+    scaled = [(b, max(1, round(b * n_visual / REFERENCE_VISUAL))) for b in budgets]
+    for label, b in scaled:
+        methods.append(Method("sparsevlm", f"{label}->{b}" if b != label else str(b), SparseConfig(budget=b)))
+    methods.append(Method("sparsevlm", f"rank(l={rank_lambda})", SparseConfig(mode="rank", rank_lambda=rank_lambda)))
+    for name in ("fastv", "random"):
+        for label, b in scaled:
+            methods.append(Method(name, f"{label}->{b}" if b != label else str(b), SparseConfig(method=name, budget=b)))
+    return methods
+
+
+def select(model: Any, method: Method) -> None:
+    if method.cfg is None:
+        disable_sparsevlm(model)
+    else:
+        enable_sparsevlm(model, method.cfg)
+
+
+def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tuple[Any, Any, str]:
+    """The device model and its processor: a directory, a random model, or the zoo's trained device model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if random_geometry:
+        from sim.zoo.architecture import build_llava
+        from sim.zoo.recipe import VisionSpec, ZooRecipe
+        from sim.zoo.tokenizer import build_processor
+
+        base = ZooRecipe()
+        vision = VisionSpec(**{**base.vision.model_dump(), "image_size": 192, "patch_size": 8})
+        processor = build_processor(vision.image_size, vision.patch_size)
+        tok = processor.tokenizer
+        model = build_llava(vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0)
+        return model.eval(), processor, "random-init device model, 192 px / patch 8 (576 visual tokens)"
+    if model_dir is None:
+        try:
+            from sim.zoo.build import ensure_zoo
+            from sim.zoo.recipe import RECIPES
+        except ImportError as exc:
+            raise TandemError(f"the zoo builder is not available ({exc}); pass --model-dir or --random") from exc
+        if recipe not in RECIPES:
+            raise TandemError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        model_dir = ensure_zoo(RECIPES[recipe](), progress=True).device
+    if not (model_dir / "config.json").is_file():
+        raise TandemError(f"no model in {model_dir}")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return model, processor, f"trained zoo device model {model_dir}"
+
+
+def encode(processor: Any, samples: list) -> dict[str, torch.Tensor]:
+    enc = processor(
+        images=[s.image for s in samples],
+        text=[prompt_for(s.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return dict(enc)
+
+
+@torch.no_grad()
+def measure_accuracy(
+    model: Any, processor: Any, methods: list[Method], domains: list[str], n: int, batch: int, image_size: int
+) -> None:
+    """Greedy first-token accuracy per method and domain; vision features computed once per batch."""
+    world = World(EVAL_SEED, image_size)
+    tok = processor.tokenizer
+    for domain in domains:
+        for start in range(0, n, batch):
+            samples = [
+                world.sample(i, domain, QUESTION_TYPES[i % len(QUESTION_TYPES)])
+                for i in range(start, min(n, start + batch))
+            ]
+            enc = encode(processor, samples)
+            feats = model.model.get_image_features(pixel_values=enc.pop("pixel_values"), return_dict=True)
+            for m in methods:
+                select(model, m)
+                logits = model(**enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=False).logits
+                preds = tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+                m.correct[domain] = m.correct.get(domain, 0) + sum(p == s.answer for p, s in zip(preds, samples))
+                m.total[domain] = m.total.get(domain, 0) + len(samples)
+                stats = sparse_stats(model) if m.cfg is not None else None
+                if stats is not None:
+                    m.final_counts += [s.final_count for s in stats.samples]
+                    m.mean_counts += [s.mean_count for s in stats.samples]
+        console.print(f"  accuracy: domain {domain} done ({n} samples x {len(methods)} methods)")
+
+
+@torch.no_grad()
+def measure_performance(model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int) -> None:
+    """FLOPs, wall time, peak memory and KV-cache size of a batch-1 prefill (with cache, as before generation)."""
+    sample = World(EVAL_SEED, image_size).sample(0, "clear", "color")
+    enc = encode(processor, [sample])
+    pixel_values = enc.pop("pixel_values")
+
+    def vision() -> Any:
+        return model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+
+    feats = vision()
+
+    def full() -> Any:
+        return model(**enc, pixel_values=pixel_values, logits_to_keep=1, use_cache=True)
+
+    def language() -> Any:
+        return model(**enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=True)
+
+    vision_flops = count_flops(vision)
+    for m in methods:
+        select(model, m)
+        total = count_flops(full)
+        m.perf["flops_total"] = total
+        m.perf["flops_lm"] = total - vision_flops
+        m.perf["peak_bytes"] = peak_tensor_bytes(full)
+        cache = full().past_key_values
+        m.perf["kv_bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        for _ in range(2):  # warm-up
+            full()
+            language()
+    times_full: dict[int, list[float]] = {i: [] for i in range(len(methods))}
+    times_lm: dict[int, list[float]] = {i: [] for i in range(len(methods))}
+    for _ in range(repeats):  # interleaved, so drift of a shared machine hits every method alike
+        for i, m in enumerate(methods):
+            select(model, m)
+            times_full[i].append(time_call(full))
+            times_lm[i].append(time_call(language))
+    for i, m in enumerate(methods):
+        m.perf["time_full"] = median(times_full[i])
+        m.perf["time_lm"] = median(times_lm[i])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def table_rows(methods: list[Method], clear: list[str], shifted: list[str], n_visual: int) -> list[list[str]]:
+    dense = methods[0]
+    rows = []
+    for m in methods:
+        final = sum(m.final_counts) / len(m.final_counts) if m.final_counts else float(n_visual)
+        mean = sum(m.mean_counts) / len(m.mean_counts) if m.mean_counts else float(n_visual)
+        p, d = m.perf, dense.perf
+        rows.append(
+            [
+                m.name,
+                m.budget,
+                f"{final:.1f}",
+                f"{mean:.1f}",
+                f"{p['flops_lm'] / d['flops_lm']:.3f}",
+                f"{p['flops_total'] / d['flops_total']:.3f}",
+                f"{p['time_lm'] / d['time_lm']:.3f}",
+                f"{p['time_full'] / d['time_full']:.3f}",
+                f"{p['peak_bytes'] / d['peak_bytes']:.3f}",
+                f"{p['kv_bytes'] / d['kv_bytes']:.3f}",
+                _pct(m.accuracy(clear) / max(dense.accuracy(clear), 1e-9)),
+                _pct(m.accuracy(shifted) / max(dense.accuracy(shifted), 1e-9)) if shifted else "-",
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "method",
+    "budget",
+    "vis final",
+    "vis layer-avg",
+    "LM FLOPs",
+    "total FLOPs",
+    "LM time",
+    "total time",
+    "peak mem",
+    "KV cache",
+    "acc clear %",
+    "acc shifted %",
+]
+
+
+def target_lines(methods: list[Method], clear: list[str], shifted: list[str], budgets: list[int]) -> list[str]:
+    """The issue's targets, each with the measured figure and PASS / MISS."""
+    dense = methods[0]
+    domains = clear + shifted
+    by = {(m.name, m.budget.split("->")[0]): m for m in methods}
+    lines = []
+
+    def check(ok: bool, text: str) -> None:
+        lines.append(f"- {'PASS' if ok else 'MISS'}: {text}")
+
+    low, high = min(budgets), max(budgets)
+    m64 = by.get(("sparsevlm", str(low)))
+    if m64 is not None:
+        r = m64.perf["flops_lm"] / dense.perf["flops_lm"]
+        check(r <= 0.35, f"LM prefill FLOPs at {low}: {r:.3f} of dense (target <= 0.35)")
+        r = m64.perf["time_lm"] / dense.perf["time_lm"]
+        check(r <= 0.5, f"LM prefill CPU time at {low}: {r:.3f} of dense (target <= 0.5)")
+        r = m64.perf["time_full"] / dense.perf["time_full"]
+        lines.append(f"- info: full prefill CPU time (vision tower included) at {low}: {r:.3f} of dense")
+        r = m64.perf["peak_bytes"] / dense.perf["peak_bytes"]
+        check(r <= 1.0, f"peak prefill memory at {low}: {r:.3f} of dense (target <= 1)")
+    base = dense.accuracy(domains)
+    for b, target in ((high, 0.97), (low, 0.92)):
+        m = by.get(("sparsevlm", str(b)))
+        if m is not None:
+            r = m.accuracy(domains) / max(base, 1e-9)
+            check(r >= target, f"accuracy at {b} (all domains): {_pct(r)}% of dense (target >= {_pct(target)}%)")
+    for b in budgets:
+        s = by.get(("sparsevlm", str(b)))
+        others = [by.get((name, str(b))) for name in ("fastv", "random")]
+        if s is None or any(o is None for o in others):
+            continue
+        acc = {m.name: m.accuracy(domains) for m in [s, *others] if m is not None}
+        ok = all(acc["sparsevlm"] > acc[n] for n in ("fastv", "random"))
+        check(ok, f"budget {b}: sparsevlm {_pct(acc['sparsevlm'])}% vs fastv {_pct(acc['fastv'])}%, "
+              f"random {_pct(acc['random'])}% absolute accuracy (target: above both)")
+    return lines
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    quick: bool = typer.Option(False, "--quick", help="Fewer samples, domains and repeats."),
+    model_dir: Path | None = typer.Option(None, help="A saved LLaVA model + processor directory."),
+    recipe: str = typer.Option("base576", help="Zoo recipe whose device model to use (when no --model-dir)."),
+    random_model: bool = typer.Option(False, "--random", help="Random-init 576-token model (perf only)."),
+    samples: int = typer.Option(0, help="Samples per domain (default 64 quick, 400 full)."),
+    budgets: str = typer.Option("192,128,64", help="Visual-token budgets for 576 tokens (scaled to the model)."),
+    rank_lambda: float = typer.Option(0.5, help="lambda of the rank-adaptive mode."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    repeats: int = typer.Option(0, help="Timing repeats (default 7 quick, 21 full)."),
+    batch: int = typer.Option(32, help="Accuracy batch size."),
+    out: Path = typer.Option(Path("reports/sparsevlm.md"), help="Markdown report path."),
+) -> None:
+    """Run the benchmark and write the table to the console and to a markdown file."""
+    torch.set_num_threads(threads)
+    budget_list = sorted({int(b) for b in budgets.split(",") if b.strip()}, reverse=True)
+    if not budget_list or min(budget_list) < 1:
+        raise TandemError("--budgets needs positive integers, e.g. 192,128,64")
+    n = samples or (64 if quick else 400)
+    reps = repeats or (7 if quick else 21)
+    clear = ["clear"]
+    shifted = ["night", "fog"] if quick else [d for d in BENCHMARK_DOMAINS if d != "clear"]
+    model, processor, description = load_model(model_dir, recipe, random_model)
+    image_size = int(model.config.vision_config.image_size)
+    n_visual = (image_size // int(model.config.vision_config.patch_size)) ** 2
+    methods = build_methods(n_visual, budget_list, rank_lambda)
+    console.print(f"[bold]SparseVLM benchmark[/]: {description}; {n_visual} visual tokens, "
+                  f"{model.config.text_config.num_hidden_layers} LM layers, {threads} thread(s)")
+    measure_performance(model, processor, methods, image_size, reps)
+    console.print("  performance measured")
+    measure_accuracy(model, processor, methods, clear + shifted, n, batch, image_size)
+    rows = table_rows(methods, clear, shifted, n_visual)
+    table = Table(title="SparseVLM vs dense (ratios to dense, same run)")
+    for h in HEADER:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    dense = methods[0]
+    absolute = (
+        f"Dense absolute: LM prefill {dense.perf['flops_lm'] / 1e6:.1f} MFLOPs, total {dense.perf['flops_total'] / 1e6:.1f} "
+        f"MFLOPs; LM prefill {1e3 * dense.perf['time_lm']:.2f} ms, total {1e3 * dense.perf['time_full']:.2f} ms "
+        f"(median of {reps}, {threads} thread(s)); peak live tensors {dense.perf['peak_bytes'] / 2**20:.2f} MiB; "
+        f"KV cache {dense.perf['kv_bytes'] / 2**10:.1f} KiB; accuracy clear {_pct(dense.accuracy(clear))}%, "
+        f"shifted {_pct(dense.accuracy(shifted))}% ({n} samples per domain; shifted = {', '.join(shifted)})."
+    )
+    targets = target_lines(methods, clear, shifted, budget_list)
+    console.print(absolute)
+    for line in targets:
+        console.print(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "# SparseVLM benchmark\n\n"
+        f"Model: {description}; {n_visual} visual tokens; {model.config.text_config.num_hidden_layers} LM layers. "
+        f"Command: `python -m bench.sparsevlm{' --quick' if quick else ''}`; host CPU threads: {threads} "
+        f"(of {os.cpu_count()}).\n\n"
+        + markdown(HEADER, rows)
+        + "\n\n"
+        + absolute
+        + "\n\nColumns: visual tokens in the last layer and averaged over all LM layers (merged tokens counted); "
+        "FLOPs from torch.utils.flop_counter (LM = total - vision tower and projector); times are medians of "
+        "interleaved batch-1 prefills; peak mem = peak live tensor bytes created during the prefill (dispatch-mode "
+        "tracker); accuracy = greedy first token == answer, as % of dense.\n\n## Targets\n\n"
+        + "\n".join(targets)
+        + "\n"
+    )
+    console.print(f"report written to {out}")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_app(app, argv)
+
+
+if __name__ == "__main__":
+    cli()
