@@ -1,13 +1,15 @@
 """SparseVLM benchmark: dense vs SparseVLM (budgets and rank mode), FastV and random pruning, in one run.
 
 ``python -m bench.sparsevlm [--quick]`` loads the zoo device model (576 visual tokens by default), measures
-every method on the same inputs and prints ratios to the dense model measured in the same process; the table is
+every method on the same inputs and prints ratios to the dense model measured in the same process; the
+table is
 also written to ``reports/sparsevlm.md``.
 
 Measures: visual tokens (final layer and layer-averaged), prefill FLOPs (torch.utils.flop_counter: matmul,
 linear and attention; language model = total - vision tower + projector), CPU prefill wall time (median,
 methods interleaved), peak live-tensor memory of the prefill (a dispatch-mode tracker: activations, masks, KV
-cache, outputs; not weights, not kernel scratch), KV-cache bytes, and greedy first-token accuracy on the world,
+cache, outputs; not weights, not kernel scratch), KV-cache bytes, and greedy first-token accuracy on the
+world,
 clear and shifted domains, as a percentage of dense.
 """
 
@@ -32,7 +34,7 @@ from sim.zoo.tokenizer import prompt_for
 
 REFERENCE_VISUAL = 576  # budgets are given for 576 visual tokens and scaled to the model's geometry
 EVAL_SEED = 10_000  # held-out world seed (training uses small seeds)
-console = Console()
+console = Console(width=200)
 
 
 @dataclass
@@ -59,10 +61,14 @@ def build_methods(n_visual: int, budgets: list[int], rank_lambda: float) -> list
     scaled = [(b, max(1, round(b * n_visual / REFERENCE_VISUAL))) for b in budgets]
     for label, b in scaled:
         methods.append(Method("sparsevlm", f"{label}->{b}" if b != label else str(b), SparseConfig(budget=b)))
-    methods.append(Method("sparsevlm", f"rank(l={rank_lambda})", SparseConfig(mode="rank", rank_lambda=rank_lambda)))
+    methods.append(
+        Method("sparsevlm", f"rank(l={rank_lambda})", SparseConfig(mode="rank", rank_lambda=rank_lambda))
+    )
     for name in ("fastv", "random"):
         for label, b in scaled:
-            methods.append(Method(name, f"{label}->{b}" if b != label else str(b), SparseConfig(method=name, budget=b)))
+            methods.append(
+                Method(name, f"{label}->{b}" if b != label else str(b), SparseConfig(method=name, budget=b))
+            )
     return methods
 
 
@@ -86,14 +92,19 @@ def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tu
         vision = VisionSpec(**{**base.vision.model_dump(), "image_size": 192, "patch_size": 8})
         processor = build_processor(vision.image_size, vision.patch_size)
         tok = processor.tokenizer
-        model = build_llava(vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0)
+        model = build_llava(
+            vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0
+        )
         return model.eval(), processor, "random-init device model, 192 px / patch 8 (576 visual tokens)"
     if model_dir is None:
         try:
             from sim.zoo.build import ensure_zoo
+
             from sim.zoo.recipe import RECIPES
         except ImportError as exc:
-            raise TandemError(f"the zoo builder is not available ({exc}); pass --model-dir or --random") from exc
+            raise TandemError(
+                f"the zoo builder is not available ({exc}); pass --model-dir or --random"
+            ) from exc
         if recipe not in RECIPES:
             raise TandemError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
         model_dir = ensure_zoo(RECIPES[recipe](), progress=True).device
@@ -132,9 +143,13 @@ def measure_accuracy(
             feats = model.model.get_image_features(pixel_values=enc.pop("pixel_values"), return_dict=True)
             for m in methods:
                 select(model, m)
-                logits = model(**enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=False).logits
+                logits = model(
+                    **enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=False
+                ).logits
                 preds = tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
-                m.correct[domain] = m.correct.get(domain, 0) + sum(p == s.answer for p, s in zip(preds, samples))
+                m.correct[domain] = m.correct.get(domain, 0) + sum(
+                    p == s.answer for p, s in zip(preds, samples, strict=True)
+                )
                 m.total[domain] = m.total.get(domain, 0) + len(samples)
                 stats = sparse_stats(model) if m.cfg is not None else None
                 if stats is not None:
@@ -144,8 +159,11 @@ def measure_accuracy(
 
 
 @torch.no_grad()
-def measure_performance(model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int) -> None:
-    """FLOPs, wall time, peak memory and KV-cache size of a batch-1 prefill (with cache, as before generation)."""
+def measure_performance(
+    model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int
+) -> None:
+    """FLOPs, wall time, peak memory and KV-cache size of a batch-1 prefill (with cache, as before
+    generation)."""
     sample = World(EVAL_SEED, image_size).sample(0, "clear", "color")
     enc = encode(processor, [sample])
     pixel_values = enc.pop("pixel_values")
@@ -231,7 +249,9 @@ HEADER = [
 ]
 
 
-def target_lines(methods: list[Method], clear: list[str], shifted: list[str], budgets: list[int]) -> list[str]:
+def target_lines(
+    methods: list[Method], clear: list[str], shifted: list[str], budgets: list[int]
+) -> list[str]:
     """The issue's targets, each with the measured figure and PASS / MISS."""
     dense = methods[0]
     domains = clear + shifted
@@ -257,7 +277,9 @@ def target_lines(methods: list[Method], clear: list[str], shifted: list[str], bu
         m = by.get(("sparsevlm", str(b)))
         if m is not None:
             r = m.accuracy(domains) / max(base, 1e-9)
-            check(r >= target, f"accuracy at {b} (all domains): {_pct(r)}% of dense (target >= {_pct(target)}%)")
+            check(
+                r >= target, f"accuracy at {b} (all domains): {_pct(r)}% of dense (target >= {_pct(target)}%)"
+            )
     for b in budgets:
         s = by.get(("sparsevlm", str(b)))
         others = [by.get((name, str(b))) for name in ("fastv", "random")]
@@ -265,8 +287,11 @@ def target_lines(methods: list[Method], clear: list[str], shifted: list[str], bu
             continue
         acc = {m.name: m.accuracy(domains) for m in [s, *others] if m is not None}
         ok = all(acc["sparsevlm"] > acc[n] for n in ("fastv", "random"))
-        check(ok, f"budget {b}: sparsevlm {_pct(acc['sparsevlm'])}% vs fastv {_pct(acc['fastv'])}%, "
-              f"random {_pct(acc['random'])}% absolute accuracy (target: above both)")
+        check(
+            ok,
+            f"budget {b}: sparsevlm {_pct(acc['sparsevlm'])}% vs fastv {_pct(acc['fastv'])}%, "
+            f"random {_pct(acc['random'])}% absolute accuracy (target: above both)",
+        )
     return lines
 
 
@@ -286,7 +311,9 @@ def main(
     recipe: str = typer.Option("base576", help="Zoo recipe whose device model to use (when no --model-dir)."),
     random_model: bool = typer.Option(False, "--random", help="Random-init 576-token model (perf only)."),
     samples: int = typer.Option(0, help="Samples per domain (default 64 quick, 400 full)."),
-    budgets: str = typer.Option("192,128,64", help="Visual-token budgets for 576 tokens (scaled to the model)."),
+    budgets: str = typer.Option(
+        "192,128,64", help="Visual-token budgets for 576 tokens (scaled to the model)."
+    ),
     rank_lambda: float = typer.Option(0.5, help="lambda of the rank-adaptive mode."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     repeats: int = typer.Option(0, help="Timing repeats (default 7 quick, 21 full)."),
@@ -306,8 +333,10 @@ def main(
     image_size = int(model.config.vision_config.image_size)
     n_visual = (image_size // int(model.config.vision_config.patch_size)) ** 2
     methods = build_methods(n_visual, budget_list, rank_lambda)
-    console.print(f"[bold]SparseVLM benchmark[/]: {description}; {n_visual} visual tokens, "
-                  f"{model.config.text_config.num_hidden_layers} LM layers, {threads} thread(s)")
+    console.print(
+        f"[bold]SparseVLM benchmark[/]: {description}; {n_visual} visual tokens, "
+        f"{model.config.text_config.num_hidden_layers} LM layers, {threads} thread(s)"
+    )
     measure_performance(model, processor, methods, image_size, reps)
     console.print("  performance measured")
     measure_accuracy(model, processor, methods, clear + shifted, n, batch, image_size)
@@ -320,9 +349,12 @@ def main(
     console.print(table)
     dense = methods[0]
     absolute = (
-        f"Dense absolute: LM prefill {dense.perf['flops_lm'] / 1e6:.1f} MFLOPs, total {dense.perf['flops_total'] / 1e6:.1f} "
-        f"MFLOPs; LM prefill {1e3 * dense.perf['time_lm']:.2f} ms, total {1e3 * dense.perf['time_full']:.2f} ms "
-        f"(median of {reps}, {threads} thread(s)); peak live tensors {dense.perf['peak_bytes'] / 2**20:.2f} MiB; "
+        f"Dense absolute: LM prefill {dense.perf['flops_lm'] / 1e6:.1f} MFLOPs, "
+        f"total {dense.perf['flops_total'] / 1e6:.1f} "
+        f"MFLOPs; LM prefill {1e3 * dense.perf['time_lm']:.2f} ms, "
+        f"total {1e3 * dense.perf['time_full']:.2f} ms "
+        f"(median of {reps}, {threads} thread(s)); "
+        f"peak live tensors {dense.perf['peak_bytes'] / 2**20:.2f} MiB; "
         f"KV cache {dense.perf['kv_bytes'] / 2**10:.1f} KiB; accuracy clear {_pct(dense.accuracy(clear))}%, "
         f"shifted {_pct(dense.accuracy(shifted))}% ({n} samples per domain; shifted = {', '.join(shifted)})."
     )
@@ -333,15 +365,18 @@ def main(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# SparseVLM benchmark\n\n"
-        f"Model: {description}; {n_visual} visual tokens; {model.config.text_config.num_hidden_layers} LM layers. "
+        f"Model: {description}; {n_visual} visual tokens; "
+        f"{model.config.text_config.num_hidden_layers} LM layers. "
         f"Command: `python -m bench.sparsevlm{' --quick' if quick else ''}`; host CPU threads: {threads} "
         f"(of {os.cpu_count()}).\n\n"
         + markdown(HEADER, rows)
         + "\n\n"
         + absolute
-        + "\n\nColumns: visual tokens in the last layer and averaged over all LM layers (merged tokens counted); "
+        + "\n\nColumns: visual tokens in the last layer and averaged over all LM layers "
+        "(merged tokens counted); "
         "FLOPs from torch.utils.flop_counter (LM = total - vision tower and projector); times are medians of "
-        "interleaved batch-1 prefills; peak mem = peak live tensor bytes created during the prefill (dispatch-mode "
+        "interleaved batch-1 prefills; peak mem = peak live tensor bytes created during the prefill "
+        "(dispatch-mode "
         "tracker); accuracy = greedy first token == answer, as % of dense.\n\n## Targets\n\n"
         + "\n".join(targets)
         + "\n"

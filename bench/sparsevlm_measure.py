@@ -23,7 +23,9 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args: Any, out_shape=No
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """Matmul / linear / attention FLOPs of one call (torch.utils.flop_counter, CPU SDPA registered)."""
-    mode = FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop})
+    mode = FlopCounterMode(
+        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+    )
     with mode:
         fn()
     return int(mode.get_total_flops())

@@ -1,6 +1,7 @@
 """Model adapters: the only model-specific part of SparseVLM (where the decoder lives, how RoPE is applied).
 
-A new decoder family (e.g. Qwen2-VL with M-RoPE) is another ``DecoderAdapter``; the pruning logic never changes.
+A new decoder family (e.g. Qwen2-VL with M-RoPE) is another ``DecoderAdapter``; the pruning logic never
+changes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from torch import nn
 
 from common.errors import TandemError
 
-# Language-model classes whose decoder layers share Llama's structure: input_layernorm, self_attn.{q,k}_proj with
-# head_dim / scaling / num_key_value_groups, a model-level rotary_emb returning (cos, sin) and rotate-half RoPE.
+# Language-model classes whose decoder layers share Llama's structure: input_layernorm,
+# self_attn.{q,k}_proj with
+# head_dim / scaling / num_key_value_groups, a model-level rotary_emb returning (cos, sin) and rotate-half
+# RoPE.
 _LLAMA_FAMILY = {"LlamaModel", "MistralModel", "Qwen2Model"}
 _MULTIMODAL_WRAPPERS = {"LlavaForConditionalGeneration", "LlavaModel"}
 
@@ -74,7 +77,8 @@ def adapter_for(model: Any) -> DecoderAdapter:
     cls = type(model).__name__
     if cls not in _MULTIMODAL_WRAPPERS:
         raise UnsupportedModelError(
-            f"SparseVLM does not support model class {cls}; supported: LlavaForConditionalGeneration / LlavaModel "
+            f"SparseVLM does not support model class {cls}; "
+            "supported: LlavaForConditionalGeneration / LlavaModel "
             f"with a {'/'.join(sorted(_LLAMA_FAMILY))} language model"
         )
     wrapper = model.model if cls == "LlavaForConditionalGeneration" else model
@@ -87,5 +91,7 @@ def adapter_for(model: Any) -> DecoderAdapter:
         )
     layer_types = getattr(lm.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(f"SparseVLM supports full-attention layers only; {lm_cls} has {set(layer_types)}")
+        raise UnsupportedModelError(
+            f"SparseVLM supports full-attention layers only; {lm_cls} has {set(layer_types)}"
+        )
     return DecoderAdapter(wrapper=wrapper, language_model=lm, image_token_id=int(model.config.image_token_id))

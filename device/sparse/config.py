@@ -15,15 +15,20 @@ _REFERENCE_LAYER_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
 class SparseConfig(StrictConfig):
     """How visual tokens are sparsified inside the language model.
 
-    ``method``: ``sparsevlm`` (text raters, the paper), ``fastv`` (last-token attention of the layer before the
+    ``method``: ``sparsevlm`` (text raters, the paper), ``fastv`` (last-token attention of the layer before
+    the
     single pruning layer) or ``random`` (seeded random scores; a baseline).
-    ``mode``: ``budget`` prunes to ``budget`` visual tokens after the last pruning layer (geometric schedule in
-    between, or ``schedule`` given explicitly); ``rank`` deletes ``round(rank_lambda * (L_v - rank(P)))`` of the
+    ``mode``: ``budget`` prunes to ``budget`` visual tokens after the last pruning layer (geometric
+    schedule in
+    between, or ``schedule`` given explicitly); ``rank`` deletes ``round(rank_lambda * (L_v - rank(P)))``
+    of the
     ``L_v`` current visual tokens at every pruning layer, ``P`` the rater x visual attention matrix.
     ``schedule`` (budget mode) gives the count after each pruning layer explicitly and overrides ``budget``.
     Recycled (merged) tokens count as visual tokens in every budget.
-    ``layers``: 0-based decoder layers *before* which tokens are pruned (scored with that layer's own queries and
-    keys); ``None`` scales the reference layers [2, 6, 15] of a 32-layer model to the model's depth (a 2-layer model
+    ``layers``: 0-based decoder layers *before* which tokens are pruned (scored with that layer's own
+    queries and
+    keys); ``None`` scales the reference layers [2, 6, 15] of a 32-layer model to the model's depth (a
+    2-layer model
     gets [0, 1]: a pre-LM pruning step with layer-0 scores, then one more inside).
     """
 
@@ -53,10 +58,12 @@ class SparseConfig(StrictConfig):
                 raise ValueError("schedule applies to mode 'budget' only")
             if any(c < 1 for c in self.schedule):
                 raise ValueError("schedule counts must be >= 1")
-            if any(b > a for a, b in zip(self.schedule, self.schedule[1:])):
+            if any(b > a for a, b in zip(self.schedule, self.schedule[1:], strict=False)):
                 raise ValueError("schedule counts must not increase")
         if self.method == "random" and self.mode == "rank":
-            raise ValueError("mode 'rank' needs attention scores; method 'random' supports mode 'budget' only")
+            raise ValueError(
+                "mode 'rank' needs attention scores; method 'random' supports mode 'budget' only"
+            )
         if self.method == "fastv" and self.layers is not None and len(self.layers) != 1:
             raise ValueError("method 'fastv' prunes at exactly one layer")
         return self

@@ -51,7 +51,9 @@ def _scores_for_sample(
     else:
         rows = torch.nonzero(seq.rater[b]).flatten()
     cos, sin = rope
-    attn = rater_attention(adapter, layer, normed[b], cos[b], sin[b], rows, None if seq.all_valid else seq.valid[b])
+    attn = rater_attention(
+        adapter, layer, normed[b], cos[b], sin[b], rows, None if seq.all_valid else seq.valid[b]
+    )
     p = attn[:, vis_slots]
     return p.mean(dim=0), p
 
@@ -177,7 +179,8 @@ class SparsePrefill:
         samples: list[SampleStats],
         out: torch.Tensor,
     ) -> TokenSeq:
-        """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to ``out``."""
+        """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to
+        ``out``."""
         step = self.layers.index(layer)
         rows: list[tuple] = []
         everything = torch.arange(seq.length, device=seq.h.device)

@@ -1,8 +1,10 @@
 """Turn SparseVLM on and off on a LLaVA model; read what the last prefill did.
 
-``enable_sparsevlm(model, cfg)`` stores ``cfg`` on ``model.config.sparsevlm`` (so ``save_pretrained`` keeps it)
+``enable_sparsevlm(model, cfg)`` stores ``cfg`` on ``model.config.sparsevlm`` (so ``save_pretrained`` keeps
+it)
 and routes the language model's forward through the sparse engine. With ``enabled=False`` (or after
-``disable_sparsevlm``) the model's own forward runs untouched, so outputs are bit-identical to the dense model.
+``disable_sparsevlm``) the model's own forward runs untouched, so outputs are bit-identical to the dense
+model.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class SparseRuntime:
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
         if state is not None:
-            return sparse_decode(self.adapter, inputs_embeds, attention_mask, position_ids, past_key_values, state)
+            return sparse_decode(
+                self.adapter, inputs_embeds, attention_mask, position_ids, past_key_values, state
+            )
         usable = (
             image_mask is not None
             and image_mask.shape == inputs_embeds.shape[:2]
@@ -134,7 +138,8 @@ def disable_sparsevlm(model: Any) -> None:
 
 
 def apply_from_config(model: Any) -> bool:
-    """Install SparseVLM if ``model.config.sparsevlm`` says so (e.g. after ``from_pretrained``); returns whether."""
+    """Install SparseVLM if ``model.config.sparsevlm`` says so (e.g. after ``from_pretrained``);
+    returns whether."""
     stored = getattr(model.config, "sparsevlm", None)
     if not stored or not stored.get("enabled", False):
         return False

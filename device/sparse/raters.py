@@ -1,4 +1,5 @@
-"""Raters: the visual-relevant text tokens, chosen from the text-visual relevance matrix (SparseVLM, Sec. 3.2)."""
+"""Raters: the visual-relevant text tokens, chosen from the text-visual relevance matrix (SparseVLM,
+Sec. 3.2)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ def select_raters(
 ) -> tuple[torch.Tensor, str | None]:
     """Indices (into ``embeds``) of the raters of one sample, and the fallback taken, if any.
 
-    ``embeds`` [n, hidden] are the language model's input embeddings; ``text_idx`` the candidate text tokens (those
+    ``embeds`` [n, hidden] are the language model's input embeddings; ``text_idx`` the candidate text
+    tokens (those
     after the image, which can attend to it). Relevance R = softmax_text(Hv Ht^T / sqrt(d)) [n_vis, n_text];
-    r = mean of R over visual tokens; raters are the text tokens with r >= mean(r), so the set is never empty when
-    there is any text after the image (the maximum is never below the mean). Fallbacks: no candidate text -> empty
+    r = mean of R over visual tokens; raters are the text tokens with r >= mean(r), so the set is never
+    empty when
+    there is any text after the image (the maximum is never below the mean). Fallbacks: no candidate text
+    -> empty
     index and ``NO_TEXT_AFTER_IMAGE`` (the caller keeps every visual token); non-finite relevance -> every
     candidate rates (``ALL_TEXT_RATERS``).
     """

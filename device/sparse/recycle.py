@@ -1,4 +1,5 @@
-"""Token recycling: cluster the best-scored pruned tokens (density-peak kNN) and merge each cluster into one."""
+"""Token recycling: cluster the best-scored pruned tokens (density-peak kNN) and merge each cluster
+into one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 import torch
 
 
-def recycle_plan(target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float) -> int:
-    """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged included)."""
+def recycle_plan(
+    target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float
+) -> int:
+    """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged
+    included)."""
     if not recycle or target >= n_visual or target <= 1:
         return 0
     n_recycled = min(int(recycle_ratio * (n_visual - target)) + 1, n_visual - target)

@@ -1,4 +1,5 @@
-"""The token sequence a sparse prefill carries through the decoder: hidden states plus per-slot bookkeeping."""
+"""The token sequence a sparse prefill carries through the decoder: hidden states plus per-slot
+bookkeeping."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ POS, VALID, ORIG, VIS, RATER, DECIDE = range(6)
 class TokenSeq:
     """Batch of token slots [B, n], kept in original order (a merged token sits at its representative's slot).
 
-    ``meta[..., POS]``: original position id; ``VALID``: real token (not padding / batch filler); ``ORIG``: index
-    in the input sequence, -1 for merged tokens and filler; ``VIS``: visual token (merged included); ``RATER``:
+    ``meta[..., POS]``: original position id; ``VALID``: real token (not padding / batch filler); ``ORIG``:
+    index
+    in the input sequence, -1 for merged tokens and filler; ``VIS``: visual token (merged included);
+    ``RATER``:
     rater text token; ``DECIDE``: inside the decision prefix.
     """
 
@@ -66,7 +69,9 @@ class TokenSeq:
         merged_meta[:, VIS] = 1
         merged_meta[:, RATER] = 0
         order = torch.argsort(torch.cat([idx, merged_slot]))  # merged slots were pruned: no ties
-        return torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)])[order], torch.cat([self.meta[b, idx], merged_meta])[order]
+        return torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)])[order], torch.cat(
+            [self.meta[b, idx], merged_meta]
+        )[order]
 
     @classmethod
     def stack(cls, rows: list[tuple]) -> TokenSeq:
@@ -88,7 +93,8 @@ class TokenSeq:
 
 
 def prefill_mask(seq: TokenSeq) -> torch.Tensor | None:
-    """Causal 4D boolean mask over the slots ([B, 1, n, n]); ``None`` (plain causal SDPA) when nothing is masked.
+    """Causal 4D boolean mask over the slots ([B, 1, n, n]); ``None`` (plain causal SDPA) when nothing is
+    masked.
 
     Every slot sees itself, so padding / filler rows never produce NaN.
     """

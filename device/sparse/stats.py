@@ -24,9 +24,11 @@ class SampleStats:
 
     ``layer_counts[i]``: visual tokens (merged tokens included) that decoder layer ``i`` processed.
     ``final_count``: visual tokens in the last layer (what the KV cache of the deepest layer holds).
-    ``mean_count``: ``layer_counts`` averaged over all layers (the reference's single "equivalent tokens" number).
+    ``mean_count``: ``layer_counts`` averaged over all layers (the reference's single "equivalent tokens"
+    number).
     ``kept_patches``: patch indices (0-based, sorted) of the original visual tokens alive in the last layer.
-    ``visual_scores``: rater -> visual relevance at the first pruning layer, [n_visual] in original patch order.
+    ``visual_scores``: rater -> visual relevance at the first pruning layer, [n_visual] in original patch
+    order.
     """
 
     n_visual: int

@@ -1,4 +1,5 @@
-"""SparseVLM on a randomly initialised micro LLaVA (CLIP + Llama with GQA): pruning, cache, batching, config."""
+"""SparseVLM on a randomly initialised micro LLaVA (CLIP + Llama with GQA): pruning, cache, batching,
+config."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def processor():
 @pytest.fixture()
 def model(processor):
     tok = processor.tokenizer
-    m = build_llava(RECIPE.vision, TEXT, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed=3)
+    m = build_llava(
+        RECIPE.vision, TEXT, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed=3
+    )
     m.generation_config.eos_token_id = None  # compare fixed-length greedy outputs
     return m.eval()
 
@@ -118,14 +121,20 @@ def test_generate_with_cache_equals_no_cache_greedy(model, processor) -> None:
     enc = _inputs(processor, [0, 1])
     n_new = 4
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=n_new, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        gen = model.generate(
+            **enc, max_new_tokens=n_new, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         prompt_len = ids.shape[1]
         for step in range(n_new):
             with decision_prefix(model, prompt_len):
-                logits = model(input_ids=ids, pixel_values=enc["pixel_values"], attention_mask=mask,
-                               position_ids=_positions(mask), use_cache=False).logits[:, -1]
+                logits = model(
+                    input_ids=ids,
+                    pixel_values=enc["pixel_values"],
+                    attention_mask=mask,
+                    position_ids=_positions(mask),
+                    use_cache=False,
+                ).logits[:, -1]
             assert torch.allclose(logits, gen.logits[step], atol=1e-5)
             nxt = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
@@ -153,8 +162,10 @@ def test_padded_batch_equals_single_runs(model, processor, mode: str) -> None:
     with torch.no_grad():
         gen_batch = model.generate(**enc, max_new_tokens=3, do_sample=False)[:, -3:]
         for i in range(2):
-            assert torch.equal(gen_batch[i], model.generate(**_inputs(processor, [i]), max_new_tokens=3,
-                                                            do_sample=False)[0, -3:])
+            assert torch.equal(
+                gen_batch[i],
+                model.generate(**_inputs(processor, [i]), max_new_tokens=3, do_sample=False)[0, -3:],
+            )
 
 
 def test_budget_above_available_keeps_all(model, processor) -> None:
@@ -191,8 +202,16 @@ def test_text_only_input_runs_dense(model, processor) -> None:
 
 
 def test_unsupported_model_class_is_named() -> None:
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=10,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         enable_sparsevlm(lm, SparseConfig())
 
@@ -208,4 +227,8 @@ def test_config_survives_save_pretrained(model, processor, tmp_path) -> None:
     assert apply_from_config(loaded)
     assert torch.allclose(_logits(loaded, enc), expected, atol=1e-6)
     s = sparse_stats(loaded).samples[0]
-    assert s.final_count == 7 and [st.layer for st in s.steps] == [0, 2] and all(st.merged == 0 for st in s.steps)
+    assert (
+        s.final_count == 7
+        and [st.layer for st in s.steps] == [0, 2]
+        and all(st.merged == 0 for st in s.steps)
+    )
