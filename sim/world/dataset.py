@@ -65,10 +65,11 @@ class World:
         dom = parse_domain(domain)
         scene, (t, question, answer) = self._scene_and_question(index, qtype)
         shift_rng = np.random.default_rng([self.seed, index, zlib.crc32(dom.name.encode())])
+        render_rng = np.random.default_rng([self.seed, index, 1])
         image, index_map = render_scene(
             scene,
             _palette(dom),
-            shift_rng,
+            render_rng,
             textured_background=dom.severity_of("background") > 0,
             background_strength=0.6 * dom.severity_of("background"),
         )

@@ -1,0 +1,167 @@
+"""Build the zoo (vision pretraining, teacher, device model) with progress, and cache it on disk.
+
+The cache lives outside the repository, under ``$TANDEM_HOME/zoo`` (default ``~/.cache/tandem/zoo``), in a
+directory named by the recipe's digest: an unchanged recipe is never rebuilt, a changed one builds anew.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sim.world import World
+from sim.zoo.architecture import build_llava
+from sim.zoo.batching import BatchEncoder
+from sim.zoo.recipe import ZooRecipe
+from sim.zoo.tokenizer import build_processor
+from sim.zoo.train import pretrain_vision, train_answers
+
+MANIFEST = "zoo.json"
+
+
+@dataclass(frozen=True)
+class ZooPaths:
+    """Where a built zoo lives: the teacher and device model directories (model + processor each)."""
+
+    root: Path
+    teacher: Path
+    device: Path
+
+    @classmethod
+    def at(cls, root: Path) -> ZooPaths:
+        return cls(root=root, teacher=root / "teacher", device=root / "device")
+
+    def manifest(self) -> dict:
+        return json.loads((self.root / MANIFEST).read_text())
+
+
+def zoo_home() -> Path:
+    """Base directory of all cached zoos."""
+    base = os.environ.get("TANDEM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+    return Path(base) / "zoo"
+
+
+def zoo_dir(recipe: ZooRecipe, home: Path | None = None) -> Path:
+    return (home or zoo_home()) / f"{recipe.name}-{recipe.digest()}"
+
+
+def is_built(paths: ZooPaths, recipe: ZooRecipe) -> bool:
+    try:
+        return paths.manifest().get("digest") == recipe.digest()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(root) + ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def ensure_zoo(
+    recipe: ZooRecipe, *, home: Path | None = None, progress: bool = True, force: bool = False
+) -> ZooPaths:
+    """Return the built zoo for ``recipe``, building it first when it is not cached (or ``force``)."""
+    root = zoo_dir(recipe, home)
+    paths = ZooPaths.at(root)
+    with _build_lock(root):
+        if is_built(paths, recipe) and not force:
+            return paths
+        staging = root.with_name(root.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        manifest = _build_into(ZooPaths.at(staging), recipe, progress)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+    return paths
+
+
+def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    v = recipe.vision
+    processor = build_processor(v.image_size, v.patch_size)
+    encoder = BatchEncoder.from_processor(processor)
+    vocab, image_id, pad_id = len(processor.tokenizer), encoder.image_id, encoder.pad_id
+    teacher = build_llava(v, recipe.teacher, vocab, image_id, pad_id, recipe.seed)
+    device = build_llava(v, recipe.device, vocab, image_id, pad_id, recipe.seed + 1)
+    timings: dict[str, float] = {}
+    final_loss: dict[str, float] = {}
+    with _progress(show_progress) as bar:
+
+        def run(name: str, total: int, fn) -> None:
+            task = bar.add_task(name, total=total, loss=float("nan"))
+            start = time.perf_counter()
+            losses = fn(lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
+            timings[name] = round(time.perf_counter() - start, 1)
+            final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+
+        run(
+            "vision (clear)",
+            recipe.vision_stage.steps,
+            lambda cb: pretrain_vision(
+                teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb
+            ),
+        )
+        # The device keeps a frozen copy of the teacher's vision tower.
+        device.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+        run(
+            "teacher (all)",
+            recipe.teacher_stage.steps,
+            lambda cb: train_answers(
+                teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
+                shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
+            ),
+        )  # fmt: skip
+        run(
+            "device (clear)",
+            recipe.device_stage.steps,
+            lambda cb: train_answers(
+                device, World(recipe.seed + 2, v.image_size), encoder, recipe.device_stage,
+                shifted=False, min_severity=0.0, seed=recipe.seed + 2, on_step=cb,
+            ),
+        )  # fmt: skip
+    for member, model in (("teacher", teacher), ("device", device)):
+        out = getattr(paths, member)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    torch.set_num_threads(threads)
+    return {
+        "digest": recipe.digest(),
+        "recipe": recipe.model_dump(),
+        "seconds": timings,
+        "final_loss": final_loss,
+        "parameters": {
+            "teacher_language_model": sum(p.numel() for p in teacher.model.language_model.parameters()),
+            "device_language_model": sum(p.numel() for p in device.model.language_model.parameters()),
+            "vision_tower": sum(p.numel() for p in teacher.model.vision_tower.parameters()),
+        },
+    }

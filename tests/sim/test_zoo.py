@@ -1,0 +1,177 @@
+"""The micro zoo: builds in seconds, saves and reloads exactly, trains, evaluates, matches the processor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+from common.errors import ModelLoadError
+from common.modeling import load_mllm
+from sim.world import World
+from sim.zoo.architecture import build_llava
+from sim.zoo.batching import BatchEncoder
+from sim.zoo.build import ensure_zoo, is_built
+from sim.zoo.evaluate import evaluate, predict_answers
+from sim.zoo.recipe import StageSpec, ZooRecipe, micro_recipe
+from sim.zoo.tokenizer import build_processor, prompt_for
+from sim.zoo.train import answer_loss, train_answers
+
+
+@pytest.fixture(scope="module")
+def micro_zoo(tmp_path_factory):
+    return ensure_zoo(micro_recipe(), home=tmp_path_factory.mktemp("zoo"), progress=False)
+
+
+def test_micro_zoo_builds_with_manifest(micro_zoo):
+    manifest = micro_zoo.manifest()
+    assert manifest["digest"] == micro_recipe().digest()
+    p = manifest["parameters"]
+    assert p["device_language_model"] * 3 < p["teacher_language_model"]
+    assert is_built(micro_zoo, micro_recipe())
+
+
+def test_cache_is_reused_and_recipe_change_rebuilds(micro_zoo):
+    home = micro_zoo.root.parent
+    stamp = (micro_zoo.teacher / "config.json").stat().st_mtime_ns
+    again = ensure_zoo(micro_recipe(), home=home, progress=False)
+    assert (again.teacher / "config.json").stat().st_mtime_ns == stamp
+    changed = micro_recipe().model_copy(update={"seed": 5})
+    assert changed.digest() != micro_recipe().digest()
+    assert not is_built(type(micro_zoo).at(home / f"micro-{changed.digest()}"), changed)
+
+
+def test_members_share_the_vision_tower_and_have_llava_geometry(micro_zoo):
+    teacher = AutoModelForImageTextToText.from_pretrained(micro_zoo.teacher)
+    device = AutoModelForImageTextToText.from_pretrained(micro_zoo.device)
+    assert isinstance(teacher, LlavaForConditionalGeneration)
+    assert teacher.config.vision_feature_layer == -2
+    assert teacher.config.vision_feature_select_strategy == "default"
+    for (name, a), (_, b) in zip(
+        teacher.model.vision_tower.state_dict().items(), device.model.vision_tower.state_dict().items()
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_save_from_pretrained_identical_logits(micro_zoo, tmp_path):
+    loaded = load_mllm(micro_zoo.device)
+    s = World(0, 32).samples(0, 3, "night")
+    batch = loaded.processor(
+        images=[Image.fromarray(x.image) for x in s], text=[prompt_for(x.question) for x in s],
+        return_tensors="pt", padding=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        before = loaded.model(**batch).logits
+    loaded.model.save_pretrained(tmp_path / "copy")
+    loaded.processor.save_pretrained(tmp_path / "copy")
+    again = load_mllm(tmp_path / "copy")
+    with torch.no_grad():
+        after = again.model(**again.processor(
+            images=[Image.fromarray(x.image) for x in s], text=[prompt_for(x.question) for x in s],
+            return_tensors="pt", padding=True,
+        )).logits  # fmt: skip
+    assert torch.equal(before, after)
+
+
+def test_fast_encoder_equals_saved_processor(micro_zoo):
+    processor = AutoProcessor.from_pretrained(micro_zoo.device)
+    encoder = BatchEncoder.from_processor(processor)
+    s = World(1, 32).samples(0, 5, "fog")
+    fast = encoder.encode([x.image for x in s], [x.question for x in s])
+    slow = processor(
+        images=[Image.fromarray(x.image) for x in s], text=[prompt_for(x.question) for x in s],
+        return_tensors="pt", padding=True,
+    )  # fmt: skip
+    assert torch.equal(fast["input_ids"], slow["input_ids"])
+    assert torch.equal(fast["attention_mask"], slow["attention_mask"])
+    assert torch.allclose(fast["pixel_values"], slow["pixel_values"], atol=1e-6)
+
+
+def test_chat_template_gives_the_training_prompt(micro_zoo):
+    processor = AutoProcessor.from_pretrained(micro_zoo.device)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt_for(
+        "how many objects are there ?"
+    )
+
+
+def test_generate_first_token_equals_fast_prediction(micro_zoo):
+    loaded = load_mllm(micro_zoo.teacher)
+    encoder = BatchEncoder.from_processor(loaded.processor)
+    s = World(2, 32).samples(0, 4)
+    preds = predict_answers(loaded.model, encoder, [x.image for x in s], [x.question for x in s])
+    batch = loaded.processor(
+        images=[Image.fromarray(x.image) for x in s], text=[prompt_for(x.question) for x in s],
+        return_tensors="pt", padding=True,
+    )  # fmt: skip
+    out = loaded.model.generate(**batch, max_new_tokens=2, do_sample=False)
+    first = loaded.processor.tokenizer.convert_ids_to_tokens(out[:, batch["input_ids"].shape[1]].tolist())
+    assert first == preds
+
+
+def test_training_step_lowers_loss():
+    recipe = micro_recipe()
+    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
+    encoder = BatchEncoder.from_processor(processor)
+    model = build_llava(recipe.vision, recipe.device, len(processor.tokenizer), encoder.image_id, encoder.pad_id, 0)
+    world = World(0, 32)
+    fixed = world.samples(0, 16)
+    batch = encoder.encode([s.image for s in fixed], [s.question for s in fixed], [s.answer for s in fixed])
+    answers = encoder.answer_ids([s.answer for s in fixed])
+    with torch.no_grad():
+        before = float(answer_loss(model, batch, answers, encoder.eos_id))
+    train_answers(model, world, encoder, StageSpec(steps=25, batch_size=16, lr=3e-3, warmup=2),
+                  shifted=False, min_severity=0.0, seed=0)  # fmt: skip
+    with torch.no_grad():
+        after = float(answer_loss(model, batch, answers, encoder.eos_id))
+    assert after < before - 0.5
+
+
+def test_evaluate_reports_every_domain_and_type(micro_zoo):
+    loaded = load_mllm(micro_zoo.device)
+    encoder = BatchEncoder.from_processor(loaded.processor)
+    res = evaluate(loaded.model, encoder, ["clear", "night"], samples_per_domain=20, seed=0, image_size=32)
+    assert set(res) == {"clear", "night"}
+    assert all(r.total == 20 and 0.0 <= r.value <= 1.0 for r in res.values())
+    assert sum(t for _, t in res["clear"].by_type.values()) == 20
+
+
+def test_missing_and_corrupt_model_directories(tmp_path, micro_zoo):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_mllm(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_mllm(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_mllm(broken)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in micro_zoo.device.iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_mllm(truncated)
+
+
+def test_recipe_digest_is_stable_and_sensitive():
+    assert ZooRecipe().digest() == ZooRecipe().digest()
+    assert ZooRecipe().digest() != ZooRecipe(seed=1).digest()
+    assert json.loads(ZooRecipe().model_dump_json())["vision"]["patch_size"] == 8
+
+
+def test_quantized_load_4bit(micro_zoo):
+    pytest.importorskip("bitsandbytes")
+    loaded = load_mllm(micro_zoo.teacher, quantization="4bit")
+    names = {type(m).__name__ for m in loaded.model.model.language_model.modules()}
+    assert "Linear4bit" in names
+    encoder = BatchEncoder.from_processor(loaded.processor)
+    s = World(0, 32).samples(0, 2)
+    preds = predict_answers(loaded.model, encoder, [x.image for x in s], [x.question for x in s])
+    assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
