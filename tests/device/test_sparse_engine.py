@@ -232,3 +232,64 @@ def test_config_survives_save_pretrained(model, processor, tmp_path) -> None:
         and [st.layer for st in s.steps] == [0, 2]
         and all(st.merged == 0 for st in s.steps)
     )
+
+
+def _llava_with(text_config, processor):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from sim.zoo.architecture import vision_config
+
+    tok = processor.tokenizer
+    cfg = LlavaConfig(
+        vision_config=vision_config(RECIPE.vision),
+        text_config=text_config,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=N_VISUAL,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(5)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_family_decoders(processor, family: str) -> None:
+    from transformers import MistralConfig, Qwen2Config
+
+    sizes = dict(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    text = Qwen2Config(**sizes) if family == "qwen2" else MistralConfig(sliding_window=None, **sizes)
+    model = _llava_with(text, processor)
+    enable_sparsevlm(model, SparseConfig(budget=5))
+    enc = _inputs(processor, [0, 1])
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        for _ in range(3):
+            with decision_prefix(model, enc["input_ids"].shape[1]):
+                logits = model(input_ids=ids, pixel_values=enc["pixel_values"], attention_mask=mask,
+                               position_ids=_positions(mask), use_cache=False).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(gen, ids)
+    assert [s.final_count for s in sparse_stats(model).samples] == [5, 5]
+
+
+def test_sliding_window_decoder_is_refused(processor) -> None:
+    from transformers import MistralConfig
+
+    text = MistralConfig(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    with pytest.raises(UnsupportedModelError, match="sliding window"):
+        enable_sparsevlm(_llava_with(text, processor), SparseConfig())
