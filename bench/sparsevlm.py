@@ -99,7 +99,6 @@ def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tu
     if model_dir is None:
         try:
             from sim.zoo.build import ensure_zoo
-
             from sim.zoo.recipe import RECIPES
         except ImportError as exc:
             raise TandemError(
@@ -160,12 +159,13 @@ def measure_accuracy(
 
 @torch.no_grad()
 def measure_performance(
-    model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int
+    model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int, batch: int = 1
 ) -> None:
-    """FLOPs, wall time, peak memory and KV-cache size of a batch-1 prefill (with cache, as before
-    generation)."""
-    sample = World(EVAL_SEED, image_size).sample(0, "clear", "color")
-    enc = encode(processor, [sample])
+    """FLOPs, wall time, peak memory and KV-cache size of a prefill of ``batch`` clear samples (with a KV
+    cache, as before generation)."""
+    world = World(EVAL_SEED, image_size)
+    samples = [world.sample(i, "clear", QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(batch)]
+    enc = encode(processor, samples)
     pixel_values = enc.pop("pixel_values")
 
     def vision() -> Any:
@@ -318,6 +318,7 @@ def main(
     threads: int = typer.Option(1, help="torch CPU threads."),
     repeats: int = typer.Option(0, help="Timing repeats (default 7 quick, 21 full)."),
     batch: int = typer.Option(32, help="Accuracy batch size."),
+    time_batch: int = typer.Option(1, help="Batch size of the FLOPs / time / memory prefill."),
     out: Path = typer.Option(Path("reports/sparsevlm.md"), help="Markdown report path."),
 ) -> None:
     """Run the benchmark and write the table to the console and to a markdown file."""
@@ -337,7 +338,7 @@ def main(
         f"[bold]SparseVLM benchmark[/]: {description}; {n_visual} visual tokens, "
         f"{model.config.text_config.num_hidden_layers} LM layers, {threads} thread(s)"
     )
-    measure_performance(model, processor, methods, image_size, reps)
+    measure_performance(model, processor, methods, image_size, reps, time_batch)
     console.print("  performance measured")
     measure_accuracy(model, processor, methods, clear + shifted, n, batch, image_size)
     rows = table_rows(methods, clear, shifted, n_visual)
@@ -367,7 +368,8 @@ def main(
         "# SparseVLM benchmark\n\n"
         f"Model: {description}; {n_visual} visual tokens; "
         f"{model.config.text_config.num_hidden_layers} LM layers. "
-        f"Command: `python -m bench.sparsevlm{' --quick' if quick else ''}`; host CPU threads: {threads} "
+        f"Command: `python -m bench.sparsevlm{' --quick' if quick else ''}"
+        f"{f' --time-batch {time_batch}' if time_batch != 1 else ''}`; torch CPU threads: {threads} "
         f"(of {os.cpu_count()}).\n\n"
         + markdown(HEADER, rows)
         + "\n\n"
@@ -375,9 +377,9 @@ def main(
         + "\n\nColumns: visual tokens in the last layer and averaged over all LM layers "
         "(merged tokens counted); "
         "FLOPs from torch.utils.flop_counter (LM = total - vision tower and projector); times are medians of "
-        "interleaved batch-1 prefills; peak mem = peak live tensor bytes created during the prefill "
-        "(dispatch-mode "
-        "tracker); accuracy = greedy first token == answer, as % of dense.\n\n## Targets\n\n"
+        f"interleaved batch-{time_batch} prefills; peak mem = peak live tensor bytes created during the "
+        "prefill (dispatch-mode tracker); accuracy = greedy first token == answer, as % of dense."
+        "\n\n## Targets\n\n"
         + "\n".join(targets)
         + "\n"
     )

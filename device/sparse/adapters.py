@@ -89,7 +89,8 @@ def adapter_for(model: Any) -> DecoderAdapter:
             f"SparseVLM does not support language model class {lm_cls} inside {cls}; "
             f"supported: {', '.join(sorted(_LLAMA_FAMILY))}"
         )
-    if getattr(lm.config, "sliding_window", None) is not None and getattr(lm.config, "use_sliding_window", True):
+    window = getattr(lm.config, "sliding_window", None)
+    if window is not None and getattr(lm.config, "use_sliding_window", True):
         raise UnsupportedModelError(
             f"SparseVLM supports full-attention layers only; {lm_cls} uses a sliding window "
             f"({lm.config.sliding_window}); set sliding_window=None"
