@@ -2,15 +2,13 @@
 
 ``python -m bench.sparsevlm [--quick]`` loads the zoo device model (576 visual tokens by default), measures
 every method on the same inputs and prints ratios to the dense model measured in the same process; the
-table is
-also written to ``reports/sparsevlm.md``.
+table is also written to ``reports/sparsevlm.md``.
 
 Measures: visual tokens (final layer and layer-averaged), prefill FLOPs (torch.utils.flop_counter: matmul,
-linear and attention; language model = total - vision tower + projector), CPU prefill wall time (median,
-methods interleaved), peak live-tensor memory of the prefill (a dispatch-mode tracker: activations, masks, KV
-cache, outputs; not weights, not kernel scratch), KV-cache bytes, and greedy first-token accuracy on the
-world,
-clear and shifted domains, as a percentage of dense.
+linear and attention; language model = total - vision tower + projector), CPU prefill time (process CPU
+seconds, median, methods interleaved), peak live-tensor memory of the prefill (a dispatch-mode tracker:
+activations, masks, KV cache, outputs; not weights, not kernel scratch), KV-cache bytes, and greedy
+first-token accuracy on the world, clear and shifted domains, as a percentage of dense.
 """
 
 from __future__ import annotations
@@ -376,7 +374,8 @@ def main(
         + absolute
         + "\n\nColumns: visual tokens in the last layer and averaged over all LM layers "
         "(merged tokens counted); "
-        "FLOPs from torch.utils.flop_counter (LM = total - vision tower and projector); times are medians of "
+        "FLOPs from torch.utils.flop_counter (LM = total - vision tower and projector); "
+        "times are process CPU-time medians of "
         f"interleaved batch-{time_batch} prefills; peak mem = peak live tensor bytes created during the "
         "prefill (dispatch-mode tracker); accuracy = greedy first token == answer, as % of dense."
         "\n\n## Targets\n\n"

@@ -1,4 +1,4 @@
-"""Measurement helpers for the SparseVLM benchmark: FLOPs, live-tensor peak memory, median wall time."""
+"""Measurement helpers for the SparseVLM benchmark: FLOPs, live-tensor peak memory, CPU time."""
 
 from __future__ import annotations
 
@@ -70,10 +70,13 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
 
 
 def time_call(fn: Callable[[], Any]) -> float:
-    """Wall time of one call of ``fn`` in seconds."""
-    start = time.perf_counter()
+    """CPU time (process CPU seconds, all threads) of one call of ``fn``.
+
+    Process CPU time rather than wall time: on a shared machine wall time mostly measures other people's load.
+    """
+    start = time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def median(values: list[float]) -> float:
