@@ -293,3 +293,24 @@ def test_sliding_window_decoder_is_refused(processor) -> None:
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
     with pytest.raises(UnsupportedModelError, match="sliding window"):
         enable_sparsevlm(_llava_with(text, processor), SparseConfig())
+
+
+def test_rater_scores_equal_the_layers_own_attention_rows(model, processor) -> None:
+    """Scoring = the layer's own post-softmax attention (RoPE applied) restricted to rater rows, head mean."""
+    from device.sparse.adapters import adapter_for
+    from device.sparse.scoring import rater_attention
+
+    enc = _inputs(processor, [0])
+    model.config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(**enc, output_attentions=True, output_hidden_states=True)
+        adapter = adapter_for(model)
+        hidden = out.hidden_states[1]  # input of LM layer 1
+        pos = torch.arange(hidden.shape[1])[None]
+        cos, sin = adapter.rotary(hidden, pos)
+        rows = torch.tensor([hidden.shape[1] - 3, hidden.shape[1] - 1])
+        normed = adapter.input_norm(1, hidden)[0]
+        ours = rater_attention(adapter, 1, normed, cos[0], sin[0], rows, None)
+    expected = out.attentions[1][0][:, rows].mean(dim=0)
+    assert torch.allclose(ours, expected, atol=1e-5)
