@@ -68,6 +68,25 @@ class DecoderAdapter:
         k = k.repeat_interleave(attn.num_key_value_groups, dim=0)
         return q, k, float(attn.scaling)
 
+    def query_key_batch(
+        self, layer_idx: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Batched ``query_key``: ``normed`` [B, n, hidden], ``rows`` [B, R] -> q [B, heads, R, d],
+        k [B, heads, n, d]."""
+        attn = self.layers[layer_idx].self_attn
+        d = attn.head_dim
+        b, n, hidden = normed.shape
+        picked = rows[..., None]
+        q_in = normed.gather(1, picked.expand(b, rows.shape[1], hidden))
+        q = attn.q_proj(q_in).view(b, rows.shape[1], -1, d).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, n, -1, d).transpose(1, 2)
+        cos_q = cos.gather(1, picked.expand(b, rows.shape[1], d))[:, None]
+        sin_q = sin.gather(1, picked.expand(b, rows.shape[1], d))[:, None]
+        q = q * cos_q + _rotate_half(q) * sin_q
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+        return q, k, float(attn.scaling)
+
     def input_norm(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.layers[layer_idx].input_layernorm(hidden)
 

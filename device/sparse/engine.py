@@ -15,9 +15,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from device.sparse.adapters import DecoderAdapter
 from device.sparse.config import SparseConfig
 from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
-from device.sparse.recycle import cluster_dpc_knn, merge_clusters, recycle_plan
-from device.sparse.scoring import attention_rank, random_scores, rater_attention
-from device.sparse.sequence import TokenSeq, decode_mask, prefill_mask
+from device.sparse.recycle import (
+    cluster_dpc_knn,
+    cluster_dpc_knn_batch,
+    merge_clusters,
+    merge_clusters_batch,
+    recycle_plan,
+)
+from device.sparse.scoring import attention_rank, random_scores, rater_attention_batch
+from device.sparse.sequence import ORIG, RATER, VALID, VIS, TokenSeq, decode_mask, prefill_mask
 from device.sparse.stats import PruneStep, SampleStats, SparseStats
 
 CACHE_STATE_ATTR = "_tandem_sparse_state"
@@ -33,29 +39,48 @@ class CacheState:
     new_valid: torch.Tensor  # [B, t] validity of the tokens appended since the prefill
 
 
-def _scores_for_sample(
+def _score_batch(
     cfg: SparseConfig,
     adapter: DecoderAdapter,
     layer: int,
     seq: TokenSeq,
-    normed: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
-    b: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scores of the current visual slots of sample ``b`` and the attention matrix P (None for random)."""
-    vis_slots = torch.nonzero(seq.visual[b]).flatten()
+    active: list[int],
+) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Scores of the current visual slots of the ``active`` samples and their attention matrix P [R, V]."""
+    b, n = seq.h.shape[0], seq.length
+    dev = seq.h.device
+    counts = seq.visual.sum(dim=1).tolist()
     if cfg.method == "random":
-        return random_scores(len(vis_slots), cfg.seed * 1_000_003 + 7919 * layer + b, seq.h.device), None
+        seeds = {i: cfg.seed * 1_000_003 + 7919 * layer + i for i in active}
+        return {i: (random_scores(counts[i], seeds[i], dev), None) for i in active}
+    idx = torch.arange(n, device=dev)
     if cfg.method == "fastv":
-        rows = torch.nonzero(seq.valid[b] & seq.decide[b]).flatten()[-1:]
+        last = torch.where(seq.valid & seq.decide, idx, -1).amax(dim=1)
+        rows, n_rows = last[:, None].clamp(min=0), [1] * b
     else:
-        rows = torch.nonzero(seq.rater[b]).flatten()
+        n_rows = seq.rater.sum(dim=1).tolist()
+        r_max = max(max(n_rows), 1)
+        # rater slots first (in order), then padding that repeats the first rater
+        rows = torch.argsort((~seq.rater).long() * n + idx, dim=1)[:, :r_max]
+        pad = torch.arange(r_max, device=dev)[None] >= torch.tensor(n_rows, device=dev)[:, None]
+        rows = torch.where(pad, rows[:, :1], rows)
+    normed = adapter.input_norm(layer, seq.h)
     cos, sin = rope
-    attn = rater_attention(
-        adapter, layer, normed[b], cos[b], sin[b], rows, None if seq.all_valid else seq.valid[b]
-    )
-    p = attn[:, vis_slots]
-    return p.mean(dim=0), p
+    attn = rater_attention_batch(adapter, layer, normed, cos, sin, rows, None if seq.all_valid else seq.valid)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if len(set(counts)) == 1:
+        v = counts[0]
+        vis_slots = torch.nonzero(seq.visual)[:, 1].view(b, v)
+        p_all = attn.gather(2, vis_slots[:, None, :].expand(b, attn.shape[1], v))
+        for i in active:
+            p = p_all[i, : n_rows[i]]
+            out[i] = (p.mean(dim=0), p)
+        return out
+    for i in active:
+        p = attn[i, : n_rows[i]][:, torch.nonzero(seq.visual[i]).flatten()]
+        out[i] = (p.mean(dim=0), p)
+    return out
 
 
 def _target(
@@ -138,10 +163,13 @@ class SparsePrefill:
         counts = seq.visual.sum(dim=1).tolist()
         for li, layer in enumerate(self.adapter.layers[: self.adapter.num_layers]):
             if li in score_at:
-                normed = self.adapter.input_norm(li, seq.h)
-                for i, st in enumerate(samples):
-                    if st.fallback != NO_TEXT_AFTER_IMAGE and st.n_visual > 0:
-                        stash[i] = _scores_for_sample(self.cfg, self.adapter, li, seq, normed, rope, i)
+                active = [
+                    i
+                    for i, st in enumerate(samples)
+                    if st.fallback != NO_TEXT_AFTER_IMAGE and st.n_visual > 0
+                ]
+                if active:
+                    stash = _score_batch(self.cfg, self.adapter, li, seq, rope, active)
             if li in self.layers:
                 seq = self._prune(seq, li, stash, samples, out)
                 stash = {}
@@ -182,6 +210,9 @@ class SparsePrefill:
         """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to
         ``out``."""
         step = self.layers.index(layer)
+        batched = self._prune_batched(seq, layer, step, stash, samples, out)
+        if batched is not None:
+            return batched
         rows: list[tuple] = []
         everything = torch.arange(seq.length, device=seq.h.device)
         for i, st in enumerate(samples):
@@ -222,6 +253,77 @@ class SparsePrefill:
             rows.append(seq.row(i, torch.nonzero(keep_mask).flatten(), merged_h, merged_slot))
             st.steps.append(PruneStep(layer, current, target, groups, rank))
         return TokenSeq.stack(rows)
+
+
+    def _prune_batched(
+        self,
+        seq: TokenSeq,
+        layer: int,
+        step: int,
+        stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+        samples: list[SampleStats],
+        out: torch.Tensor,
+    ) -> TokenSeq | None:
+        """Budget mode with every row alike (same visual count, all scored): one set of batched ops.
+
+        Returns ``None`` when the rows differ; the per-sample path handles that.
+        """
+        cfg = self.cfg
+        b = len(samples)
+        n0 = samples[0].n_visual
+        if cfg.mode != "budget" or len(stash) != b or any(st.n_visual != n0 for st in samples):
+            return None
+        counts = seq.visual.sum(dim=1).tolist()
+        if len(set(counts)) != 1:
+            return None
+        v = counts[0]
+        scores = torch.stack([stash[i][0] for i in range(b)])
+        for i, st in enumerate(samples):
+            if st.visual_scores is None:
+                st.visual_scores = scores[i].detach().clone()
+        target, _ = _target(cfg, step, len(self.layers), n0, v, None)
+        if target >= v:
+            for st in samples:
+                st.steps.append(PruneStep(layer, v, v, 0, None))
+            return seq
+        groups = recycle_plan(target, v, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
+        vis_slots = torch.nonzero(seq.visual)[:, 1].view(b, v)
+        ranked = vis_slots.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
+        kept, pruned = ranked[:, : target - groups], ranked[:, target - groups :]
+        orig = seq.orig.gather(1, pruned)
+        dropped = orig >= 0
+        batch_idx = torch.arange(b, device=seq.h.device)[:, None].expand_as(pruned)
+        out[batch_idx[dropped], orig[dropped]] = seq.h[batch_idx[dropped], pruned[dropped]]
+        keep_mask = ~seq.visual
+        keep_mask.scatter_(1, kept, True)
+        keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
+        h_new, meta_new = _gather_rows(seq.h, keep_idx), _gather_rows(seq.meta, keep_idx)
+        if groups:
+            n_pruned = pruned.shape[1]
+            n_rec = max(groups, min(int(cfg.recycle_ratio * n_pruned) + 1, n_pruned))
+            recycled = pruned[:, :n_rec]
+            states = _gather_rows(seq.h, recycled)
+            labels = cluster_dpc_knn_batch(states, groups, cfg.cluster_knn)
+            merged_h = merge_clusters_batch(states, labels, groups)
+            ranks = torch.arange(n_rec, device=labels.device).expand(b, n_rec)
+            first = torch.full((b, groups), n_rec, dtype=torch.long, device=labels.device)
+            merged_slot = recycled.gather(1, first.scatter_reduce(1, labels, ranks, "amin"))
+            merged_meta = _gather_rows(seq.meta, merged_slot).clone()
+            merged_meta[..., VALID] = 1
+            merged_meta[..., ORIG] = -1
+            merged_meta[..., VIS] = 1
+            merged_meta[..., RATER] = 0
+            order = torch.argsort(torch.cat([keep_idx, merged_slot], dim=1), dim=1)
+            h_new = _gather_rows(torch.cat([h_new, merged_h.to(h_new.dtype)], dim=1), order)
+            meta_new = _gather_rows(torch.cat([meta_new, merged_meta], dim=1), order)
+        for st in samples:
+            st.steps.append(PruneStep(layer, v, target, groups, None))
+        return TokenSeq(h_new, meta_new)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, n, c] at ``idx`` [B, m] -> [B, m, c]."""
+    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 def sparse_decode(

@@ -46,3 +46,23 @@ def random_scores(n: int, seed: int, device: torch.device) -> torch.Tensor:
     """Seeded random scores (the random-pruning baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, generator=gen).to(device)
+
+
+def rater_attention_batch(
+    adapter: DecoderAdapter,
+    layer_idx: int,
+    normed: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``rater_attention`` for a batch: ``rows`` [B, R] (padded rows repeat a real one) -> [B, R, n]."""
+    q, k, scaling = adapter.query_key_batch(layer_idx, normed, cos, sin, rows)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    n = normed.shape[1]
+    blocked = torch.arange(n, device=normed.device)[None, None, :] > rows[:, :, None]
+    if valid is not None:
+        blocked = blocked | ~valid[:, None, :]
+    logits = logits.masked_fill(blocked[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=1)
