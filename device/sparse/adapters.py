@@ -51,6 +51,10 @@ class DecoderAdapter:
         """(cos, sin), each [B, n, head_dim], for the given (original) positions."""
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
+    def text_positions(self, position_ids: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """[B, n] position of each token (what decode steps continue from)."""
+        return position_ids.expand(b, n)
+
     def query_key(
         self, layer_idx: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -44,7 +44,6 @@ def _score_batch(
     adapter: DecoderAdapter,
     layer: int,
     seq: TokenSeq,
-    rope: tuple[torch.Tensor, torch.Tensor],
     active: list[int],
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """Scores of the current visual slots of the ``active`` samples and their attention matrix P [R, V]."""
@@ -66,7 +65,7 @@ def _score_batch(
         pad = torch.arange(r_max, device=dev)[None] >= torch.tensor(n_rows, device=dev)[:, None]
         rows = torch.where(pad, rows[:, :1], rows)
     normed = adapter.input_norm(layer, seq.h)
-    cos, sin = rope
+    cos, sin = seq.cos_sin
     attn = rater_attention_batch(adapter, layer, normed, cos, sin, rows, None if seq.all_valid else seq.valid)
     out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if len(set(counts)) == 1:
@@ -107,7 +106,7 @@ class SparsePrefill:
         embeds: torch.Tensor,
         image_mask: torch.Tensor,
         valid: torch.Tensor,
-        pos: torch.Tensor,
+        position_ids: torch.Tensor,
         decision_length: int | None,
     ) -> tuple[TokenSeq, list[SampleStats]]:
         """Slots of the input sequence, raters chosen per sample."""
@@ -130,9 +129,19 @@ class SparsePrefill:
             rater[i, raters] = True
             samples.append(SampleStats(len(vis_idx), [], raters.tolist(), None, fallback=fallback))
         meta = torch.stack(
-            [pos, valid.long(), idx[None].expand(b, n), vis.long(), rater.long(), decide.long()], dim=-1
+            [
+                self.adapter.text_positions(position_ids, b, n),
+                valid.long(),
+                idx[None].expand(b, n),
+                vis.long(),
+                rater.long(),
+                decide.long(),
+            ],
+            dim=-1,
         )
-        return TokenSeq(embeds, meta), samples
+        cos, sin = self.adapter.rotary(embeds, position_ids)
+        d = cos.shape[-1]
+        return TokenSeq(embeds, meta, torch.cat([cos.expand(b, n, d), sin.expand(b, n, d)], dim=-1)), samples
 
     def run(
         self,
@@ -151,14 +160,12 @@ class SparsePrefill:
             valid = torch.ones(b, n, dtype=torch.bool, device=dev)
         if position_ids is None:
             position_ids = torch.arange(n, device=dev)[None]
-        pos = position_ids.expand(b, n)
-        seq, samples = self._initial(embeds, image_mask, valid, pos, decision_length)
+        seq, samples = self._initial(embeds, image_mask, valid, position_ids, decision_length)
         out = torch.zeros_like(embeds)
         stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         fastv = self.cfg.method == "fastv"
         score_at = {(p - 1 if fastv and p > 0 else p): p for p in self.layers}
         key_valid: list[torch.Tensor] = []
-        rope = self.adapter.rotary(seq.h, seq.pos)
         mask = prefill_mask(seq)
         counts = seq.visual.sum(dim=1).tolist()
         for li, layer in enumerate(self.adapter.layers[: self.adapter.num_layers]):
@@ -169,11 +176,10 @@ class SparsePrefill:
                     if st.fallback != NO_TEXT_AFTER_IMAGE and st.n_visual > 0
                 ]
                 if active:
-                    stash = _score_batch(self.cfg, self.adapter, li, seq, rope, active)
+                    stash = _score_batch(self.cfg, self.adapter, li, seq, active)
             if li in self.layers:
                 seq = self._prune(seq, li, stash, samples, out)
                 stash = {}
-                rope = self.adapter.rotary(seq.h, seq.pos)
                 mask = prefill_mask(seq)
                 counts = seq.visual.sum(dim=1).tolist()
             for i, st in enumerate(samples):
@@ -182,7 +188,7 @@ class SparsePrefill:
             seq.h = layer(
                 seq.h,
                 attention_mask=mask,
-                position_embeddings=rope,
+                position_embeddings=seq.cos_sin,
                 position_ids=seq.pos,
                 past_key_values=cache,
                 use_cache=cache is not None,
@@ -195,7 +201,7 @@ class SparsePrefill:
         out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
         hidden = self.adapter.language_model.norm(out)
         if cache is not None:
-            next_pos = position_ids.expand(b, n).max(dim=1).values + 1
+            next_pos = self.adapter.text_positions(position_ids, b, n).max(dim=1).values + 1
             setattr(cache, CACHE_STATE_ATTR, CacheState(key_valid, n, next_pos, valid[:, :0]))
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
 
@@ -254,7 +260,6 @@ class SparsePrefill:
             st.steps.append(PruneStep(layer, current, target, groups, rank))
         return TokenSeq.stack(rows)
 
-
     def _prune_batched(
         self,
         seq: TokenSeq,
@@ -298,6 +303,7 @@ class SparsePrefill:
         keep_mask.scatter_(1, kept, True)
         keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
         h_new, meta_new = _gather_rows(seq.h, keep_idx), _gather_rows(seq.meta, keep_idx)
+        rope_new = _gather_rows(seq.rope, keep_idx)
         if groups:
             n_pruned = pruned.shape[1]
             n_rec = max(groups, min(int(cfg.recycle_ratio * n_pruned) + 1, n_pruned))
@@ -316,9 +322,10 @@ class SparsePrefill:
             order = torch.argsort(torch.cat([keep_idx, merged_slot], dim=1), dim=1)
             h_new = _gather_rows(torch.cat([h_new, merged_h.to(h_new.dtype)], dim=1), order)
             meta_new = _gather_rows(torch.cat([meta_new, merged_meta], dim=1), order)
+            rope_new = _gather_rows(torch.cat([rope_new, _gather_rows(seq.rope, merged_slot)], dim=1), order)
         for st in samples:
             st.steps.append(PruneStep(layer, v, target, groups, None))
-        return TokenSeq(h_new, meta_new)
+        return TokenSeq(h_new, meta_new, rope_new)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -344,8 +351,8 @@ def sparse_decode(
     new_valid = torch.cat([state.new_valid, fresh], dim=1)
     if position_ids is None:
         position_ids = state.next_pos[:, None] + t_past + torch.arange(q, device=embeds.device)[None]
-    position_ids = position_ids.expand(b, q)
     cos, sin = adapter.rotary(embeds, position_ids)
+    position_ids = adapter.text_positions(position_ids, b, q)
     h = embeds
     all_new_valid = bool(new_valid.all())
     for li, layer in enumerate(adapter.layers[: adapter.num_layers]):

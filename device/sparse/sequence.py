@@ -20,11 +20,18 @@ class TokenSeq:
     index
     in the input sequence, -1 for merged tokens and filler; ``VIS``: visual token (merged included);
     ``RATER``:
-    rater text token; ``DECIDE``: inside the decision prefix.
+    rater text token; ``DECIDE``: inside the decision prefix. ``rope``: cat(cos, sin) [B, n, 2 * head_dim] of
+    each slot's original position, so positions of any layout (1D, M-RoPE) travel with the tokens.
     """
 
     h: torch.Tensor
     meta: torch.Tensor
+    rope: torch.Tensor
+
+    @property
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope.chunk(2, dim=-1)
+        return cos, sin
 
     @property
     def length(self) -> int:
@@ -62,34 +69,35 @@ class TokenSeq:
     def row(self, b: int, idx: torch.Tensor, merged_h: torch.Tensor, merged_slot: torch.Tensor) -> tuple:
         """Sample ``b`` reduced to sorted slots ``idx`` plus merged tokens placed at ``merged_slot``."""
         if len(merged_slot) == 0:
-            return self.h[b, idx], self.meta[b, idx]
+            return self.h[b, idx], self.meta[b, idx], self.rope[b, idx]
         merged_meta = self.meta[b, merged_slot].clone()
         merged_meta[:, VALID] = 1
         merged_meta[:, ORIG] = -1
         merged_meta[:, VIS] = 1
         merged_meta[:, RATER] = 0
         order = torch.argsort(torch.cat([idx, merged_slot]))  # merged slots were pruned: no ties
-        return torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)])[order], torch.cat(
-            [self.meta[b, idx], merged_meta]
-        )[order]
+        h = torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)])[order]
+        meta = torch.cat([self.meta[b, idx], merged_meta])[order]
+        rope = self.rope[b, torch.cat([idx, merged_slot])[order]]
+        return h, meta, rope
 
     @classmethod
     def stack(cls, rows: list[tuple]) -> TokenSeq:
-        """Left-pad the rows with invalid filler slots (ORIG -1) to a common length."""
+        """Left-pad the rows (h, meta, rope) with invalid filler slots (ORIG -1) to a common length."""
         if len(rows) == 1:
-            return cls(rows[0][0][None], rows[0][1][None])
-        n = max(h.shape[0] for h, _ in rows)
-        hs, metas = [], []
-        for h, meta in rows:
-            pad = n - h.shape[0]
-            if pad:
-                h = torch.cat([h.new_zeros(pad, h.shape[1]), h])
-                filler = meta.new_zeros(pad, meta.shape[1])
-                filler[:, ORIG] = -1
-                meta = torch.cat([filler, meta])
-            hs.append(h)
-            metas.append(meta)
-        return cls(torch.stack(hs), torch.stack(metas))
+            return cls(*(x[None] for x in rows[0]))
+        n = max(r[0].shape[0] for r in rows)
+        padded: list[list[torch.Tensor]] = [[], [], []]
+        for row in rows:
+            pad = n - row[0].shape[0]
+            for k, x in enumerate(row):
+                if pad:
+                    filler = x.new_zeros(pad, x.shape[1])
+                    if k == 1:
+                        filler[:, ORIG] = -1
+                    x = torch.cat([filler, x])
+                padded[k].append(x)
+        return cls(*(torch.stack(xs) for xs in padded))
 
 
 def prefill_mask(seq: TokenSeq) -> torch.Tensor | None:
