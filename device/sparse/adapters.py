@@ -19,7 +19,6 @@ from common.errors import TandemError
 # head_dim / scaling / num_key_value_groups, a model-level rotary_emb returning (cos, sin) and rotate-half
 # RoPE.
 _LLAMA_FAMILY = {"LlamaModel", "MistralModel", "Qwen2Model"}
-_MULTIMODAL_WRAPPERS = {"LlavaForConditionalGeneration", "LlavaModel"}
 
 
 class UnsupportedModelError(TandemError):
@@ -95,22 +94,47 @@ class DecoderAdapter:
         return self.layers[layer_idx].input_layernorm(hidden)
 
 
+@dataclass
+class Qwen2VLAdapter(DecoderAdapter):
+    """Qwen2-VL: M-RoPE positions [3, B, n] (or [4, B, n] with text positions first); the rotary embedding
+    recomposes them into ordinary (cos, sin) [B, n, d], so the decoder layers match Llama's."""
+
+    def text_positions(self, position_ids: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        if position_ids.dim() == 3:
+            position_ids = position_ids[0]
+        return position_ids.expand(b, n)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]
+        return self.language_model.rotary_emb(hidden, position_ids)
+
+
+# wrapper class -> (attribute path to the module that sees input_ids, adapter class, supported LM classes)
+_SUPPORTED: dict[str, tuple[bool, type[DecoderAdapter], set[str]]] = {
+    "LlavaForConditionalGeneration": (True, DecoderAdapter, _LLAMA_FAMILY),
+    "LlavaModel": (False, DecoderAdapter, _LLAMA_FAMILY),
+    "Qwen2VLForConditionalGeneration": (True, Qwen2VLAdapter, {"Qwen2VLTextModel"}),
+    "Qwen2VLModel": (False, Qwen2VLAdapter, {"Qwen2VLTextModel"}),
+}
+
+
 def adapter_for(model: Any) -> DecoderAdapter:
     """The adapter for ``model`` or an ``UnsupportedModelError`` naming its class."""
     cls = type(model).__name__
-    if cls not in _MULTIMODAL_WRAPPERS:
+    if cls not in _SUPPORTED:
         raise UnsupportedModelError(
-            f"SparseVLM does not support model class {cls}; "
-            "supported: LlavaForConditionalGeneration / LlavaModel "
-            f"with a {'/'.join(sorted(_LLAMA_FAMILY))} language model"
+            f"SparseVLM does not support model class {cls}; supported: {', '.join(sorted(_SUPPORTED))} "
+            f"(LLaVA with a {'/'.join(sorted(_LLAMA_FAMILY))} language model)"
         )
-    wrapper = model.model if cls == "LlavaForConditionalGeneration" else model
+    nested, adapter_cls, lm_classes = _SUPPORTED[cls]
+    wrapper = model.model if nested else model
     lm = wrapper.language_model
     lm_cls = type(lm).__name__
-    if lm_cls not in _LLAMA_FAMILY:
+    if lm_cls not in lm_classes:
         raise UnsupportedModelError(
             f"SparseVLM does not support language model class {lm_cls} inside {cls}; "
-            f"supported: {', '.join(sorted(_LLAMA_FAMILY))}"
+            f"supported: {', '.join(sorted(lm_classes))}"
         )
     window = getattr(lm.config, "sliding_window", None)
     if window is not None and getattr(lm.config, "use_sliding_window", True):
@@ -123,4 +147,4 @@ def adapter_for(model: Any) -> DecoderAdapter:
         raise UnsupportedModelError(
             f"SparseVLM supports full-attention layers only; {lm_cls} has {set(layer_types)}"
         )
-    return DecoderAdapter(wrapper=wrapper, language_model=lm, image_token_id=int(model.config.image_token_id))
+    return adapter_cls(wrapper=wrapper, language_model=lm, image_token_id=int(model.config.image_token_id))

@@ -202,7 +202,11 @@ class SparsePrefill:
         hidden = self.adapter.language_model.norm(out)
         if cache is not None:
             next_pos = self.adapter.text_positions(position_ids, b, n).max(dim=1).values + 1
-            setattr(cache, CACHE_STATE_ATTR, CacheState(key_valid, n, next_pos, valid[:, :0]))
+            state = CacheState(key_valid, n, next_pos, valid[:, :0])
+            setattr(cache, CACHE_STATE_ATTR, state)
+            # Layers hold different numbers of tokens; callers asking the cache its length (generate,
+            # M-RoPE position bookkeeping) get the logical length: the prompt plus the tokens decoded since.
+            cache.get_seq_length = lambda layer_idx=0: state.orig_len + state.new_valid.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
 
     def _prune(

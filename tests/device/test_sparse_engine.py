@@ -278,8 +278,13 @@ def test_other_llama_family_decoders(processor, family: str) -> None:
         ids, mask = enc["input_ids"], enc["attention_mask"]
         for _ in range(3):
             with decision_prefix(model, enc["input_ids"].shape[1]):
-                logits = model(input_ids=ids, pixel_values=enc["pixel_values"], attention_mask=mask,
-                               position_ids=_positions(mask), use_cache=False).logits[:, -1]
+                logits = model(
+                    input_ids=ids,
+                    pixel_values=enc["pixel_values"],
+                    attention_mask=mask,
+                    position_ids=_positions(mask),
+                    use_cache=False,
+                ).logits[:, -1]
             nxt = logits.argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     assert torch.equal(gen, ids)
@@ -289,8 +294,15 @@ def test_other_llama_family_decoders(processor, family: str) -> None:
 def test_sliding_window_decoder_is_refused(processor) -> None:
     from transformers import MistralConfig
 
-    text = MistralConfig(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    text = MistralConfig(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
     with pytest.raises(UnsupportedModelError, match="sliding window"):
         enable_sparsevlm(_llava_with(text, processor), SparseConfig())
 

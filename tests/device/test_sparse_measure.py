@@ -1,4 +1,4 @@
-"""The SparseVLM benchmark's measuring instruments: FLOP counting (CPU SDPA included) and live-tensor peaks."""
+"""The SparseVLM benchmark's instruments: FLOP counting (CPU SDPA included) and live-tensor peaks."""
 
 from __future__ import annotations
 
