@@ -173,7 +173,9 @@ class SparsePrefill:
                 active = [
                     i
                     for i, st in enumerate(samples)
-                    if st.fallback != NO_TEXT_AFTER_IMAGE and st.n_visual > 0
+                    if st.fallback != NO_TEXT_AFTER_IMAGE
+                    and st.n_visual > 0
+                    and (st.visual_scores is None or self._may_prune(score_at[li], st, counts[i]))
                 ]
                 if active:
                     stash = _score_batch(self.cfg, self.adapter, li, seq, active)
@@ -208,6 +210,13 @@ class SparsePrefill:
             # M-RoPE position bookkeeping) get the logical length: the prompt plus the tokens decoded since.
             cache.get_seq_length = lambda layer_idx=0: state.orig_len + state.new_valid.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
+
+    def _may_prune(self, layer: int, st: SampleStats, current: int) -> bool:
+        """False when budget mode already holds at most this step's target (scoring can be skipped)."""
+        if self.cfg.mode != "budget":
+            return True
+        step = self.layers.index(layer)
+        return self.cfg.step_targets(st.n_visual, len(self.layers))[step] < current
 
     def _prune(
         self,
