@@ -210,6 +210,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _relative(value: float, base: float) -> str:
+    """``value`` as % of ``base``; '-' when the base is 0 (no ratio to show)."""
+    return _pct(value / base) if base > 0 else "-"
+
+
 def header(time_batches: list[int]) -> list[str]:
     times = [f"{kind} time b{b}" for b in time_batches for kind in ("LM", "total")]
     return ["method", "budget", "vis final", "vis layer-avg", "LM FLOPs", "total FLOPs", *times]
@@ -243,8 +248,8 @@ def table_rows(
                 *times,
                 f"{p['peak_bytes'] / d['peak_bytes']:.3f}",
                 f"{p['kv_bytes'] / d['kv_bytes']:.3f}",
-                _pct(m.accuracy(clear) / max(dense.accuracy(clear), 1e-9)),
-                _pct(m.accuracy(shifted) / max(dense.accuracy(shifted), 1e-9)) if shifted else "-",
+                _relative(m.accuracy(clear), dense.accuracy(clear)),
+                _relative(m.accuracy(shifted), dense.accuracy(shifted)) if shifted else "-",
             ]
         )
     return rows
