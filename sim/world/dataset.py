@@ -11,7 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.world.questions import QUESTION_TYPES, ask, check_question_type
-from sim.world.scenes import CLEAR_PALETTE, COLORS, SHAPES, SHIFTED_PALETTE, Scene, render_scene, sample_scene
+from sim.world.scenes import (
+    CLEAR_PALETTE,
+    COLORS,
+    MAX_OBJECTS,
+    SHAPES,
+    SHIFTED_PALETTE,
+    Scene,
+    render_scene,
+    sample_scene,
+)
 from sim.world.shifts import Domain, parse_domain
 
 
@@ -48,22 +57,27 @@ class World:
         self.seed = int(seed)
         self.image_size = int(image_size)
 
-    def _scene_and_question(self, index: int, qtype: str | None) -> tuple[Scene, tuple[str, str, str]]:
+    def _scene_and_question(
+        self, index: int, qtype: str | None, max_objects: int
+    ) -> tuple[Scene, tuple[str, str, str]]:
         rng = np.random.default_rng([self.seed, index])
         wanted = qtype or QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
         for _ in range(50):
-            scene = sample_scene(rng, self.image_size)
+            scene = sample_scene(rng, self.image_size, max_objects)
             qa = ask(scene, rng, wanted)
             if qa[0] == wanted:
                 return scene, qa
         return scene, qa  # pragma: no cover - every type is supported by most scenes
 
-    def sample(self, index: int, domain: str | Domain = "clear", qtype: str | None = None) -> Sample:
-        """Sample number ``index`` in ``domain``; ``qtype`` forces a question type."""
+    def sample(
+        self, index: int, domain: str | Domain = "clear", qtype: str | None = None, max_objects: int = MAX_OBJECTS
+    ) -> Sample:
+        """Sample number ``index`` in ``domain``; ``qtype`` forces a question type; ``max_objects`` caps the
+        scene size (used by training curricula)."""
         if qtype is not None:
             check_question_type(qtype)
         dom = parse_domain(domain)
-        scene, (t, question, answer) = self._scene_and_question(index, qtype)
+        scene, (t, question, answer) = self._scene_and_question(index, qtype, max_objects)
         shift_rng = np.random.default_rng([self.seed, index, zlib.crc32(dom.name.encode())])
         render_rng = np.random.default_rng([self.seed, index, 1])
         image, index_map = render_scene(

@@ -59,9 +59,9 @@ class Scene:
     background: float
 
 
-def sample_scene(rng: np.random.Generator, size: int) -> Scene:
-    """Sample 1-5 non-overlapping objects with varied shape, colour, size and position."""
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+def sample_scene(rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS) -> Scene:
+    """Sample 1..max_objects (at most 5) non-overlapping objects with varied shape, colour, size and position."""
+    n = int(rng.integers(1, min(max_objects, MAX_OBJECTS) + 1))
     r_min, r_max = size * 0.07, size * 0.14
     margin = 2.0
     objects: list[SceneObject] = []

@@ -17,14 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sim.world import World
 from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
 from sim.zoo.recipe import ZooRecipe
 from sim.zoo.tokenizer import build_processor
-from sim.zoo.train import pretrain_vision, train_answers
+from sim.zoo.train import init_projector_from_heads, pretrain_vision, train_answers
 
 MANIFEST = "zoo.json"
 
@@ -124,15 +131,21 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
             timings[name] = round(time.perf_counter() - start, 1)
             final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
 
-        run(
-            "vision (clear)",
-            recipe.vision_stage.steps,
-            lambda cb: pretrain_vision(
+        heads = []
+
+        def vision_stage(cb) -> list[float]:
+            losses, trained_heads = pretrain_vision(
                 teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb
-            ),
-        )
+            )
+            heads.append(trained_heads)
+            return losses
+
+        run("vision (clear)", recipe.vision_stage.steps, vision_stage)
         # The device keeps a frozen copy of the teacher's vision tower.
         device.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+        if recipe.projector_from_heads:
+            init_projector_from_heads(teacher, heads[0])
+            init_projector_from_heads(device, heads[0])
         run(
             "teacher (all)",
             recipe.teacher_stage.steps,

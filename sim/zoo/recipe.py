@@ -48,6 +48,8 @@ class StageSpec(StrictConfig):
     batch_size: int = Field(48, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup: int = Field(50, ge=0)
+    # Share of the steps over which scenes grow from one object to the full five (0 disables the curriculum).
+    curriculum: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class ZooRecipe(StrictConfig):
@@ -61,6 +63,8 @@ class ZooRecipe(StrictConfig):
     vision_stage: StageSpec = StageSpec(steps=400, batch_size=64, lr=2e-3, warmup=40)
     teacher_stage: StageSpec = StageSpec(steps=1500, batch_size=48, lr=2e-3, warmup=80)
     device_stage: StageSpec = StageSpec(steps=1000, batch_size=48, lr=2e-3, warmup=60)
+    # Initialise each projector from the vision pretraining's per-patch heads (LLaVA's stage-1 alignment, cheaply).
+    projector_from_heads: bool = True
     # Severity range used when the teacher trains on shifted domains.
     teacher_min_severity: float = 0.4
 

@@ -55,8 +55,8 @@ class DensePatchHeads(nn.Module):
 
 def pretrain_vision(
     tower: CLIPVisionModel, world: World, encoder: BatchEncoder, spec: StageSpec, on_step: ProgressFn | None = None
-) -> list[float]:
-    """Train the vision tower on per-patch labels of clear images; returns the loss per step."""
+) -> tuple[list[float], DensePatchHeads]:
+    """Train the vision tower on per-patch labels of clear images; returns the loss per step and the heads."""
     patch = tower.config.patch_size
     heads = DensePatchHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -81,7 +81,27 @@ def pretrain_vision(
         if on_step:
             on_step(step, losses[-1])
     tower.eval()
-    return losses
+    return losses, heads
+
+
+@torch.no_grad()
+def init_projector_from_heads(model: LlavaForConditionalGeneration, heads: DensePatchHeads, scale: float = 1.0) -> None:
+    """Make the projector's first units the pretrained per-patch logits, passed on by the second layer.
+
+    The language model then starts from visual tokens whose leading dimensions name colour, shape and object
+    centre; everything else keeps its random initialisation and all of it trains.
+    """
+    proj = model.model.multi_modal_projector
+    w = torch.cat([heads.color.weight, heads.shape.weight, heads.centre.weight])
+    b = torch.cat([heads.color.bias, heads.shape.bias, heads.centre.bias])
+    k = w.shape[0]
+    if proj.linear_1.out_features < k or proj.linear_2.out_features < k:
+        return
+    proj.linear_1.weight[:k] = w * scale
+    proj.linear_1.bias[:k] = b * scale
+    proj.linear_2.weight[:k].zero_()
+    proj.linear_2.weight[:k, :k] = torch.eye(k)
+    proj.linear_2.bias[:k].zero_()
 
 
 def domain_stream(rng: np.random.Generator, shifted: bool, min_severity: float) -> Iterator[Domain]:
@@ -127,7 +147,8 @@ def train_answers(
     losses = []
     for step in range(spec.steps):
         base = step * spec.batch_size
-        samples = [world.sample(base + i, next(domains)) for i in range(spec.batch_size)]
+        cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
+        samples = [world.sample(base + i, next(domains), max_objects=cap) for i in range(spec.batch_size)]
         batch = encoder.encode([s.image for s in samples], [s.question for s in samples], [s.answer for s in samples])
         loss = answer_loss(model, batch, encoder.answer_ids([s.answer for s in samples]), encoder.eos_id)
         for g in opt.param_groups:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -93,7 +92,8 @@ def test_fast_encoder_equals_saved_processor(micro_zoo):
 
 def test_chat_template_gives_the_training_prompt(micro_zoo):
     processor = AutoProcessor.from_pretrained(micro_zoo.device)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
+    content = [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]
+    messages = [{"role": "user", "content": content}]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt_for(
         "how many objects are there ?"
     )
