@@ -154,10 +154,7 @@ class SparsePrefill:
     ) -> tuple[BaseModelOutputWithPast, SparseStats]:
         b, n, _ = embeds.shape
         dev = embeds.device
-        if attention_mask is not None:
-            valid = attention_mask.bool()
-        else:
-            valid = torch.ones(b, n, dtype=torch.bool, device=dev)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
         if position_ids is None:
             position_ids = torch.arange(n, device=dev)[None]
         seq, samples = self._initial(embeds, image_mask, valid, position_ids, decision_length)
