@@ -2,16 +2,236 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from common.cli import run_app
+from common.config import load_config
+from common.errors import ConfigError, TandemError
 
 app = typer.Typer(name="tandem-cloud", help="Tandem cloud role.", no_args_is_help=True, add_completion=False)
+updates_app = typer.Typer(help="Publish and list signed updates.", no_args_is_help=True)
+devices_app = typer.Typer(help="Inspect and revoke registered devices.", no_args_is_help=True)
+samples_app = typer.Typer(help="Inspect the sample store.", no_args_is_help=True)
+app.add_typer(updates_app, name="updates")
+app.add_typer(devices_app, name="devices")
+app.add_typer(samples_app, name="samples")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="GatewayConfig YAML (e.g. deploy/configs/cloud.yaml).")
+DataDirOpt = typer.Option(None, "--data-dir", help="Gateway data directory (overrides the config).")
 
 
 @app.callback()
 def _root() -> None:
     """Tandem cloud role."""
+
+
+def _gateway_config(config: Path | None, **overrides):
+    from cloud.config import GatewayConfig
+
+    return load_config(GatewayConfig, config, **overrides)
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    host: str | None = typer.Option(None, help="Address to bind."),
+    port: int | None = typer.Option(None, help="Port to bind (0 picks a free one)."),
+    data_dir: Path | None = DataDirOpt,
+    metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
+    ready_file: Path | None = typer.Option(None, help="Write host:port here once serving."),
+    log_level: str = typer.Option("INFO", help="Logging level."),
+) -> None:
+    """Run the gRPC gateway until interrupted."""
+    from cloud.gateway import serve as serve_gateway
+
+    cfg = _gateway_config(config, host=host, port=port, data_dir=data_dir, metrics_port=metrics_port)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve_gateway(cfg, ready_file))
+
+
+@app.command()
+def keygen(
+    out: Path = typer.Option(..., "--out", help="Private key file to write (public key goes to <out>.pub)."),
+    force: bool = typer.Option(False, help="Overwrite an existing key."),
+) -> None:
+    """Create the Ed25519 key that signs updates."""
+    from common.signing import generate_private_key, key_id, save_private_key
+
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite")
+    key = generate_private_key()
+    save_private_key(key, out)
+    console.print(f"wrote {out} and {out}.pub (key id {key_id(key)})")
+
+
+@app.command("dev-certs")
+def dev_certs(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.crt/.key and client certs."),
+    host: list[str] = typer.Option(
+        ["localhost", "127.0.0.1"], "--host", help="Server name or IP (repeatable)."
+    ),
+    client: list[str] = typer.Option(["device"], "--client", help="Client certificate name (repeatable)."),
+) -> None:
+    """Write a development CA with server and client certificates for TLS / mutual TLS trials."""
+    from cloud.devcerts import write_dev_certs
+
+    paths = write_dev_certs(out, host, client)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _registry(config: Path | None, data_dir: Path | None):
+    from cloud.gateway.server import load_or_create_signing_key
+    from cloud.updates import SqliteUpdateRegistry
+
+    cfg = _gateway_config(config, data_dir=data_dir)
+    return SqliteUpdateRegistry(
+        Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg), cfg.sqlite_synchronous
+    )
+
+
+def _parse_meta(items: list[str]) -> dict[str, str]:
+    meta = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--meta expects key=value, got {item!r}")
+        meta[key] = value
+    return meta
+
+
+@updates_app.command("publish")
+def updates_publish(
+    payload: Path = typer.Argument(..., help="Payload file (safetensors bytes from the learning core)."),
+    base: str = typer.Option(..., "--base", help="Version the device must hold."),
+    target: str = typer.Option(..., "--target", help="Version after applying."),
+    device: str | None = typer.Option(None, "--device", help="Address one device."),
+    cohort: str | None = typer.Option(None, "--cohort", help="Address every device of a cohort."),
+    meta: list[str] = typer.Option([], "--meta", help="Extra signed metadata key=value (repeatable)."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Sign and store an update; running gateways announce it to watchers within their poll interval."""
+    if (device is None) == (cohort is None):
+        raise ConfigError("give exactly one of --device or --cohort")
+    if not payload.is_file():
+        raise ConfigError(f"payload file not found: {payload}")
+    registry = _registry(config, data_dir)
+    try:
+        data = payload.read_bytes()
+        if device is not None:
+            rec = registry.publish(device, base, target, data, _parse_meta(meta))
+        else:
+            rec = registry.publish_cohort(cohort or "", base, target, data, _parse_meta(meta))
+    finally:
+        registry.close()
+    console.print(
+        f"published update {rec.update_id}: {rec.base_version} -> {rec.target_version}, "
+        f"{rec.size} bytes, sha256 {rec.sha256_hex[:16]}..., key {rec.key_id}"
+    )
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+@updates_app.command("list")
+def updates_list(
+    device: str | None = typer.Option(None, "--device", help="Only this device's updates."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """List published updates."""
+    registry = _registry(config, data_dir)
+    try:
+        records = registry.list(device_id=device)
+    finally:
+        registry.close()
+    table = Table("id", "device", "cohort", "base", "target", "bytes", "sha256", "created (UTC)")
+    for r in records:
+        table.add_row(
+            str(r.update_id),
+            r.device_id or "-",
+            r.cohort or "-",
+            r.base_version,
+            r.target_version,
+            str(r.size),
+            r.sha256_hex[:16],
+            _when(r.created_unix_ms),
+        )
+    console.print(table)
+
+
+def _devices(config: Path | None, data_dir: Path | None):
+    from cloud.devices import DeviceRegistry
+
+    cfg = _gateway_config(config, data_dir=data_dir)
+    path = Path(cfg.data_dir) / "devices.db"
+    if not path.exists():
+        raise TandemError(f"no device database at {path}")
+    return DeviceRegistry(path)
+
+
+@devices_app.command("list")
+def devices_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDirOpt) -> None:
+    """List registered devices with their applied version and last heartbeat."""
+    reg = _devices(config, data_dir)
+    try:
+        table = Table("device", "cohort", "model", "applied", "status", "last seen (UTC)", "revoked")
+        for d in reg.list():
+            table.add_row(
+                d.device_id,
+                d.cohort or "-",
+                f"{d.model_family}@{d.model_version}",
+                d.applied_version or "-",
+                d.status or "-",
+                _when(d.last_seen_unix_ms),
+                str(d.revoked),
+            )
+    finally:
+        reg.close()
+    console.print(table)
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device: str = typer.Argument(..., help="Device id."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Invalidate a device's token (it must register again)."""
+    reg = _devices(config, data_dir)
+    try:
+        if not reg.revoke(device):
+            raise TandemError(f"no device {device!r}")
+    finally:
+        reg.close()
+    console.print(f"revoked {device}")
+
+
+@samples_app.command("list")
+def samples_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDirOpt) -> None:
+    """Samples stored per device."""
+    from cloud.samples import open_sample_store
+
+    cfg = _gateway_config(config, data_dir=data_dir)
+    if not (Path(cfg.data_dir) / "samples.db").exists():
+        raise TandemError(f"no sample store in {cfg.data_dir}")
+    store = open_sample_store(cfg.sample_store, str(cfg.data_dir))
+    try:
+        table = Table("device", "samples", "highest seq")
+        for dev in store.devices():
+            table.add_row(dev, str(store.count(dev)), str(store.high_water(dev)))
+    finally:
+        store.close()
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,16 +2,259 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from common.cli import run_app
+from common.config import load_config
+from common.errors import ConfigError, TandemError
 
-app = typer.Typer(name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False
+)
+outbox_app = typer.Typer(help="Inspect, fill and push the durable outbox.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
+console = Console()
+T = TypeVar("T")
+
+ConfigOpt = typer.Option(
+    None, "--config", "-c", help="DeviceClientConfig YAML (e.g. deploy/configs/device.yaml)."
+)
+StateOpt = typer.Option(None, "--state-dir", help="Device state directory (overrides the config).")
+TimeoutOpt = typer.Option(60.0, "--timeout", help="Give up after this many seconds.")
 
 
 @app.callback()
 def _root() -> None:
     """Tandem device role."""
+
+
+def _config(config: Path | None, **overrides):
+    from device.transport.config import DeviceClientConfig
+
+    return load_config(DeviceClientConfig, config, **overrides)
+
+
+def _run(coro: Awaitable[T], timeout: float) -> T:
+    """Run a coroutine; gRPC failures and timeouts become one-line errors."""
+    import grpc
+
+    async def guarded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    try:
+        return asyncio.run(guarded())
+    except grpc.aio.AioRpcError as exc:
+        raise TandemError(f"gateway said {exc.code().name}: {exc.details()}") from exc
+    except asyncio.TimeoutError as exc:
+        raise TandemError(f"gave up after {timeout:g} s (gateway unreachable?)") from exc
+
+
+@app.command()
+def register(
+    config: Path | None = ConfigOpt,
+    gateway: str | None = typer.Option(None, help="Gateway host:port."),
+    device_id: str | None = typer.Option(None, "--device-id", help="This device's id."),
+    cohort: str | None = typer.Option(None, help="Cohort (devices sharing updates)."),
+    model_family: str | None = typer.Option(None, "--model-family"),
+    model_version: str | None = typer.Option(None, "--model-version"),
+    state_dir: Path | None = StateOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Register with the gateway and save the token (re-registering rotates it)."""
+    from device.transport.client import GatewayClient
+    from device.transport.identity import DeviceIdentity, NotRegisteredError
+    from device.transport.outbox import Outbox
+
+    cfg = _config(
+        config,
+        gateway=gateway,
+        device_id=device_id,
+        cohort=cohort,
+        model_family=model_family,
+        model_version=model_version,
+        state_dir=state_dir,
+    )
+    try:
+        previous = DeviceIdentity.load(cfg.state_dir)
+    except NotRegisteredError:
+        previous = None
+    if previous is not None and previous.device_id != cfg.device_id:
+        previous = None
+
+    async def go():
+        async with GatewayClient(cfg, previous) as client:
+            ident = await client.register()
+            return ident, client.registered_acked_seq
+
+    identity, acked = _run(go(), timeout)
+    identity.save(cfg.state_dir)
+    box = Outbox(Path(cfg.state_dir) / "outbox.db")
+    box.ensure_seq_above(acked)
+    box.close()
+    console.print(
+        f"registered {identity.device_id} (cohort {identity.cohort or '-'}) at {identity.gateway}; "
+        f"identity saved in {DeviceIdentity.path(cfg.state_dir)}"
+    )
+
+
+def _open(config: Path | None, state_dir: Path | None):
+    from device.transport.identity import DeviceIdentity
+    from device.transport.outbox import Outbox
+
+    cfg = _config(config, state_dir=state_dir)
+    identity = DeviceIdentity.load(cfg.state_dir)
+    return cfg, identity, Outbox(Path(cfg.state_dir) / "outbox.db", identity.max_sample_bytes or None)
+
+
+@outbox_app.command("inspect")
+def outbox_inspect(
+    config: Path | None = ConfigOpt,
+    state_dir: Path | None = StateOpt,
+    limit: int = typer.Option(10, help="Show this many oldest pending samples."),
+) -> None:
+    """Show what waits in the outbox."""
+    _, identity, box = _open(config, state_dir)
+    try:
+        s = box.stats()
+        items = box.pending(max_samples=limit, max_bytes=1 << 62)
+        refused = box.rejected()
+    finally:
+        box.close()
+    console.print(
+        f"device {identity.device_id}: {s.pending} pending ({s.pending_bytes} bytes), "
+        f"seq {s.first_seq or '-'}..{s.last_seq or '-'}, acked up to {s.acked_seq}, next seq {s.next_seq}"
+    )
+    for seq, reason in refused:
+        console.print(f"[yellow]set aside (refused by the cloud): seq {seq}: {reason}[/]")
+    if items:
+        table = Table("seq", "bytes", "metadata")
+        for it in items:
+            table.add_row(
+                str(it.seq), str(len(it.payload)), ", ".join(f"{k}={v}" for k, v in it.metadata.items())
+            )
+        console.print(table)
+
+
+@outbox_app.command("put")
+def outbox_put(
+    files: list[Path] = typer.Argument(..., help="Files to queue as samples (safetensors or opaque bytes)."),
+    meta: list[str] = typer.Option([], "--meta", help="Metadata key=value for every sample (repeatable)."),
+    config: Path | None = ConfigOpt,
+    state_dir: Path | None = StateOpt,
+) -> None:
+    """Queue files as samples."""
+    metadata = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--meta expects key=value, got {item!r}")
+        metadata[key] = value
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"sample file not found: {f}")
+    _, _, box = _open(config, state_dir)
+    try:
+        seqs = [box.put(f.read_bytes(), {**metadata, "file": f.name}) for f in files]
+    finally:
+        box.close()
+    console.print(f"queued {len(seqs)} samples (seq {seqs[0]}..{seqs[-1]})")
+
+
+@outbox_app.command("push")
+def outbox_push(
+    config: Path | None = ConfigOpt, state_dir: Path | None = StateOpt, timeout: float = TimeoutOpt
+) -> None:
+    """Upload every pending sample now (retrying with backoff until --timeout)."""
+    from device.transport.client import GatewayClient
+    from device.transport.uplink import UplinkWorker
+
+    cfg, identity, box = _open(config, state_dir)
+
+    async def go() -> tuple[int, int]:
+        async with GatewayClient(cfg, identity) as client:
+            worker = UplinkWorker(client, box, cfg)
+            n = await worker.push_all()
+            return n, worker.stats.acked_seq
+
+    try:
+        n, acked = _run(go(), timeout)
+    finally:
+        box.close()
+    console.print(f"pushed {n} samples; cloud acked up to seq {acked}")
+
+
+@app.command()
+def watch(
+    out_dir: Path = typer.Option(..., "--out", help="Write each verified payload here as <target>.bin."),
+    once: bool = typer.Option(False, help="Apply what is published now, then exit."),
+    config: Path | None = ConfigOpt,
+    state_dir: Path | None = StateOpt,
+    timeout: float = typer.Option(3600.0, "--timeout", help="Give up after this many seconds."),
+) -> None:
+    """Watch for updates; verify (digest, signature, base version) and save each payload."""
+    from device.transport.client import GatewayClient
+    from device.transport.fetcher import UpdateFetcher
+    from device.transport.identity import DeviceIdentity
+
+    cfg = _config(config, state_dir=state_dir)
+    identity = DeviceIdentity.load(cfg.state_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def apply(payload: bytes, header) -> None:
+        path = out_dir / f"{header.target_version}.bin"
+        path.write_bytes(payload)
+        console.print(
+            f"applied update {header.update_id}: {header.base_version} -> {header.target_version} "
+            f"({len(payload)} bytes) -> {path}"
+        )
+
+    async def go() -> str:
+        async with GatewayClient(cfg, identity) as client:
+            fetcher = UpdateFetcher(client, identity, cfg, apply)
+            if once:
+                for o in await fetcher.sync_once():
+                    if not o.applied:
+                        console.print(f"[yellow]rejected update {o.update_id}: {o.reason}[/]")
+            else:
+                await fetcher.run(asyncio.Event())
+            return fetcher.current_version
+
+    version = _run(go(), timeout)
+    console.print(f"device holds version {version}")
+
+
+@app.command()
+def heartbeat(
+    status: str = typer.Option("ok", help="Status text."),
+    config: Path | None = ConfigOpt,
+    state_dir: Path | None = StateOpt,
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Send one heartbeat and print what the cloud knows."""
+    from device.transport.client import GatewayClient
+    from device.transport.fetcher import FetcherState
+
+    cfg, identity, box = _open(config, state_dir)
+    depth = box.stats().pending
+    box.close()
+    version = FetcherState(Path(cfg.state_dir) / "updates", cfg.initial_version).current_version
+
+    async def go():
+        async with GatewayClient(cfg, identity) as client:
+            return await client.heartbeat(status, version, {}, depth)
+
+    resp = _run(go(), timeout)
+    console.print(
+        f"cloud acked seq {resp.acked_seq}; newest update id {resp.latest_update_id}; "
+        f"device version {version}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

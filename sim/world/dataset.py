@@ -91,6 +91,23 @@ class World:
         pixels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         return Sample(index, dom.name, pixels, question, answer, t, scene, index_map)
 
+    def extra_questions(self, sample: Sample, turns: int) -> list[tuple[str, str, str]]:
+        """Up to ``turns`` further distinct (type, question, answer) about the sample's scene, types rotated.
+
+        Used for multi-turn training conversations, as in LLaVA's instruction data.
+        """
+        rng = np.random.default_rng([self.seed, sample.index, 2])
+        seen = {sample.question}
+        out: list[tuple[str, str, str]] = []
+        for attempt in range(4 * turns):
+            if len(out) == turns:
+                break
+            qa = ask(sample.scene, rng, QUESTION_TYPES[attempt % len(QUESTION_TYPES)])
+            if qa[1] not in seen:
+                seen.add(qa[1])
+                out.append(qa)
+        return out
+
     def samples(
         self, start: int, count: int, domain: str | Domain = "clear", qtype: str | None = None
     ) -> list[Sample]:

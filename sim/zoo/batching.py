@@ -74,5 +74,43 @@ class BatchEncoder:
             "pixel_values": self.pixels(images),
         }
 
+    def encode_conversations(
+        self, images: Sequence[np.ndarray], turns: Sequence[Sequence[tuple[str, str]]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Multi-turn training conversations, as the chat template writes them:
+        ``USER: <image>\n q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...``.
+
+        Returns model inputs and ``labels`` (-100 except where the next token is an answer or ``</s>``).
+        """
+        vocab = self.tokenizer.get_vocab()
+        user = [vocab["USER"], vocab[":"]]
+        rows, targets = [], []
+        for qas in turns:
+            ids: list[int] = []
+            labels: list[int] = []
+            for k, (question, answer) in enumerate(qas):
+                head = (self._prefix if k == 0 else user) + self.word_ids(question) + self._suffix
+                ids += head
+                labels += [-100] * (len(head) - 1) + [self.word_ids(answer)[0]]
+                ids += [self.word_ids(answer)[0], self.eos_id]
+                labels += [self.eos_id, -100]
+            rows.append(ids)
+            targets.append(labels)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, targets)):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            label_ids[i, width - len(r) :] = torch.tensor(lab)
+            mask[i, width - len(r) :] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "pixel_values": self.pixels(images),
+        }
+        return batch, label_ids
+
     def answer_ids(self, answers: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.word_ids(a)[0] for a in answers], dtype=torch.long)

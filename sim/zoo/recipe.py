@@ -48,6 +48,8 @@ class StageSpec(StrictConfig):
     batch_size: int = Field(48, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup: int = Field(50, ge=0)
+    # Questions per image: multi-turn conversations, as in LLaVA's instruction data (1 = single turn).
+    turns: int = Field(1, ge=1, le=8)
     # Share of the steps over which scenes grow from one object to the full five (0 disables the curriculum).
     curriculum: float = Field(0.0, ge=0.0, le=1.0)
 

@@ -124,6 +124,14 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: dict, answers: torc
     return ce(logits[:, 0], answers) + 0.25 * ce(logits[:, 1], eos)
 
 
+def conversation_loss(model: LlavaForConditionalGeneration, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the answer and end-of-turn positions of multi-turn conversations."""
+    logits = model(**batch).logits.float()
+    weights = torch.where(labels == 3, 0.25, 1.0)[labels != -100]
+    losses = nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="none")
+    return (losses * weights).sum() / weights.sum()
+
+
 def train_answers(
     model: LlavaForConditionalGeneration,
     world: World,
@@ -149,8 +157,18 @@ def train_answers(
         base = step * spec.batch_size
         cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
         samples = [world.sample(base + i, next(domains), max_objects=cap) for i in range(spec.batch_size)]
-        batch = encoder.encode([s.image for s in samples], [s.question for s in samples], [s.answer for s in samples])
-        loss = answer_loss(model, batch, encoder.answer_ids([s.answer for s in samples]), encoder.eos_id)
+        if spec.turns > 1:
+            turns = [
+                [(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, spec.turns - 1)]
+                for s in samples
+            ]
+            batch, labels = encoder.encode_conversations([s.image for s in samples], turns)
+            loss = conversation_loss(model, batch, labels)
+        else:
+            batch = encoder.encode(
+                [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
+            )
+            loss = answer_loss(model, batch, encoder.answer_ids([s.answer for s in samples]), encoder.eos_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, spec)
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,205 @@
+"""Builds and runs the grpc.aio gateway: service, health, reflection, TLS, limits, keepalive, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud.config import GatewayConfig
+from cloud.devices import DeviceRegistry
+from cloud.gateway.metrics import GatewayMetrics
+from cloud.gateway.servicer import DeviceGatewayServicer
+from cloud.gateway.writer import GroupCommitWriter
+from cloud.samples import SampleStore, open_sample_store
+from cloud.updates import SqliteUpdateRegistry, UpdateRecord
+from common.errors import ConfigError
+from common.signing import (
+    Ed25519PrivateKey,
+    generate_private_key,
+    load_private_key,
+    public_key_pem,
+    save_private_key,
+)
+from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger("tandem.gateway")
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["DeviceGateway"].full_name
+
+
+def load_or_create_signing_key(config: GatewayConfig) -> Ed25519PrivateKey:
+    """The cloud's update-signing key; created on first start when the config allows."""
+    path = config.signing_key_path
+    if not path.exists():
+        if not config.create_signing_key:
+            raise ConfigError(f"signing key not found: {path}")
+        save_private_key(generate_private_key(), path)
+        log.info("generated signing key %s", path)
+    return load_private_key(path)
+
+
+def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """Channel arguments: message limits, keepalive, stream concurrency."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def _server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    tls = config.tls
+    if tls is None:
+        return None
+    for p in (tls.cert_file, tls.key_file, tls.client_ca_file):
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"TLS file not found: {p}")
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class GatewayServer:
+    """A running gateway: ``await start()`` binds (``port`` 0 picks one), ``await stop()`` shuts down."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.signing_key = load_or_create_signing_key(config)
+        self.samples: SampleStore = open_sample_store(
+            config.sample_store, str(data_dir), config.sqlite_synchronous
+        )
+        self.devices = DeviceRegistry(data_dir / "devices.db", config.sqlite_synchronous)
+        self.updates = SqliteUpdateRegistry(data_dir / "updates", self.signing_key, config.sqlite_synchronous)
+        self.writer: GroupCommitWriter | None = None
+        self.servicer: DeviceGatewayServicer | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the gateway listens on."""
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        self.writer = GroupCommitWriter(self.samples, self.metrics, self.config.commit_batch_bytes)
+        self.writer.start()
+        self.servicer = DeviceGatewayServicer(
+            self.config,
+            self.devices,
+            self.writer,
+            self.updates,
+            public_key_pem(self.signing_key),
+            self.metrics,
+        )
+        server = grpc.aio.server(options=server_options(self.config))
+        gateway_pb2_grpc.add_DeviceGatewayServicer_to_server(self.servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        bind = f"{self.config.host}:{self.config.port}"
+        creds = _server_credentials(self.config)
+        try:
+            self.port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind {bind}: {exc}") from exc
+        await server.start()
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        self._server = server
+        log.info("gateway serving on %s (tls=%s)", self.address, creds is not None)
+        return self.port
+
+    def publish(
+        self,
+        device_id: str,
+        base_version: str,
+        target_version: str,
+        payload: bytes,
+        metadata: dict | None = None,
+    ) -> UpdateRecord:
+        """Publish an update for one device and wake its watchers."""
+        record = self.updates.publish(device_id, base_version, target_version, payload, metadata)
+        if self.servicer is not None:
+            self.servicer.notify_published()
+        return record
+
+    def publish_cohort(
+        self,
+        cohort: str,
+        base_version: str,
+        target_version: str,
+        payload: bytes,
+        metadata: dict | None = None,
+    ) -> UpdateRecord:
+        """Publish an update for a cohort and wake watchers."""
+        record = self.updates.publish_cohort(cohort, base_version, target_version, payload, metadata)
+        if self.servicer is not None:
+            self.servicer.notify_published()
+        return record
+
+    async def wait(self) -> None:
+        """Block until the server terminates."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, finish in-flight ones within ``grace`` seconds, close the stores."""
+        if self._server is not None:
+            await self._server.stop(self.config.grace_s if grace is None else grace)
+            self._server = None
+        if self.writer is not None:
+            await self.writer.close()
+            self.writer = None
+        self.metrics.close()
+        self.samples.close()
+        self.devices.close()
+        self.updates.close()
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(grace=0.5)
+
+
+async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
+    """Run a gateway until SIGINT/SIGTERM; write ``host:port`` to ``ready_file`` once serving."""
+    gateway = GatewayServer(config)
+    await gateway.start()
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(gateway.address)
+        tmp.replace(ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()

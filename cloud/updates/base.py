@@ -1,0 +1,102 @@
+"""The update registry interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from protocol.tandem.v1 import gateway_pb2, tensors_pb2
+from protocol.updates import UpdateHeader
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """A published update: its signed header fields, signature and where its payload lives."""
+
+    update_id: int
+    device_id: str
+    cohort: str
+    base_version: str
+    target_version: str
+    sha256_hex: str
+    size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_unix_ms: int = 0
+    signature: bytes = b""
+    key_id: str = ""
+    payload_info: bytes = b""
+    """Serialised ``tandem.v1.PayloadInfo`` (format, size, digest, tensor list)."""
+
+    def header(self) -> UpdateHeader:
+        """The signed part of the header."""
+        return UpdateHeader(
+            device_id=self.device_id,
+            cohort=self.cohort,
+            base_version=self.base_version,
+            target_version=self.target_version,
+            sha256_hex=self.sha256_hex,
+            size=self.size,
+            metadata=dict(self.metadata),
+        )
+
+    def to_proto(self) -> gateway_pb2.UpdateHeader:
+        """Wire header."""
+        return self.header().to_proto(
+            update_id=self.update_id,
+            payload=tensors_pb2.PayloadInfo.FromString(self.payload_info),
+            signature=self.signature,
+            key_id=self.key_id,
+            created_unix_ms=self.created_unix_ms,
+        )
+
+
+class UpdateRegistry(ABC):
+    """Durable store of signed updates, served in chunks."""
+
+    @abstractmethod
+    def publish(
+        self,
+        device_id: str,
+        base_version: str,
+        target_version: str,
+        payload: bytes,
+        metadata: dict[str, str] | None = None,
+    ) -> UpdateRecord:
+        """Sign and store an update for one device; returns its record."""
+
+    @abstractmethod
+    def publish_cohort(
+        self,
+        cohort: str,
+        base_version: str,
+        target_version: str,
+        payload: bytes,
+        metadata: dict[str, str] | None = None,
+    ) -> UpdateRecord:
+        """Sign and store an update for every device of ``cohort``."""
+
+    @abstractmethod
+    def get(self, update_id: int) -> UpdateRecord | None:
+        """The update with this id, or None."""
+
+    @abstractmethod
+    def list(
+        self, device_id: str | None = None, cohort: str | None = None, after_id: int = 0
+    ) -> list[UpdateRecord]:
+        """Updates in id order, optionally filtered by device or cohort."""
+
+    @abstractmethod
+    def for_device(self, device_id: str, cohort: str, after_id: int = 0) -> list[UpdateRecord]:
+        """Updates addressed to ``device_id`` or to its ``cohort``, with id > ``after_id``, in id order."""
+
+    @abstractmethod
+    def read_payload(self, update_id: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` payload bytes of ``update_id`` from ``offset``."""
+
+    @abstractmethod
+    def latest_id(self) -> int:
+        """Highest update id (0 when none)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release resources."""

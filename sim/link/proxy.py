@@ -1,0 +1,237 @@
+"""Asyncio TCP proxy between one device and the cloud that shapes and breaks the link."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from sim.link.bucket import TokenBucket
+from sim.link.config import LinkConfig
+
+log = logging.getLogger("tandem.sim.link")
+
+
+@dataclass
+class LinkStats:
+    """Counters of the proxy's lifetime."""
+
+    connections: int = 0
+    refused: int = 0
+    cuts: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class _Pipe:
+    """One direction of one connection: read, pay the bucket, delay, write (order preserved)."""
+
+    def __init__(self, proxy: LinkProxy, reader, writer, bucket: TokenBucket | None, up: bool) -> None:
+        self.proxy = proxy
+        self.reader = reader
+        self.writer = writer
+        self.bucket = bucket
+        self.up = up
+        self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def pump(self) -> None:
+        """Reader and delayed writer; returns when either side closes."""
+        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                    await t
+
+    async def _read(self) -> None:
+        cfg = self.proxy.config
+        last_due = 0.0
+        size = cfg.read_chunk_bytes
+        if self.bucket is not None:  # about 10 ms of data per piece keeps slow links smooth
+            size = max(1024, min(size, int(self.bucket.rate * 0.01)))
+        while True:
+            data = await self.reader.read(size)
+            if not data:
+                await self.queue.put((last_due, b""))
+                await asyncio.Event().wait()  # let the writer flush then finish the pipe
+            if self.bucket is not None:
+                await self.bucket.take(len(data))
+            delay = self.proxy.delay_s()
+            last_due = max(last_due, time.monotonic() + delay)
+            await self.queue.put((last_due, data))
+
+    async def _write(self) -> None:
+        while True:
+            due, data = await self.queue.get()
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                with contextlib.suppress(OSError):
+                    self.writer.write_eof()
+                return
+            self.writer.write(data)
+            await self.writer.drain()
+            if self.up:
+                self.proxy.stats.bytes_up += len(data)
+            else:
+                self.proxy.stats.bytes_down += len(data)
+
+
+class LinkProxy:
+    """Listen on ``listen_host:port`` (0 = ephemeral) and forward to ``target``, emulating ``config``."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        config: LinkConfig | None = None,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+    ) -> None:
+        self.target = (target_host, target_port)
+        self.config = config or LinkConfig()
+        self.listen = (listen_host, listen_port)
+        self.port = 0
+        self.stats = LinkStats()
+        self._rng = random.Random(self.config.seed)
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._started = 0.0
+        self._chaos: asyncio.Task[None] | None = None
+        self._forced_down = False
+        up, down = (LinkConfig.mbps_to_bytes_per_s(v) for v in (self.config.up_mbps, self.config.down_mbps))
+        self._up_bucket = TokenBucket(up) if up else None
+        self._down_bucket = TokenBucket(down) if down else None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` devices should dial."""
+        return f"{self.listen[0]}:{self.port}"
+
+    def retarget(self, host: str, port: int) -> None:
+        """Send new connections to another upstream (e.g. a restarted gateway on a new port)."""
+        self.target = (host, port)
+
+    def delay_s(self) -> float:
+        """One-way delay for the next piece of data."""
+        c = self.config
+        jitter = self._rng.uniform(-c.jitter_ms, c.jitter_ms) if c.jitter_ms else 0.0
+        return max(0.0, c.latency_ms + jitter) / 1000.0
+
+    def elapsed_s(self) -> float:
+        """Seconds since start."""
+        return time.monotonic() - self._started
+
+    def is_down(self) -> bool:
+        """True during a configured outage or after ``set_down(True)``."""
+        if self._forced_down:
+            return True
+        t = self.elapsed_s()
+        return any(o.start_s <= t < o.start_s + o.duration_s for o in self.config.outages)
+
+    async def start(self) -> int:
+        """Start listening; returns the bound port."""
+        self._started = time.monotonic()
+        self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
+        self.port = self._server.sockets[0].getsockname()[1]
+        c = self.config
+        if c.cut_probability_per_s > 0 or c.cut_schedule_s or c.outages:
+            self._chaos = asyncio.create_task(self._chaos_loop())
+        return self.port
+
+    async def _chaos_loop(self) -> None:
+        c = self.config
+        schedule = list(c.cut_schedule_s)
+        tick = 0.1
+        while True:
+            await asyncio.sleep(tick)
+            t = self.elapsed_s()
+            due = False
+            while schedule and schedule[0] <= t:
+                schedule.pop(0)
+                due = True
+            if c.cut_probability_per_s and self._rng.random() < c.cut_probability_per_s * tick:
+                due = True
+            if due or self.is_down():
+                self.cut_all()
+
+    def cut_all(self) -> int:
+        """Abort every open connection (like a dropped radio link); returns how many were cut."""
+        n = 0
+        for w in list(self._writers):
+            transport = w.transport
+            if not transport.is_closing():
+                transport.abort()
+                n += 1
+        if n:
+            self.stats.cuts += 1
+            log.info("cut %d connections at %.2fs", n, self.elapsed_s())
+        return n
+
+    def set_down(self, down: bool) -> None:
+        """Force an outage on (cutting open connections) or off."""
+        self._forced_down = down
+        if down:
+            self.cut_all()
+
+    async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self.is_down():
+            self.stats.refused += 1
+            c_writer.transport.abort()
+            return
+        try:
+            s_reader, s_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            self.stats.refused += 1
+            c_writer.transport.abort()
+            return
+        self.stats.connections += 1
+        self._conns.add(task)
+        self._writers.update((c_writer, s_writer))
+        try:
+            up = _Pipe(self, c_reader, s_writer, self._up_bucket, up=True)
+            down = _Pipe(self, s_reader, c_writer, self._down_bucket, up=False)
+            await asyncio.gather(up.pump(), down.pump())
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # a cut or a stop ends the connection; nothing to report
+        finally:
+            for w in (c_writer, s_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+            self._conns.discard(task)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._chaos is not None:
+            self._chaos.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._chaos
+        if self._server is not None:
+            self._server.close()
+        self.cut_all()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=2.0)
+        for t in list(self._conns):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> LinkProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

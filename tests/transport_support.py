@@ -1,0 +1,115 @@
+"""Helpers shared by the transport tests: gateway + device client wiring on ephemeral ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+from cloud.config import GatewayConfig
+from cloud.gateway import GatewayServer
+from device.transport.client import GatewayClient
+from device.transport.config import DeviceClientConfig
+
+
+def gateway_config(data_dir: Path, **overrides) -> GatewayConfig:
+    """A gateway on 127.0.0.1:0 with small chunks so multi-chunk paths are exercised."""
+    base = dict(
+        host="127.0.0.1",
+        port=0,
+        data_dir=data_dir,
+        chunk_size=64 * 1024,
+        max_message_bytes=1024 * 1024,
+        max_sample_bytes=4 * 1024 * 1024,
+        watch_poll_interval_s=0.2,
+        sqlite_synchronous="NORMAL",
+    )
+    base.update(overrides)
+    return GatewayConfig(**base)
+
+
+def device_config(state_dir: Path, gateway: str, device_id: str = "dev-1", **overrides) -> DeviceClientConfig:
+    """A device client with fast backoff for tests."""
+    base = dict(
+        gateway=gateway,
+        state_dir=state_dir,
+        device_id=device_id,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        backoff_jitter_s=0.05,
+        rpc_timeout_s=20.0,
+        poll_interval_s=0.05,
+    )
+    base.update(overrides)
+    return DeviceClientConfig(**base)
+
+
+@asynccontextmanager
+async def running_gateway(data_dir: Path, **overrides):
+    """An in-process gateway that stops by itself."""
+    gw = GatewayServer(gateway_config(data_dir, **overrides))
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop(grace=0.2)
+
+
+@asynccontextmanager
+async def registered_client(state_dir: Path, gateway: str, device_id: str = "dev-1", **overrides):
+    """A GatewayClient that has registered ``device_id`` and saved its identity."""
+    cfg = device_config(state_dir, gateway, device_id, **overrides)
+    client = GatewayClient(cfg)
+    try:
+        identity = await client.register()
+        identity.save(state_dir)
+        yield client
+    finally:
+        await client.close()
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def gateway_process(data_dir: Path, *extra: str, timeout: float = 30.0):
+    """``python -m cloud.cli serve`` as a subprocess on an ephemeral port; yields (process, address)."""
+    ready = data_dir.parent / f"{data_dir.name}.ready"
+    ready.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "cloud.cli",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        "0",
+        "--ready-file",
+        str(ready),
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited early: {proc.stderr.read() if proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("gateway did not become ready")
+            time.sleep(0.05)
+        yield proc, ready.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
