@@ -114,7 +114,7 @@ def render_scene(
     image = np.empty((size, size, 3), dtype=np.float32)
     image[:] = scene.background
     if textured_background:
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        yy, xx = (g.astype(np.float32) for g in np.ogrid[0:size, 0:size])
         period = size / float(rng.uniform(5.0, 9.0))
         angle = float(rng.uniform(0, np.pi))
         phase = np.cos(angle) * xx + np.sin(angle) * yy
@@ -127,7 +127,7 @@ def render_scene(
     for i, obj in enumerate(scene.objects):
         x0, x1 = max(int(obj.cx - obj.radius) - 1, 0), min(int(obj.cx + obj.radius) + 2, size)
         y0, y1 = max(int(obj.cy - obj.radius) - 1, 0), min(int(obj.cy + obj.radius) + 2, size)
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
+        ys, xs = (g.astype(np.float32) + 0.5 for g in np.ogrid[y0:y1, x0:x1])
         mask = _shape_mask(obj, xs, ys)
         jitter = rng.uniform(-0.04, 0.04, size=3)
         color = np.clip(np.asarray(palette[obj.color]) + jitter, 0.0, 1.0).astype(np.float32)

@@ -38,7 +38,7 @@ def _dusk(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
 def _night(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
     tint = np.array([0.70, 0.82, 1.15], dtype=np.float32) ** s
     dark = image * (1.0 - 0.80 * s) * tint
-    return dark + rng.normal(0.0, 0.025 * s, size=image.shape).astype(np.float32)
+    return dark + (0.025 * s) * rng.standard_normal(image.shape, dtype=np.float32)
 
 
 def _cast(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
@@ -56,7 +56,7 @@ def _blur(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _noise(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
-    noisy = image + rng.normal(0.0, 0.20 * s, size=image.shape).astype(np.float32)
+    noisy = image + (0.20 * s) * rng.standard_normal(image.shape, dtype=np.float32)
     salt = rng.random(image.shape[:2]) < 0.03 * s
     noisy[salt] = rng.random((int(salt.sum()), 1)).astype(np.float32)
     return noisy

@@ -74,40 +74,56 @@ class BatchEncoder:
             "pixel_values": self.pixels(images),
         }
 
-    def encode_conversations(
-        self, images: Sequence[np.ndarray], turns: Sequence[Sequence[tuple[str, str]]]
+    def encode_question_sets(
+        self, images: Sequence[np.ndarray], question_sets: Sequence[Sequence[tuple[str, str]]]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Multi-turn training conversations, as the chat template writes them:
-        ``USER: <image>\n q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...``.
+        """Several questions per image in one sequence that shares the image prefix.
 
-        Returns model inputs and ``labels`` (-100 except where the next token is an answer or ``</s>``).
+        Layout per row: ``USER : <image>*N`` then, for each (question, answer), ``question ASSISTANT : answer
+        </s>``. A block attention mask lets each question see the prefix and itself only, and its position ids
+        continue from the prefix, so every question is computed exactly as the single-question prompt
+        ``USER: <image>\n{question} ASSISTANT:`` would be, while the image is encoded once.
+        Returns model inputs (with a 4D boolean mask) and labels (-100 except where the next token is an answer
+        or ``</s>``).
         """
-        vocab = self.tokenizer.get_vocab()
-        user = [vocab["USER"], vocab[":"]]
-        rows, targets = [], []
-        for qas in turns:
-            ids: list[int] = []
-            labels: list[int] = []
+        rows: list[list[int]] = []
+        segments: list[list[int]] = []
+        positions: list[list[int]] = []
+        targets: list[list[int]] = []
+        prefix = len(self._prefix)
+        for qas in question_sets:
+            ids, seg, pos, lab = list(self._prefix), [0] * prefix, list(range(prefix)), [-100] * prefix
             for k, (question, answer) in enumerate(qas):
-                head = (self._prefix if k == 0 else user) + self.word_ids(question) + self._suffix
-                ids += head
-                labels += [-100] * (len(head) - 1) + [self.word_ids(answer)[0]]
-                ids += [self.word_ids(answer)[0], self.eos_id]
-                labels += [self.eos_id, -100]
+                answer_id = self.word_ids(answer)[0]
+                turn = self.word_ids(question) + self._suffix + [answer_id, self.eos_id]
+                ids += turn
+                seg += [k + 1] * len(turn)
+                pos += list(range(prefix, prefix + len(turn)))
+                lab += [-100] * (len(turn) - 3) + [answer_id, self.eos_id, -100]
             rows.append(ids)
-            targets.append(labels)
+            segments.append(seg)
+            positions.append(pos)
+            targets.append(lab)
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, targets)):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            label_ids[i, width - len(r) :] = torch.tensor(lab)
-            mask[i, width - len(r) :] = 1
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        seg_ids = torch.full((n, width), -1, dtype=torch.long)
+        pos_ids = torch.zeros((n, width), dtype=torch.long)
+        label_ids = torch.full((n, width), -100, dtype=torch.long)
+        for i in range(n):
+            k = len(rows[i])
+            input_ids[i, :k] = torch.tensor(rows[i])
+            seg_ids[i, :k] = torch.tensor(segments[i])
+            pos_ids[i, :k] = torch.tensor(positions[i])
+            label_ids[i, :k] = torch.tensor(targets[i])
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        q_seg, k_seg = seg_ids[:, :, None], seg_ids[:, None, :]
+        allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no empty rows)
         batch = {
             "input_ids": input_ids,
-            "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "attention_mask": allowed[:, None],
+            "position_ids": pos_ids,
             "pixel_values": self.pixels(images),
         }
         return batch, label_ids

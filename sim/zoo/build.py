@@ -124,10 +124,19 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
     final_loss: dict[str, float] = {}
     with _progress(show_progress) as bar:
 
+        plain = show_progress and not bar.console.is_terminal
+
         def run(name: str, total: int, fn) -> None:
             task = bar.add_task(name, total=total, loss=float("nan"))
             start = time.perf_counter()
-            losses = fn(lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
+
+            def on_step(step: int, loss: float) -> None:
+                bar.update(task, completed=step + 1, loss=loss)
+                if plain and (step + 1) % max(1, total // 10) == 0:  # no live bar in logs: a line per 10%
+                    elapsed = time.perf_counter() - start
+                    print(f"{name}: {step + 1}/{total} loss {loss:.3f} {elapsed:.0f}s", flush=True)
+
+            losses = fn(on_step)
             timings[name] = round(time.perf_counter() - start, 1)
             final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
 
@@ -135,7 +144,8 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
 
         def vision_stage(cb) -> list[float]:
             losses, trained_heads = pretrain_vision(
-                teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb
+                teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb,
+                max_severity=recipe.vision_max_severity,
             )
             heads.append(trained_heads)
             return losses
@@ -146,14 +156,15 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
         if recipe.projector_from_heads:
             init_projector_from_heads(teacher, heads[0])
             init_projector_from_heads(device, heads[0])
-        run(
-            "teacher (all)",
-            recipe.teacher_stage.steps,
-            lambda cb: train_answers(
-                teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
-                shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
-            ),
-        )  # fmt: skip
+        if recipe.with_teacher:
+            run(
+                "teacher (all)",
+                recipe.teacher_stage.steps,
+                lambda cb: train_answers(
+                    teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
+                    shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
+                ),
+            )  # fmt: skip
         run(
             "device (clear)",
             recipe.device_stage.steps,
@@ -162,7 +173,8 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
                 shifted=False, min_severity=0.0, seed=recipe.seed + 2, on_step=cb,
             ),
         )  # fmt: skip
-    for member, model in (("teacher", teacher), ("device", device)):
+    members = (("teacher", teacher), ("device", device)) if recipe.with_teacher else (("device", device),)
+    for member, model in members:
         out = getattr(paths, member)
         model.save_pretrained(out)
         processor.save_pretrained(out)

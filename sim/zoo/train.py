@@ -54,9 +54,20 @@ class DensePatchHeads(nn.Module):
 
 
 def pretrain_vision(
-    tower: CLIPVisionModel, world: World, encoder: BatchEncoder, spec: StageSpec, on_step: ProgressFn | None = None
+    tower: CLIPVisionModel,
+    world: World,
+    encoder: BatchEncoder,
+    spec: StageSpec,
+    on_step: ProgressFn | None = None,
+    max_severity: float = 0.0,
 ) -> tuple[list[float], DensePatchHeads]:
-    """Train the vision tower on per-patch labels of clear images; returns the loss per step and the heads."""
+    """Train the vision tower on per-patch labels; returns the loss per step and the heads.
+
+    Half of the images are clear, the other half carry one random shift of severity up to ``max_severity``
+    (0: clear only). Benchmark-strength shifts (severity 1) stay out of distribution for the tower.
+    """
+    rng = np.random.default_rng([world.seed, 11])
+    domains = domain_stream(rng, max_severity > 0, 0.0, max_severity, clear_share=0.5)
     patch = tower.config.patch_size
     heads = DensePatchHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -64,7 +75,7 @@ def pretrain_vision(
     tower.train()
     losses = []
     for step in range(spec.steps):
-        samples = world.samples(step * spec.batch_size, spec.batch_size, "clear")
+        samples = [world.sample(step * spec.batch_size + i, next(domains)) for i in range(spec.batch_size)]
         labels = [patch_labels(s, patch) for s in samples]
         stacked = tuple(torch.from_numpy(np.stack([lab[i] for lab in labels])) for i in range(3))
         pixels = encoder.pixels([s.image for s in samples])
@@ -104,15 +115,21 @@ def init_projector_from_heads(model: LlavaForConditionalGeneration, heads: Dense
     proj.linear_2.bias[:k].zero_()
 
 
-def domain_stream(rng: np.random.Generator, shifted: bool, min_severity: float) -> Iterator[Domain]:
+def domain_stream(
+    rng: np.random.Generator,
+    shifted: bool,
+    min_severity: float,
+    max_severity: float = 1.0,
+    clear_share: float = 0.2,
+) -> Iterator[Domain]:
     """Random training domains: clear only, or clear mixed with single and paired shifts."""
     while True:
-        if not shifted or rng.random() < 0.2:
+        if not shifted or rng.random() < clear_share:
             yield Domain()
             continue
         n = 1 if rng.random() < 0.8 else 2
         names = rng.choice(TEACHER_SHIFTS, size=n, replace=False)
-        yield Domain(tuple(ShiftSpec(str(nm), float(rng.uniform(min_severity, 1.0))) for nm in names))
+        yield Domain(tuple(ShiftSpec(str(nm), float(rng.uniform(min_severity, max_severity))) for nm in names))
 
 
 def answer_loss(model: LlavaForConditionalGeneration, batch: dict, answers: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -124,8 +141,8 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: dict, answers: torc
     return ce(logits[:, 0], answers) + 0.25 * ce(logits[:, 1], eos)
 
 
-def conversation_loss(model: LlavaForConditionalGeneration, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the answer and end-of-turn positions of multi-turn conversations."""
+def question_set_loss(model: LlavaForConditionalGeneration, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the answer and end-of-answer positions of a question set (``</s>`` weighted 1/4)."""
     logits = model(**batch).logits.float()
     weights = torch.where(labels == 3, 0.25, 1.0)[labels != -100]
     losses = nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="none")
@@ -158,12 +175,12 @@ def train_answers(
         cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
         samples = [world.sample(base + i, next(domains), max_objects=cap) for i in range(spec.batch_size)]
         if spec.turns > 1:
-            turns = [
+            question_sets = [
                 [(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, spec.turns - 1)]
                 for s in samples
             ]
-            batch, labels = encoder.encode_conversations([s.image for s in samples], turns)
-            loss = conversation_loss(model, batch, labels)
+            batch, labels = encoder.encode_question_sets([s.image for s in samples], question_sets)
+            loss = question_set_loss(model, batch, labels)
         else:
             batch = encoder.encode(
                 [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]

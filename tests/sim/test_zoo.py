@@ -175,3 +175,27 @@ def test_quantized_load_4bit(micro_zoo):
     s = World(0, 32).samples(0, 2)
     preds = predict_answers(loaded.model, encoder, [x.image for x in s], [x.question for x in s])
     assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
+
+
+def test_question_sets_equal_single_question_prompts():
+    recipe = micro_recipe()
+    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
+    encoder = BatchEncoder.from_processor(processor)
+    model = build_llava(recipe.vision, recipe.teacher, len(processor.tokenizer), encoder.image_id, encoder.pad_id, 0)
+    model.eval()
+    world = World(0, 32)
+    samples = world.samples(0, 3)
+    sets = [[(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, 3)] for s in samples]
+    assert all(len({q for q, _ in qs}) == len(qs) for qs in sets)
+    batch, labels = encoder.encode_question_sets([s.image for s in samples], sets)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    for i, qs in enumerate(sets):
+        answer_positions = [j for j in range(labels.shape[1]) if labels[i, j] not in (-100, encoder.eos_id)]
+        assert len(answer_positions) == len(qs)
+        for (question, answer), j in zip(qs, answer_positions):
+            assert labels[i, j] == encoder.word_ids(answer)[0]
+            single = encoder.encode([samples[i].image], [question])
+            with torch.no_grad():
+                ref = model(**single).logits[0, -1]
+            assert torch.allclose(ref, logits[i, j], atol=1e-5)
