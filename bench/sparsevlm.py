@@ -13,18 +13,18 @@ first-token accuracy on the world, clear and shifted domains, as a percentage of
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.sparsevlm_measure import count_flops, median, peak_tensor_bytes, time_call
-from common.cli import run_app
+from bench._sparsevlm_measure import count_flops, median, peak_tensor_bytes, time_call
 from common.errors import TandemError
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, sparse_stats
 from sim.world import BENCHMARK_DOMAINS, QUESTION_TYPES, World
@@ -310,34 +310,42 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-app = typer.Typer(add_completion=False, help=__doc__)
+def _positive_ints(text: str, option: str, example: str) -> set[int]:
+    try:
+        values = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        values = set()
+    if not values or min(values) < 1:
+        raise TandemError(f"{option} needs comma-separated positive integers, e.g. {example}")
+    return values
 
 
-@app.command()
-def main(
-    quick: bool = typer.Option(False, "--quick", help="Fewer samples, domains and repeats."),
-    model_dir: Path | None = typer.Option(None, help="A saved LLaVA model + processor directory."),
-    recipe: str = typer.Option("base576", help="Zoo recipe whose device model to use (when no --model-dir)."),
-    random_model: bool = typer.Option(False, "--random", help="Random-init 576-token model (perf only)."),
-    samples: int = typer.Option(0, help="Samples per domain (default 64 quick, 400 full)."),
-    budgets: str = typer.Option(
-        "192,128,64", help="Visual-token budgets for 576 tokens (scaled to the model)."
-    ),
-    rank_lambda: float = typer.Option(0.5, help="lambda of the rank-adaptive mode."),
-    threads: int = typer.Option(1, help="torch CPU threads."),
-    repeats: int = typer.Option(0, help="Timing repeats (default 9 quick, 21 full)."),
-    batch: int = typer.Option(32, help="Accuracy batch size."),
-    time_batches: str = typer.Option("1,8", help="Batch sizes of the timed prefills."),
-    out: Path = typer.Option(Path("reports/sparsevlm.md"), help="Markdown report path."),
-) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.sparsevlm", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, domains and repeats")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a saved LLaVA model + processor directory")
+    parser.add_argument("--recipe", default="base576", help="zoo recipe whose device model to use (no --model-dir)")
+    parser.add_argument("--random", action="store_true", help="random-init 576-token model (perf figures only)")
+    parser.add_argument("--samples", type=int, default=0, help="samples per domain (default 64 quick, 400 full)")
+    parser.add_argument("--budgets", default="192,128,64", help="budgets for 576 tokens (scaled to the model)")
+    parser.add_argument("--rank-lambda", type=float, default=0.5, help="lambda of the rank-adaptive mode")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=0, help="timing repeats (default 9 quick, 21 full)")
+    parser.add_argument("--batch", type=int, default=32, help="accuracy batch size")
+    parser.add_argument("--time-batches", default="1,8", help="batch sizes of the timed prefills")
+    parser.add_argument("--out", type=Path, default=Path("reports/sparsevlm.md"), help="markdown report path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write the table to the console and to a markdown file."""
+    args = parse_args(argv)
+    quick, model_dir, recipe, random_model = args.quick, args.model_dir, args.recipe, args.random
+    samples, budgets, rank_lambda, threads = args.samples, args.budgets, args.rank_lambda, args.threads
+    repeats, batch, time_batches, out = args.repeats, args.batch, args.time_batches, args.out
     torch.set_num_threads(threads)
-    budget_list = sorted({int(b) for b in budgets.split(",") if b.strip()}, reverse=True)
-    if not budget_list or min(budget_list) < 1:
-        raise TandemError("--budgets needs positive integers, e.g. 192,128,64")
-    batches = sorted({int(b) for b in time_batches.split(",") if b.strip()})
-    if not batches or min(batches) < 1:
-        raise TandemError("--time-batches needs positive integers, e.g. 1,8")
+    budget_list = sorted(_positive_ints(budgets, "--budgets", "192,128,64"), reverse=True)
+    batches = sorted(_positive_ints(time_batches, "--time-batches", "1,8"))
     n = samples or (64 if quick else 400)
     reps = repeats or (9 if quick else 21)
     clear = ["clear"]
@@ -398,9 +406,9 @@ def main(
     console.print(f"report written to {out}")
 
 
-def cli(argv: list[str] | None = None) -> None:
-    run_app(app, argv)
-
-
 if __name__ == "__main__":
-    cli()
+    try:
+        main()
+    except TandemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

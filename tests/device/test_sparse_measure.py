@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.sparsevlm_measure import count_flops, peak_tensor_bytes
+from bench._sparsevlm_measure import count_flops, peak_tensor_bytes
 
 
 def test_flops_of_matmul_and_cpu_sdpa() -> None:
