@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in targets:
         console.print(line)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench.sparsevlm" + (" --quick" if quick else "")
+    command = " ".join(["python -m bench.sparsevlm", *(sys.argv[1:] if argv is None else argv)])
     out.write_text(
         "# SparseVLM benchmark\n\n"
         f"Model: {description}; {n_visual} visual tokens; {n_layers} LM layers. Command: `{command}`; "
