@@ -94,6 +94,7 @@ def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tu
             vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0
         )
         return model.eval(), processor, "random-init device model, 192 px / patch 8 (576 visual tokens)"
+    label = f"model directory {model_dir}"
     if model_dir is None:
         try:
             from sim.zoo.build import ensure_zoo
@@ -105,11 +106,12 @@ def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tu
         if recipe not in RECIPES:
             raise TandemError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
         model_dir = ensure_zoo(RECIPES[recipe](), progress=True).device
+        label = f"zoo device model of recipe {recipe} ({model_dir})"
     if not (model_dir / "config.json").is_file():
         raise TandemError(f"no model in {model_dir}")
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    return model, processor, f"trained zoo device model {model_dir}"
+    return model, processor, label
 
 
 def encode(processor: Any, samples: list) -> dict[str, torch.Tensor]:
