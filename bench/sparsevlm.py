@@ -1,0 +1,416 @@
+"""SparseVLM benchmark: dense vs SparseVLM (budgets and rank mode), FastV and random pruning, in one run.
+
+``python -m bench.sparsevlm [--quick]`` loads the zoo device model (576 visual tokens by default), measures
+every method on the same inputs and prints ratios to the dense model measured in the same process; the
+table is also written to ``reports/sparsevlm.md``.
+
+Measures: visual tokens (final layer and layer-averaged), prefill FLOPs (torch.utils.flop_counter: matmul,
+linear and attention; language model = total - vision tower + projector), CPU prefill time (process CPU
+seconds, median, methods interleaved), peak live-tensor memory of the prefill (a dispatch-mode tracker:
+activations, masks, KV cache, outputs; not weights, not kernel scratch), KV-cache bytes, and greedy
+first-token accuracy on the world, clear and shifted domains, as a percentage of dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench._sparsevlm_measure import count_flops, median, peak_tensor_bytes, time_call
+from common.errors import TandemError
+from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, sparse_stats
+from sim.world import BENCHMARK_DOMAINS, QUESTION_TYPES, World
+from sim.zoo.tokenizer import prompt_for
+
+REFERENCE_VISUAL = 576  # budgets are given for 576 visual tokens and scaled to the model's geometry
+EVAL_SEED = 10_000  # held-out world seed (training uses small seeds)
+console = Console(width=200)
+
+
+@dataclass
+class Method:
+    """One row of the table."""
+
+    name: str
+    budget: str
+    cfg: SparseConfig | None
+    correct: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+    final_counts: list[int] = field(default_factory=list)
+    mean_counts: list[float] = field(default_factory=list)
+    perf: dict[str, float] = field(default_factory=dict)
+
+    def accuracy(self, domains: list[str]) -> float:
+        total = sum(self.total.get(d, 0) for d in domains)
+        return sum(self.correct.get(d, 0) for d in domains) / max(1, total)
+
+
+def build_methods(n_visual: int, budgets: list[int], rank_lambda: float) -> list[Method]:
+    """Dense, SparseVLM at each budget and in rank mode, FastV and random at each budget."""
+    methods = [Method("dense", str(n_visual), None)]
+    scaled = [(b, max(1, round(b * n_visual / REFERENCE_VISUAL))) for b in budgets]
+    for label, b in scaled:
+        methods.append(Method("sparsevlm", f"{label}->{b}" if b != label else str(b), SparseConfig(budget=b)))
+    methods.append(
+        Method("sparsevlm", f"rank(l={rank_lambda})", SparseConfig(mode="rank", rank_lambda=rank_lambda))
+    )
+    for name in ("fastv", "random"):
+        for label, b in scaled:
+            methods.append(
+                Method(name, f"{label}->{b}" if b != label else str(b), SparseConfig(method=name, budget=b))
+            )
+    return methods
+
+
+def select(model: Any, method: Method) -> None:
+    if method.cfg is None:
+        disable_sparsevlm(model)
+    else:
+        enable_sparsevlm(model, method.cfg)
+
+
+def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tuple[Any, Any, str]:
+    """The device model and its processor: a directory, a random model, or the zoo's trained device model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if random_geometry:
+        from sim.zoo.architecture import build_llava
+        from sim.zoo.recipe import VisionSpec, ZooRecipe
+        from sim.zoo.tokenizer import build_processor
+
+        base = ZooRecipe()
+        vision = VisionSpec(**{**base.vision.model_dump(), "image_size": 192, "patch_size": 8})
+        processor = build_processor(vision.image_size, vision.patch_size)
+        tok = processor.tokenizer
+        model = build_llava(
+            vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0
+        )
+        return model.eval(), processor, "random-init device model, 192 px / patch 8 (576 visual tokens)"
+    label = f"model directory {model_dir}"
+    if model_dir is None:
+        try:
+            from sim.zoo.build import ensure_zoo
+            from sim.zoo.recipe import RECIPES
+        except ImportError as exc:
+            raise TandemError(
+                f"the zoo builder is not available ({exc}); pass --model-dir or --random"
+            ) from exc
+        if recipe not in RECIPES:
+            raise TandemError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        model_dir = ensure_zoo(RECIPES[recipe](), progress=True).device
+        label = f"zoo device model of recipe {recipe} ({model_dir})"
+    if not (model_dir / "config.json").is_file():
+        raise TandemError(f"no model in {model_dir}")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return model, processor, label
+
+
+def encode(processor: Any, samples: list) -> dict[str, torch.Tensor]:
+    enc = processor(
+        images=[s.image for s in samples],
+        text=[prompt_for(s.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return dict(enc)
+
+
+@torch.no_grad()
+def measure_accuracy(
+    model: Any, processor: Any, methods: list[Method], domains: list[str], n: int, batch: int, image_size: int
+) -> None:
+    """Greedy first-token accuracy per method and domain; vision features computed once per batch."""
+    world = World(EVAL_SEED, image_size)
+    tok = processor.tokenizer
+    for domain in domains:
+        for start in range(0, n, batch):
+            samples = [
+                world.sample(i, domain, QUESTION_TYPES[i % len(QUESTION_TYPES)])
+                for i in range(start, min(n, start + batch))
+            ]
+            enc = encode(processor, samples)
+            feats = model.model.get_image_features(pixel_values=enc.pop("pixel_values"), return_dict=True)
+            for m in methods:
+                select(model, m)
+                logits = model(
+                    **enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=False
+                ).logits
+                preds = tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+                m.correct[domain] = m.correct.get(domain, 0) + sum(
+                    p == s.answer for p, s in zip(preds, samples, strict=True)
+                )
+                m.total[domain] = m.total.get(domain, 0) + len(samples)
+                stats = sparse_stats(model) if m.cfg is not None else None
+                if stats is not None:
+                    m.final_counts += [s.final_count for s in stats.samples]
+                    m.mean_counts += [s.mean_count for s in stats.samples]
+        console.print(f"  accuracy: domain {domain} done ({n} samples x {len(methods)} methods)")
+
+
+def _prefill_calls(model: Any, processor: Any, image_size: int, batch: int) -> dict[str, Any]:
+    """Closures running the vision tower, the full prefill and the LM-only prefill on ``batch`` samples."""
+    world = World(EVAL_SEED, image_size)
+    samples = [world.sample(i, "clear", QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(batch)]
+    enc = encode(processor, samples)
+    pixel_values = enc.pop("pixel_values")
+
+    def vision() -> Any:
+        return model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+
+    feats = vision()
+    return {
+        "vision": vision,
+        "full": lambda: model(**enc, pixel_values=pixel_values, logits_to_keep=1, use_cache=True),
+        "lm": lambda: model(**enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=True),
+    }
+
+
+@torch.no_grad()
+def measure_performance(
+    model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int, time_batches: list[int]
+) -> None:
+    """FLOPs, peak memory and KV-cache size of a batch-1 prefill (with a KV cache, as before generation),
+    and CPU times of prefills at each batch size in ``time_batches``."""
+    calls = _prefill_calls(model, processor, image_size, 1)
+    vision_flops = count_flops(calls["vision"])
+    for m in methods:
+        select(model, m)
+        total = count_flops(calls["full"])
+        m.perf["flops_total"] = total
+        m.perf["flops_lm"] = total - vision_flops
+        m.perf["peak_bytes"] = peak_tensor_bytes(calls["full"])
+        cache = calls["full"]().past_key_values
+        m.perf["kv_bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    for batch in time_batches:
+        calls = _prefill_calls(model, processor, image_size, batch)
+        times: dict[tuple[int, str], list[float]] = {}
+        for i, m in enumerate(methods):
+            select(model, m)
+            for kind in ("full", "lm"):
+                calls[kind]()  # warm-up
+                times[(i, kind)] = []
+        for _ in range(repeats):  # interleaved, so drift of a shared machine hits every method alike
+            for i, m in enumerate(methods):
+                select(model, m)
+                for kind in ("full", "lm"):
+                    times[(i, kind)].append(time_call(calls[kind]))
+        for (i, kind), values in times.items():
+            methods[i].perf[f"time_{kind}_b{batch}"] = median(values)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _relative(value: float, base: float) -> str:
+    """``value`` as % of ``base``; '-' when the base is 0 (no ratio to show)."""
+    return _pct(value / base) if base > 0 else "-"
+
+
+def header(time_batches: list[int]) -> list[str]:
+    times = [f"{kind} time b{b}" for b in time_batches for kind in ("LM", "total")]
+    return ["method", "budget", "vis final", "vis layer-avg", "LM FLOPs", "total FLOPs", *times]
+
+
+ACC_HEADER = ["peak mem", "KV cache", "acc clear %", "acc shifted %"]
+
+
+def table_rows(
+    methods: list[Method], clear: list[str], shifted: list[str], n_visual: int, time_batches: list[int]
+) -> list[list[str]]:
+    dense = methods[0]
+    rows = []
+    for m in methods:
+        final = sum(m.final_counts) / len(m.final_counts) if m.final_counts else float(n_visual)
+        mean = sum(m.mean_counts) / len(m.mean_counts) if m.mean_counts else float(n_visual)
+        p, d = m.perf, dense.perf
+        times = [
+            f"{p[f'time_{kind}_b{b}'] / d[f'time_{kind}_b{b}']:.3f}"
+            for b in time_batches
+            for kind in ("lm", "full")
+        ]
+        rows.append(
+            [
+                m.name,
+                m.budget,
+                f"{final:.1f}",
+                f"{mean:.1f}",
+                f"{p['flops_lm'] / d['flops_lm']:.3f}",
+                f"{p['flops_total'] / d['flops_total']:.3f}",
+                *times,
+                f"{p['peak_bytes'] / d['peak_bytes']:.3f}",
+                f"{p['kv_bytes'] / d['kv_bytes']:.3f}",
+                _relative(m.accuracy(clear), dense.accuracy(clear)),
+                _relative(m.accuracy(shifted), dense.accuracy(shifted)) if shifted else "-",
+            ]
+        )
+    return rows
+
+
+def target_lines(
+    methods: list[Method], clear: list[str], shifted: list[str], budgets: list[int], time_batches: list[int]
+) -> list[str]:
+    """The issue's targets, each with the measured figure and PASS / MISS."""
+    dense = methods[0]
+    domains = clear + shifted
+    by = {(m.name, m.budget.split("->")[0]): m for m in methods}
+    lines = []
+
+    def check(ok: bool, text: str) -> None:
+        lines.append(f"- {'PASS' if ok else 'MISS'}: {text}")
+
+    low, high = min(budgets), max(budgets)
+    m64 = by.get(("sparsevlm", str(low)))
+    if m64 is not None:
+        r = m64.perf["flops_lm"] / dense.perf["flops_lm"]
+        check(r <= 0.35, f"LM prefill FLOPs at {low}: {r:.3f} of dense (target <= 0.35)")
+        for b in time_batches:
+            r = m64.perf[f"time_lm_b{b}"] / dense.perf[f"time_lm_b{b}"]
+            check(r <= 0.5, f"LM prefill CPU time at {low}, batch {b}: {r:.3f} of dense (target <= 0.5)")
+            r = m64.perf[f"time_full_b{b}"] / dense.perf[f"time_full_b{b}"]
+            lines.append(
+                f"- info: full prefill CPU time (vision tower included) at {low}, batch {b}: {r:.3f}"
+            )
+        r = m64.perf["peak_bytes"] / dense.perf["peak_bytes"]
+        check(r <= 1.0, f"peak prefill memory at {low}: {r:.3f} of dense (target <= 1)")
+    base = dense.accuracy(domains)
+    for b, target in ((high, 0.97), (low, 0.92)):
+        m = by.get(("sparsevlm", str(b)))
+        if m is not None:
+            r = m.accuracy(domains) / max(base, 1e-9)
+            check(
+                r >= target, f"accuracy at {b} (all domains): {_pct(r)}% of dense (target >= {_pct(target)}%)"
+            )
+    for b in budgets:
+        s = by.get(("sparsevlm", str(b)))
+        others = [by.get((name, str(b))) for name in ("fastv", "random")]
+        if s is None or any(o is None for o in others):
+            continue
+        acc = {m.name: m.accuracy(domains) for m in [s, *others] if m is not None}
+        ok = all(acc["sparsevlm"] > acc[n] for n in ("fastv", "random"))
+        check(
+            ok,
+            f"budget {b}: sparsevlm {_pct(acc['sparsevlm'])}% vs fastv {_pct(acc['fastv'])}%, "
+            f"random {_pct(acc['random'])}% absolute accuracy (target: above both)",
+        )
+    return lines
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _positive_ints(text: str, option: str, example: str) -> set[int]:
+    try:
+        values = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        values = set()
+    if not values or min(values) < 1:
+        raise TandemError(f"{option} needs comma-separated positive integers, e.g. {example}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.sparsevlm", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, domains and repeats")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a saved LLaVA model + processor directory")
+    parser.add_argument("--recipe", default="base576", help="zoo recipe whose device model to use (no --model-dir)")
+    parser.add_argument("--random", action="store_true", help="random-init 576-token model (perf figures only)")
+    parser.add_argument("--samples", type=int, default=0, help="samples per domain (default 64 quick, 400 full)")
+    parser.add_argument("--budgets", default="192,128,64", help="budgets for 576 tokens (scaled to the model)")
+    parser.add_argument("--rank-lambda", type=float, default=0.5, help="lambda of the rank-adaptive mode")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=0, help="timing repeats (default 9 quick, 21 full)")
+    parser.add_argument("--batch", type=int, default=32, help="accuracy batch size")
+    parser.add_argument("--time-batches", default="1,8", help="batch sizes of the timed prefills")
+    parser.add_argument("--out", type=Path, default=Path("reports/sparsevlm.md"), help="markdown report path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and write the table to the console and to a markdown file."""
+    args = parse_args(argv)
+    quick, model_dir, recipe, random_model = args.quick, args.model_dir, args.recipe, args.random
+    samples, budgets, rank_lambda, threads = args.samples, args.budgets, args.rank_lambda, args.threads
+    repeats, batch, time_batches, out = args.repeats, args.batch, args.time_batches, args.out
+    torch.set_num_threads(threads)
+    budget_list = sorted(_positive_ints(budgets, "--budgets", "192,128,64"), reverse=True)
+    batches = sorted(_positive_ints(time_batches, "--time-batches", "1,8"))
+    n = samples or (64 if quick else 400)
+    reps = repeats or (9 if quick else 21)
+    clear = ["clear"]
+    shifted = ["night", "fog"] if quick else [d for d in BENCHMARK_DOMAINS if d != "clear"]
+    model, processor, description = load_model(model_dir, recipe, random_model)
+    image_size = int(model.config.vision_config.image_size)
+    n_visual = (image_size // int(model.config.vision_config.patch_size)) ** 2
+    methods = build_methods(n_visual, budget_list, rank_lambda)
+    n_layers = model.config.text_config.num_hidden_layers
+    console.print(
+        f"[bold]SparseVLM benchmark[/]: {description}; {n_visual} visual tokens, {n_layers} LM layers, "
+        f"{threads} thread(s)"
+    )
+    measure_performance(model, processor, methods, image_size, reps, batches)
+    console.print("  performance measured")
+    measure_accuracy(model, processor, methods, clear + shifted, n, batch, image_size)
+    head = header(batches) + ACC_HEADER
+    rows = table_rows(methods, clear, shifted, n_visual, batches)
+    table = Table(title="SparseVLM vs dense (ratios to dense, same run)")
+    for h in head:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    d = methods[0].perf
+    dense = methods[0]
+    times = "; ".join(
+        f"batch {b}: LM {1e3 * d[f'time_lm_b{b}']:.2f} ms, total {1e3 * d[f'time_full_b{b}']:.2f} ms"
+        for b in batches
+    )
+    absolute = (
+        f"Dense absolute: LM prefill {d['flops_lm'] / 1e6:.1f} MFLOPs, "
+        f"total {d['flops_total'] / 1e6:.1f} MFLOPs "
+        f"(batch 1); CPU time {times} (median of {reps}, {threads} thread(s)); peak live tensors "
+        f"{d['peak_bytes'] / 2**20:.2f} MiB; KV cache {d['kv_bytes'] / 2**10:.1f} KiB; accuracy clear "
+        f"{_pct(dense.accuracy(clear))}%, shifted {_pct(dense.accuracy(shifted))}% ({n} samples per domain; "
+        f"shifted = {', '.join(shifted)})."
+    )
+    targets = target_lines(methods, clear, shifted, budget_list, batches)
+    console.print(absolute)
+    for line in targets:
+        console.print(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m bench.sparsevlm", *(sys.argv[1:] if argv is None else argv)])
+    out.write_text(
+        "# SparseVLM benchmark\n\n"
+        f"Model: {description}; {n_visual} visual tokens; {n_layers} LM layers. Command: `{command}`; "
+        f"torch CPU threads: {threads} (host has {os.cpu_count()}).\n\n"
+        + markdown(head, rows)
+        + "\n\n"
+        + absolute
+        + "\n\nColumns: visual tokens in the last layer and averaged over all LM layers (merged tokens "
+        "counted); FLOPs from torch.utils.flop_counter at batch 1 (LM = total - vision tower and projector); "
+        "times are process CPU-time medians of interleaved prefills at batch b; peak mem = peak live tensor "
+        "bytes created during the batch-1 prefill (dispatch-mode tracker); accuracy = greedy first token == "
+        "answer, as % of dense.\n\n## Targets\n\n" + "\n".join(targets) + "\n"
+    )
+    console.print(f"report written to {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TandemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

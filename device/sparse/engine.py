@@ -1,0 +1,380 @@
+"""The sparse decoder pass: prefill with progressive visual-token pruning, and cached decode steps after it.
+
+Every decoder layer is the model's own module with SDPA attention; between layers the sequence shrinks (hidden
+states, original position ids, mask) and each layer's KV cache holds only the tokens that layer processed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from device.sparse.adapters import DecoderAdapter
+from device.sparse.config import SparseConfig
+from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
+from device.sparse.recycle import (
+    cluster_dpc_knn,
+    cluster_dpc_knn_batch,
+    merge_clusters,
+    merge_clusters_batch,
+    recycle_plan,
+)
+from device.sparse.scoring import attention_rank, random_scores, rater_attention_batch
+from device.sparse.sequence import ORIG, RATER, VALID, VIS, TokenSeq, decode_mask, prefill_mask
+from device.sparse.stats import PruneStep, SampleStats, SparseStats
+
+CACHE_STATE_ATTR = "_tandem_sparse_state"
+
+
+@dataclass
+class CacheState:
+    """What decode steps need to know about a sparse prefill stored in a KV cache."""
+
+    key_valid: list[torch.Tensor]  # per layer [B, n_layer]: which cached prefill slots are real tokens
+    orig_len: int  # length of the prefill input (original coordinates)
+    next_pos: torch.Tensor  # [B] first position after the prefill
+    new_valid: torch.Tensor  # [B, t] validity of the tokens appended since the prefill
+
+
+def _score_batch(
+    cfg: SparseConfig,
+    adapter: DecoderAdapter,
+    layer: int,
+    seq: TokenSeq,
+    active: list[int],
+) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Scores of the current visual slots of the ``active`` samples and their attention matrix P [R, V]."""
+    b, n = seq.h.shape[0], seq.length
+    dev = seq.h.device
+    counts = seq.visual.sum(dim=1).tolist()
+    if cfg.method == "random":
+        seeds = {i: cfg.seed * 1_000_003 + 7919 * layer + i for i in active}
+        return {i: (random_scores(counts[i], seeds[i], dev), None) for i in active}
+    idx = torch.arange(n, device=dev)
+    if cfg.method == "fastv":
+        last = torch.where(seq.valid & seq.decide, idx, -1).amax(dim=1)
+        rows, n_rows = last[:, None].clamp(min=0), [1] * b
+    else:
+        n_rows = seq.rater.sum(dim=1).tolist()
+        r_max = max(max(n_rows), 1)
+        # rater slots first (in order), then padding that repeats the first rater
+        rows = torch.argsort((~seq.rater).long() * n + idx, dim=1)[:, :r_max]
+        pad = torch.arange(r_max, device=dev)[None] >= torch.tensor(n_rows, device=dev)[:, None]
+        rows = torch.where(pad, rows[:, :1], rows)
+    normed = adapter.input_norm(layer, seq.h)
+    cos, sin = seq.cos_sin
+    attn = rater_attention_batch(adapter, layer, normed, cos, sin, rows, None if seq.all_valid else seq.valid)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if len(set(counts)) == 1:
+        v = counts[0]
+        vis_slots = torch.nonzero(seq.visual)[:, 1].view(b, v)
+        p_all = attn.gather(2, vis_slots[:, None, :].expand(b, attn.shape[1], v))
+        for i in active:
+            p = p_all[i, : n_rows[i]]
+            out[i] = (p.mean(dim=0), p)
+        return out
+    for i in active:
+        p = attn[i, : n_rows[i]][:, torch.nonzero(seq.visual[i]).flatten()]
+        out[i] = (p.mean(dim=0), p)
+    return out
+
+
+def _target(
+    cfg: SparseConfig, step: int, n_steps: int, n_visual0: int, current: int, p: torch.Tensor | None
+) -> tuple[int, int | None]:
+    """Visual tokens to keep (merged included) after this step, and the rank of P in rank mode."""
+    if cfg.mode == "budget":
+        return min(cfg.step_targets(n_visual0, n_steps)[step], current), None
+    rank = attention_rank(p, cfg.rank_rtol) if p is not None else 0
+    delete = round(cfg.rank_lambda * (current - rank))
+    return max(1, current - delete), rank
+
+
+class SparsePrefill:
+    """One prefill forward of the language model with visual-token pruning."""
+
+    def __init__(self, cfg: SparseConfig, adapter: DecoderAdapter) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self.layers = cfg.pruning_layers(adapter.num_layers)
+
+    def _initial(
+        self,
+        embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        valid: torch.Tensor,
+        position_ids: torch.Tensor,
+        decision_length: int | None,
+    ) -> tuple[TokenSeq, list[SampleStats]]:
+        """Slots of the input sequence, raters chosen per sample."""
+        b, n, _ = embeds.shape
+        idx = torch.arange(n, device=embeds.device)
+        decide = (idx < (decision_length if decision_length is not None else n))[None].expand(b, n)
+        vis = image_mask & valid
+        rater = torch.zeros(b, n, dtype=torch.bool, device=embeds.device)
+        samples: list[SampleStats] = []
+        for i in range(b):
+            vis_idx = torch.nonzero(vis[i]).flatten()
+            after = int(vis_idx[-1]) + 1 if len(vis_idx) else n
+            text_idx = torch.nonzero(valid[i, after:] & decide[i, after:]).flatten() + after
+            fallback = NO_TEXT_AFTER_IMAGE if len(text_idx) == 0 else None
+            raters = text_idx[:0]
+            if self.cfg.method == "sparsevlm":
+                raters, fallback = select_raters(embeds[i], vis_idx, text_idx)
+            elif self.cfg.method == "random":
+                fallback = None
+            rater[i, raters] = True
+            samples.append(SampleStats(len(vis_idx), [], raters.tolist(), None, fallback=fallback))
+        meta = torch.stack(
+            [
+                self.adapter.text_positions(position_ids, b, n),
+                valid.long(),
+                idx[None].expand(b, n),
+                vis.long(),
+                rater.long(),
+                decide.long(),
+            ],
+            dim=-1,
+        )
+        cos, sin = self.adapter.rotary(embeds, position_ids)
+        d = cos.shape[-1]
+        return TokenSeq(embeds, meta, torch.cat([cos.expand(b, n, d), sin.expand(b, n, d)], dim=-1)), samples
+
+    def run(
+        self,
+        embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: DynamicCache | None,
+        decision_length: int | None,
+    ) -> tuple[BaseModelOutputWithPast, SparseStats]:
+        b, n, _ = embeds.shape
+        dev = embeds.device
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
+        if position_ids is None:
+            position_ids = torch.arange(n, device=dev)[None]
+        seq, samples = self._initial(embeds, image_mask, valid, position_ids, decision_length)
+        out = torch.zeros_like(embeds)
+        stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        fastv = self.cfg.method == "fastv"
+        score_at = {(p - 1 if fastv and p > 0 else p): p for p in self.layers}
+        key_valid: list[torch.Tensor] = []
+        mask = prefill_mask(seq)
+        counts = seq.visual.sum(dim=1).tolist()
+        for li, layer in enumerate(self.adapter.layers[: self.adapter.num_layers]):
+            if li in score_at:
+                active = [
+                    i
+                    for i, st in enumerate(samples)
+                    if st.fallback != NO_TEXT_AFTER_IMAGE
+                    and st.n_visual > 0
+                    and (st.visual_scores is None or self._may_prune(score_at[li], st, counts[i]))
+                ]
+                if active:
+                    stash = _score_batch(self.cfg, self.adapter, li, seq, active)
+            if li in self.layers:
+                seq = self._prune(seq, li, stash, samples, out)
+                stash = {}
+                mask = prefill_mask(seq)
+                counts = seq.visual.sum(dim=1).tolist()
+            for i, st in enumerate(samples):
+                st.layer_counts.append(int(counts[i]))
+            key_valid.append(seq.valid)
+            seq.h = layer(
+                seq.h,
+                attention_mask=mask,
+                position_embeddings=seq.cos_sin,
+                position_ids=seq.pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        patch_of = torch.cumsum(image_mask.long(), dim=1) - 1
+        alive = seq.visual & (seq.orig >= 0)
+        for i, st in enumerate(samples):
+            st.kept_patches = patch_of[i, seq.orig[i, alive[i]]].tolist()
+        rows, cols = torch.nonzero(seq.orig >= 0, as_tuple=True)
+        out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
+        hidden = self.adapter.language_model.norm(out)
+        if cache is not None:
+            next_pos = self.adapter.text_positions(position_ids, b, n).max(dim=1).values + 1
+            state = CacheState(key_valid, n, next_pos, valid[:, :0])
+            setattr(cache, CACHE_STATE_ATTR, state)
+            # Layers hold different numbers of tokens; callers asking the cache its length (generate,
+            # M-RoPE position bookkeeping) get the logical length: the prompt plus the tokens decoded since.
+            cache.get_seq_length = lambda layer_idx=0: state.orig_len + state.new_valid.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
+
+    def _may_prune(self, layer: int, st: SampleStats, current: int) -> bool:
+        """False when budget mode already holds at most this step's target (scoring can be skipped)."""
+        if self.cfg.mode != "budget":
+            return True
+        step = self.layers.index(layer)
+        return self.cfg.step_targets(st.n_visual, len(self.layers))[step] < current
+
+    def _prune(
+        self,
+        seq: TokenSeq,
+        layer: int,
+        stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+        samples: list[SampleStats],
+        out: torch.Tensor,
+    ) -> TokenSeq:
+        """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to
+        ``out``."""
+        step = self.layers.index(layer)
+        batched = self._prune_batched(seq, layer, step, stash, samples, out)
+        if batched is not None:
+            return batched
+        rows: list[tuple] = []
+        everything = torch.arange(seq.length, device=seq.h.device)
+        for i, st in enumerate(samples):
+            if i not in stash:
+                rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
+                continue
+            scores, p = stash[i]
+            if st.visual_scores is None:
+                st.visual_scores = scores.detach().clone()
+            vis_slots = torch.nonzero(seq.visual[i]).flatten()
+            current = len(vis_slots)
+            target, rank = _target(self.cfg, step, len(self.layers), st.n_visual, current, p)
+            if target >= current:
+                st.steps.append(PruneStep(layer, current, current, 0, rank))
+                rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
+                continue
+            cfg = self.cfg
+            groups = recycle_plan(target, current, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
+            order = torch.argsort(scores, descending=True, stable=True)
+            kept = vis_slots[order[: target - groups]]
+            pruned = vis_slots[order[target - groups :]]
+            merged_h, merged_slot = seq.h[i, :0], everything[:0]
+            if groups:
+                n_rec = max(groups, min(int(cfg.recycle_ratio * len(pruned)) + 1, len(pruned)))
+                recycled = pruned[:n_rec]
+                states = seq.h[i, recycled]
+                labels = cluster_dpc_knn(states, groups, cfg.cluster_knn)
+                merged_h = merge_clusters(states, labels, groups)
+                # representative: the best-scored member (recycled is sorted by score, best first)
+                first = torch.full((groups,), n_rec, dtype=torch.long, device=labels.device)
+                first = first.scatter_reduce(0, labels, torch.arange(n_rec, device=labels.device), "amin")
+                merged_slot = recycled[first]
+            orig = seq.orig[i, pruned]
+            dropped = orig >= 0
+            out[i, orig[dropped]] = seq.h[i, pruned[dropped]]
+            keep_mask = ~seq.visual[i]
+            keep_mask[kept] = True
+            rows.append(seq.row(i, torch.nonzero(keep_mask).flatten(), merged_h, merged_slot))
+            st.steps.append(PruneStep(layer, current, target, groups, rank))
+        return TokenSeq.stack(rows)
+
+    def _prune_batched(
+        self,
+        seq: TokenSeq,
+        layer: int,
+        step: int,
+        stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+        samples: list[SampleStats],
+        out: torch.Tensor,
+    ) -> TokenSeq | None:
+        """Budget mode with every row alike (same visual count, all scored): one set of batched ops.
+
+        Returns ``None`` when the rows differ; the per-sample path handles that.
+        """
+        cfg = self.cfg
+        b = len(samples)
+        n0 = samples[0].n_visual
+        if cfg.mode != "budget" or len(stash) != b or any(st.n_visual != n0 for st in samples):
+            return None
+        counts = seq.visual.sum(dim=1).tolist()
+        if len(set(counts)) != 1:
+            return None
+        v = counts[0]
+        scores = torch.stack([stash[i][0] for i in range(b)])
+        for i, st in enumerate(samples):
+            if st.visual_scores is None:
+                st.visual_scores = scores[i].detach().clone()
+        target, _ = _target(cfg, step, len(self.layers), n0, v, None)
+        if target >= v:
+            for st in samples:
+                st.steps.append(PruneStep(layer, v, v, 0, None))
+            return seq
+        groups = recycle_plan(target, v, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
+        vis_slots = torch.nonzero(seq.visual)[:, 1].view(b, v)
+        ranked = vis_slots.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
+        kept, pruned = ranked[:, : target - groups], ranked[:, target - groups :]
+        orig = seq.orig.gather(1, pruned)
+        dropped = orig >= 0
+        batch_idx = torch.arange(b, device=seq.h.device)[:, None].expand_as(pruned)
+        out[batch_idx[dropped], orig[dropped]] = seq.h[batch_idx[dropped], pruned[dropped]]
+        keep_mask = ~seq.visual
+        keep_mask.scatter_(1, kept, True)
+        keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
+        h_new, meta_new = _gather_rows(seq.h, keep_idx), _gather_rows(seq.meta, keep_idx)
+        rope_new = _gather_rows(seq.rope, keep_idx)
+        if groups:
+            n_pruned = pruned.shape[1]
+            n_rec = max(groups, min(int(cfg.recycle_ratio * n_pruned) + 1, n_pruned))
+            recycled = pruned[:, :n_rec]
+            states = _gather_rows(seq.h, recycled)
+            labels = cluster_dpc_knn_batch(states, groups, cfg.cluster_knn)
+            merged_h = merge_clusters_batch(states, labels, groups)
+            ranks = torch.arange(n_rec, device=labels.device).expand(b, n_rec)
+            first = torch.full((b, groups), n_rec, dtype=torch.long, device=labels.device)
+            merged_slot = recycled.gather(1, first.scatter_reduce(1, labels, ranks, "amin"))
+            merged_meta = _gather_rows(seq.meta, merged_slot).clone()
+            merged_meta[..., VALID] = 1
+            merged_meta[..., ORIG] = -1
+            merged_meta[..., VIS] = 1
+            merged_meta[..., RATER] = 0
+            order = torch.argsort(torch.cat([keep_idx, merged_slot], dim=1), dim=1)
+            h_new = _gather_rows(torch.cat([h_new, merged_h.to(h_new.dtype)], dim=1), order)
+            meta_new = _gather_rows(torch.cat([meta_new, merged_meta], dim=1), order)
+            rope_new = _gather_rows(torch.cat([rope_new, _gather_rows(seq.rope, merged_slot)], dim=1), order)
+        for st in samples:
+            st.steps.append(PruneStep(layer, v, target, groups, None))
+        return TokenSeq(h_new, meta_new, rope_new)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, n, c] at ``idx`` [B, m] -> [B, m, c]."""
+    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def sparse_decode(
+    adapter: DecoderAdapter,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: DynamicCache,
+    state: CacheState,
+) -> BaseModelOutputWithPast:
+    """Decode step(s) on top of a sparse prefill: per-layer masks over each layer's own cached slots."""
+    b, q, _ = embeds.shape
+    t_past = state.new_valid.shape[1]
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= q:
+        fresh = attention_mask[:, -q:].bool()
+    else:
+        fresh = torch.ones(b, q, dtype=torch.bool, device=embeds.device)
+    new_valid = torch.cat([state.new_valid, fresh], dim=1)
+    if position_ids is None:
+        position_ids = state.next_pos[:, None] + t_past + torch.arange(q, device=embeds.device)[None]
+    cos, sin = adapter.rotary(embeds, position_ids)
+    position_ids = adapter.text_positions(position_ids, b, q)
+    h = embeds
+    all_new_valid = bool(new_valid.all())
+    for li, layer in enumerate(adapter.layers[: adapter.num_layers]):
+        prefix_valid = state.key_valid[li]
+        plain = q == 1 and all_new_valid and bool(prefix_valid.all())
+        h = layer(
+            h,
+            attention_mask=None if plain else decode_mask(prefix_valid, new_valid, q),
+            position_embeddings=(cos, sin),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    state.new_valid = new_valid
+    return BaseModelOutputWithPast(last_hidden_state=adapter.language_model.norm(h), past_key_values=cache)

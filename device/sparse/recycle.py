@@ -1,0 +1,67 @@
+"""Token recycling: cluster the best-scored pruned tokens (density-peak kNN) and merge each cluster
+into one."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def recycle_plan(
+    target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float
+) -> int:
+    """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged
+    included)."""
+    if not recycle or target >= n_visual or target <= 1:
+        return 0
+    n_recycled = min(int(recycle_ratio * (n_visual - target)) + 1, n_visual - target)
+    groups = int(n_recycled * cluster_ratio) + 1
+    return max(0, min(groups, n_recycled, target - 1))
+
+
+def cluster_dpc_knn(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """Labels in [0, groups) for the rows of ``x`` [n, d] (see ``cluster_dpc_knn_batch``)."""
+    return cluster_dpc_knn_batch(x[None], groups, k)[0]
+
+
+def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """Labels [B, n] in [0, groups) for ``x`` [B, n, d] by density-peak clustering with kNN density.
+
+    Deterministic: density ties are broken by index. Centers are the ``groups`` points with the largest
+    density x distance-to-denser-point; every point joins its nearest center.
+    """
+    b, n, d = x.shape
+    if groups >= n:
+        return torch.arange(n, device=x.device).expand(b, n).clone()
+    xf = x.float()
+    sq = (xf * xf).sum(dim=-1)
+    # |a-b|^2 via one matmul (torch.cdist takes a much slower path on CPU for these sizes)
+    gram = xf @ xf.transpose(1, 2)
+    dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_(min=0.0).sqrt_() / math.sqrt(d)
+    dist.diagonal(dim1=1, dim2=2).fill_(0.0)
+    kk = max(1, min(k, n - 1))
+    knn = dist.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
+    density = torch.exp(-(knn**2).mean(dim=-1))
+    idx = torch.arange(n, device=x.device)
+    other, this = density[:, None, :], density[:, :, None]
+    denser = (other > this) | ((other == this) & (idx[None, None, :] < idx[None, :, None]))
+    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(dim=-1).values
+    delta = torch.where(torch.isinf(delta), dist.amax(dim=(1, 2))[:, None], delta)
+    centers = (density * delta).topk(groups, dim=-1).indices
+    labels = dist.gather(2, centers[:, None, :].expand(b, n, groups)).argmin(dim=-1)
+    labels.scatter_(1, centers, torch.arange(groups, device=x.device).expand(b, groups).contiguous())
+    return labels
+
+
+def merge_clusters(x: torch.Tensor, labels: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean of the members of each cluster: [groups, d]."""
+    return merge_clusters_batch(x[None], labels[None], groups)[0]
+
+
+def merge_clusters_batch(x: torch.Tensor, labels: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean of the members of each cluster: ``x`` [B, n, d], ``labels`` [B, n] -> [B, groups, d]."""
+    b, n, d = x.shape
+    sums = x.new_zeros(b, groups, d).scatter_add_(1, labels[..., None].expand(b, n, d), x)
+    counts = x.new_zeros(b, groups).scatter_add_(1, labels, x.new_ones(b, n)).clamp_(min=1.0)
+    return sums / counts[..., None]
