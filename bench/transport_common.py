@@ -17,9 +17,10 @@ console = Console()
 
 
 @contextmanager
-def gateway_subprocess(data_dir: Path, *extra: str, timeout: float = 60.0):
-    """Run ``python -m cloud.cli serve`` on an ephemeral port; yields ``host:port``."""
-    ready = data_dir.parent / "gateway.ready"
+def gateway_process(data_dir: Path, *extra: str, timeout: float = 30.0):
+    """``python -m cloud.cli serve`` as a subprocess on an ephemeral port; yields (process, address)."""
+    ready = data_dir.parent / f"{data_dir.name}.ready"
+    ready.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cmd = [
         sys.executable,
@@ -36,21 +37,24 @@ def gateway_subprocess(data_dir: Path, *extra: str, timeout: float = 60.0):
         "WARNING",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout
         while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("gateway did not start")
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited early: {proc.stderr.read() if proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("gateway did not become ready")
             time.sleep(0.05)
-        yield ready.read_text()
+        yield proc, ready.read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

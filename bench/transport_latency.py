@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.transport_common import gateway_subprocess, print_table
+from bench.transport_common import gateway_process, print_table
 from cloud.samples import SqliteSampleStore
 from common.codec import sha256_digest
 from device.transport.client import GatewayClient
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "cloud"
-        with gateway_subprocess(data_dir) as address:
+        with gateway_process(data_dir) as (_, address):
             base_lat, base_acked = asyncio.run(
                 run_devices(address, Path(tmp), 1, base_seconds, args.size, "solo-", 0.1)
             )

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.transport_common import REPO_ROOT, gateway_subprocess, print_table
+from bench.transport_common import REPO_ROOT, gateway_process, print_table
 from common.codec import sha256_digest
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         disk = durable_file_write(samples, Path(tmp), args.batch)
         config = Path(tmp) / "cloud.yaml"
         config.write_text(f"sqlite_synchronous: {args.synchronous}\n")
-        with gateway_subprocess(Path(tmp) / "cloud", "--config", str(config)) as address:
+        with gateway_process(Path(tmp) / "cloud", "--config", str(config)) as (_, address):
             direct = asyncio.run(
                 gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1")
             )
