@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from bench.transport_common import gateway_process  # noqa: F401  (shared with the transport benchmarks)
+from bench.transport_common import REPO_ROOT, gateway_process  # noqa: F401  (shared with the transport benchmarks)
 from cloud.config import GatewayConfig
 from cloud.gateway import GatewayServer
 from device.transport.client import GatewayClient
