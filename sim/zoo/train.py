@@ -34,6 +34,17 @@ def lr_at(step: int, spec: StageSpec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, lr: float) -> float:
+    """One clipped AdamW step at learning rate ``lr``; returns the loss value."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 class DensePatchHeads(nn.Module):
     """Per-patch classifiers used only to pretrain the vision tower."""
 
@@ -82,13 +93,7 @@ def pretrain_vision(
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
         # Supervise the layer LLaVA reads (-2, CLS dropped) and the last layer.
         loss = heads.loss(hidden[-2][:, 1:], stacked) + 0.5 * heads.loss(hidden[-1][:, 1:], stacked)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, spec)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
         if on_step:
             on_step(step, losses[-1])
     tower.eval()
@@ -186,13 +191,7 @@ def train_answers(
                 [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
             )
             loss = answer_loss(model, batch, encoder.answer_ids([s.answer for s in samples]), encoder.eos_id)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, spec)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
         if on_step:
             on_step(step, losses[-1])
     model.eval()
