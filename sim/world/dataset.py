@@ -116,18 +116,27 @@ class World:
         return [self.sample(i, dom, qtype) for i in range(start, start + count)]
 
 
-def patch_labels(sample: Sample, patch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-patch (colour, shape, centre) labels from the object-index map, row-major over the patch grid.
+def patch_owners(sample: Sample, patch_size: int) -> np.ndarray:
+    """Index of the object owning each patch (row-major over the patch grid), -1 for background.
 
-    Colour and shape are 0 for background, else 1 + id of the object covering most of the patch;
-    centre is 1 for the patch holding an object's centre.
+    A patch belongs to the object covering most of it; an object covering a third of a patch owns it.
     """
     grid = sample.index_map.shape[0] // patch_size
     patches = sample.index_map[: grid * patch_size, : grid * patch_size].reshape(grid, patch_size, grid, patch_size)
     patches = patches.transpose(0, 2, 1, 3).reshape(grid * grid, -1).astype(np.int16) + 1
     counts = np.stack([(patches == k).sum(1) for k in range(len(sample.scene.objects) + 1)], axis=1)
-    counts[:, 0] = counts[:, 0] // 2  # an object covering a third of a patch owns it
-    owner = counts.argmax(1) - 1
+    counts[:, 0] = counts[:, 0] // 2
+    return counts.argmax(1) - 1
+
+
+def patch_labels(sample: Sample, patch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-patch (colour, shape, centre) labels from the object-index map, row-major over the patch grid.
+
+    Colour and shape are 0 for background, else 1 + id of the object owning the patch (``patch_owners``);
+    centre is 1 for the patch holding an object's centre.
+    """
+    grid = sample.index_map.shape[0] // patch_size
+    owner = patch_owners(sample, patch_size)
     color = np.zeros(grid * grid, dtype=np.int64)
     shape = np.zeros(grid * grid, dtype=np.int64)
     centre = np.zeros(grid * grid, dtype=np.int64)

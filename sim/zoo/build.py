@@ -93,9 +93,7 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def ensure_zoo(
-    recipe: ZooRecipe, *, home: Path | None = None, progress: bool = True, force: bool = False
-) -> ZooPaths:
+def ensure_zoo(recipe: ZooRecipe, *, home: Path | None = None, progress: bool = True, force: bool = False) -> ZooPaths:
     """Return the built zoo for ``recipe``, building it first when it is not cached (or ``force``)."""
     root = zoo_dir(recipe, home)
     paths = ZooPaths.at(root)
@@ -123,7 +121,6 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
     timings: dict[str, float] = {}
     final_loss: dict[str, float] = {}
     with _progress(show_progress) as bar:
-
         plain = show_progress and not bar.console.is_terminal
 
         def run(name: str, total: int, fn) -> None:
@@ -144,13 +141,17 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
 
         def vision_stage(cb) -> list[float]:
             losses, trained_heads = pretrain_vision(
-                teacher.model.vision_tower, World(recipe.seed, v.image_size), encoder, recipe.vision_stage, cb,
+                teacher.model.vision_tower,
+                World(recipe.seed, v.image_size),
+                encoder,
+                recipe.vision_stage,
+                cb,
                 max_severity=recipe.vision_max_severity,
             )
             heads.append(trained_heads)
             return losses
 
-        run("vision (clear)", recipe.vision_stage.steps, vision_stage)
+        run("vision", recipe.vision_stage.steps, vision_stage)
         # The device keeps a frozen copy of the teacher's vision tower.
         device.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
         if recipe.projector_from_heads:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.config import StrictConfig
 
 # Bump when training code changes in a way that changes the weights a recipe produces.
-RECIPE_CODE_VERSION = 1
+RECIPE_CODE_VERSION = 2
 
 
 class VisionSpec(StrictConfig):
@@ -52,6 +52,21 @@ class StageSpec(StrictConfig):
     turns: int = Field(1, ge=1, le=8)
     # Share of the steps over which scenes grow from one object to the full five (0 disables the curriculum).
     curriculum: float = Field(0.0, ge=0.0, le=1.0)
+    # Share of the steps over which shifted images grow from none to their full share and severity (0: off).
+    # Answering is learnt on clean features first, robustness after: much faster than all domains from step 0.
+    domain_curriculum: float = Field(0.0, ge=0.0, le=1.0)
+
+
+VISION_SHIFT_LIMITS = {
+    "dusk": 1.0,
+    "fog": 1.0,
+    "blur": 1.0,
+    "noise": 1.0,
+    "palette": 1.0,
+    "night": 0.35,
+    "cast": 0.35,
+    "background": 0.35,
+}
 
 
 class ZooRecipe(StrictConfig):
@@ -60,19 +75,34 @@ class ZooRecipe(StrictConfig):
     name: str = "base"
     seed: int = 0
     vision: VisionSpec = VisionSpec()
-    teacher: TextSpec = TextSpec()
+    # Two layers: at this scale a 4-layer LM learnt markedly slower per step (61% vs 66% after 700 steps).
+    teacher: TextSpec = TextSpec(num_layers=2)
     device: TextSpec = TextSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=192)
-    vision_stage: StageSpec = StageSpec(steps=600, batch_size=64, lr=2e-3, warmup=40)
-    teacher_stage: StageSpec = StageSpec(steps=1400, batch_size=16, lr=2e-3, warmup=60, turns=8)
+    vision_stage: StageSpec = StageSpec(steps=4800, batch_size=8, lr=3e-3, warmup=80)
+    teacher_stage: StageSpec = StageSpec(steps=2000, batch_size=16, lr=2e-3, warmup=60, turns=8, domain_curriculum=0.4)
     device_stage: StageSpec = StageSpec(steps=1200, batch_size=16, lr=2e-3, warmup=60, turns=8)
-    # Vision pretraining sees clear images and shifts up to this severity (benchmark shifts are severity 1).
-    vision_max_severity: float = Field(0.35, ge=0.0, le=1.0)
+    # Vision pretraining sees clear images and these shifts up to these severities (benchmark shifts are
+    # severity 1): generic corruptions at full strength, as CLIP saw them on the web; this camera's lighting
+    # (night, colour cast) and new surroundings only mildly, so they stay out of distribution for the tower.
+    vision_max_severity: dict[str, float] = Field(default_factory=lambda: dict(VISION_SHIFT_LIMITS))
     # False builds the device model only (e.g. a geometry used only to benchmark the device).
     with_teacher: bool = True
     # Initialise each projector from the vision pretraining's per-patch heads (LLaVA's stage-1 alignment, cheaply).
     projector_from_heads: bool = True
     # Severity range used when the teacher trains on shifted domains.
     teacher_min_severity: float = 0.4
+
+    @field_validator("vision_max_severity")
+    @classmethod
+    def _known_shifts(cls, limits: dict[str, float]) -> dict[str, float]:
+        from sim.world.shifts import SHIFT_NAMES
+
+        for name, severity in limits.items():
+            if name not in SHIFT_NAMES:
+                raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
+            if not 0.0 <= severity <= 1.0:
+                raise ValueError(f"severity of {name!r} must be in [0, 1], got {severity}")
+        return limits
 
     def digest(self) -> str:
         """Stable short hash of the recipe and the training code version."""

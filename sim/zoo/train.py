@@ -1,24 +1,25 @@
-"""Zoo training stages: dense vision pretraining (clear only), then answer training of teacher and device.
+"""Zoo training stages: dense vision pretraining, then answer training of teacher and device.
 
-Stage 1 pretrains the shared CLIP vision tower on per-patch labels (colour, shape, object centre) of the clear
-domain, as CLIP was pretrained on its own data. Stage 2 trains a LLaVA model's projector and language model with
-the vision tower frozen: the teacher on every domain, the device model on the clear domain only.
+Stage 1 pretrains the shared CLIP vision tower on dense per-patch scene targets (``patch_targets``) of clear and
+mildly shifted images, as CLIP was pretrained on its own data. Stage 2 trains a LLaVA model's projector and
+language model with the vision tower frozen: the teacher on every domain, the device model on the clear domain
+only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
-from sim.world import COLORS, SHAPES, World
-from sim.world.dataset import patch_labels
+from sim.world import World
 from sim.world.shifts import Domain, ShiftSpec
 from sim.zoo.batching import BatchEncoder
+from sim.zoo.patch_targets import DensePatchHeads, batch_targets
 from sim.zoo.recipe import StageSpec
 
 ProgressFn = Callable[[int, float], None]
@@ -45,40 +46,23 @@ def _optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor
     return float(loss.detach())
 
 
-class DensePatchHeads(nn.Module):
-    """Per-patch classifiers used only to pretrain the vision tower."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.color = nn.Linear(hidden, len(COLORS) + 1)
-        self.shape = nn.Linear(hidden, len(SHAPES) + 1)
-        self.centre = nn.Linear(hidden, 2)
-
-    def loss(self, feats: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        ce = nn.functional.cross_entropy
-        c, s, k = labels
-        return (
-            ce(self.color(feats).flatten(0, 1), c.flatten())
-            + ce(self.shape(feats).flatten(0, 1), s.flatten())
-            + ce(self.centre(feats).flatten(0, 1), k.flatten(), weight=torch.tensor([1.0, 4.0]))
-        )
-
-
 def pretrain_vision(
     tower: CLIPVisionModel,
     world: World,
     encoder: BatchEncoder,
     spec: StageSpec,
     on_step: ProgressFn | None = None,
-    max_severity: float = 0.0,
+    max_severity: Mapping[str, float] | None = None,
 ) -> tuple[list[float], DensePatchHeads]:
-    """Train the vision tower on per-patch labels; returns the loss per step and the heads.
+    """Train the vision tower on dense per-patch targets; returns the loss per step and the heads.
 
-    Half of the images are clear, the other half carry one random shift of severity up to ``max_severity``
-    (0: clear only). Benchmark-strength shifts (severity 1) stay out of distribution for the tower.
+    Half of the images are clear, the others carry random shifts, each up to its ``max_severity`` (shift name ->
+    severity; shifts not named, or an empty mapping, are never seen). Shifts kept mild here stay out of the
+    tower's distribution at benchmark strength (severity 1), as a real camera's night mode would for CLIP.
     """
     rng = np.random.default_rng([world.seed, 11])
-    domains = domain_stream(rng, max_severity > 0, 0.0, max_severity, clear_share=0.5)
+    limits = {k: v for k, v in (max_severity or {}).items() if v > 0}
+    domains = domain_stream(rng, bool(limits), 0.0, clear_share=0.5, max_severity=limits)
     patch = tower.config.patch_size
     heads = DensePatchHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -87,12 +71,11 @@ def pretrain_vision(
     losses = []
     for step in range(spec.steps):
         samples = [world.sample(step * spec.batch_size + i, next(domains)) for i in range(spec.batch_size)]
-        labels = [patch_labels(s, patch) for s in samples]
-        stacked = tuple(torch.from_numpy(np.stack([lab[i] for lab in labels])) for i in range(3))
+        targets = batch_targets(samples, patch)
         pixels = encoder.pixels([s.image for s in samples])
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
         # Supervise the layer LLaVA reads (-2, CLS dropped) and the last layer.
-        loss = heads.loss(hidden[-2][:, 1:], stacked) + 0.5 * heads.loss(hidden[-1][:, 1:], stacked)
+        loss = heads.loss(hidden[-2][:, 1:], targets) + 0.5 * heads.loss(hidden[-1][:, 1:], targets)
         losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
         if on_step:
             on_step(step, losses[-1])
@@ -104,12 +87,12 @@ def pretrain_vision(
 def init_projector_from_heads(model: LlavaForConditionalGeneration, heads: DensePatchHeads, scale: float = 1.0) -> None:
     """Make the projector's first units the pretrained per-patch logits, passed on by the second layer.
 
-    The language model then starts from visual tokens whose leading dimensions name colour, shape and object
-    centre; everything else keeps its random initialisation and all of it trains.
+    The language model then starts from visual tokens whose leading dimensions carry the dense targets
+    (colour, shape, region, counts, ...); everything else keeps its random initialisation and all of it trains.
     """
     proj = model.model.multi_modal_projector
-    w = torch.cat([heads.color.weight, heads.shape.weight, heads.centre.weight])
-    b = torch.cat([heads.color.bias, heads.shape.bias, heads.centre.bias])
+    w = torch.cat([h.weight for h in heads.all()])
+    b = torch.cat([h.bias for h in heads.all()])
     k = w.shape[0]
     if proj.linear_1.out_features < k or proj.linear_2.out_features < k:
         return
@@ -124,17 +107,35 @@ def domain_stream(
     rng: np.random.Generator,
     shifted: bool,
     min_severity: float,
-    max_severity: float = 1.0,
     clear_share: float = 0.2,
+    max_severity: Mapping[str, float] | None = None,
 ) -> Iterator[Domain]:
-    """Random training domains: clear only, or clear mixed with single and paired shifts."""
+    """Random training domains: clear only, or clear mixed with single and paired shifts.
+
+    ``max_severity`` (shift name -> upper severity) limits which shifts occur and how strong; by default every
+    shift in ``TEACHER_SHIFTS`` up to severity 1.
+    """
+    limits = dict(max_severity) if max_severity is not None else dict.fromkeys(TEACHER_SHIFTS, 1.0)
+    names_pool = sorted(limits)
     while True:
         if not shifted or rng.random() < clear_share:
             yield Domain()
             continue
-        n = 1 if rng.random() < 0.8 else 2
-        names = rng.choice(TEACHER_SHIFTS, size=n, replace=False)
-        yield Domain(tuple(ShiftSpec(str(nm), float(rng.uniform(min_severity, max_severity))) for nm in names))
+        n = 1 if rng.random() < 0.8 or len(names_pool) < 2 else 2
+        names = rng.choice(names_pool, size=n, replace=False)
+        yield Domain(
+            tuple(ShiftSpec(str(nm), float(rng.uniform(min(min_severity, limits[nm]), limits[nm]))) for nm in names)
+        )
+
+
+def _ramped(domain: Domain, ramp: float, rng: np.random.Generator) -> Domain:
+    """``domain`` at ``ramp`` of the way through a domain curriculum: kept with probability ``ramp``, else clear,
+    and its severities scaled by ``0.5 + 0.5 * ramp``."""
+    if ramp >= 1.0 or not domain.shifts:
+        return domain
+    if rng.random() >= ramp:
+        return Domain()
+    return Domain(tuple(ShiftSpec(s.name, s.severity * (0.5 + 0.5 * ramp)) for s in domain.shifts))
 
 
 def answer_loss(model: LlavaForConditionalGeneration, batch: dict, answers: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -178,7 +179,9 @@ def train_answers(
     for step in range(spec.steps):
         base = step * spec.batch_size
         cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
-        samples = [world.sample(base + i, next(domains), max_objects=cap) for i in range(spec.batch_size)]
+        ramp = min(1.0, step / (spec.domain_curriculum * spec.steps)) if spec.domain_curriculum else 1.0
+        picked = [_ramped(next(domains), ramp, rng) for _ in range(spec.batch_size)]
+        samples = [world.sample(base + i, picked[i], max_objects=cap) for i in range(spec.batch_size)]
         if spec.turns > 1:
             question_sets = [
                 [(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, spec.turns - 1)]

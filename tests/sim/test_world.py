@@ -7,7 +7,7 @@ import pytest
 
 from common.errors import ConfigError
 from sim.world import BENCHMARK_DOMAINS, COLORS, QUESTION_TYPES, SHAPES, SHIFT_NAMES, World, parse_domain
-from sim.world.dataset import patch_labels
+from sim.world.dataset import patch_labels, patch_owners
 from sim.world.questions import ANSWERS, COUNT_WORDS, position_of
 
 
@@ -103,3 +103,26 @@ def test_patch_labels_match_objects():
     assert color.shape == (144,) and centre.sum() == len(s.scene.objects)
     assert set(np.unique(color)) - {0} == {1 + COLORS.index(o.color) for o in s.scene.objects}
     assert set(np.unique(shape)) - {0} == {1 + SHAPES.index(o.shape) for o in s.scene.objects}
+
+
+def test_patch_targets_describe_the_owning_object():
+    from sim.world.questions import POSITIONS, position_of
+    from sim.zoo.patch_targets import TARGETS, batch_targets, patch_targets
+
+    world = World(0)
+    s = next(s for s in (world.sample(i) for i in range(50)) if len(s.scene.objects) >= 3)
+    targets = patch_targets(s, 8)
+    assert set(targets) == set(TARGETS)
+    owner = patch_owners(s, 8)
+    assert (targets["region"][owner < 0] == 0).all() and (targets["color"][owner < 0] == 0).all()
+    for i, obj in enumerate(s.scene.objects):
+        mine = owner == i
+        if not mine.any():
+            continue
+        pos = position_of(obj, s.scene.size)
+        assert (targets["region"][mine] == (0 if pos is None else 1 + POSITIONS.index(pos))).all()
+        assert (targets["shape"][mine] == 1 + SHAPES.index(obj.shape)).all()
+    for name, n in TARGETS.items():
+        assert 0 <= targets[name].min() and targets[name].max() < n
+    batch = batch_targets([s, world.sample(1)], 8)
+    assert batch["color"].shape == (2, 144)
