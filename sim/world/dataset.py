@@ -108,9 +108,7 @@ class World:
                 out.append(qa)
         return out
 
-    def samples(
-        self, start: int, count: int, domain: str | Domain = "clear", qtype: str | None = None
-    ) -> list[Sample]:
+    def samples(self, start: int, count: int, domain: str | Domain = "clear", qtype: str | None = None) -> list[Sample]:
         """``count`` consecutive samples from index ``start``."""
         dom = parse_domain(domain)
         return [self.sample(i, dom, qtype) for i in range(start, start + count)]

@@ -164,6 +164,7 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
                 lambda cb: train_answers(
                     teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
                     shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
+                    shift_weights=recipe.teacher_shift_weights,
                 ),
             )  # fmt: skip
         run(

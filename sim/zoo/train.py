@@ -109,20 +109,24 @@ def domain_stream(
     min_severity: float,
     clear_share: float = 0.2,
     max_severity: Mapping[str, float] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> Iterator[Domain]:
     """Random training domains: clear only, or clear mixed with single and paired shifts.
 
     ``max_severity`` (shift name -> upper severity) limits which shifts occur and how strong; by default every
-    shift in ``TEACHER_SHIFTS`` up to severity 1.
+    shift in ``TEACHER_SHIFTS`` up to severity 1. ``weights`` (shift name -> relative frequency, default 1)
+    oversamples the shifts that are hardest to learn.
     """
     limits = dict(max_severity) if max_severity is not None else dict.fromkeys(TEACHER_SHIFTS, 1.0)
     names_pool = sorted(limits)
+    freq = np.array([float((weights or {}).get(nm, 1.0)) for nm in names_pool])
+    freq = freq / freq.sum()
     while True:
         if not shifted or rng.random() < clear_share:
             yield Domain()
             continue
         n = 1 if rng.random() < 0.8 or len(names_pool) < 2 else 2
-        names = rng.choice(names_pool, size=n, replace=False)
+        names = rng.choice(names_pool, size=n, replace=False, p=freq)
         yield Domain(
             tuple(ShiftSpec(str(nm), float(rng.uniform(min(min_severity, limits[nm]), limits[nm]))) for nm in names)
         )
@@ -165,6 +169,7 @@ def train_answers(
     min_severity: float,
     seed: int,
     on_step: ProgressFn | None = None,
+    shift_weights: Mapping[str, float] | None = None,
 ) -> list[float]:
     """Train projector + language model (vision tower frozen) to answer; returns the loss per step."""
     for p in model.model.vision_tower.parameters():
@@ -172,7 +177,7 @@ def train_answers(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 7])
-    domains = domain_stream(rng, shifted, min_severity)
+    domains = domain_stream(rng, shifted, min_severity, weights=shift_weights)
     model.train()
     model.model.vision_tower.eval()
     losses = []
