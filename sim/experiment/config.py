@@ -26,8 +26,8 @@ class ExperimentConfig(StrictConfig):
     eval_size: int = Field(400, ge=4)
     calibration_size: int = Field(256, ge=4)
     # UTS: samples per round the uplink may carry, and the share of visual tokens kept per sample.
-    uplink_samples_per_round: int = Field(64, ge=1)
-    keep_ratio: float = Field(0.25, gt=0, le=1)
+    uplink_samples_per_round: int = Field(80, ge=1)
+    keep_ratio: float = Field(0.5, gt=0, le=1)
     uncertainty_score: Literal["confidence", "entropy", "energy", "combined"] = "confidence"
     relevance_weight: float = Field(0.5, ge=0, le=1)
     # AKD on a buffer of the uploads of the last ``replay_rounds`` rounds.
@@ -59,7 +59,7 @@ def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig
             "stream_per_round": 192,
             "eval_size": 200,
             "calibration_size": 128,
-            "uplink_samples_per_round": 48,
+            "uplink_samples_per_round": 60,
         },
         "tiny": {
             "recipe": "micro-random",

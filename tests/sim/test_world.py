@@ -123,6 +123,6 @@ def test_patch_targets_describe_the_owning_object():
         assert (targets["region"][mine] == (0 if pos is None else 1 + POSITIONS.index(pos))).all()
         assert (targets["shape"][mine] == 1 + SHAPES.index(obj.shape)).all()
     for name, n in TARGETS.items():
-        assert 0 <= targets[name].min() and targets[name].max() < n
+        assert targets[name].min() >= 0 and targets[name].max() < n
     batch = batch_targets([s, world.sample(1)], 8)
     assert batch["color"].shape == (2, 144)
