@@ -57,25 +57,11 @@ class DecoderAdapter:
     def query_key(
         self, layer_idx: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Rotated queries of ``rows`` and keys of every token of one sample, as the layer computes them.
+        """Rotated queries of ``rows`` and keys of every token, as the layer computes them.
 
-        ``normed`` [n, hidden] is the layer's input after ``input_layernorm``; returns q [heads, R, d],
-        k [heads, n, d] (KV heads repeated for GQA) and the attention scaling.
+        ``normed`` [B, n, hidden] is the layer's input after ``input_layernorm``, ``rows`` [B, R]; returns
+        q [B, heads, R, d], k [B, heads, n, d] (KV heads repeated for GQA) and the attention scaling.
         """
-        attn = self.layers[layer_idx].self_attn
-        d = attn.head_dim
-        q = attn.q_proj(normed[rows]).view(len(rows), -1, d).transpose(0, 1)
-        k = attn.k_proj(normed).view(normed.shape[0], -1, d).transpose(0, 1)
-        q = q * cos[rows] + _rotate_half(q) * sin[rows]
-        k = k * cos + _rotate_half(k) * sin
-        k = k.repeat_interleave(attn.num_key_value_groups, dim=0)
-        return q, k, float(attn.scaling)
-
-    def query_key_batch(
-        self, layer_idx: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Batched ``query_key``: ``normed`` [B, n, hidden], ``rows`` [B, R] -> q [B, heads, R, d],
-        k [B, heads, n, d]."""
         attn = self.layers[layer_idx].self_attn
         d = attn.head_dim
         b, n, hidden = normed.shape

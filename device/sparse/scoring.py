@@ -11,30 +11,6 @@ import torch
 from device.sparse.adapters import DecoderAdapter
 
 
-def rater_attention(
-    adapter: DecoderAdapter,
-    layer_idx: int,
-    normed: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    rows: torch.Tensor,
-    valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """Head-averaged causal softmax attention of ``rows`` over all tokens of one sample: [R, n].
-
-    ``normed`` [n, hidden] is the layer input after its input norm; ``valid`` [n] masks padding / filler keys
-    (``None``: all real).
-    """
-    q, k, scaling = adapter.query_key(layer_idx, normed, cos, sin, rows)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    n = normed.shape[0]
-    blocked = torch.arange(n, device=normed.device)[None, :] > rows[:, None]
-    if valid is not None:
-        blocked |= ~valid[None, :]
-    logits = logits.masked_fill(blocked[None], float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(dim=0)
-
-
 def attention_rank(p: torch.Tensor, rtol: float) -> int:
     """Numerical rank of the rater x visual attention matrix P (singular values above rtol * largest)."""
     if p.numel() == 0:
@@ -57,8 +33,12 @@ def rater_attention_batch(
     rows: torch.Tensor,
     valid: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``rater_attention`` for a batch: ``rows`` [B, R] (padded rows repeat a real one) -> [B, R, n]."""
-    q, k, scaling = adapter.query_key_batch(layer_idx, normed, cos, sin, rows)
+    """Head-averaged causal softmax attention of rater ``rows`` over all tokens: [B, R, n].
+
+    ``normed`` [B, n, hidden] is the layer input after its input norm; ``rows`` [B, R] (padded rows repeat a
+    real one); ``valid`` [B, n] masks padding / filler keys (``None``: all real).
+    """
+    q, k, scaling = adapter.query_key(layer_idx, normed, cos, sin, rows)
     logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
     n = normed.shape[1]
     blocked = torch.arange(n, device=normed.device)[None, None, :] > rows[:, :, None]
@@ -66,3 +46,17 @@ def rater_attention_batch(
         blocked = blocked | ~valid[:, None, :]
     logits = logits.masked_fill(blocked[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def rater_attention(
+    adapter: DecoderAdapter,
+    layer_idx: int,
+    normed: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``rater_attention_batch`` for one sample: ``normed`` [n, hidden], ``rows`` [R] -> [R, n]."""
+    batch_valid = None if valid is None else valid[None]
+    return rater_attention_batch(adapter, layer_idx, normed[None], cos[None], sin[None], rows[None], batch_valid)[0]
