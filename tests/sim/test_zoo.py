@@ -207,3 +207,29 @@ def test_recipes_geometry():
     assert RECIPES["base"]().vision.num_patches == 144
     assert RECIPES["base576"]().vision.num_patches == 576
     assert not RECIPES["base576"]().with_teacher
+
+
+def test_training_domain_streams_respect_limits_weights_and_curriculum():
+    import collections
+    import itertools
+
+    import numpy as np
+
+    from common.errors import ConfigError
+    from sim.world.shifts import Domain, ShiftSpec
+    from sim.zoo.train import _ramped, domain_stream
+
+    limits = {"night": 0.35, "fog": 1.0}
+    stream = domain_stream(np.random.default_rng(0), True, 0.0, clear_share=0.0, max_severity=limits)
+    for dom in itertools.islice(stream, 300):
+        assert dom.shifts and all(s.name in limits and s.severity <= limits[s.name] for s in dom.shifts)
+    weighted = domain_stream(np.random.default_rng(1), True, 0.4, clear_share=0.0, weights={"night": 5})
+    firsts = collections.Counter(d.shifts[0].name for d in itertools.islice(weighted, 2000))
+    assert firsts["night"] > 2.5 * firsts["dusk"]
+    rng = np.random.default_rng(2)
+    night = Domain((ShiftSpec("night", 1.0),))
+    early = [_ramped(night, 0.1, rng) for _ in range(400)]
+    assert sum(not d.shifts for d in early) > 300 and all(s.severity <= 0.55 for d in early for s in d.shifts)
+    assert _ramped(night, 1.0, rng) == night
+    with pytest.raises((ConfigError, ValueError)):
+        ZooRecipe(vision_max_severity={"sepia": 0.5})
