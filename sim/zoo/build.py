@@ -140,22 +140,26 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
         heads = []
 
         def vision_stage(cb) -> list[float]:
-            losses, trained_heads = pretrain_vision(
+            losses, trained_heads, private = pretrain_vision(
                 teacher.model.vision_tower,
                 World(recipe.seed, v.image_size),
                 encoder,
                 recipe.vision_stage,
                 cb,
                 max_severity=recipe.vision_max_severity,
+                private_heads=recipe.vision_private_heads,
+                confusion_weight=recipe.vision_confusion_weight,
             )
             heads.append(trained_heads)
+            heads.extend(private[name] for name in sorted(private))
             return losses
 
         run("vision", recipe.vision_stage.steps, vision_stage)
         # The device keeps a frozen copy of the teacher's vision tower.
         device.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
         if recipe.projector_from_heads:
-            init_projector_from_heads(teacher, heads[0])
+            # The teacher's stage-1 alignment saw every domain: all the heads; the device's only the clear ones.
+            init_projector_from_heads(teacher, heads)
             init_projector_from_heads(device, heads[0])
         if recipe.with_teacher:
             run(

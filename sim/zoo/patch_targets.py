@@ -64,3 +64,14 @@ class DensePatchHeads(nn.Module):
             ce(self.heads[name](feats).flatten(0, 1), targets[name].flatten(), weight=_WEIGHTS.get(name))
             for name in TARGETS
         )
+
+    def uniform_loss(self, feats: torch.Tensor, names: tuple[str, ...] = tuple(TARGETS)) -> torch.Tensor:
+        """Cross-entropy of the named heads' readings against the uniform distribution, less its minimum
+        (0 when they read nothing)."""
+        total = torch.zeros(())
+        for name in names:
+            n = TARGETS[name]
+            logp = nn.functional.log_softmax(self.heads[name](feats), dim=-1)
+            total = total + (-logp.mean(-1)).mean() - float(np.log(n))
+        return total
+

@@ -86,6 +86,11 @@ class ZooRecipe(StrictConfig):
     # severity 1): generic corruptions at full strength, as CLIP saw them on the web; this camera's lighting
     # (night, colour cast) and new surroundings only mildly, so they stay out of distribution for the tower.
     vision_max_severity: dict[str, float] = Field(default_factory=lambda: dict(VISION_SHIFT_LIMITS))
+    # Shifts (-> top severity) whose images the vision pretraining reads with heads of their own, and how hard it
+    # pushes the shared colour head to read nothing in them: the tower learns their colours in directions of
+    # their own, which a projector trained on clear images cannot read but one trained on them can.
+    vision_private_heads: dict[str, float] = Field(default_factory=dict)
+    vision_confusion_weight: float = Field(0.0, ge=0.0)
     # False builds the device model only (e.g. a geometry used only to benchmark the device).
     with_teacher: bool = True
     # Initialise each projector from the vision pretraining's per-patch heads (LLaVA's stage-1 alignment, cheaply).
@@ -96,7 +101,7 @@ class ZooRecipe(StrictConfig):
     # full strength take longest to learn.
     teacher_shift_weights: dict[str, float] = Field(default_factory=dict)
 
-    @field_validator("vision_max_severity")
+    @field_validator("vision_max_severity", "vision_private_heads")
     @classmethod
     def _known_shifts(cls, limits: dict[str, float]) -> dict[str, float]:
         from sim.world.shifts import SHIFT_NAMES

@@ -9,7 +9,7 @@ only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,46 +53,72 @@ def pretrain_vision(
     spec: StageSpec,
     on_step: ProgressFn | None = None,
     max_severity: Mapping[str, float] | None = None,
-) -> tuple[list[float], DensePatchHeads]:
-    """Train the vision tower on dense per-patch targets; returns the loss per step and the heads.
+    private_heads: Mapping[str, float] | None = None,
+    confusion_weight: float = 0.0,
+) -> tuple[list[float], DensePatchHeads, dict[str, DensePatchHeads]]:
+    """Train the vision tower on dense per-patch targets; returns the loss per step, the shared heads and the
+    private heads.
 
     Half of the images are clear, the others carry random shifts, each up to its ``max_severity`` (shift name ->
     severity; shifts not named, or an empty mapping, are never seen). Shifts kept mild here stay out of the
     tower's distribution at benchmark strength (severity 1), as a real camera's night mode would for CLIP.
+    ``private_heads`` (shift name -> severity) adds shifts whose images are read by heads of their own: the tower
+    learns to keep those scenes' content, but nothing pulls their features onto the clear images' features, so a
+    model whose projector only ever saw clear features misreads them while one trained on them reads them well.
+    ``confusion_weight`` > 0 also pushes the shared colour head's reading of those images towards uniform, so
+    their colours move out of the directions the clear images use (shapes and places stay shared).
     """
     rng = np.random.default_rng([world.seed, 11])
-    limits = {k: v for k, v in (max_severity or {}).items() if v > 0}
+    private = {k: v for k, v in (private_heads or {}).items() if v > 0}
+    limits = {k: v for k, v in (max_severity or {}).items() if v > 0 and k not in private} | private
     domains = domain_stream(rng, bool(limits), 0.0, clear_share=0.5, max_severity=limits)
     patch = tower.config.patch_size
     heads = DensePatchHeads(tower.config.hidden_size)
-    params = list(tower.parameters()) + list(heads.parameters())
+    own_heads = nn.ModuleDict({name: DensePatchHeads(tower.config.hidden_size) for name in sorted(private)})
+    params = list(tower.parameters()) + list(heads.parameters()) + list(own_heads.parameters())
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
     tower.train()
     losses = []
     for step in range(spec.steps):
-        samples = [world.sample(step * spec.batch_size + i, next(domains)) for i in range(spec.batch_size)]
+        picked = [next(domains) for _ in range(spec.batch_size)]
+        samples = [world.sample(step * spec.batch_size + i, picked[i]) for i in range(spec.batch_size)]
         targets = batch_targets(samples, patch)
         pixels = encoder.pixels([s.image for s in samples])
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
-        # Supervise the layer LLaVA reads (-2, CLS dropped) and the last layer.
-        loss = heads.loss(hidden[-2][:, 1:], targets) + 0.5 * heads.loss(hidden[-1][:, 1:], targets)
+        groups: dict[str, list[int]] = {}
+        for i, domain in enumerate(picked):
+            owner = next((s.name for s in domain.shifts if s.name in private), "")
+            groups.setdefault(owner, []).append(i)
+        loss = torch.zeros(())
+        for owner, rows in groups.items():
+            group_heads = own_heads[owner] if owner else heads
+            idx = torch.tensor(rows)
+            part = {k: v[idx] for k, v in targets.items()}
+            # Supervise the layer LLaVA reads (-2, CLS dropped) and the last layer.
+            group_loss = group_heads.loss(hidden[-2][idx, 1:], part) + 0.5 * group_heads.loss(hidden[-1][idx, 1:], part)
+            if owner and confusion_weight > 0:
+                group_loss = group_loss + confusion_weight * heads.uniform_loss(hidden[-2][idx, 1:], ("color",))
+            loss = loss + group_loss * (len(rows) / spec.batch_size)
         losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
         if on_step:
             on_step(step, losses[-1])
     tower.eval()
-    return losses, heads
+    return losses, heads, dict(own_heads.items())
 
 
 @torch.no_grad()
-def init_projector_from_heads(model: LlavaForConditionalGeneration, heads: DensePatchHeads, scale: float = 1.0) -> None:
+def init_projector_from_heads(
+    model: LlavaForConditionalGeneration, heads: DensePatchHeads | Sequence[DensePatchHeads], scale: float = 1.0
+) -> None:
     """Make the projector's first units the pretrained per-patch logits, passed on by the second layer.
 
     The language model then starts from visual tokens whose leading dimensions carry the dense targets
     (colour, shape, region, counts, ...); everything else keeps its random initialisation and all of it trains.
     """
     proj = model.model.multi_modal_projector
-    w = torch.cat([h.weight for h in heads.all()])
-    b = torch.cat([h.bias for h in heads.all()])
+    sets = [heads] if isinstance(heads, DensePatchHeads) else list(heads)
+    w = torch.cat([h.weight for hs in sets for h in hs.all()])
+    b = torch.cat([h.bias for hs in sets for h in hs.all()])
     k = w.shape[0]
     if proj.linear_1.out_features < k or proj.linear_2.out_features < k:
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -233,3 +234,55 @@ def test_training_domain_streams_respect_limits_weights_and_curriculum():
     assert _ramped(night, 1.0, rng) == night
     with pytest.raises((ConfigError, ValueError)):
         ZooRecipe(vision_max_severity={"sepia": 0.5})
+
+
+def test_private_heads_train_apart_and_confusion_flattens_the_shared_colour_head():
+    from sim.zoo.patch_targets import DensePatchHeads
+    from sim.zoo.train import pretrain_vision
+
+    recipe = micro_recipe()
+    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
+    encoder = BatchEncoder.from_processor(processor)
+    model = build_llava(recipe.vision, recipe.device, len(processor.tokenizer), encoder.image_id, encoder.pad_id, 0)
+    tower = model.model.vision_tower
+    spec = StageSpec(steps=3, batch_size=8, lr=3e-3, warmup=1)
+    losses, shared, private = pretrain_vision(
+        tower, World(0, 32), encoder, spec, max_severity={"fog": 1.0}, private_heads={"cast": 1.0, "night": 0.0},
+        confusion_weight=0.5,
+    )  # fmt: skip
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert sorted(private) == ["cast"]  # a severity of 0 means the shift is not used
+    _, _, none = pretrain_vision(tower, World(0, 32), encoder, spec, max_severity={"fog": 1.0})
+    assert none == {}
+
+    feats = torch.randn(2, 5, recipe.vision.hidden_size)
+    flat = DensePatchHeads(recipe.vision.hidden_size)
+    for head in flat.all():
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    assert abs(float(flat.uniform_loss(feats, ("color",)))) < 1e-6
+    sharp = DensePatchHeads(recipe.vision.hidden_size)
+    torch.nn.init.normal_(sharp.heads["color"].weight, std=5.0)
+    assert float(sharp.uniform_loss(feats, ("color",))) > 1.0
+
+
+def test_projector_starts_from_every_head_set_it_is_given():
+    from sim.zoo.patch_targets import DensePatchHeads
+    from sim.zoo.train import init_projector_from_heads
+
+    recipe = micro_recipe()
+    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
+    encoder = BatchEncoder.from_processor(processor)
+    model = build_llava(recipe.vision, recipe.teacher, len(processor.tokenizer), encoder.image_id, encoder.pad_id, 0)
+    sets = [DensePatchHeads(recipe.vision.hidden_size) for _ in range(2)]
+    init_projector_from_heads(model, sets)
+    proj = model.model.multi_modal_projector
+    rows = torch.cat([h.weight for hs in sets for h in hs.all()])
+    assert torch.equal(proj.linear_1.weight[: rows.shape[0]], rows)
+    feats = torch.randn(3, recipe.vision.hidden_size)
+    logits = torch.cat([h(feats) for hs in sets for h in hs.all()], dim=-1)
+    with torch.no_grad():
+        out = proj(feats)[:, : rows.shape[0]]
+    assert torch.allclose(out, proj.act(logits), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown shift"):
+        ZooRecipe(vision_private_heads={"sepia": 1.0})
