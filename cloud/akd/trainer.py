@@ -48,10 +48,6 @@ class AKDConfig(StrictConfig):
     batch_size: int = Field(32, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     min_teacher_confidence: float = Field(0.0, ge=0, le=1)
-    # Other uploaded questions asked about each uploaded image (``questions.QuestionBank``), and the teacher
-    # confidence a paired answer needs to be distilled.
-    paired_questions: int = Field(0, ge=0)
-    paired_min_confidence: float = Field(0.6, ge=0, le=1)
     seed: int = 0
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from cloud.akd import AKDConfig, AKDTrainer, TeacherLabels, build_student, teacher_labels
-from cloud.akd.questions import QuestionBank, confident_subset
 from cloud.dwc import CloudMirror, DWCConfig, compress, full_state_bytes
 from common.llava_tokens import PromptBuilder, answer_forward
 from common.sample_codec import UploadSample, decode_sample, encode_sample
@@ -91,8 +90,6 @@ class AdaptingArm:
         self.fp32 = DeviceReplica(device_model, akd, initial) if track_fp32 else None
         self.buffer: deque[tuple[list[UploadSample], TeacherLabels]] = deque(maxlen=replay_rounds)
         self.initial_bytes = full_state_bytes(initial)
-        self.akd = akd
-        self.bank = QuestionBank(seed=akd.seed)
 
     def _uploads(self, stream: FeatureSet, batch: int = 64) -> tuple[list[bytes], list[int]]:
         """Payloads the device sends this round and the stream positions they came from."""
@@ -123,20 +120,6 @@ class AdaptingArm:
                     payloads.append(encode_sample(sample))
         return payloads, list(range(len(payloads)))
 
-    def _labelled(self, uploads: list[UploadSample]) -> tuple[list[UploadSample], TeacherLabels]:
-        """Teacher labels for the uploads, plus the confident answers to bank questions paired with them."""
-        labels = teacher_labels(self.teacher, self.prompts, uploads)
-        self.bank.add(s.question for s in uploads)
-        paired = self.bank.pair(uploads, self.akd.paired_questions)
-        if not paired:
-            return uploads, labels
-        paired, paired_labels = confident_subset(
-            paired, teacher_labels(self.teacher, self.prompts, paired), self.akd.paired_min_confidence
-        )
-        return uploads + paired, TeacherLabels(
-            torch.cat([labels.logits, paired_labels.logits]), torch.cat([labels.hidden, paired_labels.hidden])
-        )
-
     def run_round(self, stream: FeatureSet, held_out: FeatureSet) -> dict[str, ArmRound]:
         """One round; returns this arm's row (and its fp32 twin's when tracked)."""
         t0 = time.perf_counter()
@@ -146,7 +129,7 @@ class AdaptingArm:
         t1 = time.perf_counter()
         report = None
         if uploads:
-            self.buffer.append(self._labelled(uploads))
+            self.buffer.append((uploads, teacher_labels(self.teacher, self.prompts, uploads)))
             samples = [s for ups, _ in self.buffer for s in ups]
             labels = TeacherLabels(
                 torch.cat([lab.logits for _, lab in self.buffer]),

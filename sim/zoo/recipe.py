@@ -69,6 +69,10 @@ VISION_SHIFT_LIMITS = {
 }
 
 
+# Recipe fields added after RECIPE_CODE_VERSION 2's zoos were built; at their defaults they build the same weights.
+LATER_OPTIONS = ("vision_private_heads", "vision_confusion_weight")
+
+
 class ZooRecipe(StrictConfig):
     """Everything that determines the zoo's weights."""
 
@@ -115,7 +119,13 @@ class ZooRecipe(StrictConfig):
 
     def digest(self) -> str:
         """Stable short hash of the recipe and the training code version."""
-        blob = json.dumps({"recipe": self.model_dump(), "code": RECIPE_CODE_VERSION}, sort_keys=True)
+        # Options added after a recipe was published count only when set, so adding one keeps existing caches.
+        later = {
+            name
+            for name in LATER_OPTIONS
+            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
+        }
+        blob = json.dumps({"recipe": self.model_dump(exclude=later), "code": RECIPE_CODE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

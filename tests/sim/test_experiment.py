@@ -47,33 +47,3 @@ def test_sizes_and_bad_settings():
         sized("tiny", shifts=["sepia"])
     with pytest.raises(ConfigError, match="invalid experiment settings"):
         sized("tiny", keep_ratio=0.0)
-
-
-def test_arm_distils_bank_questions_paired_with_each_upload():
-    from cloud.akd import AKDConfig
-    from cloud.dwc import DWCConfig
-    from sim.experiment.arms import AdaptingArm
-    from sim.experiment.data import feature_set
-    from sim.experiment.micro import random_pair
-    from sim.world import World
-
-    pair = random_pair()
-    stream = feature_set(pair, World(0, 32), 0, 12, "night")
-    held_out = feature_set(pair, World(0, 32), 100, 8, "night")
-
-    def arm(paired: int, floor: float) -> AdaptingArm:
-        akd = AKDConfig(epochs=1, batch_size=8, paired_questions=paired, paired_min_confidence=floor)
-        return AdaptingArm("x", pair.teacher, pair.device, pair.prompts, akd, None, DWCConfig(), 1)
-
-    plain, paired, strict = arm(0, 0.0), arm(2, 0.0), arm(2, 1.0)
-    for a in (plain, paired, strict):
-        a.run_round(stream, held_out)
-    (plain_samples, _), (paired_samples, labels), (strict_samples, _) = (a.buffer[-1] for a in (plain, paired, strict))
-    assert len(plain_samples) == len(stream.questions)
-    assert len(paired_samples) == 3 * len(stream.questions) and labels.logits.shape[0] == len(paired_samples)
-    own = set(stream.questions)
-    extra = paired_samples[len(stream.questions) :]
-    assert all(s.question in own for s in extra)
-    for k, s in enumerate(paired_samples[: len(stream.questions)]):
-        assert s.question not in [e.question for e in extra[2 * k : 2 * k + 2]]
-    assert len(strict_samples) == len(stream.questions)  # an untrained teacher is never fully confident
