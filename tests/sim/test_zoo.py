@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -165,6 +166,14 @@ def test_recipe_digest_is_stable_and_sensitive():
     assert ZooRecipe().digest() == ZooRecipe().digest()
     assert ZooRecipe().digest() != ZooRecipe(seed=1).digest()
     assert json.loads(ZooRecipe().model_dump_json())["vision"]["patch_size"] == 8
+    # Options added later count only when set, so existing caches stay valid.
+    from sim.zoo.recipe import LATER_OPTIONS, RECIPE_CODE_VERSION
+
+    blob = json.dumps({"recipe": ZooRecipe().model_dump(exclude=set(LATER_OPTIONS)), "code": RECIPE_CODE_VERSION},
+                      sort_keys=True)  # fmt: skip
+    assert ZooRecipe().digest() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    assert ZooRecipe(vision_confusion_weight=0.3).digest() != ZooRecipe().digest()
+    assert ZooRecipe(vision_private_heads={"cast": 1.0}).digest() != ZooRecipe().digest()
 
 
 def test_quantized_load_4bit(micro_zoo):
