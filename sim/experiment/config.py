@@ -22,17 +22,17 @@ class ExperimentConfig(StrictConfig):
     # The shifts the zoo's device model does not survive (its tower saw them only mildly), in stream order.
     shifts: list[str] = ["night", "cast", "background"]
     rounds_per_shift: int = Field(3, ge=1)
-    stream_per_round: int = Field(256, ge=4)
+    stream_per_round: int = Field(768, ge=4)
     eval_size: int = Field(400, ge=4)
     calibration_size: int = Field(256, ge=4)
     # UTS: samples per round the uplink may carry, and the share of visual tokens kept per sample.
-    uplink_samples_per_round: int = Field(80, ge=1)
+    uplink_samples_per_round: int = Field(240, ge=1)
     keep_ratio: float = Field(0.5, gt=0, le=1)
     uncertainty_score: Literal["confidence", "entropy", "energy", "combined"] = "confidence"
     relevance_weight: float = Field(0.5, ge=0, le=1)
     # AKD on a buffer of the uploads of the last ``replay_rounds`` rounds.
     replay_rounds: int = Field(3, ge=1)
-    akd: AKDConfig = AKDConfig(epochs=4, batch_size=32, lr=3e-3)
+    akd: AKDConfig = AKDConfig(epochs=3, batch_size=32, lr=3e-3)
     # DWC: downlink byte budget per round as a fraction of the fp32 adapter.
     downlink_fraction: float = Field(0.05, gt=0, le=1)
     dwc_bits: Literal[2, 4, 8, "auto"] = "auto"
@@ -56,10 +56,10 @@ def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig
         "quick": {
             "shifts": ["night", "cast"],
             "rounds_per_shift": 3,
-            "stream_per_round": 192,
+            "stream_per_round": 384,
             "eval_size": 200,
             "calibration_size": 128,
-            "uplink_samples_per_round": 60,
+            "uplink_samples_per_round": 120,
         },
         "tiny": {
             "recipe": "micro-random",
