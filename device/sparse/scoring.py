@@ -46,17 +46,3 @@ def rater_attention_batch(
         blocked = blocked | ~valid[:, None, :]
     logits = logits.masked_fill(blocked[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)
-
-
-def rater_attention(
-    adapter: DecoderAdapter,
-    layer_idx: int,
-    normed: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    rows: torch.Tensor,
-    valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """``rater_attention_batch`` for one sample: ``normed`` [n, hidden], ``rows`` [R] -> [R, n]."""
-    batch_valid = None if valid is None else valid[None]
-    return rater_attention_batch(adapter, layer_idx, normed[None], cos[None], sin[None], rows[None], batch_valid)[0]

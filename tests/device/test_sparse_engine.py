@@ -310,7 +310,7 @@ def test_sliding_window_decoder_is_refused(processor) -> None:
 def test_rater_scores_equal_the_layers_own_attention_rows(model, processor) -> None:
     """Scoring = the layer's own post-softmax attention (RoPE applied) restricted to rater rows, head mean."""
     from device.sparse.adapters import adapter_for
-    from device.sparse.scoring import rater_attention
+    from device.sparse.scoring import rater_attention_batch
 
     enc = _inputs(processor, [0])
     model.config._attn_implementation = "eager"
@@ -322,7 +322,7 @@ def test_rater_scores_equal_the_layers_own_attention_rows(model, processor) -> N
         pos = torch.arange(hidden.shape[1])[None]
         cos, sin = adapter.rotary(hidden, pos)
         rows = torch.tensor([hidden.shape[1] - 3, hidden.shape[1] - 1])
-        normed = adapter.input_norm(1, hidden)[0]
-        ours = rater_attention(adapter, 1, normed, cos[0], sin[0], rows, None)
+        normed = adapter.input_norm(1, hidden)
+        ours = rater_attention_batch(adapter, 1, normed, cos, sin, rows[None], None)[0]
     expected = out.attentions[1][0][:, rows].mean(dim=0)
     assert torch.allclose(ours, expected, atol=1e-5)
