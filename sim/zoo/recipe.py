@@ -70,7 +70,7 @@ VISION_SHIFT_LIMITS = {
 
 
 # Recipe fields added after RECIPE_CODE_VERSION 2's zoos were built; at their defaults they build the same weights.
-LATER_OPTIONS = ("vision_private_heads", "vision_confusion_weight")
+LATER_OPTIONS = ("vision_private_heads", "vision_confusion_weight", "vision_colour_rolls")
 
 
 class ZooRecipe(StrictConfig):
@@ -95,6 +95,10 @@ class ZooRecipe(StrictConfig):
     # their own, which a projector trained on clear images cannot read but one trained on them can.
     vision_private_heads: dict[str, float] = Field(default_factory=dict)
     vision_confusion_weight: float = Field(0.0, ge=0.0)
+    # Shifts (-> k) under which vision pretraining names colours k places further along the colour list (from
+    # severity 0.5 up): the tower keeps those scenes readable but names their colours wrongly, as a camera
+    # encoder without colour constancy would, so only a model trained on such images answers them right.
+    vision_colour_rolls: dict[str, int] = Field(default_factory=dict)
     # False builds the device model only (e.g. a geometry used only to benchmark the device).
     with_teacher: bool = True
     # Initialise each projector from the vision pretraining's per-patch heads (LLaVA's stage-1 alignment, cheaply).
@@ -116,6 +120,19 @@ class ZooRecipe(StrictConfig):
             if not 0.0 <= severity <= 1.0:
                 raise ValueError(f"severity of {name!r} must be in [0, 1], got {severity}")
         return limits
+
+    @field_validator("vision_colour_rolls")
+    @classmethod
+    def _valid_rolls(cls, rolls: dict[str, int]) -> dict[str, int]:
+        from sim.world import COLORS
+        from sim.world.shifts import SHIFT_NAMES
+
+        for name, k in rolls.items():
+            if name not in SHIFT_NAMES:
+                raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
+            if not 1 <= k < len(COLORS):
+                raise ValueError(f"colour roll of {name!r} must be in [1, {len(COLORS) - 1}], got {k}")
+        return rolls
 
     def digest(self) -> str:
         """Stable short hash of the recipe and the training code version."""

@@ -19,11 +19,13 @@ from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 from sim.world import World
 from sim.world.shifts import Domain, ShiftSpec
 from sim.zoo.batching import BatchEncoder
-from sim.zoo.patch_targets import DensePatchHeads, batch_targets
+from sim.zoo.patch_targets import TARGETS, DensePatchHeads, batch_targets
 from sim.zoo.recipe import StageSpec
 
 ProgressFn = Callable[[int, float], None]
 # Shifts the teacher trains on (every benchmark shift plus plain blur).
+# Severity from which a shift named in ``colour_rolls`` renames colours.
+ROLL_FROM = 0.5
 TEACHER_SHIFTS = ("dusk", "night", "cast", "fog", "blur", "noise", "palette", "background")
 
 
@@ -55,6 +57,7 @@ def pretrain_vision(
     max_severity: Mapping[str, float] | None = None,
     private_heads: Mapping[str, float] | None = None,
     confusion_weight: float = 0.0,
+    colour_rolls: Mapping[str, int] | None = None,
 ) -> tuple[list[float], DensePatchHeads, dict[str, DensePatchHeads]]:
     """Train the vision tower on dense per-patch targets; returns the loss per step, the shared heads and the
     private heads.
@@ -67,6 +70,10 @@ def pretrain_vision(
     model whose projector only ever saw clear features misreads them while one trained on them reads them well.
     ``confusion_weight`` > 0 also pushes the shared colour head's reading of those images towards uniform, so
     their colours move out of the directions the clear images use (shapes and places stay shared).
+    ``colour_rolls`` (shift name -> k in 1..5) names shifts under which the tower learns to name colours
+    wrongly: the shared heads' colour target of an image with that shift is rolled by k along the colour list.
+    The features keep the scene (shape, place and, up to a renaming, colour), so a model trained on such
+    images reads them, while one trained on clear images only names their colours wrongly.
     """
     rng = np.random.default_rng([world.seed, 11])
     private = {k: v for k, v in (private_heads or {}).items() if v > 0}
@@ -83,6 +90,8 @@ def pretrain_vision(
         picked = [next(domains) for _ in range(spec.batch_size)]
         samples = [world.sample(step * spec.batch_size + i, picked[i]) for i in range(spec.batch_size)]
         targets = batch_targets(samples, patch)
+        if colour_rolls:
+            targets["color"] = _rolled_colours(targets["color"], picked, colour_rolls)
         pixels = encoder.pixels([s.image for s in samples])
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
         groups: dict[str, list[int]] = {}
@@ -104,6 +113,19 @@ def pretrain_vision(
             on_step(step, losses[-1])
     tower.eval()
     return losses, heads, dict(own_heads.items())
+
+
+def _rolled_colours(colour: torch.Tensor, domains: Sequence[Domain], rolls: Mapping[str, int]) -> torch.Tensor:
+    """Colour targets (B x patches, 0 = no object, 1..n colours), each image's rolled by the roll of its first
+    shift named in ``rolls`` that is present at severity ``ROLL_FROM`` or more (milder ones keep their names)."""
+    n = TARGETS["color"] - 1
+    out = colour.clone()
+    for i, domain in enumerate(domains):
+        k = next((rolls[s.name] for s in domain.shifts if s.name in rolls and s.severity >= ROLL_FROM), 0) % n
+        if k:
+            obj = colour[i] > 0
+            out[i, obj] = 1 + (colour[i, obj] - 1 + k) % n
+    return out
 
 
 @torch.no_grad()

@@ -296,3 +296,28 @@ def test_projector_starts_from_every_head_set_it_is_given():
     assert torch.allclose(out, proj.act(logits), atol=1e-5)
     with pytest.raises(ValueError, match="unknown shift"):
         ZooRecipe(vision_private_heads={"sepia": 1.0})
+
+
+def test_colour_rolls_rename_colours_only_under_their_shift():
+    from sim.world import COLORS
+    from sim.world.shifts import Domain, ShiftSpec
+    from sim.zoo.train import ROLL_FROM, _rolled_colours
+
+    n = len(COLORS)
+    colour = torch.tensor([[0, 1, n], [0, 2, 3], [4, 0, 1], [1, 2, 0]])
+    domains = [
+        Domain((ShiftSpec("night", 1.0),)),
+        Domain(),
+        Domain((ShiftSpec("night", ROLL_FROM / 2),)),  # too mild: keeps its names
+        Domain((ShiftSpec("fog", 1.0), ShiftSpec("cast", 0.8), ShiftSpec("night", 1.0))),
+    ]
+    out = _rolled_colours(colour, domains, {"night": 2, "cast": 1})
+    assert out[0].tolist() == [0, 3, 2]  # background stays 0; n + 2 wraps to 2
+    assert torch.equal(out[1], colour[1]) and torch.equal(out[2], colour[2])
+    assert out[3].tolist() == [2, 3, 0]  # the first rolled shift present (cast) decides
+    assert torch.equal(colour[0], torch.tensor([0, 1, n]))  # input untouched
+    assert ZooRecipe(vision_colour_rolls={"night": 2}).digest() != ZooRecipe().digest()
+    with pytest.raises(ValueError, match="colour roll"):
+        ZooRecipe(vision_colour_rolls={"night": n})
+    with pytest.raises(ValueError, match="unknown shift"):
+        ZooRecipe(vision_colour_rolls={"sepia": 1})
