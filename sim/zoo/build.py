@@ -150,6 +150,7 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
                 private_heads=recipe.vision_private_heads,
                 confusion_weight=recipe.vision_confusion_weight,
                 colour_rolls=recipe.vision_colour_rolls,
+                shift_weights=recipe.vision_shift_weights,
             )
             heads.append(trained_heads)
             heads.extend(private[name] for name in sorted(private))

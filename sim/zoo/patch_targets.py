@@ -74,4 +74,3 @@ class DensePatchHeads(nn.Module):
             logp = nn.functional.log_softmax(self.heads[name](feats), dim=-1)
             total = total + (-logp.mean(-1)).mean() - float(np.log(n))
         return total
-

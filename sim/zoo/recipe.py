@@ -70,7 +70,7 @@ VISION_SHIFT_LIMITS = {
 
 
 # Recipe fields added after RECIPE_CODE_VERSION 2's zoos were built; at their defaults they build the same weights.
-LATER_OPTIONS = ("vision_private_heads", "vision_confusion_weight", "vision_colour_rolls")
+LATER_OPTIONS = ("vision_private_heads", "vision_confusion_weight", "vision_colour_rolls", "vision_shift_weights")
 
 
 class ZooRecipe(StrictConfig):
@@ -99,6 +99,8 @@ class ZooRecipe(StrictConfig):
     # severity 0.5 up): the tower keeps those scenes readable but names their colours wrongly, as a camera
     # encoder without colour constancy would, so only a model trained on such images answers them right.
     vision_colour_rolls: dict[str, int] = Field(default_factory=dict)
+    # Relative frequency of each shift among vision pretraining's shifted images (default 1).
+    vision_shift_weights: dict[str, float] = Field(default_factory=dict)
     # False builds the device model only (e.g. a geometry used only to benchmark the device).
     with_teacher: bool = True
     # Initialise each projector from the vision pretraining's per-patch heads (LLaVA's stage-1 alignment, cheaply).
@@ -120,6 +122,18 @@ class ZooRecipe(StrictConfig):
             if not 0.0 <= severity <= 1.0:
                 raise ValueError(f"severity of {name!r} must be in [0, 1], got {severity}")
         return limits
+
+    @field_validator("vision_shift_weights", "teacher_shift_weights")
+    @classmethod
+    def _valid_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        from sim.world.shifts import SHIFT_NAMES
+
+        for name, w in weights.items():
+            if name not in SHIFT_NAMES:
+                raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
+            if not w > 0:
+                raise ValueError(f"weight of {name!r} must be > 0, got {w}")
+        return weights
 
     @field_validator("vision_colour_rolls")
     @classmethod

@@ -58,6 +58,7 @@ def pretrain_vision(
     private_heads: Mapping[str, float] | None = None,
     confusion_weight: float = 0.0,
     colour_rolls: Mapping[str, int] | None = None,
+    shift_weights: Mapping[str, float] | None = None,
 ) -> tuple[list[float], DensePatchHeads, dict[str, DensePatchHeads]]:
     """Train the vision tower on dense per-patch targets; returns the loss per step, the shared heads and the
     private heads.
@@ -73,12 +74,13 @@ def pretrain_vision(
     ``colour_rolls`` (shift name -> k in 1..5) names shifts under which the tower learns to name colours
     wrongly: the shared heads' colour target of an image with that shift is rolled by k along the colour list.
     The features keep the scene (shape, place and, up to a renaming, colour), so a model trained on such
-    images reads them, while one trained on clear images only names their colours wrongly.
+    images reads them, while one trained on clear images only names their colours wrongly. ``shift_weights``
+    (shift name -> relative frequency, default 1) oversamples the shifts whose scenes are hardest to read.
     """
     rng = np.random.default_rng([world.seed, 11])
     private = {k: v for k, v in (private_heads or {}).items() if v > 0}
     limits = {k: v for k, v in (max_severity or {}).items() if v > 0 and k not in private} | private
-    domains = domain_stream(rng, bool(limits), 0.0, clear_share=0.5, max_severity=limits)
+    domains = domain_stream(rng, bool(limits), 0.0, clear_share=0.5, max_severity=limits, weights=shift_weights)
     patch = tower.config.patch_size
     heads = DensePatchHeads(tower.config.hidden_size)
     own_heads = nn.ModuleDict({name: DensePatchHeads(tower.config.hidden_size) for name in sorted(private)})

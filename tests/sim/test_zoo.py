@@ -174,6 +174,7 @@ def test_recipe_digest_is_stable_and_sensitive():
     assert ZooRecipe().digest() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     assert ZooRecipe(vision_confusion_weight=0.3).digest() != ZooRecipe().digest()
     assert ZooRecipe(vision_private_heads={"cast": 1.0}).digest() != ZooRecipe().digest()
+    assert ZooRecipe(vision_shift_weights={"night": 2.0}).digest() != ZooRecipe().digest()
 
 
 def test_quantized_load_4bit(micro_zoo):
@@ -317,6 +318,10 @@ def test_colour_rolls_rename_colours_only_under_their_shift():
     assert out[3].tolist() == [2, 3, 0]  # the first rolled shift present (cast) decides
     assert torch.equal(colour[0], torch.tensor([0, 1, n]))  # input untouched
     assert ZooRecipe(vision_colour_rolls={"night": 2}).digest() != ZooRecipe().digest()
+    with pytest.raises(ValueError, match="must be > 0"):
+        ZooRecipe(vision_shift_weights={"night": 0.0})
+    with pytest.raises(ValueError, match="unknown shift"):
+        ZooRecipe(teacher_shift_weights={"nite": 1.0})
     with pytest.raises(ValueError, match="colour roll"):
         ZooRecipe(vision_colour_rolls={"night": n})
     with pytest.raises(ValueError, match="unknown shift"):
