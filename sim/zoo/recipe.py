@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 from pydantic import Field, field_validator
 
@@ -73,6 +74,19 @@ VISION_SHIFT_LIMITS = {
 LATER_OPTIONS = ("vision_private_heads", "vision_confusion_weight", "vision_colour_rolls", "vision_shift_weights")
 
 
+def _check_shift_map(values: dict, valid: Callable[[float], bool], rule: str) -> dict:
+    """``values`` (shift name -> number) if every name is a known shift and every number passes ``valid``; else
+    ValueError naming the first offender (``rule`` is formatted with its ``name``)."""
+    from sim.world.shifts import SHIFT_NAMES
+
+    for name, value in values.items():
+        if name not in SHIFT_NAMES:
+            raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
+        if not valid(value):
+            raise ValueError(f"{rule.format(name=name)}, got {value}")
+    return values
+
+
 class ZooRecipe(StrictConfig):
     """Everything that determines the zoo's weights."""
 
@@ -114,39 +128,20 @@ class ZooRecipe(StrictConfig):
     @field_validator("vision_max_severity", "vision_private_heads")
     @classmethod
     def _known_shifts(cls, limits: dict[str, float]) -> dict[str, float]:
-        from sim.world.shifts import SHIFT_NAMES
-
-        for name, severity in limits.items():
-            if name not in SHIFT_NAMES:
-                raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
-            if not 0.0 <= severity <= 1.0:
-                raise ValueError(f"severity of {name!r} must be in [0, 1], got {severity}")
-        return limits
+        return _check_shift_map(limits, lambda v: 0.0 <= v <= 1.0, "severity of {name!r} must be in [0, 1]")
 
     @field_validator("vision_shift_weights", "teacher_shift_weights")
     @classmethod
     def _valid_weights(cls, weights: dict[str, float]) -> dict[str, float]:
-        from sim.world.shifts import SHIFT_NAMES
-
-        for name, w in weights.items():
-            if name not in SHIFT_NAMES:
-                raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
-            if not w > 0:
-                raise ValueError(f"weight of {name!r} must be > 0, got {w}")
-        return weights
+        return _check_shift_map(weights, lambda v: v > 0, "weight of {name!r} must be > 0")
 
     @field_validator("vision_colour_rolls")
     @classmethod
     def _valid_rolls(cls, rolls: dict[str, int]) -> dict[str, int]:
         from sim.world import COLORS
-        from sim.world.shifts import SHIFT_NAMES
 
-        for name, k in rolls.items():
-            if name not in SHIFT_NAMES:
-                raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFT_NAMES)}")
-            if not 1 <= k < len(COLORS):
-                raise ValueError(f"colour roll of {name!r} must be in [1, {len(COLORS) - 1}], got {k}")
-        return rolls
+        top = len(COLORS) - 1
+        return _check_shift_map(rolls, lambda k: 1 <= k <= top, f"colour roll of {{name!r}} must be in [1, {top}]")
 
     def digest(self) -> str:
         """Stable short hash of the recipe and the training code version."""
