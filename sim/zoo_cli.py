@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
 
@@ -24,15 +25,37 @@ zoo_app = typer.Typer(help="Build and evaluate the tiny LLaVA model zoo.", no_ar
 console = Console()
 
 
-def recipe_by_name(name: str, seed: int | None = None) -> ZooRecipe:
+def recipe_by_name(name: str, seed: int | None = None, settings: list[str] | None = None) -> ZooRecipe:
+    """The named recipe, with ``seed`` and ``FIELD=JSON`` settings applied (and validated)."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[name]()
-    return recipe if seed is None else recipe.model_copy(update={"seed": seed})
+    updates: dict = {} if seed is None else {"seed": seed}
+    for item in settings or []:
+        field, sep, text = item.partition("=")
+        if not sep or field not in ZooRecipe.model_fields:
+            raise ConfigError(
+                f"--set needs FIELD=VALUE with a recipe field ({', '.join(ZooRecipe.model_fields)}); got {item!r}"
+            )
+        try:
+            updates[field] = json.loads(text)
+        except json.JSONDecodeError:
+            updates[field] = text  # a bare word, e.g. name=night-test
+    if not updates:
+        return recipe
+    try:
+        return ZooRecipe.model_validate(recipe.model_dump() | updates)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"])
+        raise ConfigError(f"invalid recipe setting {where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 RecipeOpt = typer.Option("base", "--recipe", help=f"Zoo recipe: {', '.join(RECIPES)}.")
 HomeOpt = typer.Option(None, "--home", help="Zoo cache directory (default $TANDEM_HOME/zoo or ~/.cache/tandem/zoo).")
+SetOpt = typer.Option(
+    [], "--set", help="Override a recipe field, FIELD=JSON (repeatable), e.g. vision_colour_rolls='{\"night\": 2}'."
+)
 
 
 @zoo_app.command("build")
@@ -40,9 +63,10 @@ def build_command(
     recipe: str = RecipeOpt,
     home: Path | None = HomeOpt,
     force: bool = typer.Option(False, "--force", help="Rebuild even when the cache is up to date."),
+    settings: list[str] = SetOpt,
 ) -> None:
     """Pretrain the vision tower, then the teacher (all domains) and the device model (clear only)."""
-    rec = recipe_by_name(recipe)
+    rec = recipe_by_name(recipe, settings=settings)
     root = zoo_dir(rec, home)
     if is_built(ZooPaths.at(root), rec) and not force:
         console.print(f"zoo [bold]{rec.name}[/] is up to date at {root}")
@@ -55,9 +79,9 @@ def build_command(
 
 
 @zoo_app.command("path")
-def path_command(recipe: str = RecipeOpt, home: Path | None = HomeOpt) -> None:
+def path_command(recipe: str = RecipeOpt, home: Path | None = HomeOpt, settings: list[str] = SetOpt) -> None:
     """Print the zoo directory of a recipe (and whether it is built)."""
-    rec = recipe_by_name(recipe)
+    rec = recipe_by_name(recipe, settings=settings)
     root = zoo_dir(rec, home)
     state = "built" if is_built(ZooPaths.at(root), rec) else "not built"
     console.print(f"{root} ({state})")
@@ -116,6 +140,7 @@ def eval_command(
     seed: int = typer.Option(0, help="Evaluation seed."),
     report: Path | None = typer.Option(None, help="Also write the tables to this markdown file."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the accuracies to this JSON file."),
+    settings: list[str] = SetOpt,
 ) -> None:
     """Accuracy table: rows = models, columns = clear and each shift; plus per question type."""
     domains = [parse_domain(d).name for d in domain]
@@ -123,7 +148,7 @@ def eval_command(
     if model:
         models = {p.name or str(p): p for p in model}
     else:
-        rec = recipe_by_name(recipe)
+        rec = recipe_by_name(recipe, settings=settings)
         paths = ZooPaths.at(zoo_dir(rec, home))
         if not is_built(paths, rec):
             raise ConfigError(f"zoo {rec.name!r} is not built yet; run: tandem-sim zoo build --recipe {rec.name}")

@@ -71,6 +71,10 @@ def test_zoo_eval_explicit_model_dir(micro_home, capsys):
         (["zoo", "eval", "--recipe", "nope"], "unknown recipe"),
         (["zoo", "eval", "--recipe", "micro", "--home", "{empty}"], "not built yet"),
         (["world", "sample", "--domain", "night:x"], "must be a number"),
+        (["zoo", "path", "--set", "bogus=1"], "needs FIELD=VALUE with a recipe field"),
+        (["zoo", "path", "--set", "seed"], "needs FIELD=VALUE"),
+        (["zoo", "build", "--set", 'vision_colour_rolls={{"night": 9}}'], "colour roll of 'night' must be in [1, 5]"),
+        (["zoo", "path", "--set", 'vision_stage={{"steps": 0}}'], "vision_stage.steps"),
     ],
 )
 def test_bad_input_is_one_line(argv, needle, micro_home, tmp_path, capsys):
@@ -101,3 +105,15 @@ def test_world_sample_and_shifts(tmp_path, capsys):
 def test_unknown_option_fails(capsys):
     code, _, err = run(["zoo", "eval", "--frobnicate"], capsys)
     assert code == 2 and "frobnicate" in err
+
+
+def test_zoo_settings_name_their_own_cache(micro_home, capsys):
+    base = ["zoo", "path", "--recipe", "micro", "--home", str(micro_home)]
+    code, plain, _ = run(base, capsys)
+    assert code == 0 and "(built)" in plain
+    code, changed, err = run([*base, "--set", 'vision_colour_rolls={"night": 2}', "--set", "name=micro-rolled"], capsys)
+    assert code == 0, err
+    changed = changed.replace("\n", "")  # rich may wrap the long path
+    assert "micro-rolled-" in changed and "(not built)" in changed
+    rolled = micro_recipe().model_copy(update={"vision_colour_rolls": {"night": 2}, "name": "micro-rolled"})
+    assert rolled.digest() in changed
