@@ -23,9 +23,9 @@ from sim.zoo.patch_targets import TARGETS, DensePatchHeads, batch_targets
 from sim.zoo.recipe import StageSpec
 
 ProgressFn = Callable[[int, float], None]
-# Shifts the teacher trains on (every benchmark shift plus plain blur).
 # Severity from which a shift named in ``colour_rolls`` renames colours.
 ROLL_FROM = 0.5
+# Shifts the teacher trains on (every benchmark shift plus plain blur).
 TEACHER_SHIFTS = ("dusk", "night", "cast", "fog", "blur", "noise", "palette", "background")
 
 
@@ -72,7 +72,7 @@ def pretrain_vision(
     ``confusion_weight`` > 0 also pushes the shared colour head's reading of those images towards uniform, so
     their colours move out of the directions the clear images use (shapes and places stay shared).
     ``colour_rolls`` (shift name -> k in 1..5) names shifts under which the tower learns to name colours
-    wrongly: the shared heads' colour target of an image with that shift is rolled by k along the colour list.
+    wrongly: the colour target of an image with that shift is rolled by k along the colour list.
     The features keep the scene (shape, place and, up to a renaming, colour), so a model trained on such
     images reads them, while one trained on clear images only names their colours wrongly. ``shift_weights``
     (shift name -> relative frequency, default 1) oversamples the shifts whose scenes are hardest to read.
