@@ -64,6 +64,12 @@ def build_command(
     home: Path | None = HomeOpt,
     force: bool = typer.Option(False, "--force", help="Rebuild even when the cache is up to date."),
     settings: list[str] = SetOpt,
+    compile_model: bool = typer.Option(
+        False,
+        "--compile",
+        help="Train teacher and device compiled by TorchInductor (9-25% faster steps here; needs a C++ compiler; "
+        "weights differ slightly from an eager build).",
+    ),
 ) -> None:
     """Pretrain the vision tower, then the teacher (all domains) and the device model (clear only)."""
     rec = recipe_by_name(recipe, settings=settings)
@@ -72,7 +78,7 @@ def build_command(
         console.print(f"zoo [bold]{rec.name}[/] is up to date at {root}")
         return
     start = time.perf_counter()
-    paths = ensure_zoo(rec, home=home, progress=True, force=force)
+    paths = ensure_zoo(rec, home=home, progress=True, force=force, compile_model=compile_model)
     manifest = paths.manifest()
     console.print(f"built zoo [bold]{rec.name}[/] in {time.perf_counter() - start:.0f} s at {paths.root}")
     console.print(f"stage seconds: {manifest['seconds']}  parameters: {manifest['parameters']}")

@@ -26,9 +26,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from common.errors import ConfigError
 from sim.world import World
 from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
+from sim.zoo.compiling import compiler_available
 from sim.zoo.recipe import ZooRecipe
 from sim.zoo.tokenizer import build_processor
 from sim.zoo.train import init_projector_from_heads, pretrain_vision, train_answers
@@ -93,8 +95,21 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def ensure_zoo(recipe: ZooRecipe, *, home: Path | None = None, progress: bool = True, force: bool = False) -> ZooPaths:
-    """Return the built zoo for ``recipe``, building it first when it is not cached (or ``force``)."""
+def ensure_zoo(
+    recipe: ZooRecipe,
+    *,
+    home: Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+    compile_model: bool = False,
+) -> ZooPaths:
+    """Return the built zoo for ``recipe``, building it first when it is not cached (or ``force``).
+
+    ``compile_model`` trains the teacher and device stages compiled (``sim.zoo.compiling``; needs a C++ compiler,
+    ConfigError otherwise).
+    """
+    if compile_model and not compiler_available():
+        raise ConfigError("compiling needs a C++ compiler (g++ or clang++) on the PATH; build without --compile")
     root = zoo_dir(recipe, home)
     paths = ZooPaths.at(root)
     with _build_lock(root):
@@ -102,14 +117,14 @@ def ensure_zoo(recipe: ZooRecipe, *, home: Path | None = None, progress: bool = 
             return paths
         staging = root.with_name(root.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        manifest = _build_into(ZooPaths.at(staging), recipe, progress)
+        manifest = _build_into(ZooPaths.at(staging), recipe, progress, compile_model)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
     return paths
 
 
-def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict:
+def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile_model: bool) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     v = recipe.vision
@@ -170,7 +185,7 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
                 lambda cb: train_answers(
                     teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
                     shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
-                    shift_weights=recipe.teacher_shift_weights,
+                    shift_weights=recipe.teacher_shift_weights, compile_model=compile_model,
                 ),
             )  # fmt: skip
         run(
@@ -179,6 +194,7 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
             lambda cb: train_answers(
                 device, World(recipe.seed + 2, v.image_size), encoder, recipe.device_stage,
                 shifted=False, min_severity=0.0, seed=recipe.seed + 2, on_step=cb,
+                compile_model=compile_model,
             ),
         )  # fmt: skip
     members = (("teacher", teacher), ("device", device)) if recipe.with_teacher else (("device", device),)
@@ -191,6 +207,7 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool) -> dict
         "digest": recipe.digest(),
         "recipe": recipe.model_dump(),
         "seconds": timings,
+        "compiled": compile_model,
         "final_loss": final_loss,
         "parameters": {
             **(

@@ -19,6 +19,7 @@ from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 from sim.world import World
 from sim.world.shifts import Domain, ShiftSpec
 from sim.zoo.batching import BatchEncoder
+from sim.zoo.compiling import compiled
 from sim.zoo.patch_targets import TARGETS, DensePatchHeads, batch_targets
 from sim.zoo.recipe import StageSpec
 
@@ -96,25 +97,38 @@ def pretrain_vision(
             targets["color"] = _rolled_colours(targets["color"], picked, colour_rolls)
         pixels = encoder.pixels([s.image for s in samples])
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
-        groups: dict[str, list[int]] = {}
-        for i, domain in enumerate(picked):
-            owner = next((s.name for s in domain.shifts if s.name in private), "")
-            groups.setdefault(owner, []).append(i)
-        loss = torch.zeros(())
-        for owner, rows in groups.items():
-            group_heads = own_heads[owner] if owner else heads
-            idx = torch.tensor(rows)
-            part = {k: v[idx] for k, v in targets.items()}
-            # Supervise the layer LLaVA reads (-2, CLS dropped) and the last layer.
-            group_loss = group_heads.loss(hidden[-2][idx, 1:], part) + 0.5 * group_heads.loss(hidden[-1][idx, 1:], part)
-            if owner and confusion_weight > 0:
-                group_loss = group_loss + confusion_weight * heads.uniform_loss(hidden[-2][idx, 1:], ("color",))
-            loss = loss + group_loss * (len(rows) / spec.batch_size)
+        loss = _dense_loss(hidden, targets, picked, heads, own_heads, confusion_weight)
         losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
         if on_step:
             on_step(step, losses[-1])
     tower.eval()
     return losses, heads, dict(own_heads.items())
+
+
+def _dense_loss(
+    hidden: Sequence[torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    domains: Sequence[Domain],
+    heads: DensePatchHeads,
+    own_heads: Mapping[str, DensePatchHeads],
+    confusion_weight: float,
+) -> torch.Tensor:
+    """Dense-target loss of one vision batch: each image read by the heads of its first private shift (shared
+    heads otherwise) on the layer LLaVA reads (-2, CLS dropped) and, at half weight, the last layer."""
+    groups: dict[str, list[int]] = {}
+    for i, domain in enumerate(domains):
+        owner = next((s.name for s in domain.shifts if s.name in own_heads), "")
+        groups.setdefault(owner, []).append(i)
+    loss = torch.zeros(())
+    for owner, rows in groups.items():
+        group_heads = own_heads[owner] if owner else heads
+        idx = torch.tensor(rows)
+        part = {k: v[idx] for k, v in targets.items()}
+        group_loss = group_heads.loss(hidden[-2][idx, 1:], part) + 0.5 * group_heads.loss(hidden[-1][idx, 1:], part)
+        if owner and confusion_weight > 0:
+            group_loss = group_loss + confusion_weight * heads.uniform_loss(hidden[-2][idx, 1:], ("color",))
+        loss = loss + group_loss * (len(rows) / len(domains))
+    return loss
 
 
 def _rolled_colours(colour: torch.Tensor, domains: Sequence[Domain], rolls: Mapping[str, int]) -> torch.Tensor:
@@ -220,8 +234,12 @@ def train_answers(
     seed: int,
     on_step: ProgressFn | None = None,
     shift_weights: Mapping[str, float] | None = None,
+    compile_model: bool = False,
 ) -> list[float]:
-    """Train projector + language model (vision tower frozen) to answer; returns the loss per step."""
+    """Train projector + language model (vision tower frozen) to answer; returns the loss per step.
+
+    ``compile_model`` runs the language model and the tower's encoder compiled (see ``sim.zoo.compiling``).
+    """
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -231,26 +249,30 @@ def train_answers(
     model.train()
     model.model.vision_tower.eval()
     losses = []
-    for step in range(spec.steps):
-        base = step * spec.batch_size
-        cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
-        ramp = min(1.0, step / (spec.domain_curriculum * spec.steps)) if spec.domain_curriculum else 1.0
-        picked = [_ramped(next(domains), ramp, rng) for _ in range(spec.batch_size)]
-        samples = [world.sample(base + i, picked[i], max_objects=cap) for i in range(spec.batch_size)]
-        if spec.turns > 1:
-            question_sets = [
-                [(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, spec.turns - 1)]
-                for s in samples
-            ]
-            batch, labels = encoder.encode_question_sets([s.image for s in samples], question_sets)
-            loss = question_set_loss(model, batch, labels)
-        else:
-            batch = encoder.encode(
-                [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
-            )
-            loss = answer_loss(model, batch, encoder.answer_ids([s.answer for s in samples]), encoder.eos_id)
-        losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
-        if on_step:
-            on_step(step, losses[-1])
+    with (
+        compiled(model.model, ("language_model",), compile_model),
+        compiled(model.model.vision_tower, ("encoder",), compile_model),
+    ):
+        for step in range(spec.steps):
+            base = step * spec.batch_size
+            cap = 5 if not spec.curriculum else min(5, 1 + int(5 * step / max(1, spec.curriculum * spec.steps)))
+            ramp = min(1.0, step / (spec.domain_curriculum * spec.steps)) if spec.domain_curriculum else 1.0
+            picked = [_ramped(next(domains), ramp, rng) for _ in range(spec.batch_size)]
+            samples = [world.sample(base + i, picked[i], max_objects=cap) for i in range(spec.batch_size)]
+            if spec.turns > 1:
+                question_sets = [
+                    [(s.question, s.answer)] + [(q, a) for _, q, a in world.extra_questions(s, spec.turns - 1)]
+                    for s in samples
+                ]
+                batch, labels = encoder.encode_question_sets([s.image for s in samples], question_sets)
+                loss = question_set_loss(model, batch, labels)
+            else:
+                batch = encoder.encode(
+                    [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
+                )
+                loss = answer_loss(model, batch, encoder.answer_ids([s.answer for s in samples]), encoder.eos_id)
+            losses.append(_optimizer_step(opt, params, loss, lr_at(step, spec)))
+            if on_step:
+                on_step(step, losses[-1])
     model.eval()
     return losses
