@@ -17,6 +17,7 @@ from sim.world import World
 from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
 from sim.zoo.build import ensure_zoo, is_built
+from sim.zoo.compiling import compiler_available
 from sim.zoo.evaluate import evaluate, predict_answers
 from sim.zoo.recipe import StageSpec, ZooRecipe, micro_recipe
 from sim.zoo.tokenizer import build_processor, prompt_for
@@ -115,7 +116,11 @@ def test_generate_first_token_equals_fast_prediction(micro_zoo):
     assert first == preds
 
 
-def test_training_step_lowers_loss():
+@pytest.mark.parametrize(
+    "compile_model",
+    [False, pytest.param(True, marks=pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler"))],
+)
+def test_training_step_lowers_loss(compile_model):
     recipe = micro_recipe()
     processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
     encoder = BatchEncoder.from_processor(processor)
@@ -127,10 +132,12 @@ def test_training_step_lowers_loss():
     with torch.no_grad():
         before = float(answer_loss(model, batch, answers, encoder.eos_id))
     train_answers(model, world, encoder, StageSpec(steps=25, batch_size=16, lr=3e-3, warmup=2),
-                  shifted=False, min_severity=0.0, seed=0)  # fmt: skip
+                  shifted=False, min_severity=0.0, seed=0, compile_model=compile_model)  # fmt: skip
     with torch.no_grad():
         after = float(answer_loss(model, batch, answers, encoder.eos_id))
     assert after < before - 0.5
+    # Compiled training leaves the plain transformers modules in place.
+    assert not any("_orig_mod" in name for name in model.state_dict())
 
 
 def test_evaluate_reports_every_domain_and_type(micro_zoo):
