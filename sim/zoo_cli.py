@@ -19,7 +19,7 @@ from sim.zoo.batching import BatchEncoder
 from sim.zoo.build import ZooPaths, ensure_zoo, is_built, zoo_dir
 from sim.zoo.evaluate import Accuracy, evaluate
 from sim.zoo.recipe import RECIPES, ZooRecipe
-from sim.zoo.report import domain_rows, markdown_table, qtype_rows, rich_table
+from sim.zoo.report import domain_rows, markdown_table, qtype_rows, rich_table, sampling_error_note
 
 zoo_app = typer.Typer(help="Build and evaluate the tiny LLaVA model zoo.", no_args_is_help=True)
 console = Console()
@@ -124,12 +124,14 @@ def print_tables(results: dict[str, dict[str, Accuracy]], domains: list[str], re
     header = ["model", *domains, "mean", "min"]
     rows = domain_rows(results, domains)
     console.print(rich_table("accuracy % by domain", header, rows))
+    note = sampling_error_note(results, domains)
+    console.print(note)
     qheader = ["model", *QUESTION_TYPES]
     qrows = qtype_rows(results, domains)
     console.print(rich_table("accuracy % by question type", qheader, qrows))
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
-        text = "## Accuracy % by domain\n\n" + markdown_table(header, rows)
+        text = "## Accuracy % by domain\n\n" + markdown_table(header, rows) + f"\n{note}\n"
         text += "\n## Accuracy % by question type\n\n" + markdown_table(qheader, qrows)
         report.write_text(text)
         console.print(f"wrote {report}")

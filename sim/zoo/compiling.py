@@ -1,9 +1,9 @@
 """Optional TorchInductor compilation of the zoo's answer-training stages (``tandem-sim zoo build --compile``).
 
-Measured on the 2-core build machine (same day, base recipe): teacher steps 228 ms against 250 ms eager, device
+Measured on the 2-core build machine (same day, base geometry): teacher steps 228 ms against 250 ms eager, device
 steps 113 ms against 151 ms, after 10-30 s of compiling per stage; vision pretraining gained nothing, so it stays
 eager. Off by default: compiled kernels round differently, so a compiled build's weights differ slightly from the
-eager build the published figures come from (the manifest records which stages were compiled). The compiled
+eager build the published figures come from (the manifest records whether a build was compiled). The compiled
 wrapper lives only while a stage trains, so the saved models are plain transformers modules.
 """
 

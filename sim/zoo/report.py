@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from rich.table import Table
@@ -22,6 +23,17 @@ def domain_rows(results: Mapping[str, Mapping[str, Accuracy]], domains: Sequence
         rows.append([model, *(_pct(v) for v in values), _pct(sum(values) / len(values)), _pct(min(values))])
     return rows
 
+
+
+def sampling_error_note(results: Mapping[str, Mapping[str, Accuracy]], domains: Sequence[str]) -> str:
+    """One line: the largest standard error of a domain cell (binomial, in points) and the sample count behind
+    it, so a reader can tell a real difference from sampling noise."""
+    cells = [per_domain[d] for per_domain in results.values() for d in domains if per_domain[d].total]
+    if not cells:
+        return "no samples evaluated"
+    worst = max(cells, key=lambda a: a.value * (1 - a.value) / a.total)
+    se = 100 * math.sqrt(worst.value * (1 - worst.value) / worst.total)
+    return f"one standard error per domain cell: at most {se:.1f} points ({min(a.total for a in cells)} samples)"
 
 def qtype_rows(results: Mapping[str, Mapping[str, Accuracy]], domains: Sequence[str]) -> list[list[str]]:
     """One row per (model, clear / shifted mean): accuracy per question type."""

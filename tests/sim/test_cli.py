@@ -52,6 +52,7 @@ def test_zoo_eval_on_micro_zoo(micro_home, tmp_path, capsys):
     assert "teacher" in out and "device" in out and "night" in out
     text = report.read_text()
     assert "| teacher |" in text and "existence" in text
+    assert "one standard error per domain cell" in text and "(10 samples)" in text
 
 
 def test_zoo_eval_explicit_model_dir(micro_home, capsys):

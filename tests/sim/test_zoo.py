@@ -333,3 +333,13 @@ def test_colour_rolls_rename_colours_only_under_their_shift():
         ZooRecipe(vision_colour_rolls={"night": n})
     with pytest.raises(ValueError, match="unknown shift"):
         ZooRecipe(vision_colour_rolls={"sepia": 1})
+
+
+def test_sampling_error_note_names_the_widest_cell():
+    from sim.zoo.evaluate import Accuracy
+    from sim.zoo.report import sampling_error_note
+
+    results = {"teacher": {"clear": Accuracy(90, 100)}, "device": {"clear": Accuracy(50, 100)}}
+    assert sampling_error_note(results, ["clear"]).endswith("at most 5.0 points (100 samples)")
+    results["device"]["clear"] = Accuracy(99, 100)
+    assert "at most 3.0 points" in sampling_error_note(results, ["clear"])
