@@ -24,7 +24,6 @@ def domain_rows(results: Mapping[str, Mapping[str, Accuracy]], domains: Sequence
     return rows
 
 
-
 def sampling_error_note(results: Mapping[str, Mapping[str, Accuracy]], domains: Sequence[str]) -> str:
     """One line: the largest standard error of a domain cell (binomial, in points) and the sample count behind
     it, so a reader can tell a real difference from sampling noise."""
@@ -34,6 +33,7 @@ def sampling_error_note(results: Mapping[str, Mapping[str, Accuracy]], domains: 
     worst = max(cells, key=lambda a: a.value * (1 - a.value) / a.total)
     se = 100 * math.sqrt(worst.value * (1 - worst.value) / worst.total)
     return f"one standard error per domain cell: at most {se:.1f} points ({min(a.total for a in cells)} samples)"
+
 
 def qtype_rows(results: Mapping[str, Mapping[str, Accuracy]], domains: Sequence[str]) -> list[list[str]]:
     """One row per (model, clear / shifted mean): accuracy per question type."""

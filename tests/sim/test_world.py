@@ -78,16 +78,17 @@ def test_every_shift_changes_pixels_and_severity_matters(shift):
     assert np.array_equal(world.sample(4, f"{shift}:0").image, world.sample(4).image)
 
 
-
 def test_benchmark_night_is_dark_but_keeps_the_scene():
     world = World(0)
-    clear = np.stack([world.sample(i).image for i in range(8)])
+    scenes = [world.sample(i) for i in range(8)]
+    clear = np.stack([s.image for s in scenes])
     night = np.stack([world.sample(i, "night").image for i in range(8)])
     assert 0.3 < night.mean() / clear.mean() < 0.45  # 40% of the light, tinted blue
     assert night[..., 2].mean() > night[..., 0].mean()
     # The scene survives: object pixels still differ from the background far more than the sensor noise.
-    mask = np.stack([world.sample(i).index_map >= 0 for i in range(8)])
+    mask = np.stack([s.index_map >= 0 for s in scenes])
     assert np.abs(night[mask] - night[~mask].mean(0)).mean() > 5 * 0.01875
+
 
 def test_shifts_compose():
     world = World(0)
