@@ -70,6 +70,12 @@ def build_command(
         help="Train teacher and device compiled by TorchInductor (9-25% faster steps here; needs a C++ compiler; "
         "weights differ slightly from an eager build).",
     ),
+    side_by_side: bool | None = typer.Option(
+        None,
+        "--side-by-side/--one-by-one",
+        help="Train the device stage in a second process while the teacher trains, one thread each "
+        "(default: on with two or more cores, for recipes with long stages).",
+    ),
 ) -> None:
     """Pretrain the vision tower, then the teacher (all domains) and the device model (clear only)."""
     rec = recipe_by_name(recipe, settings=settings)
@@ -78,7 +84,9 @@ def build_command(
         console.print(f"zoo [bold]{rec.name}[/] is up to date at {root}")
         return
     start = time.perf_counter()
-    paths = ensure_zoo(rec, home=home, progress=True, force=force, compile_model=compile_model)
+    paths = ensure_zoo(
+        rec, home=home, progress=True, force=force, compile_model=compile_model, side_by_side=side_by_side
+    )
     manifest = paths.manifest()
     console.print(f"built zoo [bold]{rec.name}[/] in {time.perf_counter() - start:.0f} s at {paths.root}")
     console.print(f"stage seconds: {manifest['seconds']}  parameters: {manifest['parameters']}")

@@ -32,6 +32,7 @@ from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
 from sim.zoo.compiling import compiler_available
 from sim.zoo.recipe import ZooRecipe
+from sim.zoo.side_stage import SideStage
 from sim.zoo.tokenizer import build_processor
 from sim.zoo.train import init_projector_from_heads, pretrain_vision, train_answers
 
@@ -102,11 +103,13 @@ def ensure_zoo(
     progress: bool = True,
     force: bool = False,
     compile_model: bool = False,
+    side_by_side: bool | None = None,
 ) -> ZooPaths:
     """Return the built zoo for ``recipe``, building it first when it is not cached (or ``force``).
 
     ``compile_model`` trains the teacher and device stages compiled (``sim.zoo.compiling``; needs a C++ compiler,
-    ConfigError otherwise).
+    ConfigError otherwise). ``side_by_side`` trains the device stage in a second process, one thread each, while
+    the teacher trains (default: when there are two cores and the stages are long enough to pay for the start).
     """
     if compile_model and not compiler_available():
         raise ConfigError("compiling needs a C++ compiler (g++ or clang++) on the PATH; build without --compile")
@@ -117,14 +120,18 @@ def ensure_zoo(
             return paths
         staging = root.with_name(root.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        manifest = _build_into(ZooPaths.at(staging), recipe, progress, compile_model)
+        if side_by_side is None:
+            side_by_side = recipe.with_teacher and (os.cpu_count() or 1) >= 2 and recipe.device_stage.steps >= 200
+        manifest = _build_into(ZooPaths.at(staging), recipe, progress, compile_model, side_by_side)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
     return paths
 
 
-def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile_model: bool) -> dict:
+def _build_into(
+    paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile_model: bool, side_by_side: bool
+) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     v = recipe.vision
@@ -138,7 +145,8 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile
     with _progress(show_progress) as bar:
         plain = show_progress and not bar.console.is_terminal
 
-        def run(name: str, total: int, fn) -> None:
+        def reporter(name: str, total: int):
+            """A progress callback for one stage, and a function recording its time and final loss."""
             task = bar.add_task(name, total=total, loss=float("nan"))
             start = time.perf_counter()
 
@@ -148,9 +156,15 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile
                     elapsed = time.perf_counter() - start
                     print(f"{name}: {step + 1}/{total} loss {loss:.3f} {elapsed:.0f}s", flush=True)
 
-            losses = fn(on_step)
-            timings[name] = round(time.perf_counter() - start, 1)
-            final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+            def record(losses: list[float]) -> None:
+                timings[name] = round(time.perf_counter() - start, 1)
+                final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+
+            return on_step, record
+
+        def run(name: str, total: int, fn) -> None:
+            on_step, record = reporter(name, total)
+            record(fn(on_step))
 
         heads = []
 
@@ -178,25 +192,39 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile
             # The teacher's stage-1 alignment saw every domain: all the heads; the device's only the clear ones.
             init_projector_from_heads(teacher, heads)
             init_projector_from_heads(device, heads[0])
-        if recipe.with_teacher:
+
+        def teacher_job(cb) -> list[float]:
+            return train_answers(
+                teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
+                shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
+                shift_weights=recipe.teacher_shift_weights, compile_model=compile_model,
+            )  # fmt: skip
+
+        device_kwargs = {"shifted": False, "min_severity": 0.0, "seed": recipe.seed + 2, "compile_model": compile_model}
+        if recipe.with_teacher and side_by_side:
+            # Two processes of one thread each: the device stage in a child, the teacher here.
+            torch.set_num_threads(1)
+            device_step, device_record = reporter("device (clear)", recipe.device_stage.steps)
+            side = SideStage(
+                device, recipe, "device", device_step, world_seed=recipe.seed + 2, **device_kwargs
+            )
+            try:
+                run("teacher (all)", recipe.teacher_stage.steps, lambda cb: teacher_job(side.watching(cb)))
+            except BaseException:
+                side.stop()
+                raise
+            device_record(side.join())
+        else:
+            if recipe.with_teacher:
+                run("teacher (all)", recipe.teacher_stage.steps, teacher_job)
             run(
-                "teacher (all)",
-                recipe.teacher_stage.steps,
+                "device (clear)",
+                recipe.device_stage.steps,
                 lambda cb: train_answers(
-                    teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
-                    shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
-                    shift_weights=recipe.teacher_shift_weights, compile_model=compile_model,
+                    device, World(recipe.seed + 2, v.image_size), encoder, recipe.device_stage, on_step=cb,
+                    **device_kwargs,
                 ),
             )  # fmt: skip
-        run(
-            "device (clear)",
-            recipe.device_stage.steps,
-            lambda cb: train_answers(
-                device, World(recipe.seed + 2, v.image_size), encoder, recipe.device_stage,
-                shifted=False, min_severity=0.0, seed=recipe.seed + 2, on_step=cb,
-                compile_model=compile_model,
-            ),
-        )  # fmt: skip
     members = (("teacher", teacher), ("device", device)) if recipe.with_teacher else (("device", device),)
     for member, model in members:
         out = getattr(paths, member)
@@ -208,6 +236,7 @@ def _build_into(paths: ZooPaths, recipe: ZooRecipe, show_progress: bool, compile
         "recipe": recipe.model_dump(),
         "seconds": timings,
         "compiled": compile_model,
+        "side_by_side": recipe.with_teacher and side_by_side,
         "final_loss": final_loss,
         "parameters": {
             **(
