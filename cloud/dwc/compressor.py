@@ -5,6 +5,12 @@ plus everything earlier rounds left out or lost to quantization (the residual), 
 good. Selection is dynamic: units (rows/columns, see ``common.delta_codec``) are ranked by the energy of their
 delta; the smallest set covering ``energy_share`` of the total is taken, cut to the byte budget. With
 ``bits="auto"`` 8-, 4- and 2-bit (ternary) codes are built and the one leaving the smaller residual is sent.
+
+With ``selection="impact"`` the energy of a LoRA unit is weighted by what it does to the layer's weight: a
+rank component's change in ``lora_B`` (a column) moves the weight by ``dB_i A_i`` and its change in ``lora_A``
+(a row) by ``B_i dA_i``, so each unit's energy is scaled by its partner's squared norm (at the target). A change
+of ``lora_A`` whose ``lora_B`` is still near zero does almost nothing and waits; parameter-space energy would
+spend the budget on it first.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class DWCConfig(StrictConfig):
     block: int = Field(64, ge=2, multiple_of=2)
     energy_share: float = Field(0.98, gt=0.0, le=1.0)
     budget_bytes: int | None = Field(None, ge=1)
+    # How units are ranked: by their delta's energy, or by its first-order effect on the LoRA layer's weight.
+    selection: Literal["energy", "impact"] = "energy"
 
 
 @dataclass
@@ -92,14 +100,56 @@ def full_state_bytes(state: dict[str, torch.Tensor]) -> int:
     return len(pack({k: v.float() for k, v in state.items()}, {"format": "peft-adapter"}))
 
 
-def _ranked_units(mirror: dict[str, torch.Tensor], target: dict[str, torch.Tensor]):
-    """Units sorted by delta energy: list of (energy, name, unit index, unit_len) plus total energy."""
+_LORA_PARTNER = {"lora_A": "lora_B", "lora_B": "lora_A"}
+# Every unit keeps at least this share of its group's mean weight, so error feedback still drains it eventually.
+_WEIGHT_FLOOR = 1e-3
+
+
+def _lora_partner(name: str) -> str | None:
+    """The other factor of a peft LoRA pair (``...lora_A.weight`` <-> ``...lora_B.weight``), if named so."""
+    for own, other in _LORA_PARTNER.items():
+        marker = f".{own}."
+        if marker in name:
+            return name.replace(marker, f".{other}.")
+    return None
+
+
+def unit_weights(target: dict[str, torch.Tensor], selection: str) -> dict[str, torch.Tensor]:
+    """Per-unit weights of the delta energy (see the module doc); 1 for tensors outside a LoRA pair."""
+    weights = {}
+    for g in layout_of(target):
+        partner = _lora_partner(g.name)
+        if selection != "impact" or partner not in target:
+            weights[g.name] = torch.ones(g.num_units, dtype=torch.float64)
+            continue
+        # lora_A is [r, in], lora_B is [out, r]: component i is A's row i and B's column i. Weigh only when the
+        # units are those components (A's rows, B's columns), which holds whenever r is the smaller side.
+        is_a = ".lora_A." in g.name
+        other = target[partner].double()
+        if other.dim() != 2 or len(g.shape) != 2 or g.transposed == is_a:
+            weights[g.name] = torch.ones(g.num_units, dtype=torch.float64)
+            continue
+        norms = (other**2).sum(dim=0) if is_a else (other**2).sum(dim=1)
+        weights[g.name] = norms + _WEIGHT_FLOOR * max(float(norms.mean()), 1e-12)
+    return weights
+
+
+def _weighted_energy(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], weights) -> float:
+    total = 0.0
+    for g in layout_of(state_a):
+        d = unit_view((state_a[g.name].double() - state_b[g.name].double()).contiguous(), g)
+        total += float(((d**2).sum(dim=1) * weights[g.name]).sum())
+    return total
+
+
+def _ranked_units(mirror: dict[str, torch.Tensor], target: dict[str, torch.Tensor], weights):
+    """Units sorted by weighted delta energy: list of (energy, name, unit index, unit_len) plus the total."""
     entries = []
     deltas = {}
     for g in layout_of(mirror):
         d = unit_view((target[g.name].float() - mirror[g.name]).contiguous(), g)
         deltas[g.name] = d
-        energy = (d.double() ** 2).sum(dim=1)
+        energy = (d.double() ** 2).sum(dim=1) * weights[g.name]
         for i in torch.nonzero(energy > 0).flatten().tolist():
             entries.append((float(energy[i]), g.name, i, g.unit_len))
     entries.sort(key=lambda e: -e[0])
@@ -136,23 +186,27 @@ def compress(
     version = mirror.version + 1 if target_version is None else int(target_version)
     if version <= mirror.version:
         raise UpdateError(f"target version {version} must exceed the mirror's {mirror.version}")
-    entries, deltas, total = _ranked_units(mirror.state, target)
+    weights = unit_weights(target, config.selection)
+    entries, deltas, weighted = _ranked_units(mirror.state, target, weights)
+    total = _energy(target, mirror.state)
     candidates = (8, 4, 2) if config.bits == "auto" else (config.bits,)
     best: DWCUpdate | None = None
+    best_key: tuple[float, int] = (float("inf"), 0)
     for bits in candidates:
         empty, _, _ = encode_update(mirror.state, {}, bits, config.block, mirror.version, version)
         overhead = len(empty) + _HEADER_SLACK
         if config.budget_bytes is not None and overhead > config.budget_bytes:
             raise UpdateError(f"byte budget {config.budget_bytes} is below the payload overhead {overhead}")
-        chosen = _select(entries, total, config.energy_share, config.budget_bytes, overhead, bits, config.block)
+        chosen = _select(entries, weighted, config.energy_share, config.budget_bytes, overhead, bits, config.block)
         selected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in {n for n, _ in chosen}:
             idx = torch.tensor(sorted(i for n, i in chosen if n == name), dtype=torch.long)
             selected[name] = (idx, deltas[name][idx])
         payload, header, result = encode_update(mirror.state, selected, bits, config.block, mirror.version, version)
         update = DWCUpdate(payload, header, result, total, _energy(target, result))
-        if best is None or (update.residual_energy, len(payload)) < (best.residual_energy, len(best.payload)):
-            best = update
+        left = _weighted_energy(target, result, weights)
+        if best is None or (left, len(payload)) < best_key:
+            best, best_key = update, (left, len(payload))
     assert best is not None
     if layout_digest(best.result_state) != layout_digest(mirror.state):  # pragma: no cover - defensive
         raise UpdateError("internal error: update changed the adapter layout")

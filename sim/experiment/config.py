@@ -39,6 +39,7 @@ class ExperimentConfig(StrictConfig):
     downlink_fraction: float = Field(0.05, gt=0, le=1)
     dwc_bits: Literal[2, 4, 8, "auto"] = "auto"
     dwc_energy_share: float = Field(0.98, gt=0, le=1)
+    dwc_selection: Literal["energy", "impact"] = "energy"
     baselines: list[Literal["send_all", "fp32", "ce_only"]] = ["send_all", "fp32", "ce_only"]
     threads: int = Field(1, ge=1)
 

@@ -116,6 +116,7 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
     dwc = DWCConfig(
         bits=config.dwc_bits,
         energy_share=config.dwc_energy_share,
+        selection=config.dwc_selection,
         budget_bytes=max(1, int(config.downlink_fraction * fp32_bytes)),
     )
     kd_free = config.akd.model_copy(update={"w_kd": 0.0, "w_align": 0.0})

@@ -133,3 +133,40 @@ def test_mismatched_shapes_are_rejected():
     with pytest.raises(UpdateError, match="different adapter tensors or shapes"):
         apply_adapter_update(device, update.payload, update.header)
     assert state_digest(device.state) == state_digest(other)
+
+
+def _layer_weight_error(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float:
+    """Squared distance of the LoRA layers' weight changes B @ A between two states."""
+    total = 0.0
+    for name in state:
+        if ".lora_A." in name:
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            total += float(((state[b_name] @ state[name] - target[b_name] @ target[name]) ** 2).sum())
+    return total
+
+
+def test_impact_selection_spends_the_budget_on_what_moves_the_layers():
+    # Fresh adapters (B = 0) after a round of training: A moved a lot in parameter space, but only B moves the
+    # layers' weights while the device's B is still zero.
+    base = _lora_like_state(7)
+    base = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in base.items()}
+    g = torch.Generator().manual_seed(8)
+    target = {k: v + (0.3 if ".lora_A." in k else 0.02) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    errors = {}
+    for selection in ("energy", "impact"):
+        update = compress(CloudMirror(base), target, DWCConfig(bits=8, budget_bytes=4000, selection=selection))
+        errors[selection] = _layer_weight_error(update.result_state, target)
+    assert errors["impact"] < 0.5 * errors["energy"]
+
+
+def test_impact_weights_apply_to_lora_pairs_only():
+    from cloud.dwc.compressor import unit_weights
+
+    state = {**_lora_like_state(9), "base_model.model.norm.weight": torch.ones(64)}
+    weights = unit_weights(state, "impact")
+    a_name = "base_model.model.layers.0.q_proj.lora_A.weight"
+    b_name = a_name.replace(".lora_A.", ".lora_B.")
+    assert torch.allclose(weights[a_name], (state[b_name].double() ** 2).sum(dim=0), rtol=1e-2)
+    assert torch.allclose(weights[b_name], (state[a_name].double() ** 2).sum(dim=1), rtol=1e-2)
+    assert torch.equal(weights["base_model.model.norm.weight"], torch.ones(1, dtype=torch.float64))
+    assert all(torch.equal(w, torch.ones_like(w)) for w in unit_weights(state, "energy").values())
