@@ -19,7 +19,8 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-def _short_validation_message(exc: ValidationError) -> str:
+def short_validation_message(exc: ValidationError) -> str:
+    """A validation error as one line: ``field: reason`` parts joined by semicolons."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
@@ -48,4 +49,4 @@ def load_config(cls: type[ConfigT], path: str | Path | None = None, **overrides:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {cls.__name__}: {_short_validation_message(exc)}") from exc
+        raise ConfigError(f"invalid {cls.__name__}: {short_validation_message(exc)}") from exc

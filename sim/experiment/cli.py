@@ -25,12 +25,15 @@ def offline(
     zoo_dir: str = typer.Option(None, help="a built zoo directory (teacher/, device/) instead of the recipe's"),
     out: Path = typer.Option(Path("reports/offline"), help="directory for table.md, plot.png, results.json"),
     threads: int = typer.Option(None, help="torch threads"),
+    dwc_selection: str = typer.Option(
+        None, help="how DWC ranks adapter units: energy (default; delta energy) or impact (effect on the layer)"
+    ),
 ) -> None:
     """Device pretrained on clear, stream drifting through shifts; UTS + AKD + DWC against baselines."""
     from sim.experiment.report import print_report, write_reports
     from sim.experiment.runner import run_experiment
 
-    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir)
+    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir, dwc_selection=dwc_selection)
     console = Console()
     with console.status("running the offline experiment") as status:
         result = run_experiment(config, progress=lambda line: (console.log(line), status.update(line)))

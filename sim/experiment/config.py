@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from cloud.akd import AKDConfig
-from common.config import StrictConfig
+from common.config import StrictConfig, short_validation_message
 from common.errors import ConfigError
 from sim.world import parse_domain
 
@@ -84,7 +84,5 @@ def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ExperimentConfig(**data).check()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"invalid experiment settings: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"invalid experiment settings: {short_validation_message(exc)}") from None

@@ -156,8 +156,8 @@ def _build_into(
                     elapsed = time.perf_counter() - start
                     print(f"{name}: {step + 1}/{total} loss {loss:.3f} {elapsed:.0f}s", flush=True)
 
-            def record(losses: list[float]) -> None:
-                timings[name] = round(time.perf_counter() - start, 1)
+            def record(losses: list[float], end: float | None = None) -> None:
+                timings[name] = round((end or time.perf_counter()) - start, 1)
                 final_loss[name] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
 
             return on_step, record
@@ -202,18 +202,22 @@ def _build_into(
 
         device_kwargs = {"shifted": False, "min_severity": 0.0, "seed": recipe.seed + 2, "compile_model": compile_model}
         if recipe.with_teacher and side_by_side:
-            # Two processes of one thread each: the device stage in a child, the teacher here.
+            # Two processes of one thread each: the device stage in a child, the teacher here; the teacher takes
+            # the freed core once the device is done (on these models one and two threads give the same bits).
+            parent_threads = torch.get_num_threads()
             torch.set_num_threads(1)
             device_step, device_record = reporter("device (clear)", recipe.device_stage.steps)
-            side = SideStage(
-                device, recipe, "device", device_step, world_seed=recipe.seed + 2, **device_kwargs
-            )
+            side = SideStage(device, recipe, "device", device_step, world_seed=recipe.seed + 2, **device_kwargs)
             try:
-                run("teacher (all)", recipe.teacher_stage.steps, lambda cb: teacher_job(side.watching(cb)))
+                run(
+                    "teacher (all)",
+                    recipe.teacher_stage.steps,
+                    lambda cb: teacher_job(side.watching(cb, lambda: torch.set_num_threads(parent_threads))),
+                )
             except BaseException:
                 side.stop()
                 raise
-            device_record(side.join())
+            device_record(side.join(), side.finished_at)
         else:
             if recipe.with_teacher:
                 run("teacher (all)", recipe.teacher_stage.steps, teacher_job)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class SideStage:
         self._process = ctx.Process(target=_child, args=args, daemon=True)
         self._on_step = on_step
         self._result: tuple[str, Any] | None = None
+        self.finished_at: float | None = None  # perf_counter() when the child's result (or failure) arrived
         self.finished = threading.Event()
         self._process.start()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -86,14 +88,23 @@ class SideStage:
                 continue
             self._result = (kind, a)
             break
+        self.finished_at = time.perf_counter()
         self.finished.set()
 
-    def watching(self, on_step: Callable[[int, float], None]) -> Callable[[int, float], None]:
-        """``on_step`` for the parent's own stage that first raises SideStageError once the child has failed."""
+    def watching(
+        self, on_step: Callable[[int, float], None], on_done: Callable[[], None] | None = None
+    ) -> Callable[[int, float], None]:
+        """``on_step`` for the parent's own stage that raises SideStageError once the child has failed, and
+        calls ``on_done`` once after the child has finished (e.g. to give the parent the freed core)."""
+        pending = [on_done]
 
         def checked(step: int, loss: float) -> None:
-            if self.finished.is_set() and self._result is not None and self._result[0] != "done":
-                self.join()
+            if self.finished.is_set():
+                if self._result is not None and self._result[0] != "done":
+                    self.join()
+                if pending[0] is not None:
+                    pending.pop()()
+                    pending.append(None)
             on_step(step, loss)
 
         return checked

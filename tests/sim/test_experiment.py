@@ -47,3 +47,5 @@ def test_sizes_and_bad_settings():
         sized("tiny", shifts=["sepia"])
     with pytest.raises(ConfigError, match="invalid experiment settings"):
         sized("tiny", keep_ratio=0.0)
+    with pytest.raises(ConfigError, match="dwc_selection: Input should be 'energy' or 'impact'$"):
+        sized("tiny", dwc_selection="bogus")

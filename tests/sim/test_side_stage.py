@@ -27,6 +27,7 @@ def test_side_by_side_build_equals_one_by_one(tmp_path):
     manifest = side.manifest()
     assert manifest["side_by_side"] and not one.manifest()["side_by_side"]
     assert set(manifest["seconds"]) == {"vision", "teacher (all)", "device (clear)"}
+    assert manifest["seconds"]["device (clear)"] > 0
     assert manifest["final_loss"]["device (clear)"] == one.manifest()["final_loss"]["device (clear)"]
     for member in ("teacher", "device"):
         a, b = _weights(getattr(one, member)), _weights(getattr(side, member))
