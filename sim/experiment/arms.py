@@ -120,6 +120,18 @@ class AdaptingArm:
                     payloads.append(encode_sample(sample))
         return payloads, list(range(len(payloads)))
 
+    def _label_accuracy(self, stream: FeatureSet, picked: list[int], labels: TeacherLabels) -> dict[str, float]:
+        """How often the teacher's pseudo-answers to this round's uploads are right (a diagnostic the cloud could
+        not compute: it needs the world's answers), and, for token-reduced uploads, how often the teacher is right
+        on the same frames with every visual token."""
+        index = torch.tensor(picked, dtype=torch.long)
+        truth = stream.answer_ids[index]
+        stats = {"label_accuracy": float((labels.logits.argmax(-1) == truth).float().mean())}
+        if self.uts is not None:
+            same = FeatureSet(stream.features[index], [stream.questions[i] for i in picked], truth, [])
+            stats["label_accuracy_all_tokens"] = accuracy(self.teacher, self.prompts, same)
+        return stats
+
     def run_round(self, stream: FeatureSet, held_out: FeatureSet) -> dict[str, ArmRound]:
         """One round; returns this arm's row (and its fp32 twin's when tracked)."""
         t0 = time.perf_counter()
@@ -128,8 +140,11 @@ class AdaptingArm:
         uploads = [decode_sample(p) for p in payloads]
         t1 = time.perf_counter()
         report = None
+        label_stats: dict[str, float] = {}
         if uploads:
-            self.buffer.append((uploads, teacher_labels(self.teacher, self.prompts, uploads)))
+            fresh = teacher_labels(self.teacher, self.prompts, uploads)
+            self.buffer.append((uploads, fresh))
+            label_stats = self._label_accuracy(stream, picked, fresh)
             samples = [s for ups, _ in self.buffer for s in ups]
             labels = TeacherLabels(
                 torch.cat([lab.logits for _, lab in self.buffer]),
@@ -158,6 +173,7 @@ class AdaptingArm:
             "kd_before": report.loss_before["kd"] if report else float("nan"),
             "kd_after": report.loss_after["kd"] if report else float("nan"),
             "picked": picked,
+            **label_stats,
         }
         rows = {
             self.name: ArmRound(

@@ -155,6 +155,37 @@ def print_report(result: ExperimentResult, console: Console | None = None) -> No
     console.print(checks)
 
 
+def _label_lines(result: ExperimentResult) -> list[str]:
+    """How often the teacher's pseudo-answers to each arm's uploads were right, per round (markdown)."""
+    labelled = [r for r in result.rows if r.label_accuracy is not None]
+    if not labelled:
+        return []
+    md = [
+        "",
+        "## Teacher pseudo-answers on the uploads",
+        "",
+        "Share right against the world's answers (a simulation-only diagnostic); for UTS, in brackets, the "
+        "teacher on the same frames with every visual token.",
+        "",
+    ]
+    arms = [a for a in _arms(result) if a in {r.arm for r in labelled}]
+    md.append("| rnd | shift | " + " | ".join(SHORT[a] for a in arms) + " |")
+    md.append("|" + "---|" * (2 + len(arms)))
+    by = {(r.round, r.arm): r for r in labelled}
+    for rnd in sorted({r.round for r in labelled}):
+        first = next(r for r in labelled if r.round == rnd)
+        cells = []
+        for arm in arms:
+            row = by.get((rnd, arm))
+            if row is None:
+                cells.append("")
+                continue
+            full = f" ({100 * row.label_accuracy_all_tokens:.1f})" if row.label_accuracy_all_tokens is not None else ""
+            cells.append(f"{100 * row.label_accuracy:.1f}{full}")
+        md.append(f"| {rnd} | {first.shift} #{first.shift_round} | " + " | ".join(cells) + " |")
+    return md
+
+
 def markdown(result: ExperimentResult) -> str:
     """The report as markdown (tables, targets, byte facts)."""
     head, lines = _round_lines(result)
@@ -191,6 +222,7 @@ def markdown(result: ExperimentResult) -> str:
     for p in s["per_shift"]:
         rec = ", ".join(f"{100 * v:.0f}%" for v in p["recovery_by_round"])
         md.append(f"| {p['shift']} | {100 * p['none']:.1f} | {100 * p['teacher']:.1f} | {rec} |")
+    md += _label_lines(result)
     up = f["uplink_per_sample"]
     md += ["", "## Bytes", ""]
     md.append(f"- adapter: {f['adapter_params']:,} parameters, {f['fp32_adapter_bytes']:,} B as fp32 safetensors")

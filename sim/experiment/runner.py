@@ -41,6 +41,9 @@ class Row:
     uplink_samples: int = 0
     downlink_bytes: int = 0
     wall_s: float = 0.0
+    # The teacher's pseudo-answers to this round's uploads: share right, and (UTS) right with every visual token.
+    label_accuracy: float | None = None
+    label_accuracy_all_tokens: float | None = None
 
 
 @dataclass
@@ -194,6 +197,8 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
                             fig.uplink_samples,
                             fig.downlink_bytes,
                             fig.wall_s,
+                            fig.extra.get("label_accuracy"),
+                            fig.extra.get("label_accuracy_all_tokens"),
                         )
                     )
                     if name == "tandem":

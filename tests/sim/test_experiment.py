@@ -32,6 +32,13 @@ def test_tiny_offline_run_writes_reports_with_consistent_bytes(tmp_path):
             assert r["uplink_samples"] == cfg["stream_per_round"]
         if r["arm"] == "tandem_fp32":
             assert r["downlink_bytes"] >= data["facts"]["fp32_adapter_bytes"] * 0.99
+        # The teacher's pseudo-answers are scored on every uploading arm; the all-token rescoring only on UTS.
+        if r["arm"] in ("tandem", "send_all", "ce_only"):
+            assert 0.0 <= r["label_accuracy"] <= 1.0
+            assert (r["label_accuracy_all_tokens"] is not None) == (r["arm"] != "send_all")
+        else:
+            assert r["label_accuracy"] is None and r["label_accuracy_all_tokens"] is None
+    assert "## Teacher pseudo-answers on the uploads" in (tmp_path / "table.md").read_text()
     s = data["summary"]
     assert 0 < s["uplink_ratio"] < 0.5
     assert 0 < s["downlink_ratio"] <= budget / data["facts"]["fp32_adapter_bytes"] + 1e-9
