@@ -96,15 +96,16 @@ class SideStage:
     ) -> Callable[[int, float], None]:
         """``on_step`` for the parent's own stage that raises SideStageError once the child has failed, and
         calls ``on_done`` once after the child has finished (e.g. to give the parent the freed core)."""
-        pending = [on_done]
+        told = False
 
         def checked(step: int, loss: float) -> None:
+            nonlocal told
             if self.finished.is_set():
                 if self._result is not None and self._result[0] != "done":
                     self.join()
-                if pending[0] is not None:
-                    pending.pop()()
-                    pending.append(None)
+                if on_done is not None and not told:
+                    told = True
+                    on_done()
             on_step(step, loss)
 
         return checked
