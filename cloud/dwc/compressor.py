@@ -118,23 +118,23 @@ def unit_weights(target: dict[str, torch.Tensor], selection: str) -> dict[str, t
     """Per-unit weights of the delta energy (see the module doc); 1 for tensors outside a LoRA pair."""
     weights = {}
     for g in layout_of(target):
-        partner = _lora_partner(g.name)
-        if selection != "impact" or partner not in target:
-            weights[g.name] = torch.ones(g.num_units, dtype=torch.float64)
-            continue
+        partner = _lora_partner(g.name) if selection == "impact" else None
         # lora_A is [r, in], lora_B is [out, r]: component i is A's row i and B's column i. Weigh only when the
         # units are those components (A's rows, B's columns), which holds whenever r is the smaller side.
         is_a = ".lora_A." in g.name
-        other = target[partner].double()
-        if other.dim() != 2 or len(g.shape) != 2 or g.transposed == is_a:
+        if partner not in target or target[partner].dim() != 2 or len(g.shape) != 2 or g.transposed == is_a:
             weights[g.name] = torch.ones(g.num_units, dtype=torch.float64)
             continue
+        other = target[partner].double()
         norms = (other**2).sum(dim=0) if is_a else (other**2).sum(dim=1)
         weights[g.name] = norms + _WEIGHT_FLOOR * max(float(norms.mean()), 1e-12)
     return weights
 
 
-def _weighted_energy(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], weights) -> float:
+def _energy(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], weights=None) -> float:
+    """Squared distance of two states, each unit's share scaled by ``weights`` (from ``unit_weights``) if given."""
+    if weights is None:
+        return float(sum(((state_a[k].double() - state_b[k].double()) ** 2).sum() for k in state_a))
     total = 0.0
     for g in layout_of(state_a):
         d = unit_view((state_a[g.name].double() - state_b[g.name].double()).contiguous(), g)
@@ -170,10 +170,6 @@ def _select(entries, total: float, share: float, budget: int | None, overhead: i
     return chosen
 
 
-def _energy(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor]) -> float:
-    return float(sum(((state_a[k].double() - state_b[k].double()) ** 2).sum() for k in state_a))
-
-
 def compress(
     mirror: CloudMirror,
     target: dict[str, torch.Tensor],
@@ -204,8 +200,8 @@ def compress(
             selected[name] = (idx, deltas[name][idx])
         payload, header, result = encode_update(mirror.state, selected, bits, config.block, mirror.version, version)
         update = DWCUpdate(payload, header, result, total, _energy(target, result))
-        left = _weighted_energy(target, result, weights)
-        if best is None or (left, len(payload)) < best_key:
+        left = _energy(target, result, weights)
+        if (left, len(payload)) < best_key:
             best, best_key = update, (left, len(payload))
     assert best is not None
     if layout_digest(best.result_state) != layout_digest(mirror.state):  # pragma: no cover - defensive
