@@ -21,8 +21,8 @@ class BatchEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerFast, num_image_tokens: int, image_mean, image_std) -> None:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
-        self.mean = np.asarray(image_mean, dtype=np.float32).reshape(1, 1, 1, 3)
-        self.std = np.asarray(image_std, dtype=np.float32).reshape(1, 1, 1, 3)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32).reshape(3, 1, 1)
+        self.std = torch.tensor(image_std, dtype=torch.float32).reshape(3, 1, 1)
         vocab = tokenizer.get_vocab()
         self.image_id = vocab[IMAGE_TOKEN]
         self.pad_id = tokenizer.pad_token_id
@@ -47,9 +47,10 @@ class BatchEncoder:
 
     def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 HxWx3 images -> normalised float32 Bx3xHxW."""
-        arr = np.stack(images).astype(np.float32) * (1.0 / 255.0)
-        arr = (arr - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+        # torch's elementwise kernels give the same float32 bits as numpy's here, in about half the time.
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+        batch.mul_(np.float32(1.0 / 255.0)).sub_(self.mean).div_(self.std)
+        return batch.contiguous()
 
     def encode(
         self, images: Sequence[np.ndarray], questions: Sequence[str], answers: Sequence[str] | None = None
@@ -106,16 +107,17 @@ class BatchEncoder:
             targets.append(lab)
         width = max(len(r) for r in rows)
         n = len(rows)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        seg_ids = torch.full((n, width), -1, dtype=torch.long)
-        pos_ids = torch.zeros((n, width), dtype=torch.long)
-        label_ids = torch.full((n, width), -100, dtype=torch.long)
-        for i in range(n):
+        input_ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        seg_ids = np.full((n, width), -1, dtype=np.int64)
+        pos_ids = np.zeros((n, width), dtype=np.int64)
+        label_ids = np.full((n, width), -100, dtype=np.int64)
+        for i in range(n):  # numpy rows from lists: several times faster than a torch.tensor per row
             k = len(rows[i])
-            input_ids[i, :k] = torch.tensor(rows[i])
-            seg_ids[i, :k] = torch.tensor(segments[i])
-            pos_ids[i, :k] = torch.tensor(positions[i])
-            label_ids[i, :k] = torch.tensor(targets[i])
+            input_ids[i, :k] = rows[i]
+            seg_ids[i, :k] = segments[i]
+            pos_ids[i, :k] = positions[i]
+            label_ids[i, :k] = targets[i]
+        input_ids, seg_ids, pos_ids, label_ids = map(torch.from_numpy, (input_ids, seg_ids, pos_ids, label_ids))
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         q_seg, k_seg = seg_ids[:, :, None], seg_ids[:, None, :]
         allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))

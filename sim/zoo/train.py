@@ -22,6 +22,7 @@ from sim.zoo.batching import BatchEncoder
 from sim.zoo.compiling import compiled
 from sim.zoo.patch_targets import TARGETS, DensePatchHeads, batch_targets
 from sim.zoo.recipe import StageSpec
+from sim.zoo.tower_cut import tower_up_to_feature_layer
 
 ProgressFn = Callable[[int, float], None]
 # Severity from which a shift named in ``colour_rolls`` renames colours.
@@ -236,7 +237,8 @@ def train_answers(
     shift_weights: Mapping[str, float] | None = None,
     compile_model: bool = False,
 ) -> list[float]:
-    """Train projector + language model (vision tower frozen) to answer; returns the loss per step.
+    """Train projector + language model (vision tower frozen, run only up to the layer LLaVA reads) to answer;
+    returns the loss per step.
 
     ``compile_model`` runs the language model and the tower's encoder compiled (see ``sim.zoo.compiling``).
     """
@@ -250,6 +252,7 @@ def train_answers(
     model.model.vision_tower.eval()
     losses = []
     with (
+        tower_up_to_feature_layer(model),
         compiled(model.model, ("language_model",), compile_model),
         compiled(model.model.vision_tower, ("encoder",), compile_model),
     ):
