@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -236,11 +237,13 @@ def train_answers(
     on_step: ProgressFn | None = None,
     shift_weights: Mapping[str, float] | None = None,
     compile_model: bool = False,
+    cut_tower: bool = True,
 ) -> list[float]:
-    """Train projector + language model (vision tower frozen, run only up to the layer LLaVA reads) to answer;
-    returns the loss per step.
+    """Train projector + language model (vision tower frozen) to answer; returns the loss per step.
 
     ``compile_model`` runs the language model and the tower's encoder compiled (see ``sim.zoo.compiling``).
+    ``cut_tower`` runs the tower only up to the layer LLaVA reads (same bits, fewer FLOPs; False is the
+    benchmark's baseline).
     """
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
@@ -252,7 +255,7 @@ def train_answers(
     model.model.vision_tower.eval()
     losses = []
     with (
-        tower_up_to_feature_layer(model),
+        tower_up_to_feature_layer(model) if cut_tower else nullcontext(),
         compiled(model.model, ("language_model",), compile_model),
         compiled(model.model.vision_tower, ("encoder",), compile_model),
     ):
