@@ -96,9 +96,7 @@ async def run(seconds: float) -> None:
                 "yes" if abs(ratio - 1) <= 0.05 else "NO",
             ]
         )
-    print_table(
-        "Link emulator rate", ["link", "configured Mbit/s", "achieved Mbit/s", "ratio", "within 5%"], rows
-    )
+    print_table("Link emulator rate", ["link", "configured Mbit/s", "achieved Mbit/s", "ratio", "within 5%"], rows)
     base_rtt = await measure_rtt(LinkConfig())
     rtt = await measure_rtt(LinkConfig(latency_ms=50))
     print_table(

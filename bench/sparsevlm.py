@@ -59,14 +59,10 @@ def build_methods(n_visual: int, budgets: list[int], rank_lambda: float) -> list
     scaled = [(b, max(1, round(b * n_visual / REFERENCE_VISUAL))) for b in budgets]
     for label, b in scaled:
         methods.append(Method("sparsevlm", f"{label}->{b}" if b != label else str(b), SparseConfig(budget=b)))
-    methods.append(
-        Method("sparsevlm", f"rank(l={rank_lambda})", SparseConfig(mode="rank", rank_lambda=rank_lambda))
-    )
+    methods.append(Method("sparsevlm", f"rank(l={rank_lambda})", SparseConfig(mode="rank", rank_lambda=rank_lambda)))
     for name in ("fastv", "random"):
         for label, b in scaled:
-            methods.append(
-                Method(name, f"{label}->{b}" if b != label else str(b), SparseConfig(method=name, budget=b))
-            )
+            methods.append(Method(name, f"{label}->{b}" if b != label else str(b), SparseConfig(method=name, budget=b)))
     return methods
 
 
@@ -90,9 +86,7 @@ def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tu
         vision = VisionSpec(**{**base.vision.model_dump(), "image_size": 192, "patch_size": 8})
         processor = build_processor(vision.image_size, vision.patch_size)
         tok = processor.tokenizer
-        model = build_llava(
-            vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0
-        )
+        model = build_llava(vision, base.device, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0)
         return model.eval(), processor, "random-init device model, 192 px / patch 8 (576 visual tokens)"
     label = f"model directory {model_dir}"
     if model_dir is None:
@@ -100,9 +94,7 @@ def load_model(model_dir: Path | None, recipe: str, random_geometry: bool) -> tu
             from sim.zoo.build import ensure_zoo
             from sim.zoo.recipe import RECIPES
         except ImportError as exc:
-            raise TandemError(
-                f"the zoo builder is not available ({exc}); pass --model-dir or --random"
-            ) from exc
+            raise TandemError(f"the zoo builder is not available ({exc}); pass --model-dir or --random") from exc
         if recipe not in RECIPES:
             raise TandemError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
         model_dir = ensure_zoo(RECIPES[recipe](), progress=True).device
@@ -142,9 +134,7 @@ def measure_accuracy(
             feats = model.model.get_image_features(pixel_values=enc.pop("pixel_values"), return_dict=True)
             for m in methods:
                 select(model, m)
-                logits = model(
-                    **enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=False
-                ).logits
+                logits = model(**enc, mm_encoder_outputs={"image": feats}, logits_to_keep=1, use_cache=False).logits
                 preds = tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
                 m.correct[domain] = m.correct.get(domain, 0) + sum(
                     p == s.answer for p, s in zip(preds, samples, strict=True)
@@ -235,9 +225,7 @@ def table_rows(
         mean = sum(m.mean_counts) / len(m.mean_counts) if m.mean_counts else float(n_visual)
         p, d = m.perf, dense.perf
         times = [
-            f"{p[f'time_{kind}_b{b}'] / d[f'time_{kind}_b{b}']:.3f}"
-            for b in time_batches
-            for kind in ("lm", "full")
+            f"{p[f'time_{kind}_b{b}'] / d[f'time_{kind}_b{b}']:.3f}" for b in time_batches for kind in ("lm", "full")
         ]
         rows.append(
             [
@@ -278,9 +266,7 @@ def target_lines(
             r = m64.perf[f"time_lm_b{b}"] / dense.perf[f"time_lm_b{b}"]
             check(r <= 0.5, f"LM prefill CPU time at {low}, batch {b}: {r:.3f} of dense (target <= 0.5)")
             r = m64.perf[f"time_full_b{b}"] / dense.perf[f"time_full_b{b}"]
-            lines.append(
-                f"- info: full prefill CPU time (vision tower included) at {low}, batch {b}: {r:.3f}"
-            )
+            lines.append(f"- info: full prefill CPU time (vision tower included) at {low}, batch {b}: {r:.3f}")
         r = m64.perf["peak_bytes"] / dense.perf["peak_bytes"]
         check(r <= 1.0, f"peak prefill memory at {low}: {r:.3f} of dense (target <= 1)")
     base = dense.accuracy(domains)
@@ -288,9 +274,7 @@ def target_lines(
         m = by.get(("sparsevlm", str(b)))
         if m is not None:
             r = m.accuracy(domains) / max(base, 1e-9)
-            check(
-                r >= target, f"accuracy at {b} (all domains): {_pct(r)}% of dense (target >= {_pct(target)}%)"
-            )
+            check(r >= target, f"accuracy at {b} (all domains): {_pct(r)}% of dense (target >= {_pct(target)}%)")
     for b in budgets:
         s = by.get(("sparsevlm", str(b)))
         others = [by.get((name, str(b))) for name in ("fastv", "random")]
@@ -375,8 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     d = methods[0].perf
     dense = methods[0]
     times = "; ".join(
-        f"batch {b}: LM {1e3 * d[f'time_lm_b{b}']:.2f} ms, total {1e3 * d[f'time_full_b{b}']:.2f} ms"
-        for b in batches
+        f"batch {b}: LM {1e3 * d[f'time_lm_b{b}']:.2f} ms, total {1e3 * d[f'time_full_b{b}']:.2f} ms" for b in batches
     )
     absolute = (
         f"Dense absolute: LM prefill {d['flops_lm'] / 1e6:.1f} MFLOPs, "

@@ -36,9 +36,7 @@ async def device_loop(
 ) -> None:
     """Upload one sample at a time at random intervals until ``until``; record latency and acked seqs."""
     digest = sha256_digest(payload)
-    await client.upload(
-        [OutboxItem(1, payload, {"bench": "warm-up"}, 0, digest)]
-    )  # connection + first-call costs
+    await client.upload([OutboxItem(1, payload, {"bench": "warm-up"}, 0, digest)])  # connection + first-call costs
     acked.append(1)
     seq = 1
     await asyncio.sleep(rng.uniform(0, mean_interval_s))
@@ -69,9 +67,7 @@ async def run_devices(
     until = time.monotonic() + seconds
     await asyncio.gather(
         *(
-            device_loop(
-                c, payload, interval_s, until, random.Random(i), latencies, acked[c.identity.device_id]
-            )
+            device_loop(c, payload, interval_s, until, random.Random(i), latencies, acked[c.identity.device_id])
             for i, c in enumerate(clients)
         )
     )
@@ -100,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             base_lat, base_acked = asyncio.run(
                 run_devices(address, Path(tmp), 1, base_seconds, args.size, "solo-", 0.1)
             )
-            lat, acked = asyncio.run(
-                run_devices(address, Path(tmp), args.devices, seconds, args.size, "dev-")
-            )
+            lat, acked = asyncio.run(run_devices(address, Path(tmp), args.devices, seconds, args.size, "dev-"))
         store = SqliteSampleStore(data_dir / "samples.db")
         lost = 0
         for dev, seqs in {**base_acked, **acked}.items():

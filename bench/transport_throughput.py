@@ -78,10 +78,7 @@ async def _grpc_stream(port: int, samples: list[bytes], batch: int) -> float:
         stub = gateway_pb2_grpc.DeviceGatewayStub(channel)
         start = time.perf_counter()
         for i in range(0, len(samples), batch):
-            msgs = (
-                gateway_pb2.SampleChunk(seq=j + 1, data=samples[j])
-                for j in range(i, min(i + batch, len(samples)))
-            )
+            msgs = (gateway_pb2.SampleChunk(seq=j + 1, data=samples[j]) for j in range(i, min(i + batch, len(samples))))
             await stub.Upload(msgs)
         return time.perf_counter() - start
 
@@ -181,12 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         config = Path(tmp) / "cloud.yaml"
         config.write_text(f"sqlite_synchronous: {args.synchronous}\n")
         with gateway_process(Path(tmp) / "cloud", "--config", str(config)) as (_, address):
-            direct = asyncio.run(
-                gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1")
-            )
-            outbox = asyncio.run(
-                gateway_upload(address, Path(tmp) / "d2", samples, args.batch, True, "bench-2")
-            )
+            direct = asyncio.run(gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1"))
+            outbox = asyncio.run(gateway_upload(address, Path(tmp) / "d2", samples, args.batch, True, "bench-2"))
     for name, secs in (
         ("raw loopback TCP copy (baseline)", base),
         ("bare gRPC stream, sink discards (reference)", bare),

@@ -75,9 +75,7 @@ def keygen(
 @app.command("dev-certs")
 def dev_certs(
     out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.crt/.key and client certs."),
-    host: list[str] = typer.Option(
-        ["localhost", "127.0.0.1"], "--host", help="Server name or IP (repeatable)."
-    ),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Server name or IP (repeatable)."),
     client: list[str] = typer.Option(["device"], "--client", help="Client certificate name (repeatable)."),
 ) -> None:
     """Write a development CA with server and client certificates for TLS / mutual TLS trials."""
@@ -92,9 +90,7 @@ def _registry(config: Path | None, data_dir: Path | None):
     from cloud.updates import SqliteUpdateRegistry
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    return SqliteUpdateRegistry(
-        Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg), cfg.sqlite_synchronous
-    )
+    return SqliteUpdateRegistry(Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg), cfg.sqlite_synchronous)
 
 
 def _parse_meta(items: list[str]) -> dict[str, str]:

@@ -18,9 +18,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
     path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     path.with_suffix(".key").chmod(0o600)
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -98,9 +98,7 @@ class DeviceRegistry:
     def get(self, device_id: str) -> DeviceRecord | None:
         """The device's record, or None."""
         with self._lock:
-            row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone()
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         return _record(row) if row else None
 
     def authenticate(self, token: str) -> DeviceRecord | None:
@@ -115,8 +113,7 @@ class DeviceRegistry:
         """Record the device's latest status, applied version and metrics."""
         with self._lock:
             self._conn.execute(
-                "UPDATE devices SET status=?, applied_version=?, metrics=?, last_seen_unix_ms=?"
-                " WHERE device_id=?",
+                "UPDATE devices SET status=?, applied_version=?, metrics=?, last_seen_unix_ms=? WHERE device_id=?",
                 (status, applied_version, json.dumps(metrics, sort_keys=True), _now_ms(), device_id),
             )
 
@@ -129,9 +126,7 @@ class DeviceRegistry:
                     (_now_ms(), applied_version, device_id),
                 )
             else:
-                self._conn.execute(
-                    "UPDATE devices SET last_seen_unix_ms=? WHERE device_id=?", (_now_ms(), device_id)
-                )
+                self._conn.execute("UPDATE devices SET last_seen_unix_ms=? WHERE device_id=?", (_now_ms(), device_id))
 
     def revoke(self, device_id: str) -> bool:
         """Invalidate the device's token; True if the device exists."""

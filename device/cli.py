@@ -15,17 +15,13 @@ from common.cli import run_app
 from common.config import load_config
 from common.errors import ConfigError, TandemError
 
-app = typer.Typer(
-    name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False
-)
+app = typer.Typer(name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False)
 outbox_app = typer.Typer(help="Inspect, fill and push the durable outbox.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
 console = Console()
 T = TypeVar("T")
 
-ConfigOpt = typer.Option(
-    None, "--config", "-c", help="DeviceClientConfig YAML (e.g. deploy/configs/device.yaml)."
-)
+ConfigOpt = typer.Option(None, "--config", "-c", help="DeviceClientConfig YAML (e.g. deploy/configs/device.yaml).")
 StateOpt = typer.Option(None, "--state-dir", help="Device state directory (overrides the config).")
 TimeoutOpt = typer.Option(60.0, "--timeout", help="Give up after this many seconds.")
 
@@ -136,9 +132,7 @@ def outbox_inspect(
     if items:
         table = Table("seq", "bytes", "metadata")
         for it in items:
-            table.add_row(
-                str(it.seq), str(len(it.payload)), ", ".join(f"{k}={v}" for k, v in it.metadata.items())
-            )
+            table.add_row(str(it.seq), str(len(it.payload)), ", ".join(f"{k}={v}" for k, v in it.metadata.items()))
         console.print(table)
 
 
@@ -252,8 +246,7 @@ def heartbeat(
 
     resp = _run(go(), timeout)
     console.print(
-        f"cloud acked seq {resp.acked_seq}; newest update id {resp.latest_update_id}; "
-        f"device version {version}"
+        f"cloud acked seq {resp.acked_seq}; newest update id {resp.latest_update_id}; device version {version}"
     )
 
 

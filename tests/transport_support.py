@@ -66,4 +66,3 @@ async def registered_client(state_dir: Path, gateway: str, device_id: str = "dev
         yield client
     finally:
         await client.close()
-

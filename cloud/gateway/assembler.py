@@ -58,18 +58,12 @@ class SampleAssembler:
         if chunk.seq != partial.seq:
             raise ProtocolViolation(f"seq {chunk.seq} started before seq {partial.seq} was complete")
         if chunk.offset != partial.received:
-            raise ProtocolViolation(
-                f"seq {chunk.seq}: chunk offset {chunk.offset} != expected {partial.received}"
-            )
+            raise ProtocolViolation(f"seq {chunk.seq}: chunk offset {chunk.offset} != expected {partial.received}")
         if chunk.offset > 0 and (chunk.HasField("payload") or chunk.metadata):
-            raise ProtocolViolation(
-                f"seq {chunk.seq}: payload info and metadata belong to the first chunk only"
-            )
+            raise ProtocolViolation(f"seq {chunk.seq}: payload info and metadata belong to the first chunk only")
         partial.received += len(chunk.data)
         if partial.received > partial.expected_size:
-            raise ProtocolViolation(
-                f"seq {chunk.seq}: more data than the declared size {partial.expected_size}"
-            )
+            raise ProtocolViolation(f"seq {chunk.seq}: more data than the declared size {partial.expected_size}")
         partial.parts.append(chunk.data)
         if partial.received < partial.expected_size:
             if not chunk.data:
@@ -89,8 +83,7 @@ class SampleAssembler:
         info = chunk.payload
         if info.size > self.max_sample_bytes:
             raise ProtocolViolation(
-                f"seq {chunk.seq}: sample of {info.size} bytes exceeds max_sample_bytes "
-                f"{self.max_sample_bytes}",
+                f"seq {chunk.seq}: sample of {info.size} bytes exceeds max_sample_bytes {self.max_sample_bytes}",
                 chunk.seq,
             )
         if len(info.sha256) != 32:

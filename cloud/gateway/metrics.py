@@ -11,16 +11,10 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.calls = Counter(
-            "tandem_gateway_calls", "RPCs by method and status code", ["method", "code"], registry=r
-        )
+        self.calls = Counter("tandem_gateway_calls", "RPCs by method and status code", ["method", "code"], registry=r)
         self.samples_stored = Counter("tandem_gateway_samples_stored", "Samples newly stored", registry=r)
-        self.samples_duplicate = Counter(
-            "tandem_gateway_samples_duplicate", "Resent samples ignored", registry=r
-        )
-        self.upload_bytes = Counter(
-            "tandem_gateway_upload_bytes", "Sample payload bytes received", registry=r
-        )
+        self.samples_duplicate = Counter("tandem_gateway_samples_duplicate", "Resent samples ignored", registry=r)
+        self.upload_bytes = Counter("tandem_gateway_upload_bytes", "Sample payload bytes received", registry=r)
         self.update_bytes = Counter("tandem_gateway_update_bytes", "Update payload bytes sent", registry=r)
         self.commit_seconds = Histogram(
             "tandem_gateway_commit_seconds",
@@ -34,9 +28,7 @@ class GatewayMetrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
-        self.active_streams = Gauge(
-            "tandem_gateway_active_streams", "Open streaming RPCs", ["method"], registry=r
-        )
+        self.active_streams = Gauge("tandem_gateway_active_streams", "Open streaming RPCs", ["method"], registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> None:
         """Start the ``/metrics`` HTTP endpoint in a background thread."""

@@ -83,9 +83,7 @@ class GatewayServer:
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(config)
-        self.samples: SampleStore = open_sample_store(
-            config.sample_store, str(data_dir), config.sqlite_synchronous
-        )
+        self.samples: SampleStore = open_sample_store(config.sample_store, str(data_dir), config.sqlite_synchronous)
         self.devices = DeviceRegistry(data_dir / "devices.db", config.sqlite_synchronous)
         self.updates = SqliteUpdateRegistry(data_dir / "updates", self.signing_key, config.sqlite_synchronous)
         self.writer: GroupCommitWriter | None = None

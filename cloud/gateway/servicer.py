@@ -62,15 +62,11 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
         device = self.devices.authenticate(token)
         if device is None:
-            await self._abort(
-                context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token"
-            )
+            await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token")
         await self._check_cert_binding(context, method, device.device_id)  # type: ignore[union-attr]
         return device  # type: ignore[return-value]
 
-    async def _check_cert_binding(
-        self, context: grpc.aio.ServicerContext, method: str, device_id: str
-    ) -> None:
+    async def _check_cert_binding(self, context: grpc.aio.ServicerContext, method: str, device_id: str) -> None:
         """With ``bind_client_cert_to_device``, the mTLS client certificate must name this device."""
         tls = self.config.tls
         if tls is None or tls.client_ca_file is None or not tls.bind_client_cert_to_device:
@@ -84,9 +80,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 f"client certificate {names or '(none)'} does not name device {device_id}",
             )
 
-    async def _abort(
-        self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
-    ) -> Any:
+    async def _abort(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str) -> Any:
         self.metrics.calls.labels(method, code.name).inc()
         await context.abort(code, msg)
 
@@ -96,12 +90,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
     async def Register(self, request: gateway_pb2.RegisterRequest, context) -> gateway_pb2.RegisterResponse:
         m = "Register"
         secret = self.config.enrollment_secret
-        if secret is not None and not hmac.compare_digest(
-            request.enrollment_secret.encode(), secret.encode()
-        ):
-            await self._abort(
-                context, m, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing enrollment secret"
-            )
+        if secret is not None and not hmac.compare_digest(request.enrollment_secret.encode(), secret.encode()):
+            await self._abort(context, m, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing enrollment secret")
         if not _ID_RE.match(request.device_id):
             await self._abort(
                 context,
@@ -206,9 +196,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.metrics.samples_duplicate.inc(len(results) - new)
         return new, len(results) - new
 
-    async def _authorized_update(
-        self, context, method: str, device: DeviceRecord, update_id: int
-    ) -> UpdateRecord:
+    async def _authorized_update(self, context, method: str, device: DeviceRecord, update_id: int) -> UpdateRecord:
         if not 1 <= update_id <= MAX_SEQ:
             await self._abort(
                 context,
@@ -220,9 +208,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if record is None:
             await self._abort(context, method, grpc.StatusCode.NOT_FOUND, f"no update {update_id}")
         assert record is not None
-        mine = record.device_id == device.device_id or (
-            record.cohort != "" and record.cohort == device.cohort
-        )
+        mine = record.device_id == device.device_id or (record.cohort != "" and record.cohort == device.cohort)
         if not mine:
             await self._abort(
                 context,
@@ -250,15 +236,9 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             first = True
             while first or offset < record.size:
                 n = min(self.config.chunk_size, record.size - offset)
-                data = (
-                    await asyncio.to_thread(self.updates.read_payload, record.update_id, offset, n)
-                    if n
-                    else b""
-                )
+                data = await asyncio.to_thread(self.updates.read_payload, record.update_id, offset, n) if n else b""
                 if len(data) != n:
-                    await self._abort(
-                        context, m, grpc.StatusCode.DATA_LOSS, f"update {record.update_id} blob short"
-                    )
+                    await self._abort(context, m, grpc.StatusCode.DATA_LOSS, f"update {record.update_id} blob short")
                 yield gateway_pb2.UpdateChunk(header=header if first else None, offset=offset, data=data)
                 self.metrics.update_bytes.inc(n)
                 offset += n
@@ -273,17 +253,13 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if request.current_version:
             self.devices.touch(device.device_id, request.current_version)
         if request.after_update_id > MAX_SEQ:
-            await self._abort(
-                context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}"
-            )
+            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}")
         cursor = request.after_update_id
         self.metrics.active_streams.labels(m).inc()
         try:
             while True:
                 event = self.published
-                for record in await asyncio.to_thread(
-                    self.updates.for_device, device.device_id, device.cohort, cursor
-                ):
+                for record in await asyncio.to_thread(self.updates.for_device, device.device_id, device.cohort, cursor):
                     yield gateway_pb2.UpdateNotice(header=record.to_proto())
                     cursor = record.update_id
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -291,9 +267,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         finally:
             self.metrics.active_streams.labels(m).dec()
 
-    async def Heartbeat(
-        self, request: gateway_pb2.HeartbeatRequest, context
-    ) -> gateway_pb2.HeartbeatResponse:
+    async def Heartbeat(self, request: gateway_pb2.HeartbeatRequest, context) -> gateway_pb2.HeartbeatResponse:
         m = "Heartbeat"
         device = await self._authenticate(context, m)
         metrics = dict(request.metrics)

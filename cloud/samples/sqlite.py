@@ -37,9 +37,7 @@ SEGMENT_BYTES = 256 * 1024 * 1024
 class SqliteSampleStore(SampleStore):
     """Samples keyed by (device_id, seq); a key that exists is skipped, which makes writes idempotent."""
 
-    def __init__(
-        self, path: str | Path, synchronous: str = "FULL", segment_bytes: int = SEGMENT_BYTES
-    ) -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL", segment_bytes: int = SEGMENT_BYTES) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
         self.segment_dir = self.path.parent / f"{self.path.stem}.segments"
@@ -74,8 +72,7 @@ class SqliteSampleStore(SampleStore):
             for s in samples:
                 key = (s.device_id, s.seq)
                 exists = (
-                    key in seen
-                    or cur.execute("SELECT 1 FROM samples WHERE device_id = ? AND seq = ?", key).fetchone()
+                    key in seen or cur.execute("SELECT 1 FROM samples WHERE device_id = ? AND seq = ?", key).fetchone()
                 )
                 results.append(not exists)
                 if exists:
@@ -111,9 +108,7 @@ class SqliteSampleStore(SampleStore):
 
     def high_water(self, device_id: str) -> int:
         with self._lock:
-            row = self._conn.execute(
-                "SELECT MAX(seq) FROM samples WHERE device_id = ?", (device_id,)
-            ).fetchone()
+            row = self._conn.execute("SELECT MAX(seq) FROM samples WHERE device_id = ?", (device_id,)).fetchone()
         return int(row[0] or 0)
 
     def _read(self, segment: int, offset: int, length: int) -> bytes:
@@ -123,9 +118,7 @@ class SqliteSampleStore(SampleStore):
             self._readers[segment] = fd
         data = os.pread(fd, length, offset)
         if len(data) != length:
-            raise OSError(
-                f"segment {segment} is shorter than its index says (offset {offset}, length {length})"
-            )
+            raise OSError(f"segment {segment} is shorter than its index says (offset {offset}, length {length})")
         return data
 
     def iter_samples(self, device_id: str, after_seq: int = 0, limit: int | None = None) -> Iterator[Sample]:
@@ -154,9 +147,7 @@ class SqliteSampleStore(SampleStore):
             if device_id is None:
                 row = self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()
             else:
-                row = self._conn.execute(
-                    "SELECT COUNT(*) FROM samples WHERE device_id = ?", (device_id,)
-                ).fetchone()
+                row = self._conn.execute("SELECT COUNT(*) FROM samples WHERE device_id = ?", (device_id,)).fetchone()
         return int(row[0])
 
     def devices(self) -> list[str]:

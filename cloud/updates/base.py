@@ -80,9 +80,7 @@ class UpdateRegistry(ABC):
         """The update with this id, or None."""
 
     @abstractmethod
-    def list(
-        self, device_id: str | None = None, cohort: str | None = None, after_id: int = 0
-    ) -> list[UpdateRecord]:
+    def list(self, device_id: str | None = None, cohort: str | None = None, after_id: int = 0) -> list[UpdateRecord]:
         """Updates in id order, optionally filtered by device or cohort."""
 
     @abstractmethod

@@ -49,9 +49,7 @@ class UpdateError(TandemError):
 class SqliteUpdateRegistry(UpdateRegistry):
     """Updates under ``data_dir``: ``updates.db`` (WAL) plus ``blobs/<sha256>`` files written atomically."""
 
-    def __init__(
-        self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL"
-    ) -> None:
+    def __init__(self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL") -> None:
         self.data_dir = Path(data_dir)
         self.blob_dir = self.data_dir / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -142,9 +140,7 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
     def get(self, update_id: int) -> UpdateRecord | None:
         with self._lock:
-            row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)
-            ).fetchone()
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)).fetchone()
         return _record(row) if row else None
 
     def list(self, device_id=None, cohort=None, after_id=0) -> list[UpdateRecord]:

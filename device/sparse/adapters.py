@@ -130,7 +130,5 @@ def adapter_for(model: Any) -> DecoderAdapter:
         )
     layer_types = getattr(lm.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(
-            f"SparseVLM supports full-attention layers only; {lm_cls} has {set(layer_types)}"
-        )
+        raise UnsupportedModelError(f"SparseVLM supports full-attention layers only; {lm_cls} has {set(layer_types)}")
     return adapter_cls(wrapper=wrapper, language_model=lm, image_token_id=int(model.config.image_token_id))

@@ -61,9 +61,7 @@ class SparseConfig(StrictConfig):
             if any(b > a for a, b in zip(self.schedule, self.schedule[1:], strict=False)):
                 raise ValueError("schedule counts must not increase")
         if self.method == "random" and self.mode == "rank":
-            raise ValueError(
-                "mode 'rank' needs attention scores; method 'random' supports mode 'budget' only"
-            )
+            raise ValueError("mode 'rank' needs attention scores; method 'random' supports mode 'budget' only")
         if self.method == "fastv" and self.layers is not None and len(self.layers) != 1:
             raise ValueError("method 'fastv' prunes at exactly one layer")
         return self

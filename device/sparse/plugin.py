@@ -74,17 +74,12 @@ class SparseRuntime:
         if state is not None:
             if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
                 attention_mask = None  # a prepared mask mapping; validity is tracked in the cache state
-            return sparse_decode(
-                self.adapter, inputs_embeds, attention_mask, position_ids, past_key_values, state
-            )
+            return sparse_decode(self.adapter, inputs_embeds, attention_mask, position_ids, past_key_values, state)
         usable = (
             image_mask is not None
             and image_mask.shape == inputs_embeds.shape[:2]
             and bool(image_mask.any())
-            and (
-                attention_mask is None
-                or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
-            )
+            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2))
             and (past_key_values is None or past_key_values.get_seq_length() == 0)
         )
         if not usable:

@@ -8,9 +8,7 @@ import math
 import torch
 
 
-def recycle_plan(
-    target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float
-) -> int:
+def recycle_plan(target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float) -> int:
     """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged
     included)."""
     if not recycle or target >= n_visual or target <= 1:

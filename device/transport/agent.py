@@ -45,9 +45,7 @@ class TransportAgent:
         while not stop.is_set():
             text, metrics = self.status()
             try:
-                await self.client.heartbeat(
-                    text, self.fetcher.current_version, metrics, self.outbox.stats().pending
-                )
+                await self.client.heartbeat(text, self.fetcher.current_version, metrics, self.outbox.stats().pending)
                 self.heartbeats += 1
             except Exception as exc:  # a missed heartbeat is not fatal; the next one retries
                 if not is_transient(exc):

@@ -138,9 +138,7 @@ class UpdateFetcher:
                             raise UpdateRejected(f"asked for update {update_id}, got {header.update_id}")
                         self._check_addressing(header)  # before spending the link on the payload
                     if header is None or chunk.offset != offset:
-                        raise UpdateRejected(
-                            f"update {update_id}: stream out of order at offset {chunk.offset}"
-                        )
+                        raise UpdateRejected(f"update {update_id}: stream out of order at offset {chunk.offset}")
                     if offset + len(chunk.data) > header.payload.size:
                         raise UpdateRejected(f"update {update_id}: more data than its declared size")
                     fh.write(chunk.data)
@@ -179,11 +177,7 @@ class UpdateFetcher:
             try:
                 self.verify(header, payload)
             except UpdateRejected:
-                if (
-                    self.stats.fetch_offsets
-                    and self.stats.fetch_offsets[-1] > 0
-                    and self._part(update_id).exists()
-                ):
+                if self.stats.fetch_offsets and self.stats.fetch_offsets[-1] > 0 and self._part(update_id).exists():
                     self._part(update_id).unlink()  # a resumed partial file may be stale: fetch once afresh
                     header, payload = await self.download(update_id)
                     self.verify(header, payload)

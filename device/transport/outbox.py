@@ -83,9 +83,7 @@ class Outbox:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_sample_bytes = max_sample_bytes
-        self._conn = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
-        )
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.execute("PRAGMA page_size=65536")  # fewer overflow pages for MiB-sized samples (new files)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -97,9 +95,7 @@ class Outbox:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise OutboxError(f"payload must be bytes, got {type(payload).__name__}")
         if self.max_sample_bytes is not None and len(payload) > self.max_sample_bytes:
-            raise OutboxError(
-                f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}"
-            )
+            raise OutboxError(f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         _check_metadata(meta)
         digest = sha256_digest(payload)
@@ -111,9 +107,7 @@ class Outbox:
             seq = int(cur.lastrowid or 0)
         return seq
 
-    def pending(
-        self, max_samples: int = 64, max_bytes: int = 16 * 1024 * 1024, after_seq: int = 0
-    ) -> list[OutboxItem]:
+    def pending(self, max_samples: int = 64, max_bytes: int = 16 * 1024 * 1024, after_seq: int = 0) -> list[OutboxItem]:
         """Oldest unacked samples in seq order (at least one even when it alone exceeds ``max_bytes``)."""
         items: list[OutboxItem] = []
         total = 0
@@ -132,9 +126,7 @@ class Outbox:
                 row = self._conn.execute(
                     "SELECT payload, metadata, created_unix_ms, sha256 FROM outbox WHERE seq = ?", (seq,)
                 ).fetchone()
-                items.append(
-                    OutboxItem(int(seq), bytes(row[0]), json.loads(row[1]), int(row[2]), bytes(row[3]))
-                )
+                items.append(OutboxItem(int(seq), bytes(row[0]), json.loads(row[1]), int(row[2]), bytes(row[3])))
         return items
 
     def ack(self, upto_seq: int) -> int:

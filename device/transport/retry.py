@@ -36,9 +36,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def retrying(
-    initial_s: float, max_s: float, jitter_s: float, give_up_after_s: float | None = None
-) -> AsyncRetrying:
+def retrying(initial_s: float, max_s: float, jitter_s: float, give_up_after_s: float | None = None) -> AsyncRetrying:
     """Exponential backoff with jitter on transient errors; forever unless ``give_up_after_s``."""
     return AsyncRetrying(
         retry=retry_if_exception(is_transient),

@@ -35,9 +35,7 @@ def processor():
 @pytest.fixture()
 def model(processor):
     tok = processor.tokenizer
-    m = build_llava(
-        RECIPE.vision, TEXT, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed=3
-    )
+    m = build_llava(RECIPE.vision, TEXT, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed=3)
     m.generation_config.eos_token_id = None  # compare fixed-length greedy outputs
     return m.eval()
 
@@ -227,11 +225,7 @@ def test_config_survives_save_pretrained(model, processor, tmp_path) -> None:
     assert apply_from_config(loaded)
     assert torch.allclose(_logits(loaded, enc), expected, atol=1e-6)
     s = sparse_stats(loaded).samples[0]
-    assert (
-        s.final_count == 7
-        and [st.layer for st in s.steps] == [0, 2]
-        and all(st.merged == 0 for st in s.steps)
-    )
+    assert s.final_count == 7 and [st.layer for st in s.steps] == [0, 2] and all(st.merged == 0 for st in s.steps)
 
 
 def _llava_with(text_config, processor):

@@ -22,9 +22,7 @@ from protocol.updates import UpdateHeader
 
 def test_tensor_round_trip_with_quantization_metadata():
     tensors = {"w": torch.arange(12, dtype=torch.int8).reshape(3, 4), "s": torch.ones(3, dtype=torch.float16)}
-    data = encode_tensors(
-        tensors, {"round": "7"}, quantization={"w": {"scheme": "int8", "bits": 8, "scale": "s"}}
-    )
+    data = encode_tensors(tensors, {"round": "7"}, quantization={"w": {"scheme": "int8", "bits": 8, "scale": "s"}})
     back = decode_tensors(data)
     assert torch.equal(back["w"], tensors["w"]) and back["s"].dtype == torch.float16
     infos = {t.name: t for t in tensor_infos(data)}
