@@ -50,6 +50,17 @@ def test_cut_tower_gives_the_same_loss_and_gradients_bit_for_bit():
     assert all(torch.equal(full_grads[n], cut_grads[n]) for n in full_grads)
 
 
+def test_model_runs_whole_after_its_first_forward_was_cut():
+    # transformers hooks the tower's layers at the first forward that asks for hidden states; made inside the block,
+    # that would leave the dropped layer unhooked and the whole tower with no feature layer afterwards.
+    model, (batch, labels) = _model_and_batch()
+    with torch.no_grad():
+        with tower_up_to_feature_layer(model):
+            cut_logits = model(**batch).logits
+        whole_logits = model(**batch).logits
+    assert torch.equal(cut_logits, whole_logits)
+
+
 def test_model_is_whole_again_after_the_block_even_on_error():
     model, _ = _model_and_batch()
     keys = set(model.state_dict())
