@@ -162,7 +162,7 @@ def eval_command(
     domains = [parse_domain(d).name for d in domain]
     qtypes = [check_question_type(q) for q in qtype]
     if model:
-        models = {p.name or str(p): p for p in model}
+        models = row_names(model)
     else:
         rec = recipe_by_name(recipe, settings=settings)
         paths = ZooPaths.at(zoo_dir(rec, home))
@@ -176,6 +176,16 @@ def eval_command(
         data = {m: {d: {"accuracy": a.value, "by_type": {q: a.of_type(q) for q in qtypes}} for d, a in r.items()}
                 for m, r in results.items()}  # fmt: skip
         as_json.write_text(json.dumps(data, indent=2))
+
+
+def row_names(paths: list[Path]) -> dict[str, Path]:
+    """Table row name -> model directory: the directory's name, or the path as given where names collide (two
+    zoos' ``teacher``); ConfigError when a directory is given twice."""
+    names = [p.name or str(p) for p in paths]
+    rows = {(str(p) if names.count(n) > 1 else n): p for p, n in zip(paths, names)}
+    if len(rows) < len(paths):
+        raise ConfigError("the same model directory is given twice with --model")
+    return rows
 
 
 def demo_command(

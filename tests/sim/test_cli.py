@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +62,18 @@ def test_zoo_eval_explicit_model_dir(micro_home, capsys):
     code, out, err = run(["zoo", "eval", "--model", str(paths.device), "--samples", "8", "--domain", "fog"], capsys)
     assert code == 0, err
     assert "device" in out
+
+
+def test_zoo_eval_keeps_two_models_of_the_same_name_apart(micro_home, tmp_path, capsys):
+    paths = ensure_zoo(micro_recipe(), home=micro_home, progress=False)
+    other = tmp_path / "copy" / "device"
+    shutil.copytree(paths.device, other)
+    argv = ["zoo", "eval", "--model", str(paths.device), "--model", str(other), "--samples", "8", "--domain", "fog"]
+    code, out, err = run([*argv, "--json", str(tmp_path / "acc.json")], capsys)
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "acc.json").read_text())) == {str(paths.device), str(other)}
+    code, _, err = run(["zoo", "eval", "--model", str(other), "--model", str(other)], capsys)
+    assert code == 1 and "given twice" in err
 
 
 @pytest.mark.parametrize(
