@@ -193,12 +193,24 @@ def _build_into(
             init_projector_from_heads(teacher, heads)
             init_projector_from_heads(device, heads[0])
 
+        finish = recipe.teacher_finish
+        teacher_steps = recipe.teacher_stage.steps + (finish.steps if finish else 0)
+
         def teacher_job(cb) -> list[float]:
-            return train_answers(
+            losses = train_answers(
                 teacher, World(recipe.seed + 1, v.image_size), encoder, recipe.teacher_stage,
                 shifted=True, min_severity=recipe.teacher_min_severity, seed=recipe.seed + 1, on_step=cb,
                 shift_weights=recipe.teacher_shift_weights, compile_model=compile_model,
             )  # fmt: skip
+            if finish:  # fresh scenes (another world seed), the same progress bar
+                done = len(losses)
+                losses += train_answers(
+                    teacher, World(recipe.seed + 3, v.image_size), encoder, finish,
+                    shifted=True, min_severity=finish.min_severity, seed=recipe.seed + 3,
+                    on_step=lambda step, loss: cb(done + step, loss),
+                    shift_weights=finish.shift_weights, compile_model=compile_model,
+                )  # fmt: skip
+            return losses
 
         device_kwargs = {"shifted": False, "min_severity": 0.0, "seed": recipe.seed + 2, "compile_model": compile_model}
         if recipe.with_teacher and side_by_side:
@@ -211,7 +223,7 @@ def _build_into(
             try:
                 run(
                     "teacher (all)",
-                    recipe.teacher_stage.steps,
+                    teacher_steps,
                     lambda cb: teacher_job(side.watching(cb, lambda: torch.set_num_threads(parent_threads))),
                 )
             except BaseException:
@@ -220,7 +232,7 @@ def _build_into(
             device_record(side.join(), side.finished_at)
         else:
             if recipe.with_teacher:
-                run("teacher (all)", recipe.teacher_stage.steps, teacher_job)
+                run("teacher (all)", teacher_steps, teacher_job)
             run(
                 "device (clear)",
                 recipe.device_stage.steps,

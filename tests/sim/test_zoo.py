@@ -47,6 +47,22 @@ def test_cache_is_reused_and_recipe_change_rebuilds(micro_zoo):
     assert not is_built(type(micro_zoo).at(home / f"micro-{changed.digest()}"), changed)
 
 
+def test_teacher_finishing_stage_trains_the_teacher_only(micro_zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(directory):
+        return load_file(next(directory.glob("*.safetensors")))
+
+    unfinished = ensure_zoo(micro_recipe().model_copy(update={"teacher_finish": None}), home=tmp_path, progress=False)
+    device, other_device = weights(micro_zoo.device), weights(unfinished.device)
+    assert all(torch.equal(device[k], other_device[k]) for k in device)
+    teacher, other_teacher = weights(micro_zoo.teacher), weights(unfinished.teacher)
+    tower = [k for k in teacher if "vision_tower" in k]
+    assert tower and all(torch.equal(teacher[k], other_teacher[k]) for k in tower)
+    assert any(not torch.equal(teacher[k], other_teacher[k]) for k in teacher if "language_model" in k)
+    assert micro_zoo.manifest()["recipe"]["teacher_finish"]["steps"] == 2
+
+
 def test_members_share_the_vision_tower_and_have_llava_geometry(micro_zoo):
     teacher = AutoModelForImageTextToText.from_pretrained(micro_zoo.teacher)
     device = AutoModelForImageTextToText.from_pretrained(micro_zoo.device)
@@ -333,6 +349,12 @@ def test_colour_rolls_rename_colours_only_under_their_shift():
         ZooRecipe(vision_colour_rolls={"night": n})
     with pytest.raises(ValueError, match="unknown shift"):
         ZooRecipe(vision_colour_rolls={"sepia": 1})
+    with pytest.raises(ValueError, match="weight of 'cast' must be > 0"):
+        ZooRecipe(teacher_finish={"shift_weights": {"cast": -1.0}})
+    with pytest.raises(ValueError, match="unknown shift"):
+        ZooRecipe(teacher_finish={"shift_weights": {"dawn": 1.0}})
+    with pytest.raises(ValueError, match="min_severity"):
+        ZooRecipe(teacher_finish={"min_severity": 1.5})
 
 
 def test_sampling_error_note_names_the_widest_cell():
