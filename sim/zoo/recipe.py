@@ -97,8 +97,8 @@ class FinishSpec(StageSpec):
     """A last teacher stage that restarts the learning rate on the shifts it reads worst, near benchmark strength.
 
     The main stage spreads its steps over every domain and severity 0.4-1.0 and ends at a tenth of its peak rate;
-    the hardest shifts are still under-fitted there (background: training loss twice the mix's). Oversampling them
-    through the main stage did not help (README); continuing from its end on them did.
+    the hardest shifts are still under-fitted there (background: training loss nearly twice the mix's).
+    Oversampling them through the main stage did not help (README); continuing from its end on them did.
     """
 
     # Severity range of the shifted images (up to 1, the benchmark strength).
