@@ -435,9 +435,21 @@ class HeartbeatRequest(_message.Message):
     APPLIED_VERSION_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     OUTBOX_DEPTH_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FROM_FIELD_NUMBER: _builtins.int
+    ROLLBACK_REASON_FIELD_NUMBER: _builtins.int
+    DOWNLINK_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    UPLINK_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     applied_version: _builtins.str
     outbox_depth: _builtins.int
+    rolled_back_from: _builtins.str
+    """Set when the device rolled back since its last heartbeat: the version it left, and why. The device then
+    holds `applied_version`, and the cloud rebases the device's mirror on that version.
+    """
+    rollback_reason: _builtins.str
+    downlink_bytes_per_s: _builtins.int
+    """The link capacity the device measures or is configured with (0: unknown); the cloud sizes updates by it."""
+    uplink_bytes_per_s: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -447,10 +459,14 @@ class HeartbeatRequest(_message.Message):
         applied_version: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         outbox_depth: _builtins.int = ...,
+        rolled_back_from: _builtins.str = ...,
+        rollback_reason: _builtins.str = ...,
+        downlink_bytes_per_s: _builtins.int = ...,
+        uplink_bytes_per_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "metrics", b"metrics", "outbox_depth", b"outbox_depth", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "downlink_bytes_per_s", b"downlink_bytes_per_s", "metrics", b"metrics", "outbox_depth", b"outbox_depth", "rollback_reason", b"rollback_reason", "rolled_back_from", b"rolled_back_from", "status", b"status", "uplink_bytes_per_s", b"uplink_bytes_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
