@@ -82,9 +82,7 @@ def test_build_command_reports_how_far_a_different_build_is(shipped_micro, capsy
     weights = shipped.device / "model.safetensors"
     tensors = load_file(str(weights))
     save_file({k: v * 1.5 for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
-    code, out, err = run(
-        ["zoo", "build", "--recipe", "micro", "--home", str(home), "--compare-samples", "8"], capsys
-    )
+    code, out, err = run(["zoo", "build", "--recipe", "micro", "--home", str(home), "--compare-samples", "8"], capsys)
     assert code == 0, err
     assert "differs" in out and "build minus shipped" in out and "device (shipped)" in out
 
