@@ -83,7 +83,9 @@ def sample_payload(i: int = 0, size: int = 4096) -> bytes:
     from common.sample_codec import UploadSample, encode_sample
 
     dim = 64
-    k = max(1, (size - 600) // (dim + 4))
+    k = max(1, (size - 600) // (dim + 4))  # int8 codes, fp16 scale and int16 index per token
+    if k + 1 >= 32768:
+        k = (size - 600) // (dim + 6)  # int32 indices from 32768 patches on
     g = torch.Generator().manual_seed(i)
     return encode_sample(
         UploadSample(

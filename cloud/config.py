@@ -52,6 +52,9 @@ class GatewayConfig(StrictConfig):
     min_client_ping_interval_s: float = Field(10.0, gt=0)
     max_buffered_bytes: int = Field(512 * 1024 * 1024, gt=0)
     """Sample bytes all Upload streams together may hold in memory (received, verifying or committing)."""
+    max_upload_streams: int = Field(128, gt=0)
+    """Upload calls served at once; one more answers RESOURCE_EXHAUSTED before anything is read. Memory beyond
+    ``max_buffered_bytes`` is at most one first chunk (plus gRPC's window) per open Upload stream."""
     max_stream_buffer_bytes: int | None = Field(None, gt=0)
     """Sample bytes one Upload stream may hold; default ``max_sample_bytes + chunk_size``. A stream at its
     cap waits for its own commits; the global cap answers RESOURCE_EXHAUSTED after ``buffer_wait_s``."""

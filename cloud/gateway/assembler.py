@@ -49,6 +49,16 @@ class SampleAssembler:
         self._partial: _Partial | None = None
         self._last_seq = 0
 
+    @property
+    def in_sample(self) -> bool:
+        """True while a sample has started and is not complete."""
+        return self._partial is not None
+
+    @property
+    def expected_size(self) -> int:
+        """Declared size of the sample in progress (0 when none)."""
+        return self._partial.expected_size if self._partial is not None else 0
+
     def add(self, chunk: gateway_pb2.SampleChunk | MalformedMessage) -> tuple[Sample, tensors_pb2.PayloadInfo] | None:
         """Consume one chunk; return the sample it completes (unchecked, see ``verify``) and its info."""
         if isinstance(chunk, MalformedMessage):

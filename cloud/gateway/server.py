@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +59,9 @@ def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),
+        # No bandwidth-delay probing: it grows each stream's receive window to many MiB, which gRPC then fills
+        # with data of streams that wait for buffer room, outside the gateway's memory budget.
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
@@ -199,8 +204,25 @@ class GatewayServer:
         await self.stop(grace=0.5)
 
 
+def pin_malloc_thresholds(mmap_threshold: int = 128 * 1024) -> bool:
+    """Serve large buffers from mmap and give freed memory back (glibc only; True when applied).
+
+    glibc raises its mmap threshold each time a large block is freed, after which chunk-sized buffers come
+    from the heap, fragment it, and the process keeps its peak size after the load is gone. Setting the
+    thresholds explicitly turns that adjustment off.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, 4 * mmap_threshold))
+
+
 async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
     """Run a gateway until SIGINT/SIGTERM; write ``host:port`` to ``ready_file`` once serving."""
+    pin_malloc_thresholds()
     gateway = GatewayServer(config)
     await gateway.start()
     if ready_file is not None:

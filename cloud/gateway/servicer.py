@@ -54,6 +54,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.budget = budget
         self.validator = validator
         self.published = asyncio.Event()
+        self._uploads = 0
 
     def notify_published(self) -> None:
         """Wake WatchUpdates streams (publishes from this process; others are found by polling)."""
@@ -159,6 +160,22 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
     async def Upload(self, request_iterator: AsyncIterator[gateway_pb2.SampleChunk], context):
         m = "Upload"
         device = await self._authenticate(context, m)
+        c = self.config
+        if self._uploads >= c.max_upload_streams:
+            await self._abort(
+                context,
+                m,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._uploads} uploads in progress (max_upload_streams); retry later",
+            )
+        self._uploads += 1
+        try:
+            return await self._upload(device, request_iterator, context)
+        finally:
+            self._uploads -= 1
+
+    async def _upload(self, device: DeviceRecord, request_iterator, context) -> gateway_pb2.UploadResponse:
+        m = "Upload"
         c = self.config
         session = UploadSession(
             device.device_id,

@@ -23,8 +23,10 @@ class StreamIdle(Exception):
 class UploadSession:
     """Holds at most ``stream_cap`` bytes of the shared budget; commits overlap with receiving the rest.
 
-    Before each read the stream takes a chunk's worth of room from the budget (waiting for its own commits
-    first when it is at its cap), so data in Python memory never exceeds what the budget allows.
+    On the first chunk of a sample the stream takes the sample's whole declared size from the budget before
+    it reads more (waiting for its own commits first when it is at its cap). So sample data held beyond one
+    first chunk per stream never exceeds the budget, and an admitted sample can always complete: partial
+    samples cannot starve each other. The gateway caps concurrent Upload streams, which bounds the rest.
     """
 
     def __init__(
@@ -40,7 +42,6 @@ class UploadSession:
         validator: Executor,
     ) -> None:
         self.assembler = SampleAssembler(device_id, chunk_size, max_sample_bytes)
-        self.chunk_size = chunk_size
         self.stream_cap = stream_cap
         self.idle_timeout_s = idle_timeout_s
         self.hold = StreamHold(budget)
@@ -57,17 +58,16 @@ class UploadSession:
         """
         it = requests.__aiter__()
         while True:
-            await self._make_room(self.chunk_size)
+            starting = not self.assembler.in_sample
             try:
                 chunk = await asyncio.wait_for(it.__anext__(), self.idle_timeout_s)
             except StopAsyncIteration:
-                await self.hold.give(self.chunk_size)
                 break
             except asyncio.TimeoutError:
                 raise StreamIdle(f"no message for {self.idle_timeout_s:g} s; stream ended") from None
-            size = len(getattr(chunk, "data", b""))
-            await self.hold.give(self.chunk_size - min(size, self.chunk_size))
             done = self.assembler.add(chunk)
+            if starting and (done is not None or self.assembler.in_sample):  # admit the whole sample at once
+                await self._make_room(len(done[0].payload) if done is not None else self.assembler.expected_size)
             if done is not None:
                 await self._accept(*done)
         self.assembler.finish()

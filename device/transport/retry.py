@@ -37,9 +37,23 @@ class IncompleteTransfer(Exception):
     """A stream ended early (connection cut); the transfer resumes on the next attempt."""
 
 
+LOCAL_SEND_FAILURE = "Internal error from Core"
+"""grpc-aio's detail when a client-stream write fails because the call already ended: the cloud's own answer
+(often RESOURCE_EXHAUSTED) was lost in the race, so the status says nothing about the sample."""
+
+
+def is_local_send_failure(exc: BaseException) -> bool:
+    """True for the INTERNAL status grpc-aio makes up on the client when a write races the call's end."""
+    return (
+        isinstance(exc, grpc.aio.AioRpcError)
+        and exc.code() == grpc.StatusCode.INTERNAL
+        and exc.details() == LOCAL_SEND_FAILURE
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for link failures and server errors (retry), False for answers the cloud means (auth, bad input)."""
-    if isinstance(exc, IncompleteTransfer):
+    if isinstance(exc, IncompleteTransfer) or is_local_send_failure(exc):
         return True
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() in TRANSIENT_CODES or exc.code() in SERVER_ERROR_CODES
@@ -64,6 +78,8 @@ class _RetryPolicy:
         exc = state.outcome.exception() if state.outcome is not None else None
         if exc is None or not is_transient(exc):
             return False
+        if is_local_send_failure(exc):
+            return True
         if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in SERVER_ERROR_CODES:
             return self.max_server_errors is None or state.attempt_number < self.max_server_errors
         return True
