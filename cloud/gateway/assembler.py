@@ -121,6 +121,10 @@ class SampleAssembler:
         )
         return sample, partial.first.payload
 
+    def discard(self) -> None:
+        """Drop a sample in progress (the stream is over)."""
+        self._partial = None
+
     def finish(self) -> None:
         """Call at end of stream: raises when a sample was left incomplete."""
         if self._partial is not None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +16,7 @@ from cloud.config import GatewayConfig
 from cloud.devices import DeviceRegistry
 from cloud.gateway.budget import MemoryBudget
 from cloud.gateway.handlers import add_gateway_handlers
+from cloud.gateway.malloc import pin_malloc_thresholds
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.servicer import DeviceGatewayServicer
 from cloud.gateway.writer import GroupCommitWriter
@@ -202,22 +201,6 @@ class GatewayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(grace=0.5)
-
-
-def pin_malloc_thresholds(mmap_threshold: int = 128 * 1024) -> bool:
-    """Serve large buffers from mmap and give freed memory back (glibc only; True when applied).
-
-    glibc raises its mmap threshold each time a large block is freed, after which chunk-sized buffers come
-    from the heap, fragment it, and the process keeps its peak size after the load is gone. Setting the
-    thresholds explicitly turns that adjustment off.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, 4 * mmap_threshold))
 
 
 async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:

@@ -110,7 +110,13 @@ class UploadSession:
         return new, len(results) - new
 
     async def close(self) -> None:
-        """Wait for commits still running (their bytes are in memory until then) and return the budget."""
+        """Wait for commits still running (their bytes are in memory until then), drop the data, return the budget.
+
+        The session may outlive the call in a traceback (an abort's exception refers to the handler's frame), so
+        it lets go of every buffer here rather than when it is collected.
+        """
         if self.writes:
             await asyncio.gather(*self.writes, return_exceptions=True)
+        self.writes, self.pending = [], []
+        self.assembler.discard()
         await self.hold.close()
