@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['hwm_growth'] / MiB:.0f} MiB (bound {bound / MiB:.0f} MiB = budget + a first chunk per stream "
         f"+ 2 samples + {SLACK // MiB} MiB); log {len(log_text)} bytes, {tracebacks} tracebacks"
     )
+    kinds_of_lines = Counter(line.split(" ", 3)[-1][:100] for line in log_text.splitlines() if line.strip())
+    for line, n in kinds_of_lines.most_common(3):
+        print(f"  log x{n}: {line}")
     ok = (
         unknown == 0
         and internal == 0

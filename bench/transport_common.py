@@ -21,7 +21,7 @@ console = Console()
 def gateway_process(
     data_dir: Path,
     *extra: str,
-    timeout: float = 30.0,
+    timeout: float = 120.0,
     settings: dict | None = None,
     stderr_path: Path | None = None,
 ):
