@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100_000, help="Upload messages to send in all")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent fuzzing devices")
     parser.add_argument("--seed", type=int, default=19)
+    parser.add_argument("--keep-log", type=Path, default=None, help="copy the gateway's log here")
     parser.add_argument("--budget-mib", type=int, default=64, help="the gateway's max_buffered_bytes in MiB")
     args = parser.parse_args(argv)
     SETTINGS["max_buffered_bytes"] = args.budget_mib * MiB
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             alive = proc.poll() is None
         log_text = log.read_text()
+    if args.keep_log is not None:
+        args.keep_log.write_text(log_text)
     codes = result["codes"]
     rows = [[code, str(n)] for code, n in sorted(codes.items(), key=lambda kv: -kv[1])]
     print_table(

@@ -30,7 +30,7 @@ def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         _, meta = read_header(data)
     except CodecError as exc:
-        raise PayloadError(str(exc)) from None
+        raise PayloadError(f"payload is not valid safetensors ({exc})") from None
     try:
         tensors = st_load(bytes(data))
     except Exception as exc:  # safetensors raises its own error types
