@@ -88,7 +88,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], text: str) -> dict:
     for name, value in doc["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": doc["param_groups"]}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in doc["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _save_buffer(path: Path, buf: LabelledBuffer) -> None:
