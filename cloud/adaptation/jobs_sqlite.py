@@ -96,7 +96,7 @@ class SqliteJobStore(JobStore):
             ]
             for job_id in ids:
                 cur.execute(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_unix_ms = ?, error = ''"
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_unix_ms = ?"
                     " WHERE job_id = ?",
                     (now, job_id),
                 )
