@@ -1,8 +1,8 @@
 """N device jobs at once on a pool of learner actors sharing one teacher actor: throughput for N = 1, 4, 16.
 
 Every job labels its uploads through the same teacher actor (requests queue there) and trains its own learner.
-Prints jobs/s and samples/s for each N and the ratio to N = 1, and the share of wall time the teacher actor
-spent labelling (near 1.0: the shared teacher is the bottleneck).
+Prints jobs/s and samples/s for each N and the ratio to N = 1, and the summed time jobs spent in label calls
+(teacher compute plus queueing at the shared actor) as a share of the wall time.
 
     python -m bench.cloud_teacher_sharing [--quick] [--zoo DIR] [--samples 60] [--learners 4]
 """
@@ -50,10 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as state:
         share = (args.num_cpus - 0.5) / args.learners
-        cfg = config(
-            zoo,
-            ray={"learners": args.learners, "num_cpus": args.num_cpus, "teacher_num_cpus": 0.5, "learner_num_cpus": share},
-        )
+        ray_cfg = {"learners": args.learners, "num_cpus": args.num_cpus, "teacher_num_cpus": 0.5}
+        cfg = config(zoo, ray={**ray_cfg, "learner_num_cpus": share})
         executor = RayExecutor(cfg, state)
         try:
             warm = [spec(1000 + i, f"warm-{i}", payloads) for i in range(args.learners)]
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = n * args.samples / wall
         print(
             f"  N={n:<3} {wall:7.2f} s  {n / wall:6.2f} jobs/s  {rate:7.1f} samples/s  "
-            f"{rate / base:5.2f}x N=1   teacher busy {label_s / wall:4.2f} of wall"
+            f"{rate / base:5.2f}x N=1   in label calls {label_s / wall:4.2f}x wall"
         )
 
 
