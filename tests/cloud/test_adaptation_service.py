@@ -89,7 +89,7 @@ def test_bad_input_is_recorded_and_other_devices_go_on(tmp_path, micro_zoo, work
     reasons = {s["seq"]: s["reason"] for s in mixed.result["skipped"]}
     assert "other-family" in reasons[23] and "corrupt payload" in reasons[24]
     assert jobs["dev-corrupt"].outcome == "skipped" and jobs["dev-corrupt"].result["reason"] == "no usable samples"
-    assert len(jobs["dev-corrupt"].result["skipped"]) == 21
+    assert len(jobs["dev-corrupt"].result["skipped"]) == jobs["dev-corrupt"].result["skipped_count"] == 21
     assert jobs["dev-alien"].state == "failed" and "unknown model family" in jobs["dev-alien"].error
     assert jobs["dev-alien"].attempts == 1  # permanent: not retried in a loop
     assert cloud.jobs.get(ghost.job_id).result["reason"] == "no samples in the job's ranges"
