@@ -107,8 +107,9 @@ def time_labelling(teacher, feats, questions, batch: int, device) -> tuple[float
     return len(feats) / (time.perf_counter() - start), torch.cat(logits), torch.cat(hidden)
 
 
-def akd_steps(student_base, t_logits, t_hidden, feats, questions, batch: int, steps: int, device) -> dict:
-    """LoRA + alignment map AKD steps; samples/s after one warm-up step, and peak memory."""
+def akd_steps(student_base, t_logits, t_hidden, feats, questions, batch: int, steps: int, device, ready=None) -> dict:
+    """LoRA + alignment map AKD steps; samples/s after one warm-up step, and peak memory. ``ready`` (a barrier's
+    wait) is called between the warm-up and the timed steps, so packed learners time the same interval."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -145,15 +146,25 @@ def akd_steps(student_base, t_logits, t_hidden, feats, questions, batch: int, st
 
     step(0)
     sync(device)
-    start = time.perf_counter()
+    if ready is not None:
+        ready()
+    start, t_first = time.perf_counter(), time.time()
     for i in range(1, steps + 1):
         step(i)
     sync(device)
     rate = steps * batch / (time.perf_counter() - start)
+    t_last = time.time()
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     trainable = sum(p.numel() for p in params)
     optim.state.clear()  # the caller releases the model; nothing of this learner stays referenced
-    return {"samples_per_s": rate, "peak_bytes": int(peak), "trainable_params": int(trainable)}
+    return {
+        "samples_per_s": rate,
+        "peak_bytes": int(peak),
+        "trainable_params": int(trainable),
+        "samples": steps * batch,
+        "t_first": t_first,
+        "t_last": t_last,
+    }
 
 
 def release(device) -> int:
@@ -164,7 +175,7 @@ def release(device) -> int:
     return 0
 
 
-def learner_job(tiny: bool, steps: int, batch: int, fraction: float | None) -> dict:
+def learner_job(tiny: bool, steps: int, batch: int, fraction: float | None, barrier=None) -> dict:
     """One packed learner: a 7B-wide, 8-layer student (2 layers tiny) trains ``steps`` AKD steps."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     if fraction is not None and device.type == "cuda":
@@ -177,7 +188,8 @@ def learner_job(tiny: bool, steps: int, batch: int, fraction: float | None) -> d
     t_logits = torch.randn(len(feats), 32064, device=device)
     t_hid = torch.randn(len(feats), t_hidden, device=device)
     start = time.perf_counter()
-    out = akd_steps(student, t_logits, t_hid, feats, questions, batch, steps, device)
+    ready = barrier.wait if barrier is not None else None
+    out = akd_steps(student, t_logits, t_hid, feats, questions, batch, steps, device, ready)
     out["wall_s"] = time.perf_counter() - start
     out["gpu_ids"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     del student
@@ -207,8 +219,9 @@ def pack(n: int, tiny: bool, steps: int, batch: int) -> dict:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_proc_main, args=((tiny, steps, batch, 0.95 / n), queue)) for _ in range(n)]
+        queue, barrier = ctx.Queue(), ctx.Barrier(n)
+        job_args = (tiny, steps, batch, 0.95 / n, barrier)
+        procs = [ctx.Process(target=_proc_main, args=(job_args, queue)) for _ in range(n)]
         for p in procs:
             p.start()
         results = [queue.get(timeout=600) for _ in procs]
@@ -216,7 +229,9 @@ def pack(n: int, tiny: bool, steps: int, batch: int) -> dict:
             p.join(60)
         mode = f"spawned processes, memory fraction {0.95 / n:.2f} each"
     wall = time.perf_counter() - start
-    train_rate = sum(r["samples_per_s"] for r in results)
+    # Aggregate over the span from the first learner's first timed step to the last one's end.
+    span = max(r["t_last"] for r in results) - min(r["t_first"] for r in results)
+    train_rate = sum(r["samples"] for r in results) / span
     return {"learners": n, "mode": mode, "wall_s": wall, "train_samples_per_s": train_rate, "jobs": results}
 
 
