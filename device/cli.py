@@ -34,7 +34,7 @@ def _config(config: Path | None, **overrides):
     """The transport section of the device config (``deploy/configs/device.yaml``) with overrides."""
     from device.agent.config import load_agent_config
 
-    return load_agent_config(config, {f"transport.{k}": v for k, v in overrides.items()}).transport
+    return load_agent_config(config, {f"transport.{k}": v for k, v in overrides.items() if v is not None}).transport
 
 
 def _run(coro: Awaitable[T], timeout: float) -> T:
@@ -269,14 +269,14 @@ def run(
     from device.agent.config import load_agent_config, parse_assignments
     from device.agent.logs import setup_logging
 
-    overrides = {
+    flags = {
         "transport.gateway": gateway,
         "transport.state_dir": str(state_dir) if state_dir else None,
         "model.source": model,
         "api.listen": listen,
         "metrics.port": metrics_port,
-        **parse_assignments(settings),
     }
+    overrides = {**{k: v for k, v in flags.items() if v is not None}, **parse_assignments(settings)}
     cfg = load_agent_config(config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
 
@@ -306,7 +306,8 @@ def status(
     from device.agent.config import load_agent_config, parse_assignments
     from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
-    cfg = load_agent_config(config, {"api.listen": listen, **parse_assignments(settings)})
+    flags = {"api.listen": listen} if listen else {}
+    cfg = load_agent_config(config, {**flags, **parse_assignments(settings)})
     if not cfg.api.listen:
         raise ConfigError("api.listen is empty: the agent has no local API to ask")
 

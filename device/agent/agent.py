@@ -64,6 +64,7 @@ class DeviceAgent:
         self.api_address: str | None = None
         self._server = None
         self._metrics_server = None
+        self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -124,6 +125,7 @@ class DeviceAgent:
             self._server, self.api_address = await start_api(self, self.config.api.listen)
         if self.config.metrics.port is not None:
             self._metrics_server = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
+            self.metrics_port = self._metrics_server[0].server_port
         if self.connect:
             self.link = LinkLoops(
                 self.config.transport,
