@@ -163,10 +163,11 @@ class MicroBatcher:
             done = time.perf_counter()
             for r, a in zip(live, answers, strict=True):
                 a.latency_s = done - r.enqueued
-                r.future.set_result(a)
-            if self.on_batch is not None:
+            if self.on_batch is not None:  # before the answers go out, so counters include them
                 try:
                     self.on_batch(live, answers, forward_s)
                 except Exception:  # observers never stop serving
                     log.exception("batch observer failed")
+            for r, a in zip(live, answers, strict=True):
+                r.future.set_result(a)
         self._run_swaps()
