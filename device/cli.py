@@ -308,11 +308,17 @@ def status(
 
     flags = {"api.listen": listen} if listen else {}
     cfg = load_agent_config(config, {**flags, **parse_assignments(settings)})
-    if not cfg.api.listen:
+    from device.agent.agent import ADDRESS_FILE
+
+    address = cfg.api.listen
+    written = cfg.state_dir / ADDRESS_FILE
+    if not listen and written.is_file():
+        address = written.read_text().strip()  # what the running agent bound (port 0 picks one)
+    if not address:
         raise ConfigError("api.listen is empty: the agent has no local API to ask")
 
     async def ask() -> agent_pb2.AgentStatusResponse:
-        async with grpc.aio.insecure_channel(cfg.api.listen) as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             stub = agent_pb2_grpc.DeviceAgentStub(channel)
             return await stub.Status(agent_pb2.AgentStatusRequest(), timeout=timeout)
 
@@ -320,7 +326,7 @@ def status(
         s = asyncio.run(ask())
     except grpc.aio.AioRpcError as exc:
         code = exc.code().name
-        raise TandemError(f"no agent answers on {cfg.api.listen} ({code}); is `tandem-device run` up?") from None
+        raise TandemError(f"no agent answers on {address} ({code}); is `tandem-device run` up?") from None
     table = Table("", "", show_header=False, box=None)
     rows = [
         ("device", s.device_id or "-"),
