@@ -19,6 +19,7 @@ from device.agent.config import AgentConfig
 from device.agent.guard import GuardDecision, RegressionGuard
 from device.agent.link import HeartbeatInfo, LinkLoops
 from device.agent.metrics import AgentMetrics
+from device.agent.outbox_writer import OutboxWriter
 from device.agent.runtime import DeviceModel
 from device.agent.sdnotify import SystemdNotifier
 from device.agent.sources import CameraSource, DirectorySource, Source
@@ -53,7 +54,8 @@ class DeviceAgent:
         max_sample = self.identity.max_sample_bytes if self.identity else None
         self.outbox = Outbox(self.state_dir / "outbox.db", max_sample or None)
         self.uts = UncertaintyTokenSampler(config.uts) if config.uts.enabled else None
-        self.step = DeviceStep(self.model, self.uts, sink=self.outbox.put)
+        self.writer = OutboxWriter(self.outbox)
+        self.step = DeviceStep(self.model, self.uts, sink=self.writer.put)
         g = config.guard
         self.guard = RegressionGuard(g.window, g.margin, g.metric) if g.enabled else None
         self.metrics = AgentMetrics()
@@ -174,6 +176,7 @@ class DeviceAgent:
             thread.join(5)
         for source, _ in self.sources:
             source.close()
+        await asyncio.to_thread(self.writer.close)
         self.outbox.close()
 
     async def run_until(self, stop: asyncio.Event) -> None:

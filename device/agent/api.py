@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tandem.device.api")
 _SLACK = 64 * 1024  # room for the question and framing above the image limit
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 class RequestError(TandemError):
@@ -72,7 +73,10 @@ class DeviceAgentServicer(agent_pb2_grpc.DeviceAgentServicer):
         api = self.agent.config.api
         try:
             check_ask(request, api)
-            pixels = await asyncio.to_thread(decode_image, request.image, api.max_image_pixels)
+            if len(request.image) <= INLINE_DECODE_BYTES:  # small images: decoding costs less than a thread hop
+                pixels = decode_image(request.image, api.max_image_pixels)
+            else:
+                pixels = await asyncio.to_thread(decode_image, request.image, api.max_image_pixels)
         except TandemError as exc:
             self.agent.metrics.requests.labels("api", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

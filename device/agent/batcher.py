@@ -62,6 +62,7 @@ class MicroBatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
+        self._last_batch = 1
         self.swap_pauses_s: list[float] = []
 
     def start(self) -> None:
@@ -127,18 +128,29 @@ class MicroBatcher:
                 log.error("between-batches action failed with nobody waiting: %s", error)
 
     def _collect(self) -> list[Request]:
+        """Take what is queued (up to ``max_batch``); wait up to ``max_wait`` only for as many requests as the
+        previous batch held, so a lone client never waits and concurrent clients keep sharing forwards."""
         try:
             first = self._queue.get(timeout=0.02)
         except queue.Empty:
             return []
         batch = [first]
-        deadline = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
-            remaining = deadline - time.perf_counter()
             try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        target = min(self.max_batch, max(len(batch), self._last_batch))
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < target:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        self._last_batch = len(batch)
         return batch
 
     def _loop(self) -> None:
