@@ -14,6 +14,7 @@ from typing import Any, Literal
 from common.errors import ModelLoadError
 
 Quantization = Literal["none", "4bit", "8bit"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
 # Modules kept in full precision when quantizing: the shared vision tower, the projector and the head.
 KEEP_FULL_PRECISION = ["vision_tower", "multi_modal_projector", "lm_head"]
 
@@ -45,8 +46,9 @@ def _check_directory(path: Path) -> None:
         raise ModelLoadError(f"{path} has no weight files (*.safetensors)")
 
 
-def quantization_config(quantization: Quantization):
-    """bitsandbytes config for 4-bit NF4 or 8-bit weights (None for full precision)."""
+def quantization_config(quantization: Quantization, compute_dtype: DType = "float32"):
+    """bitsandbytes config for 4-bit NF4 or 8-bit weights (None for full precision); ``compute_dtype`` is what
+    NF4 layers compute in (float16 on a GPU, float32 on a CPU)."""
     if quantization == "none":
         return None
     import torch
@@ -56,7 +58,7 @@ def quantization_config(quantization: Quantization):
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype if compute_dtype != "auto" else "float32"),
             llm_int8_skip_modules=KEEP_FULL_PRECISION,
         )
     if quantization == "8bit":
@@ -65,9 +67,16 @@ def quantization_config(quantization: Quantization):
 
 
 def load_mllm(
-    source: str | Path, *, quantization: Quantization = "none", device_map: str = "cpu", local_only: bool = False
+    source: str | Path,
+    *,
+    quantization: Quantization = "none",
+    device_map: str = "cpu",
+    local_only: bool = False,
+    dtype: DType = "auto",
 ) -> LoadedMLLM:
     """Load model and processor with ``from_pretrained`` from a directory or a hub id.
+
+    ``dtype`` is the weights' dtype (``auto``: as stored); with 4-bit NF4 it is also the compute dtype.
 
     Raises ModelLoadError with a one-line reason for a missing or corrupt directory or an unknown id.
     """
@@ -80,9 +89,15 @@ def load_mllm(
         src = str(path)
         local_only = True
     kwargs: dict[str, Any] = {"local_files_only": local_only}
-    qconfig = quantization_config(quantization)
+    if dtype != "auto":
+        import torch
+
+        kwargs["dtype"] = getattr(torch, dtype)
+    qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map=device_map)
+    elif device_map != "cpu":
+        kwargs["device_map"] = device_map  # straight onto the accelerator, without a CPU copy first
     try:
         model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
         processor = AutoProcessor.from_pretrained(src, local_files_only=local_only)

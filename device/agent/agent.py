@@ -84,6 +84,7 @@ class DeviceAgent:
             m.source,
             quantization=m.quantization,
             device_map=m.device_map,
+            dtype=m.dtype,
             adapter=a,
             adapter_init=a.init,
             sparse=self.config.sparse,

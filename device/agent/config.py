@@ -16,7 +16,7 @@ from common.adapters import AdapterConfig
 from common.config import StrictConfig, short_validation_message
 from common.errors import ConfigError
 from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE
-from common.modeling import Quantization
+from common.modeling import DType, Quantization
 from device.sparse.config import SparseConfig
 from device.transport.config import DeviceClientConfig
 from device.uts.sampler import UTSConfig
@@ -32,6 +32,8 @@ class ModelSettings(StrictConfig):
     quantization: Quantization = "none"
     device_map: str = "cpu"
     """Where the weights go: ``cpu``, ``cuda``, ``cuda:0``, ``auto``."""
+    dtype: DType = "auto"
+    """Weights (and NF4 compute) dtype: ``float16`` on a Jetson or GPU, ``auto`` keeps the stored dtype."""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
 

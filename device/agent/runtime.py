@@ -66,13 +66,14 @@ class DeviceModel:
         *,
         quantization: str = "none",
         device_map: str = "cpu",
+        dtype: str = "auto",
         adapter: AdapterConfig | None = None,
         adapter_init: Path | None = None,
         sparse: SparseConfig | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     ) -> DeviceModel:
         """Load with ``common.modeling.load_mllm``; LoRA from ``adapter_init`` (PEFT directory) or fresh."""
-        loaded = load_mllm(source, quantization=quantization, device_map=device_map)  # type: ignore[arg-type]
+        loaded = load_mllm(source, quantization=quantization, device_map=device_map, dtype=dtype)  # type: ignore[arg-type]
         model = loaded.model
         if quantization == "none" and device_map not in ("cpu", "auto"):
             model = model.to(device_map)
