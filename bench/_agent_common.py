@@ -16,15 +16,16 @@ from device.agent import DeviceAgent, load_agent_config
 from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REFERENCE_DEVICE = REPO_ROOT / "sim" / "zoo" / "reference" / "base" / "device"
+REFERENCE = REPO_ROOT / "sim" / "zoo" / "reference"
 QUESTIONS = ["what colour is the circle?", "how many shapes are there?", "is there a square?", "where is the star?"]
 
 
 def model_dir(recipe: str = "base") -> tuple[Path, str]:
     """The reference zoo's device model when shipped; else a randomly initialised device model of the recipe's
     geometry (same shapes, so the same time per forward), saved once under the zoo cache. Returns (dir, label)."""
-    if recipe == "base" and (REFERENCE_DEVICE / "config.json").is_file():
-        return REFERENCE_DEVICE, "reference zoo base/device"
+    shipped = REFERENCE / recipe / "device"
+    if (shipped / "config.json").is_file():
+        return shipped, f"reference zoo {recipe}/device"
     from sim.zoo.architecture import build_llava
     from sim.zoo.build import zoo_home
     from sim.zoo.recipe import RECIPES
