@@ -96,8 +96,7 @@ class SqliteJobStore(JobStore):
             ]
             for job_id in ids:
                 cur.execute(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_unix_ms = ?"
-                    " WHERE job_id = ?",
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_unix_ms = ? WHERE job_id = ?",
                     (now, job_id),
                 )
         return [self._get(i) for i in ids]

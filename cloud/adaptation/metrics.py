@@ -52,7 +52,7 @@ class AdaptationMetrics:
         self.job_seconds.labels(outcome).observe(seconds)
         samples = int(summary.get("samples", 0))
         self.job_samples.observe(samples)
-        self.skipped_samples.inc(len(summary.get("skipped", [])))
+        self.skipped_samples.inc(int(summary.get("skipped_count", 0)))
         if summary.get("label_s"):
             self.teacher_samples_per_s.set(samples / max(summary["label_s"], 1e-9))
         train_s = summary.get("seconds", {}).get("train")

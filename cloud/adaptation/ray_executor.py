@@ -86,7 +86,21 @@ class RayExecutor(Executor):
     def __init__(self, config: AdaptationConfig, state_dir: str | Path) -> None:
         self.config = config
         self.state_dir = str(state_dir)
-        rc = config.ray
+        self._doc = config.model_dump(mode="json")
+        self.owns_ray = False
+        self.has_gpu = False
+        self.teachers: dict = {}
+        self.actors: list = []
+        self.idle: list = []
+        self._running: dict = {}
+        self.restarts = 0
+        self.started = False
+
+    def start(self) -> None:
+        """Join or start Ray and create the actors (on the first job, so an idle service holds nothing)."""
+        if self.started:
+            return
+        rc = self.config.ray
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             address = rc.address or os.environ.get("RAY_ADDRESS")
@@ -95,17 +109,15 @@ class RayExecutor(Executor):
                 kwargs["num_cpus"] = rc.num_cpus
             ray.init(address=address, **kwargs)
         self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        self._doc = config.model_dump(mode="json")
         self.teachers = {
             name: TeacherActor.options(
                 num_gpus=rc.teacher_num_gpus if self.has_gpu else 0, num_cpus=rc.teacher_num_cpus
             ).remote(self._doc, name, rc.torch_threads)
-            for name in config.families
+            for name in self.config.families
         }
         self.actors = [self._new_actor() for _ in range(rc.learners)]
         self.idle = list(self.actors)
-        self._running: dict = {}
-        self.restarts = 0
+        self.started = True
 
     def _new_actor(self):
         rc = self.config.ray
@@ -114,9 +126,10 @@ class RayExecutor(Executor):
         ).remote(self._doc, self.state_dir, self.teachers, rc.torch_threads)
 
     def free_slots(self) -> int:
-        return len(self.idle)
+        return len(self.idle) if self.started else self.config.ray.learners
 
     def submit(self, spec: JobSpec) -> None:
+        self.start()
         actor = self.idle.pop(0)
         self._running[actor.run.remote(spec)] = (spec, actor, time.perf_counter())
 
@@ -155,6 +168,7 @@ class RayExecutor(Executor):
     def close(self) -> None:
         for actor in [*self.actors, *self.teachers.values()]:
             ray.kill(actor, no_restart=True)
-        self.actors, self.idle, self._running = [], [], {}
+        self.actors, self.idle, self._running, self.teachers = [], [], {}, {}
         if self.owns_ray:
             ray.shutdown()
+        self.started = False

@@ -9,21 +9,17 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from cloud.adaptation.executor import Executor, InProcessExecutor
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
-from cloud.adaptation.metrics import AdaptationMetrics
-from cloud.adaptation.service import TrainerService
 from cloud.config import GatewayConfig
-from cloud.devices import DeviceRegistry
-from cloud.samples import open_sample_store
-from cloud.updates import SqliteUpdateRegistry
+from common.errors import TandemError
 
 log = logging.getLogger("tandem.adaptation")
 Role = Literal["all", "gateway", "trainer"]
 
 
-def make_executor(config: GatewayConfig) -> Executor:
-    """The configured executor (Ray is imported only when asked for)."""
+def make_executor(config: GatewayConfig):
+    """The configured executor (torch and Ray are imported here, not when the module loads)."""
+    from cloud.adaptation.executor import InProcessExecutor
+
     if config.adaptation.executor == "ray":
         from cloud.adaptation.ray_executor import RayExecutor
 
@@ -31,9 +27,15 @@ def make_executor(config: GatewayConfig) -> Executor:
     return InProcessExecutor(config.adaptation, config.adaptation_dir)
 
 
-def build_trainer(config: GatewayConfig, gateway=None, on_publish=None) -> TrainerService:
-    """A trainer on the data directory's stores (a running gateway's own, when given)."""
+def build_trainer(config: GatewayConfig, gateway=None, on_publish=None):
+    """A ``TrainerService`` on the data directory's stores (a running gateway's own, when given)."""
+    from cloud.adaptation.jobs_sqlite import SqliteJobStore
+    from cloud.adaptation.metrics import AdaptationMetrics
+    from cloud.adaptation.service import TrainerService
+    from cloud.devices import DeviceRegistry
     from cloud.gateway.server import load_or_create_signing_key
+    from cloud.samples import open_sample_store
+    from cloud.updates import SqliteUpdateRegistry
 
     data_dir = Path(config.data_dir)
     state_dir = config.adaptation_dir
@@ -71,20 +73,32 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
 
         gateway = GatewayServer(config)
         await gateway.start()
-    trainer = thread = None
+    trainer_box: dict = {}
     halt = threading.Event()
+    thread = None
     if role in ("all", "trainer"):
 
         def notify(_record) -> None:
             if gateway is not None and gateway.servicer is not None:
                 loop.call_soon_threadsafe(gateway.servicer.notify_published)
 
-        trainer = await asyncio.to_thread(build_trainer, config, gateway, notify)
-        if config.metrics_port is not None and gateway is None:
-            trainer.metrics.serve_http(config.metrics_port, config.host)
-        elif gateway is not None:
-            gateway.metrics.registry.register(_Forward(trainer.metrics.registry))
-        thread = threading.Thread(target=trainer.run, args=(halt,), name="tandem-trainer", daemon=True)
+        def run_trainer() -> None:
+            # Built here, after the gateway serves: importing torch and Ray takes seconds.
+            try:
+                trainer = build_trainer(config, gateway, notify)
+            except Exception as exc:
+                log.exception("the trainer could not start")
+                trainer_box["error"] = exc
+                loop.call_soon_threadsafe(stop.set)
+                return
+            trainer_box["trainer"] = trainer
+            if gateway is not None:
+                gateway.metrics.registry.register(_Forward(trainer.metrics.registry))
+            elif config.metrics_port is not None:
+                trainer.metrics.serve_http(config.metrics_port, config.host)
+            trainer.run(halt)
+
+        thread = threading.Thread(target=run_trainer, name="tandem-trainer", daemon=True)
         thread.start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
@@ -95,11 +109,13 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
     halt.set()
     if thread is not None:
         await asyncio.to_thread(thread.join, 60)
-    if trainer is not None:
-        trainer.close()
-        trainer.metrics.close()
+    if "trainer" in trainer_box:
+        trainer_box["trainer"].close()
+        trainer_box["trainer"].metrics.close()
     if gateway is not None:
         await gateway.stop()
+    if "error" in trainer_box:
+        raise TandemError(f"the trainer could not start: {trainer_box['error']}")
 
 
 class _Forward:

@@ -27,6 +27,9 @@ from common.modeling import load_mllm
 from common.sample_codec import UploadSample
 from common.update_header import header_to_json
 
+SKIPPED_KEPT = 50
+"""Skipped uploads listed (with their reasons) in a job's record; ``skipped_count`` has them all."""
+
 
 class Labeler(Protocol):
     """Gives teacher labels for a family's uploads (an in-process teacher or a Ray teacher actor)."""
@@ -144,7 +147,12 @@ class Worker:
         model, _ = self._device_model(family)
         dim = unwrap_llava(model).model.multi_modal_projector.linear_1.in_features
         decoded = decode_uploads(spec.rows, spec.family, dim)
-        summary: dict = {"samples": len(decoded.uploads), "skipped": decoded.skipped, "upload_bytes": decoded.bytes}
+        summary: dict = {
+            "samples": len(decoded.uploads),
+            "skipped": decoded.skipped[:SKIPPED_KEPT],
+            "skipped_count": len(decoded.skipped),
+            "upload_bytes": decoded.bytes,
+        }
         if not decoded.uploads:
             reason = "no usable samples" if decoded.skipped else "no samples in the job's ranges"
             return JobResult("skipped", {**summary, "reason": reason})

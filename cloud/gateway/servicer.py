@@ -272,8 +272,10 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         device = await self._authenticate(context, m)
         metrics = dict(request.metrics)
         metrics["outbox_depth"] = float(request.outbox_depth)
-        metrics["downlink_bytes_per_s"] = float(request.downlink_bytes_per_s)
-        metrics["uplink_bytes_per_s"] = float(request.uplink_bytes_per_s)
+        if request.downlink_bytes_per_s:  # the link capacity the trainer sizes updates by
+            metrics["downlink_bytes_per_s"] = float(request.downlink_bytes_per_s)
+        if request.uplink_bytes_per_s:
+            metrics["uplink_bytes_per_s"] = float(request.uplink_bytes_per_s)
         if len(json.dumps(metrics)) > 64 * 1024:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat metrics exceed 64 KiB")
         self.devices.heartbeat(

@@ -52,14 +52,13 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
         async with registered_client(tmp_path / "dev1", gateway.address, "dev-1", model_family=FAMILY) as client:
             resp = await client.upload([OutboxItem(i + 1, p) for i, p in enumerate(uploads[:24])])
             assert resp.acked_seq == 24
-            await asyncio.to_thread(
-                _wait, lambda: bool(gateway.updates.list(device_id="dev-1")), 300, "dev-1's update"
-            )
+            await asyncio.to_thread(_wait, lambda: bool(gateway.updates.list(device_id="dev-1")), 300, "dev-1's update")
             (job,) = trainer.jobs.list(subject="dev-1")
             assert job.outcome == "published" and job.attempts == 1 and job.samples == 24
             # The device fetches, verifies the signature and applies it on top of its seeded v0 adapters.
             model = load_mllm(micro_zoo.device).model
-            held = {"adapter": VersionedAdapter("v0", adapter_state(build_student(model, adaptation.akd_config().adapter)))}
+            v0 = adapter_state(build_student(model, adaptation.akd_config().adapter))
+            held = {"adapter": VersionedAdapter("v0", v0)}
 
             def apply(payload, header):
                 held["adapter"] = apply_adapter_update(held["adapter"], payload, header_from_proto(header))

@@ -17,7 +17,7 @@ from cloud.cli import main as cloud_main
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore
 from cloud.updates import SqliteUpdateRegistry
-from common.delta_codec import apply_update
+from common.delta_codec import apply_update, state_digest
 from common.signing import generate_private_key
 from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, store_samples
 
@@ -89,7 +89,7 @@ def test_bad_input_is_recorded_and_other_devices_go_on(tmp_path, micro_zoo, work
     reasons = {s["seq"]: s["reason"] for s in mixed.result["skipped"]}
     assert "other-family" in reasons[23] and "corrupt payload" in reasons[24]
     assert jobs["dev-corrupt"].outcome == "skipped" and jobs["dev-corrupt"].result["reason"] == "no usable samples"
-    assert len(jobs["dev-corrupt"].result["skipped"]) == 21
+    assert len(jobs["dev-corrupt"].result["skipped"]) == jobs["dev-corrupt"].result["skipped_count"] == 21
     assert jobs["dev-alien"].state == "failed" and "unknown model family" in jobs["dev-alien"].error
     assert jobs["dev-alien"].attempts == 1  # permanent: not retried in a loop
     assert cloud.jobs.get(ghost.job_id).result["reason"] == "no samples in the job's ranges"
@@ -126,8 +126,6 @@ def test_a_crash_between_publish_and_commit_publishes_exactly_once(tmp_path, mic
     v0 = learner.history["v0"]
     payload = registry.read_payload(record.update_id, 0, record.size)
     assert learner.mirror.version == "v1" == record.target_version
-    from common.delta_codec import state_digest
-
     assert state_digest(apply_update(v0, payload, "v0", record.header())) == learner.mirror_digest()
     cloud.close()
 
@@ -178,3 +176,25 @@ def test_jobs_cli_lists_shows_and_retries(tmp_path, capsys):
     assert cli("jobs", "show", "999") == 1
     assert "no job 999" in capsys.readouterr().err
     assert cli("jobs", "list", "--state", "bogus") == 1
+
+
+def test_a_cohort_trains_one_shared_adapter_that_every_member_applies(tmp_path, micro_zoo, worker, uploads):
+    cloud = Cloud(tmp_path, micro_zoo, worker, cohort_training=True, cohort_trigger={"min_samples": 30})
+    cloud.register("north-1", cohort="north")
+    cloud.register("north-2", cohort="north")
+    store_samples(cloud.samples, "north-1", uploads[:16])
+    cloud.run_until_idle()
+    assert cloud.jobs.counts()["done"] == 0  # 16 pooled samples: below the cohort trigger
+    store_samples(cloud.samples, "north-2", uploads[16:34])
+    cloud.run_until_idle()
+    (job,) = cloud.jobs.list()
+    assert job.key == "cohort:north" and job.samples == 34 and job.outcome == "published"
+    (record,) = cloud.updates.for_device("north-2", "north")
+    assert record.cohort == "north" and record.device_id == "" and record.update_id == job.update_id
+    assert cloud.updates.for_device("north-1", "north") == [record]
+    learner = worker.load_learner("cohort:north", FAMILY)
+    payload = cloud.updates.read_payload(record.update_id, 0, record.size)
+    for _member in ("north-1", "north-2"):  # both hold v0, both land on the cohort mirror
+        applied = apply_update(learner.history["v0"], payload, "v0", record.header())
+        assert state_digest(applied) == learner.mirror_digest()
+    cloud.close()
