@@ -42,7 +42,7 @@ class AgentProcess:
         self.log = workdir / "agent.log"
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout: float = 60.0) -> None:
+    async def start(self, timeout: float = 240.0) -> None:  # a cold start on two loaded cores
         self.ready_message = ""
         self.sock_path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
