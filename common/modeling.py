@@ -17,6 +17,7 @@ from typing import Any, Literal
 from common.errors import ModelLoadError
 
 Quantization = Literal["none", "4bit", "8bit"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
 # Modules kept in full precision when quantizing: the shared vision tower, the projector and the head.
 KEEP_FULL_PRECISION = ["vision_tower", "multi_modal_projector", "lm_head"]
 # bitsandbytes 4-bit: absmax block size, and the row tile of its CPU kernel. On CPUs with AVX512-BF16,
@@ -144,7 +145,7 @@ def _kept(name: str, keep: list[str]) -> str | None:
     return next((k for k in keep if name == k or name.startswith(k + ".")), None)
 
 
-def quantization_config(quantization: Quantization, keep: list[str] | None = None):
+def quantization_config(quantization: Quantization, keep: list[str] | None = None, compute_dtype: DType = "float32"):
     """bitsandbytes config for 4-bit NF4 or 8-bit weights (None for full precision).
 
     ``keep``: full names of modules left in full precision (``modules_to_keep``); default
@@ -163,7 +164,7 @@ def quantization_config(quantization: Quantization, keep: list[str] | None = Non
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype if compute_dtype != "auto" else "float32"),
             llm_int8_skip_modules=skip,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -186,9 +187,17 @@ def _quiet_local_load(local: bool) -> Iterator[None]:
 
 
 def load_mllm(
-    source: str | Path, *, quantization: Quantization = "none", device_map: str = "cpu", local_only: bool = False
+    source: str | Path,
+    *,
+    quantization: Quantization = "none",
+    device_map: str = "cpu",
+    local_only: bool = False,
+    dtype: DType = "auto",
 ) -> LoadedMLLM:
     """Load model and processor with ``from_pretrained`` from a directory or a hub id.
+
+    ``dtype`` is the weights' dtype (``auto``: as stored); with 4-bit NF4 it is also the compute dtype (float16 on
+    a GPU). A ``device_map`` other than ``cpu`` loads straight onto that device.
 
     Raises ModelLoadError with a one-line reason for a missing or corrupt directory or an unknown id.
     """
@@ -201,6 +210,10 @@ def load_mllm(
         src = str(path)
         local_only = True
     kwargs: dict[str, Any] = {"local_files_only": local_only}
+    if dtype != "auto":
+        import torch
+
+        kwargs["dtype"] = getattr(torch, dtype)
     if quantization not in ("none", "4bit", "8bit"):
         raise ModelLoadError(f"unknown quantization {quantization!r}; use none, 4bit or 8bit")
     try:
@@ -212,7 +225,10 @@ def load_mllm(
                     f"no linear layer of {src} can be quantized to {quantization} (4-bit needs in_features % "
                     f"{NF4_BLOCKSIZE} == 0 and out_features % {NF4_ROW_TILE} == 0); load it with quantization none"
                 )
-            kwargs.update(quantization_config=quantization_config(quantization, keep), device_map=device_map)
+            qconfig = quantization_config(quantization, keep, dtype)
+            kwargs.update(quantization_config=qconfig, device_map=device_map)
+        elif device_map != "cpu":
+            kwargs["device_map"] = device_map  # straight onto the accelerator, without a CPU copy first
         with _quiet_local_load(local_only):
             model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
         processor = AutoProcessor.from_pretrained(src, local_files_only=local_only)
