@@ -24,8 +24,10 @@ def gateway_process(
     timeout: float = 120.0,
     settings: dict | None = None,
     stderr_path: Path | None = None,
+    role: str = "gateway",
 ):
-    """``python -m cloud.cli serve`` as a subprocess on an ephemeral port; yields (process, address).
+    """``python -m cloud.cli serve --role gateway`` (no trainer: these measure the front door) as a subprocess on
+    an ephemeral port; yields (process, address).
 
     ``settings`` are GatewayConfig keys written to a config file beside ``data_dir`` (open enrollment unless
     they say otherwise); ``stderr_path`` collects the gateway's log instead of a pipe.
@@ -50,6 +52,8 @@ def gateway_process(
         str(ready),
         "--log-level",
         "WARNING",
+        "--role",
+        role,
         *extra,
     ]
     log = open(stderr_path, "w") if stderr_path is not None else subprocess.PIPE  # noqa: SIM115 (closed below)
