@@ -87,10 +87,10 @@ def dev_certs(
 
 def _registry(config: Path | None, data_dir: Path | None):
     from cloud.gateway.server import load_or_create_signing_key
-    from cloud.updates import SqliteUpdateRegistry
+    from cloud.stores import open_update_registry
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    return SqliteUpdateRegistry(Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg), cfg.sqlite_synchronous)
+    return open_update_registry(cfg, cfg.data_dir, load_or_create_signing_key(cfg), cfg.sqlite_synchronous)
 
 
 def _parse_meta(items: list[str]) -> dict[str, str]:
@@ -166,13 +166,12 @@ def updates_list(
 
 
 def _devices(config: Path | None, data_dir: Path | None):
-    from cloud.devices import DeviceRegistry
+    from cloud.stores import open_device_registry
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    path = Path(cfg.data_dir) / "devices.db"
-    if not path.exists():
-        raise TandemError(f"no device database at {path}")
-    return DeviceRegistry(path)
+    if cfg.store == "sqlite" and not (Path(cfg.data_dir) / "devices.db").exists():
+        raise TandemError(f"no device database at {Path(cfg.data_dir) / 'devices.db'}")
+    return open_device_registry(cfg, cfg.data_dir)
 
 
 @devices_app.command("list")
@@ -215,12 +214,12 @@ def devices_revoke(
 @samples_app.command("list")
 def samples_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDirOpt) -> None:
     """Samples stored per device."""
-    from cloud.samples import open_sample_store
+    from cloud.stores import open_sample_store
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    if not (Path(cfg.data_dir) / "samples.db").exists():
+    if cfg.store == "sqlite" and not (Path(cfg.data_dir) / "samples.db").exists():
         raise TandemError(f"no sample store in {cfg.data_dir}")
-    store = open_sample_store(cfg.sample_store, str(cfg.data_dir))
+    store = open_sample_store(cfg, cfg.data_dir)
     try:
         table = Table("device", "samples", "highest seq")
         for dev in store.devices():

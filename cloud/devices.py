@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.db import open_sqlite
+from cloud.migrations import migrate_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -61,7 +62,7 @@ class DeviceRegistry:
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         self._conn = open_sqlite(path, synchronous)
         self._lock = threading.Lock()
-        self._conn.executescript(_SCHEMA)
+        migrate_sqlite(self._conn, (_SCHEMA,), f"device registry {path}")
 
     def register(
         self,

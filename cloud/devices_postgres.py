@@ -1,0 +1,114 @@
+"""The device registry in PostgreSQL: the same interface as ``cloud.devices.DeviceRegistry``, shared by every
+gateway (a device may reconnect to any of them with its token)."""
+
+from __future__ import annotations
+
+import secrets
+
+from psycopg.types.json import Jsonb
+
+from cloud.db import PostgresDatabase
+from cloud.devices import DeviceRecord, _hash, _now_ms
+
+_COLUMNS = (
+    "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version,"
+    " status, metrics, last_seen_unix_ms, revoked"
+)
+
+
+class PostgresDeviceRegistry:
+    """Devices and their token hashes in the shared database."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self.db = db
+
+    def _one(self, where: str, args: tuple) -> DeviceRecord | None:
+        with self.db.transaction() as cur:
+            cur.execute(f"SELECT {_COLUMNS} FROM devices WHERE {where}", args)
+            row = cur.fetchone()
+        return _record(row) if row else None
+
+    def register(
+        self,
+        device_id: str,
+        *,
+        cohort: str,
+        model_family: str,
+        model_version: str,
+        capabilities: dict,
+    ) -> tuple[DeviceRecord, str]:
+        """Create or re-enrol ``device_id`` with a fresh token; returns the record and the token."""
+        token = secrets.token_urlsafe(32)
+        with self.db.transaction() as cur:
+            cur.execute(
+                f"INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+                " registered_unix_ms) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (device_id) DO UPDATE SET token_sha256 = excluded.token_sha256,"
+                " cohort = excluded.cohort, model_family = excluded.model_family,"
+                " model_version = excluded.model_version, capabilities = excluded.capabilities, revoked = FALSE"
+                f" RETURNING {_COLUMNS}",
+                (device_id, _hash(token), cohort, model_family, model_version, Jsonb(capabilities), _now_ms()),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return _record(row), token
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        """The device's record, or None."""
+        return self._one("device_id = %s", (device_id,))
+
+    def authenticate(self, token: str) -> DeviceRecord | None:
+        """The live (not revoked) device holding ``token``, or None."""
+        return self._one("token_sha256 = %s AND NOT revoked", (_hash(token),))
+
+    def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None:
+        """Record the device's latest status, applied version and metrics."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                "UPDATE devices SET status = %s, applied_version = %s, metrics = %s, last_seen_unix_ms = %s"
+                " WHERE device_id = %s",
+                (status, applied_version, Jsonb(metrics), _now_ms(), device_id),
+            )
+
+    def touch(self, device_id: str, applied_version: str | None = None) -> None:
+        """Mark the device as seen now (and optionally record its applied version)."""
+        with self.db.transaction() as cur:
+            if applied_version:
+                cur.execute(
+                    "UPDATE devices SET last_seen_unix_ms = %s, applied_version = %s WHERE device_id = %s",
+                    (_now_ms(), applied_version, device_id),
+                )
+            else:
+                cur.execute("UPDATE devices SET last_seen_unix_ms = %s WHERE device_id = %s", (_now_ms(), device_id))
+
+    def revoke(self, device_id: str) -> bool:
+        """Invalidate the device's token; True if the device exists."""
+        with self.db.transaction() as cur:
+            cur.execute("UPDATE devices SET revoked = TRUE WHERE device_id = %s", (device_id,))
+            return cur.rowcount == 1
+
+    def list(self) -> list[DeviceRecord]:
+        """Every registered device."""
+        with self.db.transaction() as cur:
+            cur.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY device_id")
+            return [_record(r) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        """Release the connection."""
+        self.db.close()
+
+
+def _record(row: tuple) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        cohort=row[1],
+        model_family=row[2],
+        model_version=row[3],
+        capabilities=dict(row[4]),
+        registered_unix_ms=int(row[5]),
+        applied_version=row[6],
+        status=row[7],
+        metrics=dict(row[8]),
+        last_seen_unix_ms=int(row[9]),
+        revoked=bool(row[10]),
+    )
