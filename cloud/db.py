@@ -47,8 +47,10 @@ def connect_postgres(dsn: str, application_name: str = "tandem") -> psycopg.Conn
 class PostgresDatabase:
     """One connection shared by a store's threads behind a lock, reopened after the server drops it.
 
-    ``transaction()`` yields a cursor inside a transaction that commits when the block ends; an error rolls it
-    back and propagates (nothing is acknowledged), and the next call reconnects if the connection broke.
+    ``cursor()`` runs each statement as its own transaction (one round trip; a single INSERT of many rows is
+    atomic and durable when it returns). ``transaction()`` groups statements in one transaction that commits
+    when the block ends. An error rolls back and propagates (nothing is acknowledged); the next call
+    reconnects if the connection broke.
     """
 
     def __init__(self, dsn: str, application_name: str = "tandem", migrate: bool = True) -> None:
@@ -71,6 +73,14 @@ class PostgresDatabase:
             self._conn.close()
             self._conn = connect_postgres(self._dsn, self._name)
         return self._conn
+
+    @contextmanager
+    def cursor(self) -> Iterator[psycopg.Cursor]:
+        """A cursor in autocommit mode, serialised with the other users of this object."""
+        with self._lock:
+            conn = self._connection()
+            with conn.cursor() as cur:
+                yield cur
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Cursor]:

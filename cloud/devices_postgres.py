@@ -23,7 +23,7 @@ class PostgresDeviceRegistry:
         self.db = db
 
     def _one(self, where: str, args: tuple) -> DeviceRecord | None:
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute(f"SELECT {_COLUMNS} FROM devices WHERE {where}", args)
             row = cur.fetchone()
         return _record(row) if row else None
@@ -39,7 +39,7 @@ class PostgresDeviceRegistry:
     ) -> tuple[DeviceRecord, str]:
         """Create or re-enrol ``device_id`` with a fresh token; returns the record and the token."""
         token = secrets.token_urlsafe(32)
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute(
                 f"INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
                 " registered_unix_ms) VALUES (%s, %s, %s, %s, %s, %s, %s)"
@@ -63,7 +63,7 @@ class PostgresDeviceRegistry:
 
     def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None:
         """Record the device's latest status, applied version and metrics."""
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute(
                 "UPDATE devices SET status = %s, applied_version = %s, metrics = %s, last_seen_unix_ms = %s"
                 " WHERE device_id = %s",
@@ -72,7 +72,7 @@ class PostgresDeviceRegistry:
 
     def touch(self, device_id: str, applied_version: str | None = None) -> None:
         """Mark the device as seen now (and optionally record its applied version)."""
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             if applied_version:
                 cur.execute(
                     "UPDATE devices SET last_seen_unix_ms = %s, applied_version = %s WHERE device_id = %s",
@@ -83,13 +83,13 @@ class PostgresDeviceRegistry:
 
     def revoke(self, device_id: str) -> bool:
         """Invalidate the device's token; True if the device exists."""
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute("UPDATE devices SET revoked = TRUE WHERE device_id = %s", (device_id,))
             return cur.rowcount == 1
 
     def list(self) -> list[DeviceRecord]:
         """Every registered device."""
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY device_id")
             return [_record(r) for r in cur.fetchall()]
 

@@ -9,14 +9,9 @@ Tests that need it are skipped, with the reason, where no binaries exist.
 from __future__ import annotations
 
 import atexit
-import glob
 import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,95 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench._pg_cluster import PG_VERSION_DIRS, PostgresCluster, find_pg_bin, free_port
 from cloud.config import GatewayConfig
-
-PG_VERSION_DIRS = "/usr/lib/postgresql/*/bin"
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def find_pg_bin() -> Path | None:
-    """A directory holding ``initdb`` and ``pg_ctl``, newest version first."""
-    candidates = [os.environ.get("TANDEM_PG_BIN", "")] + sorted(glob.glob(PG_VERSION_DIRS), reverse=True)
-    for c in candidates:
-        if c and (Path(c) / "initdb").is_file() and (Path(c) / "pg_ctl").is_file():
-            return Path(c)
-    return None
-
-
-class PostgresCluster:
-    """A PostgreSQL server in a temporary directory on 127.0.0.1, owned by the user that may run it."""
-
-    def __init__(self, bin_dir: Path) -> None:
-        self.bin_dir = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
-        self.data = self.root / "data"
-        self.port = 0
-        self._prefix: list[str] = []
-        if os.geteuid() == 0:
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                raise RuntimeError("running as root, initdb needs a 'postgres' user to run as; none exists") from None
-            if shutil.which("runuser") is None:
-                raise RuntimeError("running as root, starting PostgreSQL needs runuser (util-linux)")
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-            self._prefix = ["runuser", "-u", "postgres", "--"]
-
-    def _run(self, *args: str) -> None:
-        proc = subprocess.run([*self._prefix, *args], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-
-    def start(self) -> PostgresCluster:
-        """initdb, then pg_ctl start on a free port (a few tries if another process takes the port)."""
-        self._run(
-            str(self.bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "tandem", "-E", "UTF8", "--no-sync"
-        )
-        for attempt in range(5):
-            self.port = free_port()
-            opts = f"-k {self.root} -h 127.0.0.1 -p {self.port} -c max_connections=300"
-            try:
-                self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts,
-                          "-w", "-t", "60", "start")  # fmt: skip
-                return self
-            except RuntimeError:
-                if attempt == 4:
-                    log = (self.root / "log").read_text()[-2000:] if (self.root / "log").exists() else ""
-                    raise RuntimeError(f"PostgreSQL did not start: {log}") from None
-        return self
-
-    def dsn(self, dbname: str = "postgres") -> str:
-        """libpq DSN of ``dbname`` as the superuser ``tandem``."""
-        return f"host=127.0.0.1 port={self.port} user=tandem dbname={dbname}"
-
-    def create_database(self) -> str:
-        """A new empty database; returns its name."""
-        import psycopg
-
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return name
-
-    def drop_database(self, name: str) -> None:
-        """Drop ``name``, disconnecting whoever still uses it."""
-        import psycopg
-
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-    def stop(self) -> None:
-        """pg_ctl stop -m fast, then remove the directory."""
-        if self.port and (self.data / "postmaster.pid").exists():
-            subprocess.run([*self._prefix, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                            "stop"], capture_output=True, timeout=60)  # fmt: skip
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class MotoServer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from abc import ABC, abstractmethod
 
 from common.errors import TandemError
@@ -30,6 +32,11 @@ def check_key(key: str) -> str:
 
 class BlobStore(ABC):
     """Blobs shared by every gateway and trainer of one cloud: a directory on a shared volume, or S3."""
+
+    def new_key(self, prefix: str) -> str:
+        """A fresh key under ``prefix`` (``<prefix>/<UTC hour>/<uuid>``) for a blob written once; a store may
+        have prepared it in advance to make that ``put`` cheaper."""
+        return f"{check_key(prefix)}/{time.strftime('%Y%m%d%H', time.gmtime())}/{uuid.uuid4().hex}"
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:

@@ -1,17 +1,17 @@
 """PostgreSQL sample store: rows in PostgreSQL, payload bytes in a shared blob store.
 
-A ``put`` writes the payloads of its new samples as one blob (one file or object per commit batch, like the
-SQLite store's segments), waits until the blob is durable, then inserts the rows with
-``ON CONFLICT (device_id, seq) DO NOTHING`` in one transaction. A committed row therefore always points at
-durable bytes, and two gateways that take the same sample at once (a device that reconnected elsewhere) store
-it once: the primary key decides, and the loser's bytes stay unreferenced (the sample was stored by the other
-gateway). A crash between blob and commit leaves unreferenced bytes too; that sample was never acked.
+A ``put`` writes the payloads of its batch as one blob (one file or object per group commit, like the SQLite
+store's segments), waits until the blob is durable, then inserts the rows with one
+``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` (atomic and durable when it returns). A committed row
+therefore always points at durable bytes, and two gateways that take the same sample at once (a device that
+reconnected elsewhere) store it once: the primary key decides. Bytes nobody refers to (a resent sample, a
+crash between blob and commit: never acked) stay in the blob unreferenced; a blob whose samples were all
+stored before is deleted at once.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator, Sequence
 
 from cloud.blobs import BlobStore
@@ -23,42 +23,33 @@ _MAX_GAP = 256 * 1024  # read across another device's bytes rather than issue a 
 
 
 class PostgresSampleStore(SampleStore):
-    """Samples keyed by (device_id, seq) in a database shared by every gateway and the trainer."""
+    """Samples keyed by (device_id, seq) in a database shared by every gateway and the trainer.
+
+    Writes and reads use separate connections, so a high-water lookup never waits behind a commit.
+    """
+
+    concurrent_reads = True
 
     def __init__(self, db: PostgresDatabase, blobs: BlobStore) -> None:
         self.db = db
         self.blobs = blobs
-
-    def _existing(self, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
-        with self.db.transaction() as cur:
-            cur.execute(
-                "SELECT s.device_id, s.seq FROM samples s"
-                " JOIN unnest(%s::text[], %s::bigint[]) AS k(device_id, seq)"
-                " ON s.device_id = k.device_id AND s.seq = k.seq",
-                ([k[0] for k in keys], [k[1] for k in keys]),
-            )
-            return {(d, int(q)) for d, q in cur.fetchall()}
+        self._reads = PostgresDatabase(db.dsn, "tandem-samples-read", migrate=False)
 
     def put(self, samples: Sequence[Sample]) -> list[bool]:
         if not samples:
             return []
-        existing = self._existing([(s.device_id, s.seq) for s in samples])
-        fresh: list[Sample] = []
+        fresh: dict[tuple[str, int], Sample] = {}
         for s in samples:
-            key = (s.device_id, s.seq)
-            if key not in existing:
-                existing.add(key)  # a second copy in the same batch is a duplicate
-                fresh.append(s)
-        if not fresh:
-            return [False] * len(samples)
-        blob_key = f"samples/{uuid.uuid4().hex[:2]}/{uuid.uuid4().hex}"
+            fresh.setdefault((s.device_id, s.seq), s)  # a second copy in the same batch is a duplicate
+        batch = list(fresh.values())
+        blob_key = self.blobs.new_key("samples")
         offsets = []
         pos = 0
-        for s in fresh:
+        for s in batch:
             offsets.append(pos)
             pos += len(s.payload)
-        self.blobs.put(blob_key, b"".join(s.payload for s in fresh))  # durable before any row refers to it
-        with self.db.transaction() as cur:
+        self.blobs.put(blob_key, b"".join(s.payload for s in batch))  # durable before any row refers to it
+        with self.db.cursor() as cur:  # one statement: atomic, and durable once it returns
             cur.execute(
                 "INSERT INTO samples (device_id, seq, blob_key, blob_offset, length, metadata, created_unix_ms,"
                 " received_unix_ms) SELECT d, q, %s, o, n, m::jsonb, c, r FROM unnest(%s::text[], %s::bigint[],"
@@ -66,23 +57,22 @@ class PostgresSampleStore(SampleStore):
                 " ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq",
                 (
                     blob_key,
-                    [s.device_id for s in fresh],
-                    [s.seq for s in fresh],
+                    [s.device_id for s in batch],
+                    [s.seq for s in batch],
                     offsets,
-                    [len(s.payload) for s in fresh],
-                    [json.dumps(s.metadata, sort_keys=True) for s in fresh],
-                    [s.created_unix_ms for s in fresh],
-                    [s.received_unix_ms for s in fresh],
+                    [len(s.payload) for s in batch],
+                    [json.dumps(s.metadata, sort_keys=True) for s in batch],
+                    [s.created_unix_ms for s in batch],
+                    [s.received_unix_ms for s in batch],
                 ),
             )
             inserted = {(d, int(q)) for d, q in cur.fetchall()}
-        if not inserted:  # another gateway stored all of them meanwhile: nothing refers to the blob
+        if not inserted:  # every sample was stored before (a resend): nothing refers to the blob
             self.blobs.delete(blob_key)
-        fresh_ids = {id(s) for s in fresh}
-        return [id(s) in fresh_ids and (s.device_id, s.seq) in inserted for s in samples]
+        return [s is fresh[(s.device_id, s.seq)] and (s.device_id, s.seq) in inserted for s in samples]
 
     def high_water(self, device_id: str) -> int:
-        with self.db.transaction() as cur:
+        with self._reads.cursor() as cur:
             cur.execute("SELECT MAX(seq) FROM samples WHERE device_id = %s", (device_id,))
             row = cur.fetchone()
         return int(row[0] or 0) if row else 0
@@ -111,7 +101,7 @@ class PostgresSampleStore(SampleStore):
         cursor = after_seq
         while remaining is None or remaining > 0:
             n = _PAGE if remaining is None else min(_PAGE, remaining)
-            with self.db.transaction() as cur:
+            with self._reads.cursor() as cur:
                 cur.execute(
                     "SELECT blob_key, blob_offset, length, seq, metadata, created_unix_ms, received_unix_ms"
                     " FROM samples WHERE device_id = %s AND seq > %s ORDER BY seq LIMIT %s",
@@ -128,7 +118,7 @@ class PostgresSampleStore(SampleStore):
                 remaining -= len(rows)
 
     def count(self, device_id: str | None = None) -> int:
-        with self.db.transaction() as cur:
+        with self._reads.cursor() as cur:
             if device_id is None:
                 cur.execute("SELECT COUNT(*) FROM samples")
             else:
@@ -137,10 +127,11 @@ class PostgresSampleStore(SampleStore):
         return int(row[0]) if row else 0
 
     def devices(self) -> list[str]:
-        with self.db.transaction() as cur:
+        with self._reads.cursor() as cur:
             cur.execute("SELECT DISTINCT device_id FROM samples ORDER BY device_id")
             return [r[0] for r in cur.fetchall()]
 
     def close(self) -> None:
         self.db.close()
+        self._reads.close()
         self.blobs.close()

@@ -77,7 +77,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
         return up.record(int(row[0]))
 
     def _select(self, where: str, args: tuple) -> list[UpdateRecord]:
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute(f"SELECT {_COLUMNS} FROM updates WHERE {where} ORDER BY update_id", args)
             return [_record(r) for r in cur.fetchall()]
 
@@ -101,7 +101,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
         )
 
     def read_payload(self, update_id: int, offset: int, length: int) -> bytes:
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute("SELECT blob_key FROM updates WHERE update_id = %s", (update_id,))
             row = cur.fetchone()
         if row is None:
@@ -109,7 +109,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
         return self.blobs.get(row[0], offset, length)
 
     def latest_id(self) -> int:
-        with self.db.transaction() as cur:
+        with self.db.cursor() as cur:
             cur.execute("SELECT MAX(update_id) FROM updates")
             row = cur.fetchone()
         return int(row[0] or 0) if row else 0

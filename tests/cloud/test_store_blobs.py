@@ -83,3 +83,11 @@ def test_s3_unreachable_endpoint_is_a_clear_error():
 
     with pytest.raises(BlobError, match="unreachable|not usable"):
         S3BlobStore("b", endpoint_url=f"http://127.0.0.1:{free_port()}")
+
+
+def test_new_keys_are_fresh_and_written_once(blobs):
+    keys = [blobs.new_key("samples") for _ in range(70)]  # more than one batch of prepared files
+    assert len(set(keys)) == 70 and all(k.startswith("samples/") for k in keys)
+    for i, key in enumerate(keys[:3]):
+        blobs.put(key, f"batch {i}".encode())
+    assert [blobs.get(k) for k in keys[:3]] == [b"batch 0", b"batch 1", b"batch 2"]
