@@ -8,8 +8,9 @@ import secrets
 from psycopg.types.json import Jsonb
 
 from cloud.db import PostgresDatabase
-from cloud.devices import DeviceRecord, _hash, _now_ms
+from cloud.devices import DeviceRecord, RollbackEvent, _hash, _now_ms
 
+_ROLLBACK_LOCK = 0x726F6C6C  # "roll": rollback event ids commit in id order
 _COLUMNS = (
     "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version,"
     " status, metrics, last_seen_unix_ms, revoked"
@@ -69,6 +70,26 @@ class PostgresDeviceRegistry:
                 " WHERE device_id = %s",
                 (status, applied_version, Jsonb(metrics), _now_ms(), device_id),
             )
+
+    def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None:
+        """Remember a rollback the device reported (the trainer rebases the device's mirror on it)."""
+        with self.db.transaction() as cur:  # event ids commit in id order, like update ids
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_ROLLBACK_LOCK,))
+            cur.execute(
+                "INSERT INTO rollbacks (device_id, from_version, to_version, reason, unix_ms)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (device_id, from_version, to_version, reason, _now_ms()),
+            )
+
+    def rollbacks(self, after_id: int = 0) -> list[RollbackEvent]:
+        """Rollback events with id > ``after_id``, oldest first."""
+        with self.db.cursor() as cur:
+            cur.execute(
+                "SELECT event_id, device_id, from_version, to_version, reason, unix_ms FROM rollbacks"
+                " WHERE event_id > %s ORDER BY event_id",
+                (after_id,),
+            )
+            return [RollbackEvent(int(r[0]), r[1], r[2], r[3], r[4], int(r[5])) for r in cur.fetchall()]
 
     def touch(self, device_id: str, applied_version: str | None = None) -> None:
         """Mark the device as seen now (and optionally record its applied version)."""

@@ -85,6 +85,43 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX updates_cohort ON updates (cohort, update_id);
         """,
     ),
+    Migration(
+        2,
+        "trainer: jobs, scheduling cursors, metadata; device rollbacks",
+        """
+        CREATE TABLE jobs (
+            job_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            subject_kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            family TEXT NOT NULL,
+            ranges JSONB NOT NULL,
+            samples BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            error TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL DEFAULT '',
+            update_id BIGINT NOT NULL DEFAULT 0,
+            result JSONB NOT NULL DEFAULT '{}',
+            created_unix_ms BIGINT NOT NULL,
+            started_unix_ms BIGINT NOT NULL DEFAULT 0,
+            finished_unix_ms BIGINT NOT NULL DEFAULT 0
+        );
+        CREATE UNIQUE INDEX jobs_one_active ON jobs (subject_kind, subject) WHERE state IN ('queued', 'running');
+        CREATE INDEX jobs_state ON jobs (state, job_id);
+        CREATE TABLE job_cursors (device_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, unix_ms BIGINT NOT NULL);
+        CREATE TABLE job_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE rollbacks (
+            event_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            from_version TEXT NOT NULL,
+            to_version TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            unix_ms BIGINT NOT NULL
+        );
+        """,
+    ),
 )
 
 

@@ -61,6 +61,18 @@ def open_update_registry(
     return SqliteUpdateRegistry(Path(data_dir) / "updates", signing_key, synchronous)
 
 
+def open_job_store(settings: StoreSettings, state_dir: Path, synchronous: str = "FULL"):
+    """The trainer's job store of the configured backend (``SqliteJobStore`` under ``state_dir``)."""
+    if settings.store == "postgres":
+        from cloud.adaptation.jobs_postgres import PostgresJobStore
+
+        return PostgresJobStore(_database(settings, "jobs"))
+    from cloud.adaptation.jobs_sqlite import SqliteJobStore
+
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    return SqliteJobStore(Path(state_dir) / "jobs.db", synchronous)
+
+
 @dataclass
 class CloudStores:
     """The three stores a gateway serves from."""

@@ -3,7 +3,6 @@ sign and describe the payload. The backends differ only in where rows and bytes 
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -11,10 +10,8 @@ from cloud.updates.base import UpdateRecord
 from common.codec import sha256_hex
 from common.errors import TandemError
 from common.signing import Ed25519PrivateKey
+from common.update_header import VERSION_RE, UpdateHeader
 from protocol.payload import describe_payload
-from protocol.updates import UpdateHeader
-
-_VERSION_RE = re.compile(r"^[A-Za-z0-9._:+-]{1,128}$")
 
 
 class PublishError(TandemError):
@@ -68,7 +65,7 @@ def prepare_update(
     if bool(device_id) == bool(cohort):
         raise PublishError("address an update to exactly one of a device_id or a cohort (neither may be empty)")
     for name, value in (("base_version", base), ("target_version", target)):
-        if not isinstance(value, str) or not _VERSION_RE.match(value):
+        if not isinstance(value, str) or not VERSION_RE.match(value):
             raise PublishError(f"{name} {value!r} must be 1-128 chars of [A-Za-z0-9._:+-]")
     if base == target:
         raise PublishError("target_version must differ from base_version")

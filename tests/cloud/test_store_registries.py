@@ -55,6 +55,14 @@ def test_device_registry(backend):
         assert other.authenticate(token) is None and other.authenticate(token2).model_version == "2"
         reg.register("dev-0", cohort="", model_family="f", model_version="", capabilities={})
         assert [d.device_id for d in other.list()] == ["dev-0", "dev-1"]
+        reg.record_rollback("dev-1", "v4", "v3", "accuracy fell")
+        other.record_rollback("dev-0", "v2", "v1", "")
+        events = reg.rollbacks()
+        assert [(e.device_id, e.from_version, e.to_version, e.reason) for e in events] == [
+            ("dev-1", "v4", "v3", "accuracy fell"),
+            ("dev-0", "v2", "v1", ""),
+        ]
+        assert [e.device_id for e in other.rollbacks(after_id=events[0].event_id)] == ["dev-0"]
     finally:
         reg.close()
         other.close()
