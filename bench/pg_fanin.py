@@ -152,7 +152,7 @@ def check_store(config: GatewayConfig, result: FleetResult, size: int) -> tuple[
 
 
 def _write_config(path: Path, **fields) -> tuple[Path, GatewayConfig]:
-    cfg = GatewayConfig(host="127.0.0.1", port=0, sqlite_synchronous="FULL", **fields)
+    cfg = GatewayConfig(host="127.0.0.1", port=0, sqlite_synchronous="FULL", open_enrollment=True, **fields)
     data = cfg.model_dump(mode="json", exclude_none=True)
     if cfg.postgres_dsn is not None:
         data["postgres_dsn"] = cfg.dsn()

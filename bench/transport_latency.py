@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.transport_common import gateway_process, print_table
+from bench.transport_common import gateway_process, print_table, sample_payload
 from cloud.samples import SqliteSampleStore
 from common.codec import sha256_digest
 from device.transport.client import GatewayClient
@@ -61,7 +60,7 @@ async def run_devices(
         client = GatewayClient(cfg)
         await client.register()
         clients.append(client)
-    payload = os.urandom(size)
+    payload = sample_payload(0, size)
     latencies: list[float] = []
     acked: dict[str, list[int]] = {c.identity.device_id: [] for c in clients}
     until = time.monotonic() + seconds

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.transport_common import REPO_ROOT, gateway_process, print_table
+from bench.transport_common import REPO_ROOT, gateway_process, print_table, sample_payload
 from common.codec import sha256_digest
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
@@ -169,15 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     n = 64 if args.quick else 512
-    samples = [os.urandom(MiB) for _ in range(n)]
+    samples = [sample_payload(i, MiB) for i in range(n)]  # real samples: the gateway verifies what it stores
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = raw_tcp_copy(samples)
         bare = bare_grpc_stream(samples, args.batch)
         disk = durable_file_write(samples, Path(tmp), args.batch)
-        config = Path(tmp) / "cloud.yaml"
-        config.write_text(f"sqlite_synchronous: {args.synchronous}\n")
-        with gateway_process(Path(tmp) / "cloud", "--config", str(config)) as (_, address):
+        settings = {"sqlite_synchronous": args.synchronous}
+        with gateway_process(Path(tmp) / "cloud", settings=settings) as (_, address):
             direct = asyncio.run(gateway_upload(address, Path(tmp) / "d1", samples, args.batch, False, "bench-1"))
             outbox = asyncio.run(gateway_upload(address, Path(tmp) / "d2", samples, args.batch, True, "bench-2"))
     for name, secs in (

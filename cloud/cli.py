@@ -17,7 +17,7 @@ from common.errors import ConfigError, TandemError
 
 app = typer.Typer(name="tandem-cloud", help="Tandem cloud role.", no_args_is_help=True, add_completion=False)
 updates_app = typer.Typer(help="Publish and list signed updates.", no_args_is_help=True)
-devices_app = typer.Typer(help="Inspect and revoke registered devices.", no_args_is_help=True)
+devices_app = typer.Typer(help="Provision, inspect, move and revoke devices.", no_args_is_help=True)
 samples_app = typer.Typer(help="Inspect the sample store.", no_args_is_help=True)
 jobs_app = typer.Typer(help="See and steer adaptation jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
@@ -180,13 +180,22 @@ def updates_list(
     console.print(table)
 
 
-def _devices(config: Path | None, data_dir: Path | None):
+def _devices(config: Path | None, data_dir: Path | None, create: bool = False):
     from cloud.stores import open_device_registry
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    if cfg.store == "sqlite" and not (Path(cfg.data_dir) / "devices.db").exists():
-        raise TandemError(f"no device database at {Path(cfg.data_dir) / 'devices.db'}")
-    return open_device_registry(cfg, cfg.data_dir)
+    path = Path(cfg.data_dir) / "devices.db"
+    if cfg.store == "sqlite" and not path.exists() and not create:
+        raise TandemError(f"no device database at {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open_device_registry(cfg, cfg.data_dir, cfg.sqlite_synchronous)
+
+
+def _check_name(kind: str, value: str, allow_empty: bool) -> None:
+    from protocol.limits import COHORT_RE, DEVICE_ID_RE
+
+    if not (COHORT_RE if allow_empty else DEVICE_ID_RE).match(value):
+        raise ConfigError(f"{kind} must be {'0' if allow_empty else '1'}-128 chars of [A-Za-z0-9._-]: {value!r}")
 
 
 @devices_app.command("list")
@@ -194,16 +203,16 @@ def devices_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDi
     """List registered devices with their applied version and last heartbeat."""
     reg = _devices(config, data_dir)
     try:
-        table = Table("device", "cohort", "model", "applied", "status", "last seen (UTC)", "revoked")
+        table = Table("device", "state", "cohort", "model", "applied", "status", "last seen (UTC)")
         for d in reg.list():
             table.add_row(
                 d.device_id,
+                d.state,
                 d.cohort or "-",
-                f"{d.model_family}@{d.model_version}",
+                f"{d.model_family}@{d.model_version}" if d.model_family else "-",
                 d.applied_version or "-",
                 d.status or "-",
                 _when(d.last_seen_unix_ms),
-                str(d.revoked),
             )
     finally:
         reg.close()
@@ -216,7 +225,7 @@ def devices_revoke(
     config: Path | None = ConfigOpt,
     data_dir: Path | None = DataDirOpt,
 ) -> None:
-    """Invalidate a device's token (it must register again)."""
+    """Invalidate a device's token; only `devices add` lets the id register again."""
     reg = _devices(config, data_dir)
     try:
         if not reg.revoke(device):
@@ -224,6 +233,47 @@ def devices_revoke(
     finally:
         reg.close()
     console.print(f"revoked {device}")
+
+
+@devices_app.command("add")
+def devices_add(
+    device: str = typer.Argument(..., help="Device id."),
+    cohort: str = typer.Option("", "--cohort", help="Cohort the device belongs to (the operator decides)."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Provision a device (or re-admit a revoked one) and print its one-time enrollment code."""
+    from cloud.devices import DeviceStateError
+
+    _check_name("device id", device, allow_empty=False)
+    _check_name("cohort", cohort, allow_empty=True)
+    reg = _devices(config, data_dir, create=True)
+    try:
+        code = reg.provision(device, cohort)
+    except DeviceStateError as exc:
+        raise TandemError(str(exc)) from exc
+    finally:
+        reg.close()
+    console.print(f"provisioned {device} (cohort {cohort or '-'}); enrollment code, shown once:")
+    console.print(code, highlight=False, soft_wrap=True)
+
+
+@devices_app.command("set-cohort")
+def devices_set_cohort(
+    device: str = typer.Argument(..., help="Device id."),
+    cohort: str = typer.Argument(..., help="New cohort ('' for none)."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Move a device to another cohort (it receives that cohort's updates from its next watch)."""
+    _check_name("cohort", cohort, allow_empty=True)
+    reg = _devices(config, data_dir)
+    try:
+        if not reg.set_cohort(device, cohort):
+            raise TandemError(f"no device {device!r}")
+    finally:
+        reg.close()
+    console.print(f"{device} is now in cohort {cohort or '-'}")
 
 
 @samples_app.command("list")

@@ -87,7 +87,11 @@ class GatewayConfig(StoreSettings):
     create_signing_key: bool = True
     """Generate the signing key on first start when it does not exist."""
     enrollment_secret: str | None = None
-    """When set, Register requires this shared secret."""
+    """Fleet-wide secret: a device that presents it may enrol an id the operator has not provisioned."""
+    open_enrollment: bool = False
+    """Development only: anyone may enrol a new id, in the cohort it claims. Off: only ids the operator
+    provisioned (``tandem-cloud devices add``, each with a one-time code) or holders of ``enrollment_secret``
+    enrol, and the cohort is the operator's."""
     tls: ServerTlsConfig | None = None
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, gt=0)
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
@@ -96,6 +100,20 @@ class GatewayConfig(StoreSettings):
     keepalive_time_s: float = Field(60.0, gt=0)
     keepalive_timeout_s: float = Field(20.0, gt=0)
     min_client_ping_interval_s: float = Field(10.0, gt=0)
+    max_buffered_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    """Sample bytes all Upload streams together may hold in memory (received, verifying or committing)."""
+    max_upload_streams: int = Field(128, gt=0)
+    """Upload calls served at once; one more answers RESOURCE_EXHAUSTED before anything is read. Memory beyond
+    ``max_buffered_bytes`` is at most one first chunk (plus gRPC's window) per open Upload stream."""
+    max_stream_buffer_bytes: int | None = Field(None, gt=0)
+    """Sample bytes one Upload stream may hold; default ``max_sample_bytes + chunk_size``. A stream at its
+    cap waits for its own commits; the global cap answers RESOURCE_EXHAUSTED after ``buffer_wait_s``."""
+    buffer_wait_s: float = Field(5.0, ge=0)
+    """How long a stream waits for room in ``max_buffered_bytes`` before RESOURCE_EXHAUSTED."""
+    validation_workers: int = Field(1, ge=1, le=64)
+    """Threads that verify completed samples (each holds about one sample's worth of extra memory)."""
+    upload_idle_timeout_s: float = Field(60.0, gt=0)
+    """An Upload stream that sends no message for this long is ended (DEADLINE_EXCEEDED) and its buffers freed."""
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL survives power loss; NORMAL (WAL) survives process crashes only."""
     commit_batch_bytes: int = Field(64 * 1024 * 1024, gt=0)
@@ -111,12 +129,24 @@ class GatewayConfig(StoreSettings):
     @model_validator(mode="after")
     def _check_limits(self) -> GatewayConfig:
         check_chunk_fits(self.chunk_size, self.max_message_bytes)
+        if self.stream_buffer_bytes > self.max_buffered_bytes:
+            raise ValueError(
+                f"the per-stream buffer ({self.stream_buffer_bytes} bytes) must fit in max_buffered_bytes "
+                f"({self.max_buffered_bytes})"
+            )
+        if self.stream_buffer_bytes < self.max_sample_bytes + self.chunk_size:
+            raise ValueError("max_stream_buffer_bytes must hold max_sample_bytes + chunk_size")
         return self
 
     @property
     def adaptation_dir(self) -> Path:
         """Learner state and the job database."""
         return self.adaptation.state_dir or self.data_dir / "adaptation"
+
+    @property
+    def stream_buffer_bytes(self) -> int:
+        """The per-stream buffer cap in bytes."""
+        return self.max_stream_buffer_bytes or self.max_sample_bytes + self.chunk_size
 
     @property
     def signing_key_path(self) -> Path:

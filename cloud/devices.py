@@ -1,8 +1,14 @@
-"""Registered devices and their bearer tokens (only sha256 hashes of tokens are stored)."""
+"""Registered devices and their bearer tokens (only sha256 hashes of tokens and enrollment codes are stored).
+
+A device is *provisioned* (the operator created it with a one-time enrollment code and its cohort), *active*
+(it registered and holds a token) or *revoked* (its token is dead; only the operator re-admits it, with
+``provision``, which issues a new code).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -12,6 +18,7 @@ from pathlib import Path
 
 from cloud.db import open_sqlite
 from cloud.migrations import migrate_sqlite
+from common.errors import TandemError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -37,6 +44,11 @@ CREATE TABLE IF NOT EXISTS rollbacks (
     unix_ms INTEGER NOT NULL
 );
 """
+_MIGRATIONS = {"enrollment_sha256": "ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT"}
+
+
+class DeviceStateError(TandemError):
+    """The operation does not fit the device's state (a revoked id registering, an active id provisioned)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,13 @@ class DeviceRecord:
     metrics: dict
     last_seen_unix_ms: int
     revoked: bool
+    provisioned: bool = False
+    """Created by the operator and waiting for its first Register (no live token yet)."""
+
+    @property
+    def state(self) -> str:
+        """``provisioned``, ``active`` or ``revoked``."""
+        return "revoked" if self.revoked else "provisioned" if self.provisioned else "active"
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,10 @@ class DeviceRegistry:
         self._conn = open_sqlite(path, synchronous)
         self._lock = threading.Lock()
         migrate_sqlite(self._conn, (_SCHEMA,), f"device registry {path}")
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        for column, ddl in _MIGRATIONS.items():
+            if column not in columns:
+                self._conn.execute(ddl)
 
     def register(
         self,
@@ -93,15 +116,21 @@ class DeviceRegistry:
         model_version: str,
         capabilities: dict,
     ) -> tuple[DeviceRecord, str]:
-        """Create or re-enrol ``device_id`` with a fresh token; returns the record and the token."""
+        """Create or re-enrol ``device_id`` with a fresh token; returns the record and the token.
+
+        A revoked id raises DeviceStateError: only ``provision`` (an operator command) re-admits it.
+        """
         token = secrets.token_urlsafe(32)
         with self._lock:
+            row = self._conn.execute("SELECT revoked FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            if row is not None and row[0]:
+                raise DeviceStateError(f"device {device_id} is revoked; an operator must provision it again")
             self._conn.execute(
                 "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version,"
                 " capabilities, registered_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(device_id) DO UPDATE SET token_sha256=excluded.token_sha256,"
                 " cohort=excluded.cohort, model_family=excluded.model_family,"
-                " model_version=excluded.model_version, capabilities=excluded.capabilities, revoked=0",
+                " model_version=excluded.model_version, capabilities=excluded.capabilities, enrollment_sha256=NULL",
                 (
                     device_id,
                     _hash(token),
@@ -168,9 +197,47 @@ class DeviceRegistry:
                 self._conn.execute("UPDATE devices SET last_seen_unix_ms=? WHERE device_id=?", (_now_ms(), device_id))
 
     def revoke(self, device_id: str) -> bool:
-        """Invalidate the device's token; True if the device exists."""
+        """Invalidate the device's token (and any enrollment code); True if the device exists."""
         with self._lock:
-            cur = self._conn.execute("UPDATE devices SET revoked=1 WHERE device_id=?", (device_id,))
+            cur = self._conn.execute(
+                "UPDATE devices SET revoked=1, enrollment_sha256=NULL WHERE device_id=?", (device_id,)
+            )
+        return cur.rowcount == 1
+
+    def provision(self, device_id: str, cohort: str) -> str:
+        """Admit ``device_id`` (new, revoked or still provisioned) in ``cohort``; returns its one-time code.
+
+        The code is what the device presents as ``enrollment_secret`` in its first Register. Any earlier
+        token of the id stops working. An active device raises DeviceStateError (revoke it first).
+        """
+        code = secrets.token_urlsafe(24)
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT revoked, enrollment_sha256 FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is not None and not row[0] and row[1] is None:
+                raise DeviceStateError(f"device {device_id} is registered and active; revoke it first")
+            self._conn.execute(
+                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+                " registered_unix_ms, enrollment_sha256) VALUES (?, ?, ?, '', '', '{}', ?, ?)"
+                " ON CONFLICT(device_id) DO UPDATE SET token_sha256=excluded.token_sha256, cohort=excluded.cohort,"
+                " revoked=0, enrollment_sha256=excluded.enrollment_sha256",
+                (device_id, _hash(secrets.token_urlsafe(32)), cohort, _now_ms(), _hash(code)),
+            )
+        return code
+
+    def check_enrollment_code(self, device_id: str, code: str) -> bool:
+        """True if ``device_id`` is provisioned and ``code`` is its enrollment code."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT enrollment_sha256 FROM devices WHERE device_id = ? AND revoked = 0", (device_id,)
+            ).fetchone()
+        return bool(code) and row is not None and row[0] is not None and hmac.compare_digest(row[0], _hash(code))
+
+    def set_cohort(self, device_id: str, cohort: str) -> bool:
+        """Move a device to ``cohort`` (the operator's decision); True if the device exists."""
+        with self._lock:
+            cur = self._conn.execute("UPDATE devices SET cohort=? WHERE device_id=?", (cohort, device_id))
         return cur.rowcount == 1
 
     def list(self) -> list[DeviceRecord]:
@@ -187,7 +254,7 @@ class DeviceRegistry:
 
 _COLUMNS = (
     "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version,"
-    " status, metrics, last_seen_unix_ms, revoked"
+    " status, metrics, last_seen_unix_ms, revoked, enrollment_sha256 IS NOT NULL"
 )
 
 
@@ -204,4 +271,5 @@ def _record(row: tuple) -> DeviceRecord:
         metrics=json.loads(row[8]),
         last_seen_unix_ms=int(row[9]),
         revoked=bool(row[10]),
+        provisioned=bool(row[11]) and not row[10],
     )

@@ -3,17 +3,18 @@ gateway (a device may reconnect to any of them with its token)."""
 
 from __future__ import annotations
 
+import hmac
 import secrets
 
 from psycopg.types.json import Jsonb
 
 from cloud.db import PostgresDatabase
-from cloud.devices import DeviceRecord, RollbackEvent, _hash, _now_ms
+from cloud.devices import DeviceRecord, DeviceStateError, RollbackEvent, _hash, _now_ms
 
 _ROLLBACK_LOCK = 0x726F6C6C  # "roll": rollback event ids commit in id order
 _COLUMNS = (
     "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version,"
-    " status, metrics, last_seen_unix_ms, revoked"
+    " status, metrics, last_seen_unix_ms, revoked, enrollment_sha256 IS NOT NULL"
 )
 
 
@@ -38,21 +39,28 @@ class PostgresDeviceRegistry:
         model_version: str,
         capabilities: dict,
     ) -> tuple[DeviceRecord, str]:
-        """Create or re-enrol ``device_id`` with a fresh token; returns the record and the token."""
+        """Create or re-enrol ``device_id`` with a fresh token; returns the record and the token.
+
+        A revoked id raises DeviceStateError: only ``provision`` (an operator command) re-admits it.
+        """
         token = secrets.token_urlsafe(32)
-        with self.db.cursor() as cur:
+        with self.db.transaction() as cur:
+            cur.execute("SELECT revoked FROM devices WHERE device_id = %s FOR UPDATE", (device_id,))
+            row = cur.fetchone()
+            if row is not None and row[0]:
+                raise DeviceStateError(f"device {device_id} is revoked; an operator must provision it again")
             cur.execute(
-                f"INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
                 " registered_unix_ms) VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (device_id) DO UPDATE SET token_sha256 = excluded.token_sha256,"
                 " cohort = excluded.cohort, model_family = excluded.model_family,"
-                " model_version = excluded.model_version, capabilities = excluded.capabilities, revoked = FALSE"
-                f" RETURNING {_COLUMNS}",
+                " model_version = excluded.model_version, capabilities = excluded.capabilities,"
+                f" enrollment_sha256 = NULL RETURNING {_COLUMNS}",
                 (device_id, _hash(token), cohort, model_family, model_version, Jsonb(capabilities), _now_ms()),
             )
-            row = cur.fetchone()
-        assert row is not None
-        return _record(row), token
+            out = cur.fetchone()
+        assert out is not None
+        return _record(out), token
 
     def get(self, device_id: str) -> DeviceRecord | None:
         """The device's record, or None."""
@@ -103,9 +111,44 @@ class PostgresDeviceRegistry:
                 cur.execute("UPDATE devices SET last_seen_unix_ms = %s WHERE device_id = %s", (_now_ms(), device_id))
 
     def revoke(self, device_id: str) -> bool:
-        """Invalidate the device's token; True if the device exists."""
+        """Invalidate the device's token (and any enrollment code); True if the device exists."""
         with self.db.cursor() as cur:
-            cur.execute("UPDATE devices SET revoked = TRUE WHERE device_id = %s", (device_id,))
+            cur.execute(
+                "UPDATE devices SET revoked = TRUE, enrollment_sha256 = NULL WHERE device_id = %s", (device_id,)
+            )
+            return cur.rowcount == 1
+
+    def provision(self, device_id: str, cohort: str) -> str:
+        """Admit ``device_id`` (new, revoked or still provisioned) in ``cohort``; returns its one-time code.
+
+        An active device raises DeviceStateError (revoke it first).
+        """
+        code = secrets.token_urlsafe(24)
+        with self.db.transaction() as cur:
+            cur.execute("SELECT revoked, enrollment_sha256 FROM devices WHERE device_id = %s FOR UPDATE", (device_id,))
+            row = cur.fetchone()
+            if row is not None and not row[0] and row[1] is None:
+                raise DeviceStateError(f"device {device_id} is registered and active; revoke it first")
+            cur.execute(
+                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+                " registered_unix_ms, enrollment_sha256) VALUES (%s, %s, %s, '', '', '{}', %s, %s)"
+                " ON CONFLICT (device_id) DO UPDATE SET token_sha256 = excluded.token_sha256,"
+                " cohort = excluded.cohort, revoked = FALSE, enrollment_sha256 = excluded.enrollment_sha256",
+                (device_id, _hash(secrets.token_urlsafe(32)), cohort, _now_ms(), _hash(code)),
+            )
+        return code
+
+    def check_enrollment_code(self, device_id: str, code: str) -> bool:
+        """True if ``device_id`` is provisioned and ``code`` is its enrollment code."""
+        with self.db.cursor() as cur:
+            cur.execute("SELECT enrollment_sha256 FROM devices WHERE device_id = %s AND NOT revoked", (device_id,))
+            row = cur.fetchone()
+        return bool(code) and row is not None and row[0] is not None and hmac.compare_digest(row[0], _hash(code))
+
+    def set_cohort(self, device_id: str, cohort: str) -> bool:
+        """Move a device to ``cohort`` (the operator's decision); True if the device exists."""
+        with self.db.cursor() as cur:
+            cur.execute("UPDATE devices SET cohort = %s WHERE device_id = %s", (cohort, device_id))
             return cur.rowcount == 1
 
     def list(self) -> list[DeviceRecord]:
@@ -132,4 +175,5 @@ def _record(row: tuple) -> DeviceRecord:
         metrics=dict(row[8]),
         last_seen_unix_ms=int(row[9]),
         revoked=bool(row[10]),
+        provisioned=bool(row[11]) and not row[10],
     )

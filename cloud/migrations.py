@@ -122,6 +122,11 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "devices: one-time enrollment codes of provisioned devices",
+        "ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT",
+    ),
 )
 
 

@@ -89,46 +89,140 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise CodecError(f"not a valid safetensors payload: {exc}") from exc
 
 
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+"""Every safetensors dtype and its width in bits (the format's own list)."""
+
+MAX_TENSOR_DIMS = 32
+_BAD = "not a valid safetensors payload"
+
+
 def read_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
-    """Return ``(tensor entries, __metadata__)`` from a safetensors byte string, validating offsets."""
+    """Return ``(tensor entries, __metadata__)`` of a safetensors byte string, checked as strictly as the format.
+
+    Every entry must name a known dtype, a list of non-negative integer dims and integer ``data_offsets`` that
+    match ``dtype x shape``; the tensors must tile the data area exactly; ``__metadata__`` must map strings to
+    strings. Anything else raises CodecError (never KeyError, TypeError or RecursionError).
+    """
     if len(data) < _HEADER_LEN_BYTES:
         raise CodecError("not a valid safetensors payload: shorter than its header length")
-    (header_len,) = struct.unpack("<Q", data[:_HEADER_LEN_BYTES])
+    (header_len,) = struct.unpack("<Q", bytes(data[:_HEADER_LEN_BYTES]))
     if header_len > _MAX_HEADER_BYTES or _HEADER_LEN_BYTES + header_len > len(data):
         raise CodecError("not a valid safetensors payload: header length out of range")
+    raw = bytes(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len])
+    if not raw.startswith(b"{"):
+        raise CodecError("not a valid safetensors payload: header is not a JSON object")
     try:
-        header = json.loads(bytes(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"not a valid safetensors payload: header is not JSON ({exc})") from exc
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CodecError(f"not a valid safetensors payload: header is not JSON ({str(exc)[:100]})") from None
     if not isinstance(header, dict):
         raise CodecError("not a valid safetensors payload: header is not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CodecError("not a valid safetensors payload: __metadata__ must map strings to strings")
     body = len(data) - _HEADER_LEN_BYTES - header_len
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= body):
-            raise CodecError(f"not a valid safetensors payload: bad data offsets for tensor {name!r}")
+    spans = sorted(_tensor_span(name, entry) for name, entry in header.items())
+    end = 0
+    for start, stop, name in spans:
+        if start != end:
+            raise CodecError(f"{_BAD}: tensor {_short(name)} does not start where the last ended")
+        end = stop
+    if end != body:
+        raise CodecError(f"not a valid safetensors payload: tensors cover {end} of {body} data bytes")
     return header, metadata
+
+
+def _tensor_span(name: str, entry: Any) -> tuple[int, int, str]:
+    """``(start, stop, name)`` of one header entry after checking dtype, shape and offsets agree."""
+    if not isinstance(entry, dict):
+        raise CodecError(f"not a valid safetensors payload: entry {_short(name)} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise CodecError(f"{_BAD}: tensor {_short(name)} has unknown dtype {str(dtype)[:20]!r}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(_is_count(d) for d in shape)):
+        raise CodecError(
+            f"not a valid safetensors payload: tensor {_short(name)} shape must be a list of at most "
+            f"{MAX_TENSOR_DIMS} non-negative integers"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CodecError(f"not a valid safetensors payload: bad data offsets for tensor {_short(name)}")
+    start, stop = offsets
+    elements = 1
+    for d in shape:
+        elements *= d
+    nbytes, rest = divmod(elements * DTYPE_BITS[dtype], 8)
+    if rest or stop < start or stop - start != nbytes:
+        raise CodecError(
+            f"not a valid safetensors payload: tensor {_short(name)} shape and dtype {dtype} disagree with its "
+            "data_offsets"
+        )
+    return start, stop, name
+
+
+def _short(name: str) -> str:
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_infos(data: bytes) -> list[TensorInfo]:
     """Describe every tensor in a safetensors payload without materialising it (sorted by name)."""
     header, metadata = read_header(data)
-    quant: dict[str, Any] = {}
-    if QUANT_METADATA_KEY in metadata:
-        try:
-            quant = json.loads(metadata[QUANT_METADATA_KEY])
-        except json.JSONDecodeError as exc:
-            raise CodecError(f"quantization metadata is not JSON: {exc}") from exc
+    quant = _quantization(metadata)
     return [
         TensorInfo(
             name=name,
-            dtype=str(entry["dtype"]),
-            shape=tuple(int(d) for d in entry["shape"]),
+            dtype=entry["dtype"],
+            shape=tuple(entry["shape"]),
             quantization=quant.get(name, {}),
         )
         for name, entry in sorted(header.items())
     ]
+
+
+def _quantization(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The ``quantization`` metadata: tensor name -> scheme details, with integer ``bits`` and ``group_size``."""
+    if QUANT_METADATA_KEY not in metadata:
+        return {}
+    try:
+        quant = json.loads(metadata[QUANT_METADATA_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise CodecError(f"quantization metadata is not JSON: {str(exc)[:100]}") from None
+    if not isinstance(quant, dict) or not all(isinstance(q, dict) for q in quant.values()):
+        raise CodecError("quantization metadata must map tensor names to objects")
+    for name, q in quant.items():
+        for key in ("bits", "group_size"):
+            v = q.get(key, 0)
+            if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31):
+                raise CodecError(f"quantization {key} of {_short(name)} must be an integer in [0, 2^31)")
+        if not isinstance(q.get("scheme", "none"), str):
+            raise CodecError(f"quantization scheme of {_short(name)} must be a string")
+    return quant
 
 
 def is_safetensors(data: bytes) -> bool:

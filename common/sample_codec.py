@@ -71,63 +71,121 @@ def encode_sample(sample: UploadSample) -> bytes:
     return pack(tensors, meta)
 
 
+_EXPECTED = {
+    "q": (torch.int8, 2),
+    "s": (torch.float16, 1),
+    "idx": (None, 1),
+    "aid": (torch.int32, 1),
+    "ap": (torch.float16, 1),
+}
+MAX_NUM_PATCHES = 2**31 - 1
+
+
+@dataclass
+class _Parsed:
+    tensors: dict[str, torch.Tensor]
+    num_patches: int
+    question: str
+    uncertainty: dict[str, float]
+
+
+def check_sample(data: bytes) -> None:
+    """Raise PayloadError unless ``data`` is a sample :func:`decode_sample` accepts (the gateway's check).
+
+    The same checks as decoding, without dequantizing the features.
+    """
+    p = _parse(data)
+    t = p.tensors
+    _check_fields(
+        t["q"].shape[0],
+        bool(torch.isfinite(t["s"]).all()),
+        t["idx"],
+        p.num_patches,
+        p.question,
+        t["aid"],
+        t["ap"].float(),
+        p.uncertainty,
+    )
+
+
 def decode_sample(data: bytes) -> UploadSample:
     """Parse and validate an uploaded sample; PayloadError naming what is wrong."""
+    p = _parse(data)
+    t = p.tensors
+    sample = UploadSample(
+        features=dequantize_tokens(t["q"], t["s"]),
+        patch_indices=t["idx"].long(),
+        num_patches=p.num_patches,
+        question=p.question,
+        answer_ids=t["aid"].long(),
+        answer_probs=t["ap"].float(),
+        uncertainty=p.uncertainty,
+    )
+    _validate(sample)
+    return sample
+
+
+def _parse(data: bytes) -> _Parsed:
+    """Tensors and metadata of a sample, checked for format, names, dtypes and ranks."""
     tensors, meta = unpack(data)
     if meta.get("format") != FORMAT:
-        raise PayloadError(f"not an uploaded sample (format {meta.get('format')!r})")
+        raise PayloadError(f"not an uploaded sample (format {meta.get('format', '')[:40]!r}, expected {FORMAT!r})")
     try:
         num_patches = int(require(meta, "num_patches"))
-        uncertainty = {str(k): float(v) for k, v in json.loads(require(meta, "uncertainty")).items()}
-    except (ValueError, AttributeError, TypeError):
+        raw = json.loads(require(meta, "uncertainty"))
+        uncertainty = {str(k): float(v) for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError, OverflowError, RecursionError):
         raise PayloadError("sample metadata num_patches/uncertainty malformed") from None
-    expected = {
-        "q": (torch.int8, 2),
-        "s": (torch.float16, 1),
-        "idx": (None, 1),
-        "aid": (torch.int32, 1),
-        "ap": (torch.float16, 1),
-    }
-    for key, (dtype, dims) in expected.items():
+    if not 1 <= num_patches <= MAX_NUM_PATCHES:
+        raise PayloadError(f"num_patches must lie in [1, {MAX_NUM_PATCHES}]")
+    unexpected = sorted(set(tensors) - set(_EXPECTED))
+    if unexpected:
+        raise PayloadError(f"unexpected sample tensors {unexpected[:5]}")
+    for key, (dtype, dims) in _EXPECTED.items():
         t = tensors.get(key)
         if t is None or t.dim() != dims or (dtype is not None and t.dtype != dtype):
             raise PayloadError(f"sample tensor {key!r} missing or malformed")
     if tensors["idx"].dtype not in (torch.int16, torch.int32):
         raise PayloadError("sample patch indices must be int16 or int32")
-    sample = UploadSample(
-        features=dequantize_tokens(tensors["q"], tensors["s"]),
-        patch_indices=tensors["idx"].long(),
-        num_patches=num_patches,
-        question=require(meta, "question"),
-        answer_ids=tensors["aid"].long(),
-        answer_probs=tensors["ap"].float(),
-        uncertainty=uncertainty,
-    )
+    if tensors["q"].shape[1] == 0:
+        raise PayloadError("sample features must have at least one dimension per token")
     if tensors["s"].shape[0] != tensors["q"].shape[0]:
         raise PayloadError("sample has a different number of feature scales and tokens")
-    _validate(sample)
-    return sample
+    return _Parsed(tensors, num_patches, require(meta, "question"), uncertainty)
 
 
 def _validate(s: UploadSample) -> None:
     k = s.features.shape[0] if s.features.dim() == 2 else -1
+    finite = bool(torch.isfinite(s.features).all())
+    _check_fields(k, finite, s.patch_indices, s.num_patches, s.question, s.answer_ids, s.answer_probs, s.uncertainty)
+
+
+def _check_fields(
+    k: int,
+    features_finite: bool,
+    idx: torch.Tensor,
+    num_patches: int,
+    question: str,
+    answer_ids: torch.Tensor,
+    probs: torch.Tensor,
+    uncertainty: dict[str, float],
+) -> None:
+    """The checks every sample passes, on its encoding side and its decoding side."""
     if k <= 0:
         raise PayloadError("a sample must carry at least one visual token ([k, D] features)")
-    if not torch.isfinite(s.features).all():
+    if not features_finite:
         raise PayloadError("sample features hold NaN or inf")
-    idx = s.patch_indices
     if idx.dim() != 1 or idx.numel() != k:
         raise PayloadError(f"{idx.numel()} patch indices for {k} tokens")
-    if s.num_patches <= 0 or int(idx.min()) < 0 or int(idx.max()) >= s.num_patches:
-        raise PayloadError(f"patch indices must lie in [0, {s.num_patches})")
+    if num_patches <= 0 or int(idx.min()) < 0 or int(idx.max()) >= num_patches:
+        raise PayloadError(f"patch indices must lie in [0, {num_patches})")
     if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise PayloadError("patch indices must be strictly ascending")
-    if not s.question or len(s.question) > MAX_QUESTION_CHARS:
+    if not question or len(question) > MAX_QUESTION_CHARS:
         raise PayloadError(f"question must have 1..{MAX_QUESTION_CHARS} characters")
-    if s.answer_ids.shape != s.answer_probs.shape or s.answer_ids.dim() != 1:
+    if answer_ids.shape != probs.shape or answer_ids.dim() != 1:
         raise PayloadError("answer ids and probabilities must be 1-D of the same length")
-    probs = s.answer_probs
     if probs.numel() and (not torch.isfinite(probs).all() or float(probs.min()) < 0 or float(probs.sum()) > 1.01):
         raise PayloadError("answer probabilities must be finite, >= 0 and sum to at most 1")
-    if any(not math.isfinite(v) for v in s.uncertainty.values()):
+    if any(not math.isfinite(v) for v in uncertainty.values()):
         raise PayloadError("uncertainty values must be finite")

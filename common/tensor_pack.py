@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import struct
-
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common.codec import CodecError, read_header
 from common.errors import TandemError
 
 
@@ -22,21 +20,22 @@ def pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
 
 
 def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse safetensors bytes into (tensors, metadata); PayloadError on anything malformed."""
-    if not isinstance(data, bytes | bytearray) or len(data) < 8:
-        raise PayloadError("payload is not safetensors bytes (too short)")
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-    if header_len > len(data) - 8:
-        raise PayloadError("payload is truncated (header longer than the data)")
+    """Parse safetensors bytes into (tensors, metadata); PayloadError on anything malformed.
+
+    The header is checked by ``common.codec.read_header`` (the one safetensors header parser) before any
+    tensor is materialised.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise PayloadError("payload is not safetensors bytes")
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
+        _, meta = read_header(data)
+    except CodecError as exc:
+        raise PayloadError(str(exc)) from None
+    try:
         tensors = st_load(bytes(data))
     except Exception as exc:  # safetensors raises its own error types
         raise PayloadError(f"payload is not valid safetensors: {exc}") from None
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise PayloadError("payload metadata is not a mapping")
-    return tensors, {str(k): str(v) for k, v in meta.items()}
+    return tensors, meta
 
 
 def require(meta: dict[str, str], key: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +19,8 @@ from common.errors import ConfigError, TandemError
 app = typer.Typer(name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False)
 outbox_app = typer.Typer(help="Inspect, fill and push the durable outbox.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
+quarantine_app = typer.Typer(help="Samples the cloud refused for good: list, retry, purge.", no_args_is_help=True)
+outbox_app.add_typer(quarantine_app, name="quarantine")
 console = Console()
 T = TypeVar("T")
 
@@ -127,8 +130,11 @@ def outbox_inspect(
         f"device {identity.device_id}: {s.pending} pending ({s.pending_bytes} bytes), "
         f"seq {s.first_seq or '-'}..{s.last_seq or '-'}, acked up to {s.acked_seq}, next seq {s.next_seq}"
     )
-    for seq, reason in refused:
-        console.print(f"[yellow]set aside (refused by the cloud): seq {seq}: {reason}[/]")
+    if refused:
+        console.print(
+            f"[yellow]{len(refused)} samples quarantined (refused by the cloud): "
+            "tandem-device outbox quarantine list[/]"
+        )
     if items:
         table = Table("seq", "bytes", "metadata")
         for it in items:
@@ -182,6 +188,70 @@ def outbox_push(
     finally:
         box.close()
     console.print(f"pushed {n} samples; cloud acked up to seq {acked}")
+
+
+SeqsArg = typer.Argument(None, help="Sample seqs (default: every quarantined sample).")
+
+
+def _quarantine_seqs(box, seqs: list[int] | None) -> list[int] | None:
+    """The seqs to act on (None: all); an unknown seq is a one-line error."""
+    if not seqs:
+        return None
+    known = {q.seq for q in box.quarantined()}
+    missing = sorted(set(seqs) - known)
+    if missing:
+        raise TandemError(f"not quarantined: seq {', '.join(map(str, missing))}")
+    return list(seqs)
+
+
+@quarantine_app.command("list")
+def quarantine_list(config: Path | None = ConfigOpt, state_dir: Path | None = StateOpt) -> None:
+    """Show quarantined samples with the cloud's reason."""
+    _, _, box = _open(config, state_dir)
+    try:
+        items = box.quarantined()
+    finally:
+        box.close()
+    if not items:
+        console.print("no quarantined samples")
+        return
+    table = Table("seq", "bytes", "refused (UTC)", "reason", "metadata")
+    for q in items:
+        when = datetime.fromtimestamp(q.rejected_unix_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        meta = ", ".join(f"{k}={v}" for k, v in q.metadata.items())
+        table.add_row(str(q.seq), str(q.size), when, q.reason, meta)
+    console.print(table)
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(
+    seqs: list[int] | None = SeqsArg, config: Path | None = ConfigOpt, state_dir: Path | None = StateOpt
+) -> None:
+    """Put quarantined samples back in the queue (after the cause was fixed); the next push sends them."""
+    _, _, box = _open(config, state_dir)
+    try:
+        n = box.requeue(_quarantine_seqs(box, seqs))
+    finally:
+        box.close()
+    console.print(f"requeued {n} samples")
+
+
+@quarantine_app.command("purge")
+def quarantine_purge(
+    seqs: list[int] | None = SeqsArg,
+    yes: bool = typer.Option(False, "--yes", help="Confirm deleting the samples for good."),
+    config: Path | None = ConfigOpt,
+    state_dir: Path | None = StateOpt,
+) -> None:
+    """Delete quarantined samples for good."""
+    if not yes:
+        raise ConfigError("purge deletes samples for good; pass --yes to confirm")
+    _, _, box = _open(config, state_dir)
+    try:
+        n = box.purge(_quarantine_seqs(box, seqs))
+    finally:
+        box.close()
+    console.print(f"purged {n} samples")
 
 
 @app.command()

@@ -14,9 +14,14 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def token_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The bearer token in ``metadata``, or None when absent or not a bearer credential."""
+    """The bearer token in ``metadata``, or None when absent or not a bearer credential.
+
+    The scheme is matched case-insensitively (RFC 6750 / RFC 9110: ``Bearer``, ``bearer``, ``BEARER``).
+    """
     for key, value in metadata or ():
-        if key.lower() == AUTHORIZATION_KEY and isinstance(value, str) and value.startswith(BEARER_PREFIX):
-            token = value[len(BEARER_PREFIX) :].strip()
-            return token or None
+        if key.lower() != AUTHORIZATION_KEY or not isinstance(value, str):
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == BEARER_PREFIX.strip().lower():
+            return token.strip() or None
     return None

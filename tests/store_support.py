@@ -150,6 +150,7 @@ class Backend:
                 "max_message_bytes": 1024 * 1024,
                 "watch_poll_interval_s": 0.2,
                 "sqlite_synchronous": "NORMAL",
+                "open_enrollment": True,
                 **self.fields(gateway),
                 **extra,
             }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from bench.transport_common import REPO_ROOT, gateway_process  # noqa: F401  (shared with the transport benchmarks)
+from bench.transport_common import REPO_ROOT, gateway_process, sample_payload  # noqa: F401  (shared with the benchmarks)
 from cloud.config import GatewayConfig
 from cloud.gateway import GatewayServer
 from device.transport.client import GatewayClient
@@ -23,6 +23,7 @@ def gateway_config(data_dir: Path, **overrides) -> GatewayConfig:
         max_sample_bytes=4 * 1024 * 1024,
         watch_poll_interval_s=0.2,
         sqlite_synchronous="NORMAL",
+        open_enrollment=True,
     )
     base.update(overrides)
     return GatewayConfig(**base)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from cloud.gateway.handlers import MalformedMessage
 from cloud.samples.base import Sample
+from common.sample_codec import FORMAT as SAMPLE_FORMAT
+from common.sample_codec import check_sample
+from common.tensor_pack import PayloadError
 from protocol.limits import MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS
-from protocol.payload import check_payload
+from protocol.payload import FORMAT_SAFETENSORS, check_payload
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 
 MAX_SEQ = 2**63 - 1
@@ -45,8 +49,20 @@ class SampleAssembler:
         self._partial: _Partial | None = None
         self._last_seq = 0
 
-    def add(self, chunk: gateway_pb2.SampleChunk) -> tuple[Sample, tensors_pb2.PayloadInfo] | None:
+    @property
+    def in_sample(self) -> bool:
+        """True while a sample has started and is not complete."""
+        return self._partial is not None
+
+    @property
+    def expected_size(self) -> int:
+        """Declared size of the sample in progress (0 when none)."""
+        return self._partial.expected_size if self._partial is not None else 0
+
+    def add(self, chunk: gateway_pb2.SampleChunk | MalformedMessage) -> tuple[Sample, tensors_pb2.PayloadInfo] | None:
         """Consume one chunk; return the sample it completes (unchecked, see ``verify``) and its info."""
+        if isinstance(chunk, MalformedMessage):
+            raise ProtocolViolation(chunk.describe())
         if len(chunk.data) > self.chunk_size:
             raise ProtocolViolation(
                 f"seq {chunk.seq}: chunk of {len(chunk.data)} bytes exceeds chunk_size {self.chunk_size}"
@@ -105,6 +121,10 @@ class SampleAssembler:
         )
         return sample, partial.first.payload
 
+    def discard(self) -> None:
+        """Drop a sample in progress (the stream is over)."""
+        self._partial = None
+
     def finish(self) -> None:
         """Call at end of stream: raises when a sample was left incomplete."""
         if self._partial is not None:
@@ -115,8 +135,20 @@ class SampleAssembler:
 
 
 def verify(sample: Sample, info: tensors_pb2.PayloadInfo) -> None:
-    """Raise ProtocolViolation unless the payload matches its declared size, digest and tensor list."""
+    """Raise ProtocolViolation unless the payload is what it claims and what the cloud can use.
+
+    Size, digest and tensor list must match the declaration, the format must be safetensors, and the bytes
+    must pass ``common.sample_codec.check_sample``: every check ``decode_sample`` makes, so nothing enters
+    the store that the trainer would refuse.
+    """
     problem = check_payload(sample.payload, info)
+    if problem is None and info.format != FORMAT_SAFETENSORS:
+        problem = f"payload format must be {FORMAT_SAFETENSORS!r} ({SAMPLE_FORMAT}), got {info.format[:40]!r}"
+    if problem is None:
+        try:
+            check_sample(sample.payload)
+        except PayloadError as exc:
+            problem = str(exc)
     if problem:
         raise ProtocolViolation(f"seq {sample.seq}: {problem}", sample.seq)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.config import GatewayConfig
+from cloud.gateway.budget import MemoryBudget
+from cloud.gateway.handlers import add_gateway_handlers
+from cloud.gateway.malloc import pin_malloc_thresholds
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.servicer import DeviceGatewayServicer
 from cloud.gateway.writer import GroupCommitWriter
@@ -25,7 +29,7 @@ from common.signing import (
     public_key_pem,
     save_private_key,
 )
-from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
+from protocol.tandem.v1 import gateway_pb2
 
 log = logging.getLogger("tandem.gateway")
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["DeviceGateway"].full_name
@@ -53,6 +57,9 @@ def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),
+        # No bandwidth-delay probing: it grows each stream's receive window to many MiB, which gRPC then fills
+        # with data of streams that wait for buffer room, outside the gateway's memory budget.
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
@@ -87,6 +94,8 @@ class GatewayServer:
         self._unsubscribe = lambda: None
         self.writer: GroupCommitWriter | None = None
         self.servicer: DeviceGatewayServicer | None = None
+        self.budget: MemoryBudget | None = None
+        self._validator: ThreadPoolExecutor | None = None
 
     @property
     def address(self) -> str:
@@ -97,6 +106,8 @@ class GatewayServer:
         """Bind and start serving; returns the bound port."""
         self.writer = GroupCommitWriter(self.samples, self.metrics, self.config.commit_batch_bytes)
         self.writer.start()
+        self.budget = MemoryBudget(self.config.max_buffered_bytes, self.config.buffer_wait_s)
+        self._validator = ThreadPoolExecutor(self.config.validation_workers, thread_name_prefix="sample-verify")
         self.servicer = DeviceGatewayServicer(
             self.config,
             self.devices,
@@ -104,11 +115,13 @@ class GatewayServer:
             self.updates,
             public_key_pem(self.signing_key),
             self.metrics,
+            self.budget,
+            self._validator,
         )
         loop, servicer = asyncio.get_running_loop(), self.servicer
         self._unsubscribe = self.updates.subscribe(lambda: loop.call_soon_threadsafe(servicer.notify_published))
         server = grpc.aio.server(options=server_options(self.config))
-        gateway_pb2_grpc.add_DeviceGatewayServicer_to_server(self.servicer, server)
+        add_gateway_handlers(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -176,6 +189,9 @@ class GatewayServer:
             await self.writer.close()
             self.writer = None
         self._unsubscribe()
+        if self._validator is not None:
+            self._validator.shutdown(wait=True)
+            self._validator = None
         self.metrics.close()
         self.samples.close()
         self.devices.close()
@@ -191,6 +207,7 @@ class GatewayServer:
 
 async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
     """Run a gateway until SIGINT/SIGTERM; write ``host:port`` to ``ready_file`` once serving."""
+    pin_malloc_thresholds()
     gateway = GatewayServer(config)
     await gateway.start()
     if ready_file is not None:

@@ -6,29 +6,29 @@ import asyncio
 import contextlib
 import hmac
 import json
-import re
+import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 
 from cloud.config import GatewayConfig
-from cloud.devices import DeviceRecord, DeviceRegistry
-from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation, SampleAssembler, verify
+from cloud.devices import DeviceRecord, DeviceRegistry, DeviceStateError
+from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation
+from cloud.gateway.budget import BudgetExhausted, MemoryBudget
 from cloud.gateway.metrics import GatewayMetrics
+from cloud.gateway.upload import StreamIdle, UploadSession
 from cloud.gateway.writer import GroupCommitWriter
-from cloud.samples.base import Sample
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from protocol.auth import token_from_metadata
-from protocol.limits import REJECTED_SEQ_TRAILER
+from protocol.limits import ACKED_SEQ_TRAILER, COHORT_RE, DEVICE_ID_RE, MAX_VERSION_CHARS, REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_COHORT_RE = re.compile(r"^[A-Za-z0-9._-]{0,128}$")
-_FLUSH_SAMPLES = 64
-_FLUSH_BYTES = 4 * 1024 * 1024
-_THREAD_VERIFY_BYTES = 256 * 1024
+_MAX_FIELD_CHARS = 128
+_MAX_CAPABILITIES_BYTES = 64 * 1024
+log = logging.getLogger("tandem.gateway")
 
 
 class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
@@ -42,6 +42,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         updates: UpdateRegistry,
         public_key_pem: bytes,
         metrics: GatewayMetrics,
+        budget: MemoryBudget,
+        validator: Executor,
     ) -> None:
         self.config = config
         self.devices = devices
@@ -49,7 +51,10 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.updates = updates
         self.public_key_pem = public_key_pem
         self.metrics = metrics
+        self.budget = budget
+        self.validator = validator
         self.published = asyncio.Event()
+        self._uploads = 0
 
     def notify_published(self) -> None:
         """Wake WatchUpdates streams (publishes from this process; others are found by polling)."""
@@ -89,50 +94,25 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
 
     async def Register(self, request: gateway_pb2.RegisterRequest, context) -> gateway_pb2.RegisterResponse:
         m = "Register"
-        secret = self.config.enrollment_secret
-        if secret is not None and not hmac.compare_digest(request.enrollment_secret.encode(), secret.encode()):
-            await self._abort(context, m, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing enrollment secret")
-        if not _ID_RE.match(request.device_id):
-            await self._abort(
-                context,
-                m,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "device_id must be 1-128 chars of [A-Za-z0-9._-]",
-            )
-        if not _COHORT_RE.match(request.cohort):
-            await self._abort(
-                context,
-                m,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "cohort must be at most 128 chars of [A-Za-z0-9._-]",
-            )
-        if not request.model_family:
-            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "model_family must not be empty")
+        problem = _register_problem(request)
+        if problem:
+            await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self._check_cert_binding(context, m, request.device_id)
         existing = self.devices.get(request.device_id)
-        if existing is not None and not existing.revoked:
-            token = token_from_metadata(context.invocation_metadata())
-            holder = self.devices.authenticate(token) if token else None
-            if holder is None or holder.device_id != request.device_id:
-                await self._abort(
-                    context,
-                    m,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"device {request.device_id} is already registered; re-register with its token",
-                )
-        caps = request.capabilities
-        record, token = self.devices.register(
-            request.device_id,
-            cohort=request.cohort,
-            model_family=request.model_family,
-            model_version=request.model_version,
-            capabilities={
-                "accelerators": list(caps.accelerators),
-                "memory_bytes": caps.memory_bytes,
-                "quantization_schemes": list(caps.quantization_schemes),
-                "extra": dict(caps.extra),
-            },
-        )
+        code, msg = self._enrollment_refusal(request, existing, context)
+        if code is not None:
+            await self._abort(context, m, code, msg)
+        cohort = request.cohort if self.config.open_enrollment else (existing.cohort if existing else "")
+        try:
+            record, token = self.devices.register(
+                request.device_id,
+                cohort=cohort,
+                model_family=request.model_family,
+                model_version=request.model_version,
+                capabilities=_capabilities(request.capabilities),
+            )
+        except DeviceStateError as exc:  # revoked by the operator between the check and the write
+            await self._abort(context, m, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         self._ok(m)
         return gateway_pb2.RegisterResponse(
             device_id=record.device_id,
@@ -145,56 +125,91 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             acked_seq=await self.writer.high_water(record.device_id),
         )
 
+    def _enrollment_refusal(
+        self, request: gateway_pb2.RegisterRequest, existing: DeviceRecord | None, context
+    ) -> tuple[grpc.StatusCode | None, str]:
+        """Why this Register may not proceed (status and message), or ``(None, "")``."""
+        device_id = request.device_id
+        secret = self.config.enrollment_secret
+        has_secret = secret is not None and hmac.compare_digest(request.enrollment_secret.encode(), secret.encode())
+        if existing is not None and existing.revoked:
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"device {device_id} was revoked; an operator must re-admit it (tandem-cloud devices add {device_id})"
+            )
+        if existing is not None and existing.provisioned:
+            if has_secret or self.devices.check_enrollment_code(device_id, request.enrollment_secret):
+                return None, ""
+            return grpc.StatusCode.UNAUTHENTICATED, f"wrong or missing enrollment code for device {device_id}"
+        if existing is not None:
+            token = token_from_metadata(context.invocation_metadata())
+            holder = self.devices.authenticate(token) if token else None
+            if holder is None or holder.device_id != device_id:
+                return grpc.StatusCode.PERMISSION_DENIED, (
+                    f"device {device_id} is already registered; re-register with its token"
+                )
+            return None, ""
+        if self.config.open_enrollment or has_secret:
+            return None, ""
+        if secret is not None:
+            return grpc.StatusCode.UNAUTHENTICATED, "wrong or missing enrollment secret"
+        return grpc.StatusCode.PERMISSION_DENIED, (
+            f"enrollment is closed and device {device_id} is not provisioned "
+            f"(operator: tandem-cloud devices add {device_id})"
+        )
+
     async def Upload(self, request_iterator: AsyncIterator[gateway_pb2.SampleChunk], context):
         m = "Upload"
         device = await self._authenticate(context, m)
-        assembler = SampleAssembler(device.device_id, self.config.chunk_size, self.config.max_sample_bytes)
-        pending: list[Sample] = []
-        pending_bytes = 0
-        writes: list[asyncio.Task[list[bool]]] = []  # commits overlap with receiving the rest of the stream
+        c = self.config
+        if self._uploads >= c.max_upload_streams:
+            await self._abort(
+                context,
+                m,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._uploads} uploads in progress (max_upload_streams); retry later",
+            )
+        self._uploads += 1
+        try:
+            return await self._upload(device, request_iterator, context)
+        finally:
+            self._uploads -= 1
+
+    async def _upload(self, device: DeviceRecord, request_iterator, context) -> gateway_pb2.UploadResponse:
+        m = "Upload"
+        c = self.config
+        session = UploadSession(
+            device.device_id,
+            chunk_size=c.chunk_size,
+            max_sample_bytes=c.max_sample_bytes,
+            stream_cap=c.stream_buffer_bytes,
+            idle_timeout_s=c.upload_idle_timeout_s,
+            budget=self.budget,
+            writer=self.writer,
+            validator=self.validator,
+        )
         self.metrics.active_streams.labels(m).inc()
         try:
+            refusal = await _receive(session, request_iterator)
             try:
-                async for chunk in request_iterator:
-                    done = assembler.add(chunk)
-                    if done is None:
-                        continue
-                    sample, info = done
-                    if len(sample.payload) >= _THREAD_VERIFY_BYTES:  # hash off the event loop
-                        await asyncio.to_thread(verify, sample, info)
-                    else:
-                        verify(sample, info)
-                    pending.append(sample)
-                    pending_bytes += len(sample.payload)
-                    if len(pending) >= _FLUSH_SAMPLES or pending_bytes >= _FLUSH_BYTES:
-                        writes.append(asyncio.ensure_future(self.writer.put(pending)))
-                        pending, pending_bytes = [], 0
-                assembler.finish()
-            except ProtocolViolation as exc:
-                writes.append(asyncio.ensure_future(self.writer.put(pending)))
-                await self._settle(writes)  # keep what was valid; the device resends the rest
-                if exc.sample_seq is not None:
-                    context.set_trailing_metadata(((REJECTED_SEQ_TRAILER, str(exc.sample_seq)),))
-                await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except BaseException:
-                for w in writes:
-                    w.cancel()
-                raise
-            writes.append(asyncio.ensure_future(self.writer.put(pending)))
-            stored, duplicates = await self._settle(writes)
+                stored, duplicates = await session.settle()  # what was valid is kept even when refusing the rest
+            except Exception as exc:  # the store failed: nothing of this call is acked; the device resends
+                log.error("sample store failed: %s", exc)
+                await self._abort(context, m, grpc.StatusCode.UNAVAILABLE, f"sample store failed: {exc}")
+            self.metrics.samples_stored.inc(stored)
+            self.metrics.samples_duplicate.inc(duplicates)
             acked = await self.writer.high_water(device.device_id)
+            if refusal is not None:
+                code, msg, seq = refusal
+                trailers = [(ACKED_SEQ_TRAILER, str(acked))]
+                if seq is not None:
+                    trailers.append((REJECTED_SEQ_TRAILER, str(seq)))
+                context.set_trailing_metadata(tuple(trailers))
+                await self._abort(context, m, code, msg)
         finally:
             self.metrics.active_streams.labels(m).dec()
+            await session.close()
         self._ok(m)
         return gateway_pb2.UploadResponse(acked_seq=acked, stored=stored, duplicates=duplicates)
-
-    async def _settle(self, writes: list[asyncio.Task[list[bool]]]) -> tuple[int, int]:
-        """Wait for every queued write; returns (new, duplicate) counts."""
-        results = [r for batch in await asyncio.gather(*writes) for r in batch]
-        new = sum(results)
-        self.metrics.samples_stored.inc(new)
-        self.metrics.samples_duplicate.inc(len(results) - new)
-        return new, len(results) - new
 
     async def _authorized_update(self, context, method: str, device: DeviceRecord, update_id: int) -> UpdateRecord:
         if not 1 <= update_id <= MAX_SEQ:
@@ -250,10 +265,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
     async def WatchUpdates(self, request: gateway_pb2.WatchUpdatesRequest, context):
         m = "WatchUpdates"
         device = await self._authenticate(context, m)
-        if request.current_version:
-            self.devices.touch(device.device_id, request.current_version)
+        if len(request.current_version) > MAX_VERSION_CHARS:
+            await self._abort(
+                context, m, grpc.StatusCode.INVALID_ARGUMENT, f"current_version exceeds {MAX_VERSION_CHARS} chars"
+            )
         if request.after_update_id > MAX_SEQ:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}")
+        if request.current_version:
+            self.devices.touch(device.device_id, request.current_version)
         cursor = request.after_update_id
         self.metrics.active_streams.labels(m).inc()
         try:
@@ -281,7 +300,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.devices.heartbeat(
             device.device_id,
             status=request.status[:256],
-            applied_version=request.applied_version[:128],
+            applied_version=request.applied_version[:MAX_VERSION_CHARS],
             metrics=metrics,
         )
         if request.rolled_back_from:
@@ -303,3 +322,44 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+async def _receive(
+    session: UploadSession, requests: AsyncIterator[gateway_pb2.SampleChunk]
+) -> tuple[grpc.StatusCode, str, int | None] | None:
+    """Run the stream; what to refuse it with (status, message, rejected seq), or None when it was fine."""
+    try:
+        await session.receive(requests)
+    except ProtocolViolation as exc:
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.sample_seq
+    except BudgetExhausted as exc:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
+    except StreamIdle as exc:
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), None
+    return None
+
+
+def _register_problem(request: gateway_pb2.RegisterRequest) -> str | None:
+    """Why a RegisterRequest is malformed, or None."""
+    if not DEVICE_ID_RE.match(request.device_id):
+        return "device_id must be 1-128 chars of [A-Za-z0-9._-]"
+    if not COHORT_RE.match(request.cohort):
+        return "cohort must be at most 128 chars of [A-Za-z0-9._-]"
+    if not request.model_family:
+        return "model_family must not be empty"
+    if len(request.model_family) > _MAX_FIELD_CHARS or len(request.model_version) > _MAX_FIELD_CHARS:
+        return f"model_family and model_version must be at most {_MAX_FIELD_CHARS} chars"
+    if len(request.enrollment_secret) > 1024:
+        return "enrollment_secret must be at most 1024 chars"
+    if request.capabilities.ByteSize() > _MAX_CAPABILITIES_BYTES:
+        return f"capabilities exceed {_MAX_CAPABILITIES_BYTES} bytes"
+    return None
+
+
+def _capabilities(caps: gateway_pb2.Capabilities) -> dict:
+    return {
+        "accelerators": list(caps.accelerators),
+        "memory_bytes": caps.memory_bytes,
+        "quantization_schemes": list(caps.quantization_schemes),
+        "extra": dict(caps.extra),
+    }

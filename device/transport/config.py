@@ -43,6 +43,8 @@ class DeviceClientConfig(StrictConfig):
     backoff_initial_s: float = Field(0.2, gt=0)
     backoff_max_s: float = Field(10.0, gt=0)
     backoff_jitter_s: float = Field(0.5, ge=0)
+    max_server_error_attempts: int = Field(5, ge=1)
+    """An Upload answered UNKNOWN / INTERNAL / DATA_LOSS this many times in a row counts as refused for good."""
     poll_interval_s: float = Field(0.5, gt=0)
     heartbeat_interval_s: float = Field(30.0, gt=0)
     keepalive_time_s: float = Field(30.0, gt=0)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from common.codec import sha256_digest
 from common.errors import TandemError
+from common.sample_codec import check_sample
+from common.tensor_pack import PayloadError
 from protocol.limits import MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS
 
 _SCHEMA = """
@@ -36,7 +38,19 @@ CREATE TABLE IF NOT EXISTS rejected (
 
 
 class OutboxError(TandemError):
-    """A sample cannot be queued (too large, bad metadata)."""
+    """A sample cannot be queued (too large, bad metadata, not a valid sample)."""
+
+
+@dataclass(frozen=True)
+class QuarantinedItem:
+    """A sample the cloud refused for good, kept aside with the reason."""
+
+    seq: int
+    size: int
+    metadata: dict[str, str]
+    created_unix_ms: int
+    reason: str
+    rejected_unix_ms: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,12 @@ def _check_metadata(meta: dict[str, str]) -> None:
             raise OutboxError(f"metadata value of {key!r} exceeds {MAX_METADATA_VALUE_CHARS} chars")
 
 
+def _seq_filter(seqs: list[int] | None) -> tuple[str, tuple[int, ...]]:
+    if seqs is None:
+        return "", ()
+    return f"WHERE seq IN ({','.join('?' * len(seqs))})", tuple(seqs)
+
+
 class Outbox:
     """Samples in seq order; ``ack(n)`` deletes every seq <= n, nothing else ever deletes."""
 
@@ -98,6 +118,10 @@ class Outbox:
             raise OutboxError(f"sample of {len(payload)} bytes exceeds max_sample_bytes {self.max_sample_bytes}")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         _check_metadata(meta)
+        try:
+            check_sample(bytes(payload))  # the gateway's own check: what fails it could never be delivered
+        except PayloadError as exc:
+            raise OutboxError(f"not a valid sample: {exc}") from None
         digest = sha256_digest(payload)
         with self._lock:
             cur = self._conn.execute(
@@ -143,7 +167,7 @@ class Outbox:
         return cur.rowcount
 
     def quarantine(self, seq: int, reason: str) -> bool:
-        """Move a sample the cloud refused for its content out of the queue (kept for inspection)."""
+        """Move a sample the cloud refused for good out of the queue (kept, with the reason, for inspection)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             cur = self._conn.execute(
@@ -157,9 +181,50 @@ class Outbox:
 
     def rejected(self) -> list[tuple[int, str]]:
         """``(seq, reason)`` of every quarantined sample."""
+        return [(q.seq, q.reason) for q in self.quarantined()]
+
+    def quarantined(self, seqs: list[int] | None = None) -> list[QuarantinedItem]:
+        """Quarantined samples (all, or those of ``seqs``) in seq order, without their payloads."""
         with self._lock:
-            rows = self._conn.execute("SELECT seq, reason FROM rejected ORDER BY seq").fetchall()
-        return [(int(r[0]), str(r[1])) for r in rows]
+            rows = self._conn.execute(
+                "SELECT seq, length(payload), metadata, created_unix_ms, reason, rejected_unix_ms FROM rejected"
+                " ORDER BY seq"
+            ).fetchall()
+        wanted = None if seqs is None else set(seqs)
+        return [
+            QuarantinedItem(int(r[0]), int(r[1]), json.loads(r[2]), int(r[3]), str(r[4]), int(r[5]))
+            for r in rows
+            if wanted is None or int(r[0]) in wanted
+        ]
+
+    def quarantined_payload(self, seq: int) -> bytes | None:
+        """The bytes of one quarantined sample, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT payload FROM rejected WHERE seq = ?", (seq,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def requeue(self, seqs: list[int] | None = None) -> int:
+        """Put quarantined samples (all, or ``seqs``) back in the queue under their own seq; returns how many."""
+        where, args = _seq_filter(seqs)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO outbox (seq, payload, metadata, created_unix_ms, sha256)"
+                f" SELECT seq, payload, metadata, created_unix_ms, sha256 FROM rejected {where}",
+                args,
+            )
+            moved = cur.rowcount
+            queued = "seq IN (SELECT seq FROM outbox)"  # only what is safely back in the queue leaves quarantine
+            self._conn.execute(f"DELETE FROM rejected {where + ' AND ' if where else 'WHERE '}{queued}", args)
+            self._conn.execute("COMMIT")
+        return moved
+
+    def purge(self, seqs: list[int] | None = None) -> int:
+        """Delete quarantined samples (all, or ``seqs``) for good; returns how many."""
+        where, args = _seq_filter(seqs)
+        with self._lock:
+            cur = self._conn.execute(f"DELETE FROM rejected {where}", args)
+        return cur.rowcount
 
     def delete(self, seqs: list[int]) -> int:
         """Delete the given samples (all durably stored by the cloud); returns how many were deleted."""

@@ -13,7 +13,7 @@ import grpc
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
 from device.transport.outbox import Outbox, OutboxItem
-from device.transport.retry import retrying
+from device.transport.retry import DEVICE_LEVEL_CODES, retrying
 from protocol.limits import REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2
 
@@ -30,12 +30,11 @@ class UplinkStats:
     attempts_failed: int = 0
     acked_seq: int = 0
     rejected: int = 0
+    """Samples quarantined (refused by the cloud for good)."""
 
 
 def _rejected_seq(exc: grpc.aio.AioRpcError) -> int | None:
-    """The seq the gateway named as refused for its content (INVALID_ARGUMENT + trailer), if any."""
-    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-        return None
+    """The seq the gateway named as refused for its content (``tandem-rejected-seq`` trailer), if any."""
     for key, value in exc.trailing_metadata() or ():
         if key == REJECTED_SEQ_TRAILER:
             try:
@@ -53,40 +52,62 @@ class UplinkWorker:
         self.outbox = outbox
         self.config = config
         self.stats = UplinkStats()
+        self._isolate_through = 0  # seqs up to this one are sent one per call (a batch was refused as a whole)
 
     async def _upload(self, items: list[OutboxItem]) -> gateway_pb2.UploadResponse | None:
-        """Upload ``items``, retrying transient failures with exponential backoff and jitter.
+        """Upload ``items``, retrying link failures with exponential backoff and jitter.
 
-        Returns None when the cloud refused one of the samples for its content: that sample is moved to the
-        outbox's ``rejected`` table and the caller carries on with the rest.
+        Returns None when the cloud refused the call for good (a permanent status, or a server error that
+        persisted): the refused sample is quarantined when the call names it (trailer) or holds only it;
+        otherwise the batch is marked for one-by-one resending to find it. UNAUTHENTICATED is raised.
         """
         c = self.config
         try:
-            async for attempt in retrying(c.backoff_initial_s, c.backoff_max_s, c.backoff_jitter_s):
+            async for attempt in retrying(
+                c.backoff_initial_s,
+                c.backoff_max_s,
+                c.backoff_jitter_s,
+                max_server_error_attempts=c.max_server_error_attempts,
+            ):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.stats.attempts_failed += 1
                     return await self.client.upload(items)
         except grpc.aio.AioRpcError as exc:
-            seq = _rejected_seq(exc)
-            if seq is None or seq not in {it.seq for it in items}:
+            if exc.code() in DEVICE_LEVEL_CODES:
                 raise
-            await asyncio.to_thread(self.outbox.quarantine, seq, exc.details() or "rejected")
-            self.stats.rejected += 1
-            log.warning("cloud refused sample %d, set aside: %s", seq, exc.details())
+            await self._set_aside(items, exc)
             return None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _set_aside(self, items: list[OutboxItem], exc: grpc.aio.AioRpcError) -> None:
+        reason = f"{exc.code().name}: {exc.details() or 'refused'}"
+        seq = _rejected_seq(exc)
+        if seq is None and len(items) == 1:
+            seq = items[0].seq
+        if seq is None or seq not in {it.seq for it in items}:
+            self._isolate_through = max(self._isolate_through, items[-1].seq)
+            log.warning(
+                "cloud refused a batch (%s); resending seq %d..%d one by one", reason, items[0].seq, items[-1].seq
+            )
+            return
+        await asyncio.to_thread(self.outbox.quarantine, seq, reason)
+        self.stats.rejected += 1
+        log.warning("cloud refused sample %d, quarantined: %s", seq, reason)
+
     async def _read(self, after_seq: int) -> list[OutboxItem]:
         c = self.config
-        return await asyncio.to_thread(self.outbox.pending, c.batch_max_samples, c.batch_max_bytes, after_seq)
+        one_by_one = after_seq < self._isolate_through
+        limit = 1 if one_by_one else c.batch_max_samples
+        return await asyncio.to_thread(self.outbox.pending, limit, c.batch_max_bytes, after_seq)
 
     async def push_all(self) -> int:
         """Upload until the outbox is empty; returns the number of samples acked.
 
         Up to ``max_in_flight_batches`` Upload calls run at once (the next batch streams while the previous
         one commits). A call that returns OK means every sample in it is durable, so exactly those samples
-        are deleted; a failed call leaves its samples queued and they are sent again.
+        are deleted; a failed call leaves its samples queued and they are sent again. A sample the cloud
+        refuses for good is quarantined and the queue moves on.
         """
         limit = self.config.max_in_flight_batches
         total = 0
@@ -100,11 +121,13 @@ class UplinkWorker:
                         break
                     last_read = items[-1].seq
                     inflight.append((items, asyncio.ensure_future(self._upload(items))))
+                    if last_read <= self._isolate_through:
+                        break  # one sample at a time while looking for a refused one
                 if not inflight:
                     return total
                 items, upload = inflight.popleft()
                 resp = await upload
-                if resp is None:  # a sample was set aside: finish the others, then start over from the top
+                if resp is None:  # something was set aside: finish the others, then start over from the top
                     for later_items, later in inflight:
                         later_resp = await later
                         if later_resp is not None:

@@ -10,6 +10,7 @@ import pytest
 from store_support import make_backend, pg_dsn, s3_bucket  # noqa: F401 (fixtures)
 
 from cloud.config import GatewayConfig
+from cloud.devices import DeviceStateError
 from cloud.stores import open_device_registry, open_update_registry
 from cloud.updates.publishing import PublishError
 from common.signing import generate_private_key
@@ -48,11 +49,19 @@ def test_device_registry(backend):
         other.touch("dev-1", "v4")
         assert reg.get("dev-1").applied_version == "v4"
         assert reg.revoke("dev-1") and not reg.revoke("nobody")
-        assert other.authenticate(token) is None and other.get("dev-1").revoked
-        again, token2 = reg.register("dev-1", cohort="d", model_family="llava", model_version="2", capabilities={})
-        assert token2 != token and not again.revoked and again.cohort == "d"
-        assert again.registered_unix_ms == record.registered_unix_ms
+        assert other.authenticate(token) is None and other.get("dev-1").state == "revoked"
+        with pytest.raises(DeviceStateError, match="revoked"):  # only the operator re-admits it
+            other.register("dev-1", cohort="d", model_family="llava", model_version="2", capabilities={})
+        code = reg.provision("dev-1", "d")
+        assert other.get("dev-1").state == "provisioned"
+        assert other.check_enrollment_code("dev-1", code) and not other.check_enrollment_code("dev-1", "guess")
+        again, token2 = other.register("dev-1", cohort="d", model_family="llava", model_version="2", capabilities={})
+        assert token2 != token and again.state == "active" and again.cohort == "d"
+        assert not reg.check_enrollment_code("dev-1", code)  # one-time
+        with pytest.raises(DeviceStateError, match="active"):
+            reg.provision("dev-1", "d")
         assert other.authenticate(token) is None and other.authenticate(token2).model_version == "2"
+        assert reg.set_cohort("dev-1", "e") and other.get("dev-1").cohort == "e" and not reg.set_cohort("x", "e")
         reg.register("dev-0", cohort="", model_family="f", model_version="", capabilities={})
         assert [d.device_id for d in other.list()] == ["dev-0", "dev-1"]
         reg.record_rollback("dev-1", "v4", "v3", "accuracy fell")

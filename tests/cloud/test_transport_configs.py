@@ -14,7 +14,7 @@ from sim.link import LinkConfig
 
 def test_example_configs_load():
     cloud = load_config(GatewayConfig, REPO_ROOT / "deploy/configs/cloud.yaml", port=0)
-    assert cloud.port == 0 and cloud.chunk_size == 1024 * 1024 and cloud.metrics_port == 9464
+    assert cloud.port == 0 and cloud.chunk_size == 1024 * 1024
     device = load_config(DeviceClientConfig, REPO_ROOT / "deploy/configs/device.yaml")
     assert device.device_id == "jetson-0001" and device.tls is None
 
@@ -28,3 +28,11 @@ def test_bad_values_are_config_errors(tmp_path):
         load_config(GatewayConfig, bad)
     with pytest.raises(ConfigError, match="up_mbps"):
         load_config(LinkConfig, None, up_mbps=-1)
+
+
+def test_shipped_cloud_config_is_closed_quiet_and_keeps_its_key_in_the_data_dir(tmp_path):
+    cloud = load_config(GatewayConfig, REPO_ROOT / "deploy/configs/cloud.yaml", data_dir=tmp_path / "d")
+    assert cloud.signing_key_path == tmp_path / "d" / "keys" / "cloud_ed25519.pem"
+    assert cloud.metrics_port is None  # docs/transport.md: metrics are off by default
+    assert not cloud.open_enrollment and cloud.enrollment_secret is None
+    assert GatewayConfig().open_enrollment is False  # closed without a config file too

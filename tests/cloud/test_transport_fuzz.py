@@ -9,8 +9,9 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transport_support import registered_client, running_gateway
+from transport_support import registered_client, running_gateway, sample_payload
 
+from protocol.payload import describe_payload
 from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc, tensors_pb2
 
 CHUNK = 64 * 1024
@@ -21,7 +22,7 @@ def _chunk(seq, offset, data, size=None, digest=None, with_info=True, metadata=N
     if with_info:
         msg.payload.CopyFrom(
             tensors_pb2.PayloadInfo(
-                format="opaque",
+                format=describe_payload(data).format,
                 size=len(data) if size is None else size,
                 sha256=hashlib.sha256(data).digest() if digest is None else digest,
             )
@@ -92,7 +93,8 @@ def test_bad_uploads_are_invalid_argument(tmp_path, loop):
     try:
         check()
         last = 2**63 - 1  # the largest valid seq, above every valid one the strategies generate
-        ok = loop.run_until_complete(stub.Upload(iter([_chunk(last, 0, b"fine")]), metadata=meta, timeout=10))
+        fine = sample_payload(1, 1000)
+        ok = loop.run_until_complete(stub.Upload(iter([_chunk(last, 0, fine)]), metadata=meta, timeout=10))
         assert ok.acked_seq == last and ok.stored == 1
         assert len(seen) >= 10
     finally:
@@ -115,7 +117,8 @@ async def test_message_above_transport_limit_is_refused_and_server_lives(tmp_pat
 async def test_valid_samples_before_a_bad_one_are_kept(tmp_path):
     async with running_gateway(tmp_path / "cloud") as gw, registered_client(tmp_path / "d", gw.address) as c:
         stub = gateway_pb2_grpc.DeviceGatewayStub(c.channel)
-        stream = [_chunk(1, 0, b"one"), _chunk(2, 0, b"two"), _chunk(3, 0, b"bad", digest=b"\x01" * 32)]
+        one, two, three = (sample_payload(i, 1000) for i in (1, 2, 3))
+        stream = [_chunk(1, 0, one), _chunk(2, 0, two), _chunk(3, 0, three, digest=b"\x01" * 32)]
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Upload(iter(stream), metadata=c._metadata, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "seq 3" in err.value.details()

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from transport_support import registered_client, running_gateway
+from transport_support import registered_client, running_gateway, sample_payload
 
 from device.transport.client import GatewayClient
 from device.transport.outbox import OutboxItem
@@ -15,7 +15,7 @@ from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def _items(start: int, n: int, size: int) -> list[OutboxItem]:
-    return [OutboxItem(seq, bytes([seq % 251]) * size, {"k": str(seq)}, 1) for seq in range(start, start + n)]
+    return [OutboxItem(seq, sample_payload(seq, size), {"k": str(seq)}, 1) for seq in range(start, start + n)]
 
 
 async def test_upload_acks_highest_stored_and_is_idempotent(tmp_path):
@@ -23,13 +23,14 @@ async def test_upload_acks_highest_stored_and_is_idempotent(tmp_path):
         running_gateway(tmp_path / "cloud") as gw,
         registered_client(tmp_path / "dev", gw.address) as client,
     ):
-        resp = await client.upload(_items(1, 5, 150_000))  # 150 kB > 64 KiB chunks: multi-chunk samples
+        first = _items(1, 5, 150_000)
+        resp = await client.upload(first)  # 150 kB > 64 KiB chunks: multi-chunk samples
         assert (resp.acked_seq, resp.stored, resp.duplicates) == (5, 5, 0)
         again = await client.upload(_items(3, 4, 150_000))
         assert (again.acked_seq, again.stored, again.duplicates) == (6, 1, 3)
         stored = list(gw.samples.iter_samples("dev-1"))
         assert [s.seq for s in stored] == [1, 2, 3, 4, 5, 6]
-        assert stored[2].payload == bytes([3]) * 150_000 and stored[2].metadata == {"k": "3"}
+        assert stored[2].payload == first[2].payload and stored[2].metadata == {"k": "3"}
 
 
 async def test_missing_and_foreign_tokens_are_refused(tmp_path):
@@ -61,7 +62,7 @@ async def test_missing_and_foreign_tokens_are_refused(tmp_path):
 
 
 async def test_enrollment_secret_is_checked(tmp_path):
-    async with running_gateway(tmp_path / "cloud", enrollment_secret="s3cret") as gw:
+    async with running_gateway(tmp_path / "cloud", enrollment_secret="s3cret", open_enrollment=False) as gw:
         from transport_support import device_config
 
         client = GatewayClient(device_config(tmp_path / "d", gw.address, enrollment_secret="wrong"))

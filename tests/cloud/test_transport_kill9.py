@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from transport_support import device_config, gateway_process
+from transport_support import device_config, gateway_process, sample_payload
 
 from cloud.samples import SqliteSampleStore
 from device.transport.client import GatewayClient
@@ -17,8 +17,13 @@ N = 60
 SIZE = 200_000
 
 
+_PAYLOADS: dict[int, bytes] = {}
+
+
 def _payload(seq: int) -> bytes:
-    return seq.to_bytes(4, "big") * (SIZE // 4)
+    if seq not in _PAYLOADS:
+        _PAYLOADS[seq] = sample_payload(seq, SIZE)
+    return _PAYLOADS[seq]
 
 
 async def test_sigkill_mid_upload_then_restart(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from transport_support import device_config, running_gateway
+from transport_support import device_config, running_gateway, sample_payload
 
 from device.transport.agent import TransportAgent
 from device.transport.client import GatewayClient
@@ -25,7 +25,7 @@ async def test_agent_uploads_applies_and_heartbeats(tmp_path):
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         for i in range(5):
-            agent.outbox.put(bytes([i]) * 100)
+            agent.outbox.put(sample_payload(i, 600))
         gw.publish("dev-1", "v0", "v1", b"delta")
         for _ in range(200):
             if gw.samples.count("dev-1") == 5 and applied and agent.heartbeats >= 2:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from transport_support import gateway_process
+from transport_support import gateway_process, sample_payload
 
 from cloud.cli import main as cloud_main
 from device.cli import main as device_main
@@ -28,14 +30,14 @@ def test_register_put_push_publish_watch(tmp_path, capsys):
         files = []
         for i in range(3):
             f = tmp_path / f"s{i}.bin"
-            f.write_bytes(bytes([i]) * 1000)
+            f.write_bytes(sample_payload(i, 1000))
             files.append(str(f))
         code, out, _ = _run(
             device_main, ["outbox", "put", *files, "--meta", "kind=test", "--state-dir", str(state)], capsys
         )
         assert code == 0 and "queued 3 samples (seq 1..3)" in out
         code, out, _ = _run(device_main, ["outbox", "inspect", "--state-dir", str(state)], capsys)
-        assert "3 pending (3000 bytes)" in out
+        assert f"3 pending ({sum(Path(f).stat().st_size for f in files)} bytes)" in out
         code, out, _ = _run(device_main, ["outbox", "push", "--state-dir", str(state)], capsys)
         assert code == 0 and "pushed 3 samples; cloud acked up to seq 3" in out
         code, out, _ = _run(cloud_main, ["samples", "list", "--data-dir", str(data)], capsys)
@@ -176,7 +178,7 @@ def test_push_gives_up_after_timeout_and_keeps_samples(tmp_path, capsys):
     state = tmp_path / "dev"
     DeviceIdentity("d", "t", "", "127.0.0.1:1", "", 65536, 1 << 20).save(state)
     box = Outbox(state / "outbox.db")
-    box.put(b"kept")
+    box.put(sample_payload(0, 500))
     box.close()
     code, _, err = _run(device_main, ["outbox", "push", "--state-dir", str(state), "--timeout", "1"], capsys)
     assert code == 1 and "gave up after 1 s" in err

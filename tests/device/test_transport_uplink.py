@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from transport_support import device_config, running_gateway
+import torch
+from transport_support import device_config, running_gateway, sample_payload
 
+from common.sample_codec import UploadSample, encode_sample
 from device.transport.client import GatewayClient
 from device.transport.outbox import Outbox
 from device.transport.uplink import UplinkWorker
@@ -19,7 +21,8 @@ async def test_uplink_survives_cuts_without_duplicates(tmp_path):
             client = GatewayClient(cfg)
             identity = await client.register()
             box = Outbox(tmp_path / "dev" / "outbox.db")
-            payloads = {box.put(bytes([i % 256]) * 100_000, {"i": str(i)}): i for i in range(40)}
+            sent = [sample_payload(i, 100_000) for i in range(40)]
+            payloads = {box.put(sent[i], {"i": str(i)}): i for i in range(40)}
             worker = UplinkWorker(client, box, cfg)
 
             async def cutter():  # cut the link mid-upload twice, wherever the upload has got to
@@ -38,7 +41,7 @@ async def test_uplink_survives_cuts_without_duplicates(tmp_path):
         assert worker.stats.attempts_failed >= 2  # each cut interrupted an upload and it was resent
         stored = list(gw.samples.iter_samples(identity.device_id))
         assert [s.seq for s in stored] == sorted(payloads)
-        assert all(s.payload == bytes([payloads[s.seq] % 256]) * 100_000 for s in stored)
+        assert all(s.payload == sent[payloads[s.seq]] for s in stored)
 
 
 async def test_uplink_waits_out_an_outage(tmp_path):
@@ -48,7 +51,7 @@ async def test_uplink_waits_out_an_outage(tmp_path):
         await client.register()
         box = Outbox(tmp_path / "dev" / "outbox.db")
         for i in range(5):
-            box.put(str(i).encode())
+            box.put(sample_payload(i, 500))
         proxy.set_down(True)
         worker = UplinkWorker(client, box, cfg)
         push = asyncio.create_task(worker.push_all())
@@ -70,7 +73,7 @@ async def test_run_loop_drains_new_samples(tmp_path):
         stop = asyncio.Event()
         task = asyncio.create_task(UplinkWorker(client, box, cfg).run(stop))
         for i in range(3):
-            box.put(bytes([i]))
+            box.put(sample_payload(i, 500))
             await asyncio.sleep(0.05)
         for _ in range(100):
             if gw.samples.count("dev-1") == 3:
@@ -82,8 +85,17 @@ async def test_run_loop_drains_new_samples(tmp_path):
         await client.close()
 
 
+def _zero_sample() -> bytes:
+    """A valid, very compressible sample of about 200 kB (all features zero)."""
+    k = 3000
+    return encode_sample(
+        UploadSample(torch.zeros(k, 64), torch.arange(k), k, "q ?", torch.tensor([1]), torch.tensor([0.5]))
+    )
+
+
 async def test_gzip_compression_shrinks_compressible_uploads(tmp_path):
     sizes = {}
+    zero = _zero_sample()
     for mode in ("none", "gzip"):
         gateway = running_gateway(tmp_path / f"cloud-{mode}")
         async with gateway as gw, LinkProxy("127.0.0.1", gw.port) as proxy:
@@ -92,11 +104,11 @@ async def test_gzip_compression_shrinks_compressible_uploads(tmp_path):
             await client.register()
             box = Outbox(tmp_path / f"dev-{mode}" / "outbox.db")
             for _ in range(4):
-                box.put(b"\x00" * 200_000)
+                box.put(zero)
             await UplinkWorker(client, box, cfg).push_all()
             await client.close()
             sizes[mode] = proxy.stats.bytes_up
-            assert [s.payload for s in gw.samples.iter_samples("dev-1")] == [b"\x00" * 200_000] * 4
+            assert [s.payload for s in gw.samples.iter_samples("dev-1")] == [zero] * 4
     assert sizes["gzip"] < sizes["none"] / 10
 
 
@@ -109,7 +121,7 @@ async def test_sample_refused_for_its_content_is_set_aside(tmp_path):
         await client.register()
         box = Outbox(tmp_path / "dev" / "outbox.db")
         for i in range(6):
-            box.put(bytes([i]) * 1000)
+            box.put(sample_payload(i, 1000))
         with sqlite3.connect(tmp_path / "dev" / "outbox.db") as db:  # bit rot in the stored digest of seq 3
             db.execute("UPDATE outbox SET sha256 = zeroblob(32) WHERE seq = 3")
         worker = UplinkWorker(client, box, cfg)
