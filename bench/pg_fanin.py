@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import random
@@ -30,22 +31,29 @@ from pathlib import Path
 
 import grpc
 import psutil
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from bench.transport_common import gateway_process
+from bench.transport_common import gateway_process, sample_payload
 from cloud.config import GatewayConfig
 from cloud.stores import open_sample_store
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
 from device.transport.outbox import OutboxItem
 
+_POOL = 64
+
+
+@functools.cache
+def _valid_sample(i: int, size: int) -> bytes:
+    return sample_payload(i, size)
+
 
 def payload_of(device_id: str, seq: int, size: int) -> bytes:
-    """Deterministic bytes of one sample, so the read-back can check every byte."""
-    block = hashlib.sha256(f"{device_id}/{seq}".encode()).digest()
-    return (block * (size // len(block) + 1))[:size]
+    """The sample a device sends as ``seq``: a valid upload (the gateway checks the format), one of a pool of
+    distinct ones chosen by (device, seq), so the read-back can check every byte."""
+    digest = hashlib.sha256(f"{device_id}/{seq}".encode()).digest()
+    return _valid_sample(int.from_bytes(digest[:4], "big") % _POOL, size)
 
 
 @dataclasses.dataclass
@@ -61,13 +69,17 @@ class FleetResult:
 
 async def _upload(client: GatewayClient, item: OutboxItem, result: FleetResult):
     """Upload until acked (a failed call is retried, as the device's uplink does); returns the response."""
+    last = None
     for attempt in range(20):
         try:
             return await client.upload([item])
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
             result.errors += 1
+            last = exc
             await asyncio.sleep(0.05 * (attempt + 1))
-    raise RuntimeError(f"seq {item.seq} was never acked")
+    raise RuntimeError(
+        f"seq {item.seq} was never acked: {last.code().name if last else ''} {last.details() if last else ''}"
+    )
 
 
 async def _device(
@@ -151,13 +163,13 @@ def check_store(config: GatewayConfig, result: FleetResult, size: int) -> tuple[
     return lost, duplicated
 
 
-def _write_config(path: Path, **fields) -> tuple[Path, GatewayConfig]:
+def _settings(**fields) -> tuple[dict, GatewayConfig]:
+    """GatewayConfig keys for ``gateway_process`` (the DSN in clear: the file is the process's own) and the model."""
     cfg = GatewayConfig(host="127.0.0.1", port=0, sqlite_synchronous="FULL", open_enrollment=True, **fields)
     data = cfg.model_dump(mode="json", exclude_none=True)
     if cfg.postgres_dsn is not None:
         data["postgres_dsn"] = cfg.dsn()
-    path.write_text(yaml.safe_dump(data))
-    return path, cfg
+    return data, cfg
 
 
 @contextmanager
@@ -249,17 +261,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         key = tmp / "signing.pem"
-        path, sqlite_cfg = _write_config(tmp / "sqlite.yaml", data_dir=tmp / "sqlite", signing_key=key)
-        with gateway_process(sqlite_cfg.data_dir, "--config", str(path)) as (proc, address):
+        settings, sqlite_cfg = _settings(data_dir=tmp / "sqlite", signing_key=key)
+        with gateway_process(sqlite_cfg.data_dir, settings=settings) as (proc, address):
             base = _run_case("SQLite (baseline)", [address], [proc.pid], tmp / "dev-sqlite", fleet)
         base.lost, base.duplicated = check_store(sqlite_cfg, base.fleet, args.size)
         with _postgres(args.dsn) as dsn, ExitStack() as stack:
             shared = {"store": "postgres", "postgres_dsn": dsn, "blobs": {"directory": str(tmp / "shared-blobs")}}
             addresses, pids = [], []
             for name in ("a", "b"):
-                path, pg_cfg = _write_config(tmp / f"pg-{name}.yaml", data_dir=tmp / f"pg-{name}", signing_key=key,
-                                             **shared)  # fmt: skip
-                proc, address = stack.enter_context(gateway_process(pg_cfg.data_dir, "--config", str(path)))
+                settings, pg_cfg = _settings(data_dir=tmp / f"pg-{name}", signing_key=key, **shared)
+                proc, address = stack.enter_context(gateway_process(pg_cfg.data_dir, settings=settings))
                 addresses.append(address)
                 pids.append(proc.pid)
             pg = _run_case("PostgreSQL + shared blob dir", addresses, pids, tmp / "dev-pg", fleet)

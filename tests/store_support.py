@@ -140,8 +140,8 @@ class Backend:
         """GatewayConfig fields for one gateway of this backend (the signing key is shared)."""
         return {"data_dir": self.data_dir(gateway), "signing_key": self.root / "signing.pem", **self.store_fields}
 
-    def write_config(self, path: Path, gateway: str = "a", **extra) -> Path:
-        """A GatewayConfig YAML for subprocesses (``tandem-cloud serve`` / ``updates publish``)."""
+    def settings(self, gateway: str = "a", **extra) -> dict:
+        """GatewayConfig keys for a subprocess (``tandem-cloud serve`` / ``updates publish``), DSN in clear."""
         cfg = GatewayConfig(
             **{
                 "host": "127.0.0.1",
@@ -158,7 +158,11 @@ class Backend:
         data = cfg.model_dump(mode="json", exclude_none=True)
         if cfg.postgres_dsn is not None:
             data["postgres_dsn"] = cfg.dsn()
-        path.write_text(yaml.safe_dump(data))
+        return data
+
+    def write_config(self, path: Path, gateway: str = "a", **extra) -> Path:
+        """The same keys as a YAML file."""
+        path.write_text(yaml.safe_dump(self.settings(gateway, **extra)))
         return path
 
     def open_samples(self, gateway: str = "a"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,14 @@ import sys
 import grpc
 import pytest
 from store_support import BACKENDS, Backend, make_backend, pg_dsn, s3_bucket  # noqa: F401 (fixtures)
-from transport_support import REPO_ROOT, device_config, gateway_process, registered_client, running_gateway
+from transport_support import (
+    REPO_ROOT,
+    device_config,
+    gateway_process,
+    registered_client,
+    running_gateway,
+    sample_payload,
+)
 
 from cloud.samples.base import Sample
 from device.transport.client import GatewayClient
@@ -38,8 +46,10 @@ async def gateway(backend: Backend, name: str = "a", **overrides):
         yield gw
 
 
+@functools.cache
 def _payload(seq: int, size: int) -> bytes:
-    return seq.to_bytes(4, "big") * (size // 4)
+    """A valid uploaded sample (the gateway checks its format), different for each seq."""
+    return sample_payload(seq, size)
 
 
 def _items(start: int, n: int, size: int = 20_000) -> list[OutboxItem]:
@@ -170,9 +180,10 @@ SIZE_KILL = 200_000
 
 
 async def test_sigkill_mid_upload_loses_nothing_acked(backend, tmp_path):
-    cfg = backend.write_config(tmp_path / "gateway.yaml", "a")
+    settings = backend.settings("a")
     data_dir = backend.data_dir("a")
-    with gateway_process(data_dir, "--config", str(cfg)) as (proc, address):
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with gateway_process(data_dir, settings=settings) as (proc, address):
         host, port = address.rsplit(":", 1)
         proxy = LinkProxy(host, int(port), LinkConfig(up_mbps=80))  # about 1.2 s for the 12 MB: time to kill
         await proxy.start()
@@ -196,7 +207,7 @@ async def test_sigkill_mid_upload_loses_nothing_acked(backend, tmp_path):
     assert 8 <= len(acked_at_kill) < N_KILL
     assert acked_at_kill <= stored  # every acked sample survived the kill
     assert not push.done()
-    with gateway_process(data_dir, "--config", str(cfg)) as (_, address2):
+    with gateway_process(data_dir, settings=settings) as (_, address2):
         host2, port2 = address2.rsplit(":", 1)
         proxy.retarget(host2, int(port2))
         await asyncio.wait_for(push, timeout=60)
