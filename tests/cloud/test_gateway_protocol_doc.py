@@ -12,7 +12,7 @@ from transport_support import REPO_ROOT
 
 from common.signing import key_id, public_key_pem
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
-from protocol.updates import UpdateHeader
+from protocol.updates import header_from_proto
 
 DOC = REPO_ROOT / "docs" / "protocol.md"
 
@@ -42,7 +42,7 @@ def test_worked_example_matches_the_code_and_a_plain_verifier():
         metadata=fields["metadata"],
         created_unix_ms=123,
     )
-    header = UpdateHeader.from_proto(wire)
+    header = header_from_proto(wire)
     canonical = header.canonical_bytes()
     assert canonical == ex["canonical"].encode("ascii")
     signature, kid = header.sign(key)
