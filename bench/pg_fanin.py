@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         key = tmp / "signing.pem"
         settings, sqlite_cfg = _settings(data_dir=tmp / "sqlite", signing_key=key)
-        with gateway_process(sqlite_cfg.data_dir, settings=settings) as (proc, address):
+        with gateway_process(sqlite_cfg.data_dir, "--role", "gateway", settings=settings) as (proc, address):
             base = _run_case("SQLite (baseline)", [address], [proc.pid], tmp / "dev-sqlite", fleet)
         base.lost, base.duplicated = check_store(sqlite_cfg, base.fleet, args.size)
         with _postgres(args.dsn) as dsn, ExitStack() as stack:
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             addresses, pids = [], []
             for name in ("a", "b"):
                 settings, pg_cfg = _settings(data_dir=tmp / f"pg-{name}", signing_key=key, **shared)
-                proc, address = stack.enter_context(gateway_process(pg_cfg.data_dir, settings=settings))
+                gateway = gateway_process(pg_cfg.data_dir, "--role", "gateway", settings=settings)
+                proc, address = stack.enter_context(gateway)
                 addresses.append(address)
                 pids.append(proc.pid)
             pg = _run_case("PostgreSQL + shared blob dir", addresses, pids, tmp / "dev-pg", fleet)

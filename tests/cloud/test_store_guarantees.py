@@ -183,7 +183,7 @@ async def test_sigkill_mid_upload_loses_nothing_acked(backend, tmp_path):
     settings = backend.settings("a")
     data_dir = backend.data_dir("a")
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with gateway_process(data_dir, settings=settings) as (proc, address):
+    with gateway_process(data_dir, "--role", "gateway", settings=settings) as (proc, address):
         host, port = address.rsplit(":", 1)
         proxy = LinkProxy(host, int(port), LinkConfig(up_mbps=80))  # about 1.2 s for the 12 MB: time to kill
         await proxy.start()
@@ -207,7 +207,7 @@ async def test_sigkill_mid_upload_loses_nothing_acked(backend, tmp_path):
     assert 8 <= len(acked_at_kill) < N_KILL
     assert acked_at_kill <= stored  # every acked sample survived the kill
     assert not push.done()
-    with gateway_process(data_dir, settings=settings) as (_, address2):
+    with gateway_process(data_dir, "--role", "gateway", settings=settings) as (_, address2):
         host2, port2 = address2.rsplit(":", 1)
         proxy.retarget(host2, int(port2))
         await asyncio.wait_for(push, timeout=60)
