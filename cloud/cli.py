@@ -102,10 +102,10 @@ def dev_certs(
 
 def _registry(config: Path | None, data_dir: Path | None):
     from cloud.gateway.server import load_or_create_signing_key
-    from cloud.updates import SqliteUpdateRegistry
+    from cloud.stores import open_update_registry
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    return SqliteUpdateRegistry(Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg), cfg.sqlite_synchronous)
+    return open_update_registry(cfg, cfg.data_dir, load_or_create_signing_key(cfg), cfg.sqlite_synchronous)
 
 
 def _parse_meta(items: list[str]) -> dict[str, str]:
@@ -181,14 +181,14 @@ def updates_list(
 
 
 def _devices(config: Path | None, data_dir: Path | None, create: bool = False):
-    from cloud.devices import DeviceRegistry
+    from cloud.stores import open_device_registry
 
     cfg = _gateway_config(config, data_dir=data_dir)
     path = Path(cfg.data_dir) / "devices.db"
-    if not path.exists() and not create:
+    if cfg.store == "sqlite" and not path.exists() and not create:
         raise TandemError(f"no device database at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return DeviceRegistry(path, cfg.sqlite_synchronous)
+    return open_device_registry(cfg, cfg.data_dir, cfg.sqlite_synchronous)
 
 
 def _check_name(kind: str, value: str, allow_empty: bool) -> None:
@@ -279,12 +279,12 @@ def devices_set_cohort(
 @samples_app.command("list")
 def samples_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDirOpt) -> None:
     """Samples stored per device."""
-    from cloud.samples import open_sample_store
+    from cloud.stores import open_sample_store
 
     cfg = _gateway_config(config, data_dir=data_dir)
-    if not (Path(cfg.data_dir) / "samples.db").exists():
+    if cfg.store == "sqlite" and not (Path(cfg.data_dir) / "samples.db").exists():
         raise TandemError(f"no sample store in {cfg.data_dir}")
-    store = open_sample_store(cfg.sample_store, str(cfg.data_dir))
+    store = open_sample_store(cfg, cfg.data_dir)
     try:
         table = Table("device", "samples", "highest seq")
         for dev in store.devices():
@@ -295,13 +295,13 @@ def samples_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDi
 
 
 def _jobs(config: Path | None, data_dir: Path | None):
-    from cloud.adaptation.jobs_sqlite import SqliteJobStore
+    from cloud.stores import open_job_store
 
     cfg = _gateway_config(config, data_dir=data_dir)
     path = cfg.adaptation_dir / "jobs.db"
-    if not path.exists():
+    if cfg.store == "sqlite" and not path.exists():
         raise TandemError(f"no job database at {path}")
-    return SqliteJobStore(path)
+    return open_job_store(cfg, cfg.adaptation_dir, cfg.sqlite_synchronous)
 
 
 @jobs_app.command("list")

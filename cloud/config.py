@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from cloud.adaptation.config import AdaptationConfig
 from common.config import StrictConfig
@@ -27,7 +28,55 @@ class ServerTlsConfig(StrictConfig):
     """With mutual TLS: the client certificate's common name must equal the device id (Register included)."""
 
 
-class GatewayConfig(StrictConfig):
+POSTGRES_DSN_ENV = "TANDEM_POSTGRES_DSN"
+
+
+class BlobStoreConfig(StrictConfig):
+    """Where payload blobs live with ``store: postgres``: a directory every process mounts, or S3."""
+
+    kind: Literal["directory", "s3"] = "directory"
+    directory: Path | None = None
+    """Shared directory (NFS, a ReadWriteMany PVC); default ``<data_dir>/blobs``."""
+    bucket: str | None = None
+    """S3 bucket; credentials come from boto3's chain (``AWS_ACCESS_KEY_ID`` ... from a Secret)."""
+    prefix: str = ""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph); None is AWS."""
+    region: str | None = None
+    create_bucket: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> BlobStoreConfig:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("blobs.kind s3 needs blobs.bucket")
+        return self
+
+
+class StoreSettings(StrictConfig):
+    """Which backend holds samples, devices, updates and jobs: embedded SQLite, or PostgreSQL shared by
+    several gateways and the trainer (with payload blobs in ``blobs``)."""
+
+    store: Literal["sqlite", "postgres"] = Field("sqlite", validation_alias=AliasChoices("store", "sample_store"))
+    postgres_dsn: SecretStr | None = None
+    """libpq DSN or URI; when unset, read from $TANDEM_POSTGRES_DSN (a Kubernetes Secret)."""
+    blobs: BlobStoreConfig = Field(default_factory=BlobStoreConfig)
+
+    @model_validator(mode="after")
+    def _check_store(self) -> StoreSettings:
+        if self.store == "postgres" and not self.dsn():
+            raise ValueError(f"store postgres needs postgres_dsn or ${POSTGRES_DSN_ENV}")
+        if self.store == "sqlite" and self.blobs.kind != "directory":
+            raise ValueError("blobs.kind s3 needs store: postgres (SQLite keeps payloads in its data_dir)")
+        return self
+
+    def dsn(self) -> str:
+        """The PostgreSQL DSN ('' when none is configured)."""
+        if self.postgres_dsn is not None:
+            return self.postgres_dsn.get_secret_value()
+        return os.environ.get(POSTGRES_DSN_ENV, "")
+
+
+class GatewayConfig(StoreSettings):
     """Everything ``tandem-cloud serve`` needs."""
 
     host: str = "127.0.0.1"
@@ -65,7 +114,6 @@ class GatewayConfig(StrictConfig):
     """Threads that verify completed samples (each holds about one sample's worth of extra memory)."""
     upload_idle_timeout_s: float = Field(60.0, gt=0)
     """An Upload stream that sends no message for this long is ended (DEADLINE_EXCEEDED) and its buffers freed."""
-    sample_store: Literal["sqlite"] = "sqlite"
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL survives power loss; NORMAL (WAL) survives process crashes only."""
     commit_batch_bytes: int = Field(64 * 1024 * 1024, gt=0)

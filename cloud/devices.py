@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.db import open_sqlite
+from cloud.migrations import migrate_sqlite
 from common.errors import TandemError
 
 _SCHEMA = """
@@ -100,7 +101,7 @@ class DeviceRegistry:
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         self._conn = open_sqlite(path, synchronous)
         self._lock = threading.Lock()
-        self._conn.executescript(_SCHEMA)
+        migrate_sqlite(self._conn, (_SCHEMA,), f"device registry {path}")
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
         for column, ddl in _MIGRATIONS.items():
             if column not in columns:

@@ -29,25 +29,22 @@ def make_executor(config: GatewayConfig):
 
 def build_trainer(config: GatewayConfig, gateway=None, on_publish=None):
     """A ``TrainerService`` on the data directory's stores (a running gateway's own, when given)."""
-    from cloud.adaptation.jobs_sqlite import SqliteJobStore
     from cloud.adaptation.metrics import AdaptationMetrics
     from cloud.adaptation.service import TrainerService
-    from cloud.devices import DeviceRegistry
     from cloud.gateway.server import load_or_create_signing_key
-    from cloud.samples import open_sample_store
-    from cloud.updates import SqliteUpdateRegistry
+    from cloud.stores import open_device_registry, open_job_store, open_sample_store, open_update_registry
 
     data_dir = Path(config.data_dir)
     state_dir = config.adaptation_dir
     state_dir.mkdir(parents=True, exist_ok=True)
+    sync = config.sqlite_synchronous
     if gateway is not None:
         samples, devices, updates = gateway.samples, gateway.devices, gateway.updates
     else:
-        samples = open_sample_store(config.sample_store, str(data_dir), config.sqlite_synchronous)
-        devices = DeviceRegistry(data_dir / "devices.db", config.sqlite_synchronous)
-        key = load_or_create_signing_key(config)
-        updates = SqliteUpdateRegistry(data_dir / "updates", key, config.sqlite_synchronous)
-    jobs = SqliteJobStore(state_dir / "jobs.db", config.sqlite_synchronous)
+        samples = open_sample_store(config, data_dir, sync)
+        devices = open_device_registry(config, data_dir, sync)
+        updates = open_update_registry(config, data_dir, load_or_create_signing_key(config), sync)
+    jobs = open_job_store(config, state_dir, sync)
     return TrainerService(
         config.adaptation,
         state_dir,

@@ -13,15 +13,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.config import GatewayConfig
-from cloud.devices import DeviceRegistry
 from cloud.gateway.budget import MemoryBudget
 from cloud.gateway.handlers import add_gateway_handlers
 from cloud.gateway.malloc import pin_malloc_thresholds
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.servicer import DeviceGatewayServicer
 from cloud.gateway.writer import GroupCommitWriter
-from cloud.samples import SampleStore, open_sample_store
-from cloud.updates import SqliteUpdateRegistry, UpdateRecord
+from cloud.stores import open_stores
+from cloud.updates import UpdateRecord
 from common.errors import ConfigError
 from common.signing import (
     Ed25519PrivateKey,
@@ -90,9 +89,9 @@ class GatewayServer:
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(config)
-        self.samples: SampleStore = open_sample_store(config.sample_store, str(data_dir), config.sqlite_synchronous)
-        self.devices = DeviceRegistry(data_dir / "devices.db", config.sqlite_synchronous)
-        self.updates = SqliteUpdateRegistry(data_dir / "updates", self.signing_key, config.sqlite_synchronous)
+        stores = open_stores(config, data_dir, self.signing_key, config.sqlite_synchronous)
+        self.samples, self.devices, self.updates = stores.samples, stores.devices, stores.updates
+        self._unsubscribe = lambda: None
         self.writer: GroupCommitWriter | None = None
         self.servicer: DeviceGatewayServicer | None = None
         self.budget: MemoryBudget | None = None
@@ -119,6 +118,8 @@ class GatewayServer:
             self.budget,
             self._validator,
         )
+        loop, servicer = asyncio.get_running_loop(), self.servicer
+        self._unsubscribe = self.updates.subscribe(lambda: loop.call_soon_threadsafe(servicer.notify_published))
         server = grpc.aio.server(options=server_options(self.config))
         add_gateway_handlers(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
@@ -187,6 +188,7 @@ class GatewayServer:
         if self.writer is not None:
             await self.writer.close()
             self.writer = None
+        self._unsubscribe()
         if self._validator is not None:
             self._validator.shutdown(wait=True)
             self._validator = None

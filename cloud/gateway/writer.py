@@ -37,7 +37,8 @@ class GroupCommitWriter:
 
     async def high_water(self, device_id: str) -> int:
         """Highest stored seq of ``device_id``."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._store.high_water, device_id)
+        executor = None if self._store.concurrent_reads else self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, self._store.high_water, device_id)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

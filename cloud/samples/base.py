@@ -22,6 +22,10 @@ class Sample:
 class SampleStore(ABC):
     """Durable storage of device samples. Writing a (device_id, seq) that exists is a no-op."""
 
+    concurrent_reads: bool = False
+    """True when reads may run on any thread while a ``put`` is in progress (the gateway's writer then keeps
+    its one thread for commits)."""
+
     @abstractmethod
     def put(self, samples: Sequence[Sample]) -> list[bool]:
         """Store ``samples`` in one durable transaction; per sample, True if new, False if already stored."""

@@ -16,9 +16,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cloud.db import open_sqlite
+from cloud.migrations import migrate_sqlite
 from cloud.samples.base import Sample, SampleStore
 
-_SCHEMA = """
+_MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS samples (
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -29,8 +31,9 @@ CREATE TABLE IF NOT EXISTS samples (
     created_unix_ms INTEGER NOT NULL,
     received_unix_ms INTEGER NOT NULL,
     PRIMARY KEY (device_id, seq)
-) WITHOUT ROWID;
-"""
+) WITHOUT ROWID
+""",
+)
 SEGMENT_BYTES = 256 * 1024 * 1024
 
 
@@ -40,12 +43,16 @@ class SqliteSampleStore(SampleStore):
     def __init__(self, path: str | Path, synchronous: str = "FULL", segment_bytes: int = SEGMENT_BYTES) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
+        self._conn = open_sqlite(self.path, synchronous)
+        try:
+            migrate_sqlite(self._conn, _MIGRATIONS, f"sample store {self.path}")
+        except BaseException:
+            self._conn.close()
+            raise
         self.segment_dir = self.path.parent / f"{self.path.stem}.segments"
         self.segment_dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
-        self._conn = open_sqlite(self.path, synchronous)
         self._lock = threading.Lock()
-        self._conn.executescript(_SCHEMA)
         existing = sorted(int(p.stem) for p in self.segment_dir.glob("*.seg"))
         self._segment = existing[-1] if existing else 0
         self._writer = open(self._segment_path(self._segment), "ab")  # noqa: SIM115 (kept open, closed in close())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
@@ -99,3 +100,11 @@ class UpdateRegistry(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release resources."""
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from another thread) when any process publishes; returns the unsubscribe.
+
+        The default does nothing: watchers find updates from other processes by polling. A shared backend
+        (PostgreSQL LISTEN/NOTIFY) wakes them at once.
+        """
+        return lambda: None

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 from pathlib import Path
 
+from cloud.blobs import DirectoryBlobStore
 from cloud.db import open_sqlite
+from cloud.migrations import migrate_sqlite
 from cloud.updates.base import UpdateRecord, UpdateRegistry
-from common.codec import sha256_hex
-from common.errors import TandemError
+from cloud.updates.publishing import PublishError, prepare_update
 from common.signing import Ed25519PrivateKey
-from common.update_header import VERSION_RE, UpdateHeader
-from protocol.payload import describe_payload
 
-_SCHEMA = """
+__all__ = ["PublishError", "SqliteUpdateRegistry"]
+
+_MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS updates (
     update_id INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
@@ -32,16 +32,13 @@ CREATE TABLE IF NOT EXISTS updates (
     payload_info BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS updates_device ON updates (device_id, update_id);
-CREATE INDEX IF NOT EXISTS updates_cohort ON updates (cohort, update_id);
-"""
+CREATE INDEX IF NOT EXISTS updates_cohort ON updates (cohort, update_id)
+""",
+)
 _COLUMNS = (
     "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
     " signature, key_id, payload_info"
 )
-
-
-class PublishError(TandemError):
-    """An update cannot be published (bad versions or addressing)."""
 
 
 class SqliteUpdateRegistry(UpdateRegistry):
@@ -49,92 +46,53 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
     def __init__(self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL") -> None:
         self.data_dir = Path(data_dir)
-        self.blob_dir = self.data_dir / "blobs"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._key = signing_key
         self._conn = open_sqlite(self.data_dir / "updates.db", synchronous)
+        try:
+            migrate_sqlite(self._conn, _MIGRATIONS, f"update registry {self.data_dir / 'updates.db'}")
+        except BaseException:
+            self._conn.close()
+            raise
+        self.blobs = DirectoryBlobStore(self.data_dir / "blobs")
         self._lock = threading.Lock()
-        self._conn.executescript(_SCHEMA)
 
     def publish(self, device_id, base_version, target_version, payload, metadata=None) -> UpdateRecord:
-        if not device_id:
-            raise PublishError("device_id must not be empty")
-        return self._publish(device_id, "", base_version, target_version, payload, metadata)
+        return self._publish(device_id or "", "", base_version, target_version, payload, metadata)
 
     def publish_cohort(self, cohort, base_version, target_version, payload, metadata=None) -> UpdateRecord:
-        if not cohort:
-            raise PublishError("cohort must not be empty")
-        return self._publish("", cohort, base_version, target_version, payload, metadata)
+        return self._publish("", cohort or "", base_version, target_version, payload, metadata)
 
     def _publish(
         self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
     ) -> UpdateRecord:
-        for name, value in (("base_version", base), ("target_version", target)):
-            if not isinstance(value, str) or not VERSION_RE.match(value):
-                raise PublishError(f"{name} {value!r} must be 1-128 chars of [A-Za-z0-9._:+-]")
-        if base == target:
-            raise PublishError("target_version must differ from base_version")
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        digest = sha256_hex(payload)
-        self._write_blob(digest, payload)
-        header = UpdateHeader(device_id, cohort, base, target, digest, len(payload), meta)
-        signature, kid = header.sign(self._key)
-        info = describe_payload(payload).SerializeToString()
-        created = int(time.time() * 1000)
+        up = prepare_update(self._key, device_id, cohort, base, target, payload, metadata)
+        if not (self.blobs.exists(up.sha256_hex) and self.blobs.size(up.sha256_hex) == up.size):
+            self.blobs.put(up.sha256_hex, payload)
         with self._lock:
             cur = self._conn.execute(
                 "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size,"
                 " metadata, created_unix_ms, signature, key_id, payload_info)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    device_id,
-                    cohort,
-                    base,
-                    target,
-                    digest,
-                    len(payload),
-                    json.dumps(meta, sort_keys=True),
-                    created,
-                    signature,
-                    kid,
-                    info,
+                    up.device_id,
+                    up.cohort,
+                    up.base_version,
+                    up.target_version,
+                    up.sha256_hex,
+                    up.size,
+                    json.dumps(up.metadata, sort_keys=True),
+                    up.created_unix_ms,
+                    up.signature,
+                    up.key_id,
+                    up.payload_info,
                 ),
             )
             update_id = int(cur.lastrowid or 0)
-        return UpdateRecord(
-            update_id,
-            device_id,
-            cohort,
-            base,
-            target,
-            digest,
-            len(payload),
-            meta,
-            created,
-            signature,
-            kid,
-            info,
-        )
-
-    def _write_blob(self, digest: str, payload: bytes) -> None:
-        path = self.blob_dir / digest
-        if path.exists() and path.stat().st_size == len(payload):
-            return
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(self.blob_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return up.record(update_id)
 
     def blob_path(self, record: UpdateRecord) -> Path:
         """File holding the payload of ``record``."""
-        return self.blob_dir / record.sha256_hex
+        return self.blobs.path(record.sha256_hex)
 
     def get(self, update_id: int) -> UpdateRecord | None:
         with self._lock:
@@ -167,9 +125,7 @@ class SqliteUpdateRegistry(UpdateRegistry):
         record = self.get(update_id)
         if record is None:
             raise KeyError(update_id)
-        with open(self.blob_path(record), "rb") as fh:
-            fh.seek(offset)
-            return fh.read(length)
+        return self.blobs.get(record.sha256_hex, offset, length)
 
     def latest_id(self) -> int:
         with self._lock:

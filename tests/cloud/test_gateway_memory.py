@@ -106,7 +106,7 @@ async def test_server_rss_stays_under_its_bound_with_many_large_streams(tmp_path
         "buffer_wait_s": 1.0,
         "chunk_size": chunk,
     }
-    with gateway_process(tmp_path / "cloud", settings=settings) as (proc, address):
+    with gateway_process(tmp_path / "cloud", "--role", "gateway", settings=settings) as (proc, address):
         client = GatewayClient(
             __import__("transport_support").device_config(tmp_path / "d", address, max_message_bytes=4 * MiB)
         )

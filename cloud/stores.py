@@ -1,0 +1,104 @@
+"""Opens the cloud's stores on the configured backend: SQLite files under ``data_dir`` (one gateway), or
+PostgreSQL plus a shared blob store (several gateways and the trainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloud.config import StoreSettings
+from cloud.samples.base import SampleStore
+from cloud.updates.base import UpdateRegistry
+from common.signing import Ed25519PrivateKey
+
+
+def _database(settings: StoreSettings, role: str):
+    from cloud.db import PostgresDatabase
+
+    return PostgresDatabase(settings.dsn(), application_name=f"tandem-{role}")
+
+
+def _blobs(settings: StoreSettings, data_dir: Path, synchronous: str):
+    from cloud.blobs import open_blob_store
+
+    return open_blob_store(settings.blobs, Path(data_dir) / "blobs", fsync=synchronous == "FULL")
+
+
+def open_sample_store(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL") -> SampleStore:
+    """The sample store of the configured backend."""
+    if settings.store == "postgres":
+        from cloud.samples.postgres import PostgresSampleStore
+
+        db = _database(settings, "samples")
+        return PostgresSampleStore(db, _blobs(settings, data_dir, synchronous))
+    from cloud.samples.sqlite import SqliteSampleStore
+
+    return SqliteSampleStore(Path(data_dir) / "samples.db", synchronous=synchronous)
+
+
+def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL"):
+    """The device registry of the configured backend (``DeviceRegistry`` or its PostgreSQL twin)."""
+    if settings.store == "postgres":
+        from cloud.devices_postgres import PostgresDeviceRegistry
+
+        return PostgresDeviceRegistry(_database(settings, "devices"))
+    from cloud.devices import DeviceRegistry
+
+    return DeviceRegistry(Path(data_dir) / "devices.db", synchronous)
+
+
+def open_update_registry(
+    settings: StoreSettings, data_dir: Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL"
+) -> UpdateRegistry:
+    """The update registry of the configured backend."""
+    if settings.store == "postgres":
+        from cloud.updates.postgres import PostgresUpdateRegistry
+
+        db = _database(settings, "updates")
+        return PostgresUpdateRegistry(db, _blobs(settings, data_dir, synchronous), signing_key)
+    from cloud.updates.sqlite import SqliteUpdateRegistry
+
+    return SqliteUpdateRegistry(Path(data_dir) / "updates", signing_key, synchronous)
+
+
+def open_job_store(settings: StoreSettings, state_dir: Path, synchronous: str = "FULL"):
+    """The trainer's job store of the configured backend (``SqliteJobStore`` under ``state_dir``)."""
+    if settings.store == "postgres":
+        from cloud.adaptation.jobs_postgres import PostgresJobStore
+
+        return PostgresJobStore(_database(settings, "jobs"))
+    from cloud.adaptation.jobs_sqlite import SqliteJobStore
+
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    return SqliteJobStore(Path(state_dir) / "jobs.db", synchronous)
+
+
+@dataclass
+class CloudStores:
+    """The three stores a gateway serves from."""
+
+    samples: SampleStore
+    devices: object
+    updates: UpdateRegistry
+
+    def close(self) -> None:
+        """Close every store."""
+        self.samples.close()
+        self.devices.close()  # type: ignore[attr-defined]
+        self.updates.close()
+
+
+def open_stores(
+    settings: StoreSettings, data_dir: Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL"
+) -> CloudStores:
+    """Samples, devices and updates on one backend; a failure closes what was already opened."""
+    opened: list = []
+    try:
+        opened.append(open_sample_store(settings, data_dir, synchronous))
+        opened.append(open_device_registry(settings, data_dir, synchronous))
+        opened.append(open_update_registry(settings, data_dir, signing_key, synchronous))
+    except BaseException:
+        for store in opened:
+            store.close()
+        raise
+    return CloudStores(*opened)

@@ -1,0 +1,88 @@
+"""What every update registry does before storing an update: check the addressing and versions, digest,
+sign and describe the payload. The backends differ only in where rows and bytes go."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from cloud.updates.base import UpdateRecord
+from common.codec import sha256_hex
+from common.errors import TandemError
+from common.signing import Ed25519PrivateKey
+from common.update_header import VERSION_RE, UpdateHeader
+from protocol.payload import describe_payload
+
+
+class PublishError(TandemError):
+    """An update cannot be published (bad versions or addressing)."""
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A signed update that has no id yet (the registry assigns it when the row is stored)."""
+
+    device_id: str
+    cohort: str
+    base_version: str
+    target_version: str
+    sha256_hex: str
+    size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_unix_ms: int = 0
+    signature: bytes = b""
+    key_id: str = ""
+    payload_info: bytes = b""
+
+    def record(self, update_id: int) -> UpdateRecord:
+        """The stored record under ``update_id``."""
+        return UpdateRecord(
+            update_id,
+            self.device_id,
+            self.cohort,
+            self.base_version,
+            self.target_version,
+            self.sha256_hex,
+            self.size,
+            dict(self.metadata),
+            self.created_unix_ms,
+            self.signature,
+            self.key_id,
+            self.payload_info,
+        )
+
+
+def prepare_update(
+    key: Ed25519PrivateKey,
+    device_id: str,
+    cohort: str,
+    base: str,
+    target: str,
+    payload: bytes,
+    metadata: dict | None,
+) -> PreparedUpdate:
+    """Validate, digest, sign and describe an update for one device (``cohort`` '') or a cohort."""
+    if bool(device_id) == bool(cohort):
+        raise PublishError("address an update to exactly one of a device_id or a cohort (neither may be empty)")
+    for name, value in (("base_version", base), ("target_version", target)):
+        if not isinstance(value, str) or not VERSION_RE.match(value):
+            raise PublishError(f"{name} {value!r} must be 1-128 chars of [A-Za-z0-9._:+-]")
+    if base == target:
+        raise PublishError("target_version must differ from base_version")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    digest = sha256_hex(payload)
+    header = UpdateHeader(device_id, cohort, base, target, digest, len(payload), meta)
+    signature, kid = header.sign(key)
+    return PreparedUpdate(
+        device_id,
+        cohort,
+        base,
+        target,
+        digest,
+        len(payload),
+        meta,
+        int(time.time() * 1000),
+        signature,
+        kid,
+        describe_payload(payload).SerializeToString(),
+    )
