@@ -59,7 +59,7 @@ def plot_accuracy(result: FleetResult, path: Path) -> None:
             ax.axvline(ph["start_s"], color="grey", lw=0.6, ls=":")
         if len(ds) == 1:
             for u in ds[0].updates:
-                ax.plot([u.t_s], [0.5], marker="|", color="tab:green", ms=8, transform=ax.get_xaxis_transform())
+                ax.plot([u.t_s], [0.04], marker="|", color="tab:green", ms=10, transform=ax.get_xaxis_transform())
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("time (s)")
         ax.grid(alpha=0.3)

@@ -166,6 +166,10 @@ class LinkProxy:
         jitter = self._rng.uniform(-s.jitter_ms, s.jitter_ms) if s.jitter_ms else 0.0
         return max(0.0, s.latency_ms + jitter) / 1000.0
 
+    def set_epoch(self, epoch: float) -> None:
+        """Move time 0 of outages, cuts and traces to ``epoch`` (a ``time.monotonic()`` value)."""
+        self._started = epoch
+
     def elapsed_s(self) -> float:
         """Seconds since start."""
         return time.monotonic() - self._started
@@ -177,9 +181,10 @@ class LinkProxy:
         t = self.elapsed_s()
         return any(o.start_s <= t < o.start_s + o.duration_s for o in self.config.outages)
 
-    async def start(self) -> int:
-        """Start listening; returns the bound port."""
-        self._started = time.monotonic()
+    async def start(self, epoch: float | None = None) -> int:
+        """Start listening; returns the bound port. ``epoch`` (a ``time.monotonic()`` value) is the time 0 of
+        outages, cuts and traces (default: now), so a fleet's links share one clock."""
+        self._started = time.monotonic() if epoch is None else epoch
         self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
         self.port = self._server.sockets[0].getsockname()[1]
         c = self.config
