@@ -12,8 +12,9 @@ Payload (safetensors bytes, three tensors plus string metadata):
   byte or int2 (ternary) four per byte, as offset codes with the lowest bits first;
 - ``scales``: one bfloat16 scale per block (symmetric absmax / qmax, rounded to bf16 *before* quantizing
   so both sides dequantize with the identical scale).
-Metadata: format, base/target version, bits, block, layout digest and the digest of the state after
-apply.
+Metadata: format, base/target version (strings), bits, block, layout digest and the digest of the state
+after apply. The header (``common.update_header.UpdateHeader``, the one header from here to the device's
+apply) repeats format, bits, unit counts and the result digest in its signed metadata.
 
 Apply is ``unit += q.float() * scale.float()`` in fp32 in layout order, the same function on cloud and
 device, so the cloud's mirror and the device's state are bit-identical (the result digest checks it). Own
@@ -30,15 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import TandemError
 from common.tensor_pack import PayloadError, pack, require, unpack
+from common.update_header import UpdateError, UpdateHeader, check_version
+
+__all__ = ["UpdateError", "UpdateHeader", "apply_update", "encode_update", "state_digest"]
 
 FORMAT = "tandem.dwc/1"
 SUPPORTED_BITS = (2, 4, 8)
-
-
-class UpdateError(TandemError):
-    """An adapter update cannot be built or applied (wrong base, bad payload, shape mismatch, non-finite)."""
 
 
 @dataclass(frozen=True)
@@ -50,20 +49,6 @@ class UnitGroup:
     transposed: bool
     num_units: int
     unit_len: int
-
-
-@dataclass(frozen=True)
-class UpdateHeader:
-    """What travels beside the payload (and is signed by the registry)."""
-
-    base_version: int
-    target_version: int
-    payload_sha256: str
-    result_sha256: str
-    payload_bytes: int
-    bits: int
-    units_sent: int
-    units_total: int
 
 
 def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -184,14 +169,19 @@ def encode_update(
     selected: dict[str, tuple[torch.Tensor, torch.Tensor]],
     bits: int,
     block: int,
-    base_version: int,
-    target_version: int,
+    base_version: str,
+    target_version: str,
 ) -> tuple[bytes, UpdateHeader, dict[str, torch.Tensor]]:
     """Build a payload from per-tensor (unit indices, unit deltas [k, unit_len]).
 
     Returns the payload, its header and the exact state a device holding ``base_state`` will have after
-    applying it (computed with :func:`apply_update`, the device's own code path).
+    applying it (computed with :func:`apply_update`, the device's own code path). The header is not yet
+    addressed to a device or cohort (see ``UpdateHeader.addressed``).
     """
+    check_version(base_version, "base_version")
+    check_version(target_version, "target_version")
+    if base_version == target_version:
+        raise UpdateError("target_version must differ from base_version")
     if block <= 0 or block % 2:
         raise UpdateError("block must be a positive even number")
     groups = layout_of(base_state)
@@ -225,8 +215,8 @@ def encode_update(
     }
     meta = {
         "format": FORMAT,
-        "base_version": str(base_version),
-        "target_version": str(target_version),
+        "base_version": base_version,
+        "target_version": target_version,
         "bits": str(bits),
         "block": str(block),
         "layout_sha256": layout_digest(base_state),
@@ -237,14 +227,19 @@ def encode_update(
     meta["result_sha256"] = state_digest(result)
     payload = pack(tensors, meta)
     header = UpdateHeader(
+        device_id="",
+        cohort="",
         base_version=base_version,
         target_version=target_version,
-        payload_sha256=hashlib.sha256(payload).hexdigest(),
-        result_sha256=meta["result_sha256"],
-        payload_bytes=len(payload),
-        bits=bits,
-        units_sent=int(mask.sum()),
-        units_total=total,
+        sha256_hex=hashlib.sha256(payload).hexdigest(),
+        size=len(payload),
+        metadata={
+            "format": FORMAT,
+            "bits": str(bits),
+            "units_sent": str(int(mask.sum())),
+            "units_total": str(total),
+            "result_sha256": meta["result_sha256"],
+        },
     )
     return payload, header, result
 
@@ -259,7 +254,7 @@ def _meta_int(meta: dict[str, str], key: str) -> int:
 def apply_update(
     state: dict[str, torch.Tensor],
     payload: bytes,
-    expected_base_version: int,
+    expected_base_version: str,
     header: UpdateHeader | None = None,
     verify_result: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -269,8 +264,8 @@ def apply_update(
     tensors, non-finite values, or a result that differs from the one the cloud computed.
     """
     if header is not None:
-        if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
-            raise UpdateError("payload digest does not match its header")
+        if len(payload) != header.size or hashlib.sha256(payload).hexdigest() != header.sha256_hex:
+            raise UpdateError("payload digest or size does not match its header")
         if header.base_version != expected_base_version:
             raise UpdateError(f"update is for base version {header.base_version}, device holds {expected_base_version}")
     try:
@@ -279,11 +274,11 @@ def apply_update(
         raise UpdateError(str(exc)) from None
     if meta.get("format") != FORMAT:
         raise UpdateError(f"not a DWC payload (format {meta.get('format')!r})")
-    base_version = _meta_int(meta, "base_version")
+    base_version = meta.get("base_version")
     if base_version != expected_base_version:
         raise UpdateError(f"update is for base version {base_version}, device holds {expected_base_version}")
     if header is not None and (
-        header.target_version != _meta_int(meta, "target_version") or header.result_sha256 != meta["result_sha256"]
+        header.target_version != meta.get("target_version") or header.result_sha256 != meta.get("result_sha256")
     ):
         raise UpdateError("payload metadata disagrees with its header")
     if meta.get("layout_sha256") != layout_digest(state):
@@ -323,7 +318,7 @@ def apply_update(
         rows = torch.from_numpy(idx)
         units[rows] = (units[rows].float() + delta).to(units.dtype)
     check_finite(new_state, "updated adapter state")
-    if verify_result and meta["result_sha256"] and state_digest(new_state) != meta["result_sha256"]:
+    if verify_result and meta.get("result_sha256") and state_digest(new_state) != meta["result_sha256"]:
         raise UpdateError("applied state differs from the cloud's mirror (result digest mismatch)")
     return new_state
 
@@ -333,24 +328,3 @@ def _offsets(groups: list[UnitGroup]):
     for g in groups:
         yield g, offset
         offset += g.num_units
-
-
-def header_to_json(header: UpdateHeader) -> str:
-    """The header as compact JSON (for the registry and the transport)."""
-    return json.dumps(header.__dict__, sort_keys=True, separators=(",", ":"))
-
-
-def header_from_json(text: str | bytes) -> UpdateHeader:
-    """Parse a header; UpdateError on missing or mistyped fields."""
-    try:
-        data = json.loads(text)
-        fields = UpdateHeader.__dataclass_fields__
-        if not isinstance(data, dict) or set(data) != set(fields):
-            raise ValueError("wrong fields")
-        for key in fields:
-            want = str if key.endswith("sha256") else int
-            if type(data[key]) is not want:
-                raise ValueError(f"{key} has the wrong type")
-        return UpdateHeader(**data)
-    except (ValueError, TypeError) as exc:
-        raise UpdateError(f"malformed update header: {exc}") from None

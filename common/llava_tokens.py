@@ -9,7 +9,7 @@ module builds those inputs and returns the answer-position logits and hidden sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,11 +89,14 @@ def answer_forward(
     features: Sequence[torch.Tensor],
     questions: Sequence[str],
     with_relevance: bool = False,
+    before_lm: Callable[[torch.Tensor], None] | None = None,
 ) -> AnswerOutput:
     """Run projector + language model on each sample's selected features and question.
 
     ``features[i]`` is [k_i, D] (k_i may differ; right padding). Returns logits and last hidden state at the
-    last prompt position, i.e. the distribution of the first answer token.
+    last prompt position, i.e. the distribution of the first answer token. ``before_lm``, if given, is called
+    with the [B, T] boolean mask of the image positions right before the language model runs (a token-pruning
+    language model such as SparseVLM's needs to know where the visual tokens are).
     """
     if len(features) == 0:
         raise TokenPathError("empty batch")
@@ -124,6 +127,11 @@ def answer_forward(
         batch[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = 1
     eager = getattr(llava.config.text_config, "_attn_implementation", None) == "eager"
+    if before_lm is not None:
+        columns = torch.arange(width, device=param.device)[None]
+        starts = torch.tensor([a for a, _ in spans], device=param.device)[:, None]
+        ends = torch.tensor([b for _, b in spans], device=param.device)[:, None]
+        before_lm((columns >= starts) & (columns < ends))
     out = llava.model.language_model(
         inputs_embeds=batch, attention_mask=mask, output_attentions=with_relevance and eager, return_dict=True
     )

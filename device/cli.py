@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from common.cli import run_app
-from common.config import load_config
 from common.errors import ConfigError, TandemError
 
 app = typer.Typer(name="tandem-device", help="Tandem device role.", no_args_is_help=True, add_completion=False)
@@ -21,7 +20,7 @@ app.add_typer(outbox_app, name="outbox")
 console = Console()
 T = TypeVar("T")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="DeviceClientConfig YAML (e.g. deploy/configs/device.yaml).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Device config YAML (e.g. deploy/configs/device.yaml).")
 StateOpt = typer.Option(None, "--state-dir", help="Device state directory (overrides the config).")
 TimeoutOpt = typer.Option(60.0, "--timeout", help="Give up after this many seconds.")
 
@@ -32,9 +31,10 @@ def _root() -> None:
 
 
 def _config(config: Path | None, **overrides):
-    from device.transport.config import DeviceClientConfig
+    """The transport section of the device config (``deploy/configs/device.yaml``) with overrides."""
+    from device.agent.config import load_agent_config
 
-    return load_config(DeviceClientConfig, config, **overrides)
+    return load_agent_config(config, {f"transport.{k}": v for k, v in overrides.items()}).transport
 
 
 def _run(coro: Awaitable[T], timeout: float) -> T:
@@ -248,6 +248,97 @@ def heartbeat(
     console.print(
         f"cloud acked seq {resp.acked_seq}; newest update id {resp.latest_update_id}; device version {version}"
     )
+
+
+SetOpt = typer.Option([], "--set", help="Override any config field: section.field=value (repeatable).")
+
+
+@app.command()
+def run(
+    config: Path | None = ConfigOpt,
+    settings: list[str] = SetOpt,
+    gateway: str | None = typer.Option(None, help="Gateway host:port (transport.gateway)."),
+    state_dir: Path | None = StateOpt,
+    model: str | None = typer.Option(None, "--model", help="Model directory or hub id (model.source)."),
+    listen: str | None = typer.Option(None, "--listen", help="Local API address (api.listen)."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus port (metrics.port)."),
+    offline: bool = typer.Option(False, "--offline", help="Serve without the cloud (samples wait in the outbox)."),
+) -> None:
+    """Run the device agent: answer, uplink what it is unsure of, take updates live."""
+    from device.agent.agent import DeviceAgent
+    from device.agent.config import load_agent_config, parse_assignments
+    from device.agent.logs import setup_logging
+
+    overrides = {
+        "transport.gateway": gateway,
+        "transport.state_dir": str(state_dir) if state_dir else None,
+        "model.source": model,
+        "api.listen": listen,
+        "metrics.port": metrics_port,
+        **parse_assignments(settings),
+    }
+    cfg = load_agent_config(config, overrides)
+    setup_logging(cfg.log_level, cfg.log_json)
+
+    async def serve() -> None:
+        import signal
+
+        agent = DeviceAgent(cfg, connect=not offline)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run_until(stop)
+
+    asyncio.run(serve())
+
+
+@app.command()
+def status(
+    config: Path | None = ConfigOpt,
+    settings: list[str] = SetOpt,
+    listen: str | None = typer.Option(None, "--listen", help="The agent's local API address (api.listen)."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Give up after this many seconds."),
+) -> None:
+    """Show what the running agent holds and has done."""
+    import grpc
+
+    from device.agent.config import load_agent_config, parse_assignments
+    from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
+
+    cfg = load_agent_config(config, {"api.listen": listen, **parse_assignments(settings)})
+    if not cfg.api.listen:
+        raise ConfigError("api.listen is empty: the agent has no local API to ask")
+
+    async def ask() -> agent_pb2.AgentStatusResponse:
+        async with grpc.aio.insecure_channel(cfg.api.listen) as channel:
+            stub = agent_pb2_grpc.DeviceAgentStub(channel)
+            return await stub.Status(agent_pb2.AgentStatusRequest(), timeout=timeout)
+
+    try:
+        s = asyncio.run(ask())
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code().name
+        raise TandemError(f"no agent answers on {cfg.api.listen} ({code}); is `tandem-device run` up?") from None
+    table = Table("", "", show_header=False, box=None)
+    rows = [
+        ("device", s.device_id or "-"),
+        ("adapter", f"{s.adapter_version} (digest {s.adapter_digest[:12]}; previous {s.previous_version or '-'})"),
+        ("model", f"{s.model_source} (SparseVLM {'on' if s.sparse_enabled else 'off'})"),
+        ("answers", f"{s.requests} ({s.samples_selected} chosen for the cloud; {s.queue_depth} queued now)"),
+        ("outbox", f"{s.outbox_depth} samples, {s.outbox_bytes} bytes"),
+        ("updates", f"{s.swaps} swapped, {s.rollbacks} rolled back, {s.updates_rejected} rejected"),
+        ("cloud", f"{'connected' if s.gateway_connected else 'not connected'}, {s.heartbeats} heartbeats"),
+        ("sources", ", ".join(s.sources) or "-"),
+        ("uptime", f"{s.uptime_s:.0f} s"),
+    ]
+    if s.last_rollback:
+        rows.append(("last rollback", s.last_rollback))
+    if s.last_rejection:
+        rows.append(("last rejection", s.last_rejection))
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/]", v)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Device side of DWC: verify and apply an adapter update, producing bit-exactly the cloud's mirror.
 
-The device keeps its adapter as a versioned state dict (PEFT key names). ``apply_adapter_update`` returns
+The device keeps its adapter as a versioned state dict (PEFT key names; versions are strings, as in the one
+``UpdateHeader``). ``apply_adapter_update`` returns
 a new ``VersionedAdapter`` and leaves the current one untouched on any error, so the caller swaps
 atomically.
 """
@@ -11,14 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from common.delta_codec import UpdateError, UpdateHeader, apply_update, check_finite, state_digest
+from common.delta_codec import apply_update, check_finite, state_digest
+from common.update_header import UpdateError, UpdateHeader
 
 
 @dataclass(frozen=True)
 class VersionedAdapter:
     """The adapter weights a device holds and their version."""
 
-    version: int
+    version: str
     state: dict[str, torch.Tensor]
 
     def digest(self) -> str:
@@ -28,8 +30,8 @@ class VersionedAdapter:
 
 def apply_adapter_update(current: VersionedAdapter, payload: bytes, header: UpdateHeader) -> VersionedAdapter:
     """Dequantize and add the update on top of ``current``; UpdateError (and no change) if anything is off."""
-    if header.target_version <= current.version:
-        raise UpdateError(f"update targets version {header.target_version}, device already at {current.version}")
+    if header.target_version == current.version:
+        raise UpdateError(f"update targets version {header.target_version!r}, which the device already holds")
     check_finite(current.state, "device adapter state")
     new_state = apply_update(current.state, payload, current.version, header=header)
     return VersionedAdapter(version=header.target_version, state=new_state)

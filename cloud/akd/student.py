@@ -10,44 +10,26 @@ import copy
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from pydantic import Field
+from peft import PeftModel, get_peft_model_state_dict
 
-from common.config import StrictConfig
+from common.adapters import LM_TARGETS, PROJECTOR_TARGETS, AdapterConfig, add_lora, lora_config
 
-LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR_TARGETS = r".*multi_modal_projector\.(linear_1|linear_2)"
-
-
-class AdapterConfig(StrictConfig):
-    """LoRA shape of the student's adapters."""
-
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    projector_adapter: bool = True
-    seed: int = 0
-
-
-def lora_config(config: AdapterConfig) -> LoraConfig:
-    """The peft LoraConfig: language-model projections, plus the projector's two linears if enabled."""
-    target = f"({LM_TARGETS})|({PROJECTOR_TARGETS})" if config.projector_adapter else LM_TARGETS
-    return LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=target,
-        bias="none",
-    )
+__all__ = [
+    "LM_TARGETS",
+    "PROJECTOR_TARGETS",
+    "AdapterConfig",
+    "adapter_state",
+    "build_student",
+    "export_adapter",
+    "lora_config",
+]
 
 
 def build_student(device_model: torch.nn.Module, config: AdapterConfig) -> PeftModel:
     """A PeftModel over a private copy of the device model; only LoRA weights require grad."""
-    torch.manual_seed(config.seed)
     base = copy.deepcopy(device_model)
     base.requires_grad_(False)
-    model = get_peft_model(base, lora_config(config))
-    return model
+    return add_lora(base, config)
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -23,8 +23,6 @@ from pydantic import Field
 
 from common.config import StrictConfig
 from common.delta_codec import (
-    UpdateError,
-    UpdateHeader,
     check_finite,
     encode_update,
     encoded_unit_bytes,
@@ -33,6 +31,7 @@ from common.delta_codec import (
     unit_view,
 )
 from common.tensor_pack import pack
+from common.update_header import INITIAL_VERSION, UpdateError, UpdateHeader, check_version, next_version
 
 # Slack for metadata digits that grow with the selection (versions, counts).
 _HEADER_SLACK = 48
@@ -68,10 +67,10 @@ class DWCUpdate:
 class CloudMirror:
     """The exact adapter state (and version) one device holds, as the cloud knows it."""
 
-    def __init__(self, state: dict[str, torch.Tensor], version: int = 0) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], version: str = INITIAL_VERSION) -> None:
         check_finite(state, "initial adapter state")
         self.state = {k: v.detach().clone().float().contiguous() for k, v in state.items()}
-        self.version = int(version)
+        self.version = check_version(version)
 
     def residual(self, target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the device still lacks of ``target`` (error feedback: sent in later rounds)."""
@@ -81,7 +80,7 @@ class CloudMirror:
     def commit(self, update: DWCUpdate) -> None:
         """Advance the mirror once an update is published (it must build on the mirror's version)."""
         if update.header.base_version != self.version:
-            raise UpdateError(f"update builds on version {update.header.base_version}, mirror is at {self.version}")
+            raise UpdateError(f"update builds on version {update.header.base_version!r}, mirror is at {self.version!r}")
         self.state = update.result_state
         self.version = update.header.target_version
 
@@ -174,14 +173,17 @@ def compress(
     mirror: CloudMirror,
     target: dict[str, torch.Tensor],
     config: DWCConfig,
-    target_version: int | None = None,
+    target_version: str | None = None,
 ) -> DWCUpdate:
-    """Compress ``target - mirror.state`` into a payload; the mirror is not changed (see ``commit``)."""
+    """Compress ``target - mirror.state`` into a payload; the mirror is not changed (see ``commit``).
+
+    ``target_version`` defaults to the successor of the mirror's counter version (``next_version``).
+    """
     _check_compatible(mirror.state, target)
     check_finite(target, "new adapter state")
-    version = mirror.version + 1 if target_version is None else int(target_version)
-    if version <= mirror.version:
-        raise UpdateError(f"target version {version} must exceed the mirror's {mirror.version}")
+    version = next_version(mirror.version) if target_version is None else check_version(target_version)
+    if version == mirror.version:
+        raise UpdateError(f"target version {version!r} must differ from the mirror's")
     weights = unit_weights(target, config.selection)
     entries, deltas, weighted = _ranked_units(mirror.state, target, weights)
     total = _energy(target, mirror.state)

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
-from protocol.updates import UpdateHeader
+from protocol.updates import UpdateHeader, header_to_proto
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class UpdateRecord:
 
     def to_proto(self) -> gateway_pb2.UpdateHeader:
         """Wire header."""
-        return self.header().to_proto(
+        return header_to_proto(
+            self.header(),
             update_id=self.update_id,
             payload=tensors_pb2.PayloadInfo.FromString(self.payload_info),
             signature=self.signature,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -14,8 +13,8 @@ from cloud.updates.base import UpdateRecord, UpdateRegistry
 from common.codec import sha256_hex
 from common.errors import TandemError
 from common.signing import Ed25519PrivateKey
+from common.update_header import VERSION_RE, UpdateHeader
 from protocol.payload import describe_payload
-from protocol.updates import UpdateHeader
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
@@ -39,10 +38,9 @@ _COLUMNS = (
     "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
     " signature, key_id, payload_info"
 )
-_VERSION_RE = re.compile(r"^[A-Za-z0-9._:+-]{1,128}$")
 
 
-class UpdateError(TandemError):
+class PublishError(TandemError):
     """An update cannot be published (bad versions or addressing)."""
 
 
@@ -60,22 +58,22 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
     def publish(self, device_id, base_version, target_version, payload, metadata=None) -> UpdateRecord:
         if not device_id:
-            raise UpdateError("device_id must not be empty")
+            raise PublishError("device_id must not be empty")
         return self._publish(device_id, "", base_version, target_version, payload, metadata)
 
     def publish_cohort(self, cohort, base_version, target_version, payload, metadata=None) -> UpdateRecord:
         if not cohort:
-            raise UpdateError("cohort must not be empty")
+            raise PublishError("cohort must not be empty")
         return self._publish("", cohort, base_version, target_version, payload, metadata)
 
     def _publish(
         self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
     ) -> UpdateRecord:
         for name, value in (("base_version", base), ("target_version", target)):
-            if not _VERSION_RE.match(value):
-                raise UpdateError(f"{name} {value!r} must be 1-128 chars of [A-Za-z0-9._:+-]")
+            if not isinstance(value, str) or not VERSION_RE.match(value):
+                raise PublishError(f"{name} {value!r} must be 1-128 chars of [A-Za-z0-9._:+-]")
         if base == target:
-            raise UpdateError("target_version must differ from base_version")
+            raise PublishError("target_version must differ from base_version")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         digest = sha256_hex(payload)
         self._write_blob(digest, payload)

@@ -7,6 +7,7 @@ from device.sparse.plugin import (
     decision_prefix,
     disable_sparsevlm,
     enable_sparsevlm,
+    expect_image_mask,
     sparse_stats,
 )
 from device.sparse.stats import PruneStep, SampleStats, SparseStats
@@ -22,5 +23,6 @@ __all__ = [
     "decision_prefix",
     "disable_sparsevlm",
     "enable_sparsevlm",
+    "expect_image_mask",
     "sparse_stats",
 ]

@@ -147,6 +147,16 @@ def apply_from_config(model: Any) -> bool:
     return True
 
 
+def expect_image_mask(model: Any, image_mask: torch.Tensor) -> bool:
+    """For a call that feeds the language model ``inputs_embeds`` directly (no ``input_ids`` for the pre-hook to
+    see): where the visual tokens of the next prefill are, [B, T] bool. Returns False when SparseVLM is off."""
+    runtime = _runtime(model)
+    if runtime is None:
+        return False
+    runtime.pending_image_mask = image_mask
+    return True
+
+
 def sparse_stats(model: Any) -> SparseStats | None:
     """Stats of the model's last sparse prefill (None if none ran)."""
     runtime = _runtime(model)

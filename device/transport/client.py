@@ -131,12 +131,18 @@ class GatewayClient:
         )
 
     async def heartbeat(
-        self, status: str, applied_version: str, metrics: dict[str, float], outbox_depth: int
+        self,
+        status: str,
+        applied_version: str,
+        metrics: dict[str, float],
+        outbox_depth: int,
+        **extra: str | int,
     ) -> gateway_pb2.HeartbeatResponse:
-        """Report liveness."""
+        """Report liveness; ``extra`` sets further HeartbeatRequest fields (rolled_back_from, rollback_reason,
+        downlink_bytes_per_s, uplink_bytes_per_s)."""
         return await self.stub.Heartbeat(
             gateway_pb2.HeartbeatRequest(
-                status=status, applied_version=applied_version, metrics=metrics, outbox_depth=outbox_depth
+                status=status, applied_version=applied_version, metrics=metrics, outbox_depth=outbox_depth, **extra
             ),
             metadata=self._metadata,
             timeout=self.config.rpc_timeout_s,

@@ -20,7 +20,7 @@ from device.transport.config import DeviceClientConfig
 from device.transport.identity import DeviceIdentity
 from device.transport.retry import IncompleteTransfer, retrying
 from protocol.tandem.v1 import gateway_pb2
-from protocol.updates import UpdateHeader
+from protocol.updates import header_from_proto
 
 log = logging.getLogger("tandem.device.fetcher")
 
@@ -167,7 +167,7 @@ class UpdateFetcher:
             raise UpdateRejected(f"update {header.update_id}: size {len(payload)} != {header.payload.size}")
         if sha256_digest(payload) != header.payload.sha256:
             raise UpdateRejected(f"update {header.update_id}: sha256 digest mismatch")
-        if not UpdateHeader.from_proto(header).verify(self.public_key, header.signature):
+        if not header_from_proto(header).verify(self.public_key, header.signature):
             raise UpdateRejected(f"update {header.update_id}: signature does not verify with the cloud key")
 
     async def fetch_and_apply(self, update_id: int) -> FetchOutcome:

@@ -87,17 +87,35 @@ class UncertaintyTokenSampler:
         if rater_scores is not None and len(rater_scores) != features.shape[0]:
             raise ValueError("one rater score vector (or None) per sample is required")
         out = answer_forward(model, prompts, list(features), questions, with_relevance=True)
-        unc = answer_uncertainty(out.logits)
+        relevance = [
+            self._relevance(i, out, rater_scores[i] if rater_scores is not None else None)
+            for i in range(features.shape[0])
+        ]
+        return self.decide(features, questions, out.logits, relevance)
+
+    @torch.no_grad()
+    def decide(
+        self,
+        features: torch.Tensor,
+        questions: list[str],
+        logits: torch.Tensor,
+        relevance: list[torch.Tensor | None],
+    ) -> list[UTSResult]:
+        """Score, gate, pick tokens and encode, from an answer pass that already ran (no second forward).
+
+        ``logits`` [B, V] are the first answer token's; ``relevance[i]`` [N] ranks sample ``i``'s visual tokens
+        (SparseVLM's rater scores of that pass, or the model's own attention/similarity).
+        """
+        unc = answer_uncertainty(logits)
         scores = uncertainty_score(unc, self.config.score)
-        probs = torch.softmax(out.logits.float(), dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)
         top = torch.topk(probs, min(self.config.top_answers, probs.shape[-1]), dim=-1)
         results = []
         for i in range(features.shape[0]):
             score = float(scores[i])
             result = UTSResult(int(probs[i].argmax()), unc.row(i), score, sent=False)
             if score >= self.gate.threshold():
-                rater = rater_scores[i] if rater_scores is not None else None
-                idx = self.pick_tokens(features[i], self._relevance(i, out, rater))
+                idx = self.pick_tokens(features[i], relevance[i])
                 sample = UploadSample(
                     features=features[i, idx].float().cpu(),
                     patch_indices=idx,

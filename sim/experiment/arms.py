@@ -18,6 +18,7 @@ from cloud.akd import AKDConfig, AKDTrainer, TeacherLabels, build_student, teach
 from cloud.dwc import CloudMirror, DWCConfig, compress, full_state_bytes
 from common.llava_tokens import PromptBuilder, answer_forward
 from common.sample_codec import UploadSample, decode_sample, encode_sample
+from common.update_header import INITIAL_VERSION, next_version
 from device.update_apply import VersionedAdapter, apply_adapter_update, load_adapter_state
 from device.uts import UncertaintyTokenSampler
 from sim.experiment.data import FeatureSet
@@ -38,14 +39,14 @@ class DeviceReplica:
 
     def __init__(self, device_model: torch.nn.Module, akd: AKDConfig, initial: dict[str, torch.Tensor]) -> None:
         self.model = build_student(device_model, akd.adapter).eval()
-        self.adapter = VersionedAdapter(0, {k: v.clone() for k, v in initial.items()})
+        self.adapter = VersionedAdapter(INITIAL_VERSION, {k: v.clone() for k, v in initial.items()})
         load_adapter_state(self.model, self.adapter)
 
     def apply(self, payload: bytes, header) -> None:
         self.adapter = apply_adapter_update(self.adapter, payload, header)
         load_adapter_state(self.model, self.adapter)
 
-    def set_exact(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def set_exact(self, state: dict[str, torch.Tensor], version: str) -> None:
         self.adapter = VersionedAdapter(version, {k: v.clone() for k, v in state.items()})
         load_adapter_state(self.model, self.adapter)
 
@@ -161,7 +162,7 @@ class AdaptingArm:
             self.mirror.commit(update)
             if self.replica.adapter.digest() != update.header.result_sha256:  # pragma: no cover - apply checks
                 raise RuntimeError("device state diverged from the cloud mirror")
-            downlink = update.header.payload_bytes
+            downlink = update.header.size
         t_dwc = time.perf_counter() - t2
         wall = time.perf_counter() - t0
         extra = {
@@ -186,7 +187,7 @@ class AdaptingArm:
             )
         }
         if self.fp32 is not None:
-            self.fp32.set_exact(target, self.fp32.adapter.version + 1)
+            self.fp32.set_exact(target, next_version(self.fp32.adapter.version))
             rows[f"{self.name}_fp32"] = ArmRound(
                 accuracy(self.fp32.model, self.prompts, held_out),
                 sum(len(p) for p in payloads),

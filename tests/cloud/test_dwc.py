@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
 
 from cloud.dwc import CloudMirror, DWCConfig, compress, full_state_bytes
-from common.delta_codec import UpdateError, header_from_json, header_to_json, state_digest
+from common.delta_codec import state_digest
+from common.update_header import UpdateError, header_from_json, header_to_json
 from device.update_apply import VersionedAdapter, apply_adapter_update
 
 
@@ -32,14 +34,14 @@ def _step(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dic
 def test_round_trip_is_bit_exact_against_mirror(bits):
     base = _lora_like_state(0)
     mirror = CloudMirror(base)
-    device = VersionedAdapter(0, {k: v.clone() for k, v in base.items()})
+    device = VersionedAdapter("0", {k: v.clone() for k, v in base.items()})
     target = base
     for r in range(1, 4):
         target = _step(target, r)
         update = compress(mirror, target, DWCConfig(bits=bits, energy_share=0.7, budget_bytes=3000))
         device = apply_adapter_update(device, update.payload, update.header)
         mirror.commit(update)
-        assert device.version == mirror.version == r
+        assert device.version == mirror.version == str(r)
         for k in base:
             assert torch.equal(device.state[k], mirror.state[k])
         assert device.digest() == state_digest(mirror.state)
@@ -70,7 +72,7 @@ def test_budget_and_compression_ratio():
     target = _step(base, 3)
     fp32 = full_state_bytes(target)
     update = compress(CloudMirror(base), target, DWCConfig(bits="auto", budget_bytes=fp32 // 20))
-    assert update.header.payload_bytes <= fp32 // 20
+    assert update.header.size <= fp32 // 20
     assert update.sent_share > 0.1
     with pytest.raises(UpdateError, match="below the payload overhead"):
         compress(CloudMirror(base), target, DWCConfig(budget_bytes=50))
@@ -78,31 +80,31 @@ def test_budget_and_compression_ratio():
 
 def test_wrong_base_version_leaves_state_unchanged():
     base = _lora_like_state(3)
-    mirror = CloudMirror(base, version=5)
+    mirror = CloudMirror(base, version="5")
     update = compress(mirror, _step(base, 1), DWCConfig())
-    device = VersionedAdapter(4, {k: v.clone() for k, v in base.items()})
+    device = VersionedAdapter("4", {k: v.clone() for k, v in base.items()})
     before = device.digest()
     with pytest.raises(UpdateError, match="base version 5, device holds 4"):
         apply_adapter_update(device, update.payload, update.header)
-    assert device.digest() == before and device.version == 4
+    assert device.digest() == before and device.version == "4"
 
 
 def test_tampered_payload_and_header_are_rejected():
     base = _lora_like_state(4)
     update = compress(CloudMirror(base), _step(base, 1), DWCConfig(bits=8))
-    device = VersionedAdapter(0, base)
+    device = VersionedAdapter("0", base)
     tampered = bytearray(update.payload)
     tampered[-3] ^= 0x55
     with pytest.raises(UpdateError, match="digest"):
         apply_adapter_update(device, bytes(tampered), update.header)
-    forged = dataclasses.replace(update.header, payload_sha256=__import__("hashlib").sha256(tampered).hexdigest())
+    forged = dataclasses.replace(update.header, sha256_hex=hashlib.sha256(tampered).hexdigest())
     with pytest.raises(UpdateError, match="mirror|malformed|count"):
         apply_adapter_update(device, bytes(tampered), forged)
     with pytest.raises(UpdateError, match="not valid safetensors|truncated|too short"):
         apply_adapter_update(
             device,
             b"\x10\x00",
-            dataclasses.replace(update.header, payload_sha256=__import__("hashlib").sha256(b"\x10\x00").hexdigest()),
+            dataclasses.replace(update.header, sha256_hex=hashlib.sha256(b"\x10\x00").hexdigest(), size=2),
         )
     assert header_from_json(header_to_json(update.header)) == update.header
     with pytest.raises(UpdateError, match="malformed update header"):
@@ -120,7 +122,7 @@ def test_nan_in_delta_is_rejected_and_mirror_kept():
     bad[name][0, 0] = float("inf")
     with pytest.raises(UpdateError, match="NaN or inf"):
         compress(mirror, bad, DWCConfig())
-    assert state_digest(mirror.state) == state_digest(base) and mirror.version == 0
+    assert state_digest(mirror.state) == state_digest(base) and mirror.version == "0"
 
 
 def test_mismatched_shapes_are_rejected():
@@ -129,7 +131,7 @@ def test_mismatched_shapes_are_rejected():
     with pytest.raises(UpdateError, match="shapes mismatch"):
         compress(CloudMirror(base), other, DWCConfig())
     update = compress(CloudMirror(base), _step(base, 2), DWCConfig())
-    device = VersionedAdapter(0, other)
+    device = VersionedAdapter("0", other)
     with pytest.raises(UpdateError, match="different adapter tensors or shapes"):
         apply_adapter_update(device, update.payload, update.header)
     assert state_digest(device.state) == state_digest(other)

@@ -8,14 +8,14 @@ from transport_support import REPO_ROOT
 from cloud.config import GatewayConfig
 from common.config import load_config
 from common.errors import ConfigError
-from device.transport.config import DeviceClientConfig
+from device.agent.config import load_agent_config
 from sim.link import LinkConfig
 
 
 def test_example_configs_load():
     cloud = load_config(GatewayConfig, REPO_ROOT / "deploy/configs/cloud.yaml", port=0)
     assert cloud.port == 0 and cloud.chunk_size == 1024 * 1024 and cloud.metrics_port == 9464
-    device = load_config(DeviceClientConfig, REPO_ROOT / "deploy/configs/device.yaml")
+    device = load_agent_config(REPO_ROOT / "deploy/configs/device.yaml").transport
     assert device.device_id == "jetson-0001" and device.tls is None
 
 

@@ -1,4 +1,8 @@
-"""Everything the device runs against the cloud, together: uplink, update fetcher and heartbeats."""
+"""The agent's link to the cloud: uplink, update fetcher and heartbeats, run side by side until stopped.
+
+Heartbeats carry the version the device holds, its metrics and outbox depth, the link capacity, and, once after a
+rollback, the version it left and why (so the cloud rebases its mirror on what the device really holds).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from device.transport.client import GatewayClient
@@ -16,13 +21,27 @@ from device.transport.outbox import Outbox
 from device.transport.retry import is_transient
 from device.transport.uplink import UplinkWorker
 
-log = logging.getLogger("tandem.device.agent")
-
-StatusCallback = Callable[[], tuple[str, dict[str, float]]]
-"""Returns ``(status text, metrics)`` for the next heartbeat."""
+log = logging.getLogger("tandem.device.link")
 
 
-class TransportAgent:
+@dataclass
+class HeartbeatInfo:
+    """What the next heartbeat says besides the version."""
+
+    status: str = "ok"
+    metrics: dict[str, float] | None = None
+    rolled_back_from: str = ""
+    rollback_reason: str = ""
+    downlink_bytes_per_s: int = 0
+    uplink_bytes_per_s: int = 0
+
+
+StatusCallback = Callable[[], HeartbeatInfo]
+SentCallback = Callable[[HeartbeatInfo], None]
+"""Called after a heartbeat went through (e.g. to clear a reported rollback)."""
+
+
+class LinkLoops:
     """Owns the outbox, one channel and the three loops; ``outbox.put`` from anywhere queues a sample."""
 
     def __init__(
@@ -31,23 +50,42 @@ class TransportAgent:
         apply: ApplyCallback,
         status: StatusCallback | None = None,
         identity: DeviceIdentity | None = None,
+        on_sent: SentCallback | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.config = config
         self.identity = identity or DeviceIdentity.load(config.state_dir)
-        self.outbox = Outbox(Path(config.state_dir) / "outbox.db", self.identity.max_sample_bytes or None)
+        self.outbox = outbox or Outbox(Path(config.state_dir) / "outbox.db", self.identity.max_sample_bytes or None)
         self.client = GatewayClient(config, self.identity)
         self.uplink = UplinkWorker(self.client, self.outbox, config)
         self.fetcher = UpdateFetcher(self.client, self.identity, config, apply)
-        self.status = status or (lambda: ("ok", {}))
+        self.status = status or HeartbeatInfo
+        self.on_sent = on_sent
         self.heartbeats = 0
+        self.connected = False
+
+    async def heartbeat_once(self) -> None:
+        """Send one heartbeat now (raises on failure)."""
+        info = self.status()
+        extra: dict[str, str | int] = {
+            "downlink_bytes_per_s": info.downlink_bytes_per_s,
+            "uplink_bytes_per_s": info.uplink_bytes_per_s,
+        }
+        if info.rolled_back_from:
+            extra.update(rolled_back_from=info.rolled_back_from, rollback_reason=info.rollback_reason[:512])
+        depth = (await asyncio.to_thread(self.outbox.stats)).pending
+        await self.client.heartbeat(info.status, self.fetcher.current_version, info.metrics or {}, depth, **extra)
+        self.heartbeats += 1
+        self.connected = True
+        if self.on_sent is not None:
+            self.on_sent(info)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            text, metrics = self.status()
             try:
-                await self.client.heartbeat(text, self.fetcher.current_version, metrics, self.outbox.stats().pending)
-                self.heartbeats += 1
+                await self.heartbeat_once()
             except Exception as exc:  # a missed heartbeat is not fatal; the next one retries
+                self.connected = False
                 if not is_transient(exc):
                     raise
                 log.info("heartbeat failed: %s", exc)

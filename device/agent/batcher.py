@@ -1,0 +1,166 @@
+"""Micro-batching: concurrent requests wait up to ``max_wait`` to share one forward of up to ``max_batch`` frames.
+
+One worker thread owns the model. Adapter swaps are queued and installed by that thread between two batches, so
+a batch in flight always finishes on the version it started with and the next one runs on the new version.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from common.errors import TandemError
+from device.agent.step import Answer, DeviceStep, Frame
+
+log = logging.getLogger("tandem.device.batcher")
+
+
+class BatcherBusy(TandemError):
+    """The request queue is full (back-pressure: try again later)."""
+
+
+class BatcherStopped(TandemError):
+    """The batcher is not running."""
+
+
+@dataclass
+class Request:
+    """One queued frame and the future its answer resolves."""
+
+    frame: Frame
+    source: str = "api"
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+BatchCallback = Callable[[list[Request], list[Answer], float], None]
+"""Called by the worker after each batch with the requests, their answers and the batch's forward time."""
+
+
+class MicroBatcher:
+    """Collects requests into batches and runs them through a DeviceStep on one worker thread."""
+
+    def __init__(
+        self,
+        step: DeviceStep,
+        max_batch: int = 8,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+        on_batch: BatchCallback | None = None,
+    ) -> None:
+        self.step = step
+        self.max_batch = int(max_batch)
+        self.max_wait_s = float(max_wait_s)
+        self.on_batch = on_batch
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._swaps: queue.Queue[tuple[Callable[[], None], Future]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.swap_pauses_s: list[float] = []
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tandem-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in flight, fail what is still queued, stop the worker."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        while True:
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            req.future.set_exception(BatcherStopped("agent is stopping"))
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, frame: Frame, source: str = "api") -> Future:
+        """Queue one frame; the future resolves to its Answer."""
+        if self._stop.is_set() or self._thread is None:
+            raise BatcherStopped("agent is not serving")
+        req = Request(frame, source)
+        try:
+            self._queue.put_nowait(req)
+        except queue.Full:
+            raise BatcherBusy(f"request queue full ({self._queue.maxsize} waiting)") from None
+        return req.future
+
+    def between_batches(self, action: Callable[[], None]) -> Future:
+        """Run ``action`` on the worker between two batches (an adapter swap); the future resolves after it."""
+        fut: Future = Future()
+        self._swaps.put((action, fut))
+        if self._thread is None:
+            self._run_swaps()
+        return fut
+
+    def _run_swaps(self) -> None:
+        while True:
+            try:
+                action, fut = self._swaps.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            try:
+                action()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+            self.swap_pauses_s.append(time.perf_counter() - t0)
+
+    def _collect(self) -> list[Request]:
+        try:
+            first = self._queue.get(timeout=0.02)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._run_swaps()
+            batch = self._collect()
+            if not batch:
+                continue
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                answers = self.step.run([r.frame for r in live])
+            except Exception as exc:  # one failing batch fails its requests, never the worker
+                log.exception("batch of %d failed", len(live))
+                for r in live:
+                    r.future.set_exception(exc)
+                continue
+            forward_s = time.perf_counter() - t0
+            self.batches += 1
+            done = time.perf_counter()
+            for r, a in zip(live, answers, strict=True):
+                a.latency_s = done - r.enqueued
+                r.future.set_result(a)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(live, answers, forward_s)
+                except Exception:  # observers never stop serving
+                    log.exception("batch observer failed")
+        self._run_swaps()

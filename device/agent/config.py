@@ -1,0 +1,187 @@
+"""The agent's one typed config: model, adapter, sparse, uts, transport, api, sources, guard, metrics.
+
+Loaded from YAML (``deploy/configs/device.yaml``); every field can be overridden from the command line as
+``--set section.field=value`` (the value is parsed as YAML). Unknown keys are refused with their dotted name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from common.adapters import AdapterConfig
+from common.config import StrictConfig, short_validation_message
+from common.errors import ConfigError
+from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE
+from common.modeling import Quantization
+from device.sparse.config import SparseConfig
+from device.transport.config import DeviceClientConfig
+from device.uts.sampler import UTSConfig
+
+REFERENCE_DEVICE_MODEL = "sim/zoo/reference/base/device"
+
+
+class ModelSettings(StrictConfig):
+    """Which model to load and how."""
+
+    source: str = REFERENCE_DEVICE_MODEL
+    """A model directory or a hub id (``common.modeling.load_mllm``)."""
+    quantization: Quantization = "none"
+    device_map: str = "cpu"
+    """Where the weights go: ``cpu``, ``cuda``, ``cuda:0``, ``auto``."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+
+
+class AdapterSettings(AdapterConfig):
+    """LoRA shape (shared with the cloud's student) and where version 0 comes from."""
+
+    init: Path | None = None
+    """A PEFT adapter directory for version 0; without it LoRA is initialised from ``seed`` like the cloud's."""
+
+
+class UTSSettings(UTSConfig):
+    """UTS as the agent runs it."""
+
+    enabled: bool = True
+    period_s: float = Field(60.0, gt=0)
+    """Length of one uplink budget period (``gate.budget`` samples or bytes per period)."""
+
+
+class ApiSettings(StrictConfig):
+    """The local API for applications on the device, and its micro-batcher."""
+
+    listen: str = "127.0.0.1:50151"
+    """``host:port`` (use 127.0.0.1) or ``unix:///path/agent.sock``; an empty string turns the API off."""
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, ge=1)
+    max_image_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    max_question_chars: int = Field(512, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+
+class DirectorySourceSettings(StrictConfig):
+    """Images dropped into a directory; the question is ``<image stem>.txt`` beside it, else ``questions``."""
+
+    path: Path
+    questions: list[str] = Field(default_factory=list)
+    interval_s: float = Field(1.0, gt=0)
+
+
+class CameraSourceSettings(StrictConfig):
+    """An OpenCV camera (index or URL/file), one frame per interval, asked every configured question."""
+
+    device: int | str = 0
+    questions: list[str] = Field(min_length=1)
+    interval_s: float = Field(1.0, gt=0)
+
+
+class SourcesSettings(StrictConfig):
+    """Input sources besides the API."""
+
+    directory: DirectorySourceSettings | None = None
+    camera: CameraSourceSettings | None = None
+
+
+class GuardSettings(StrictConfig):
+    """Label-free regression guard: roll back when the answers after a swap are less confident."""
+
+    enabled: bool = True
+    window: int = Field(32, ge=1)
+    """K: answers before and after a swap that are compared."""
+    margin: float = Field(0.1, ge=0)
+    """Roll back when the mean metric falls by more than this (absolute)."""
+    metric: Literal["confidence", "entropy"] = "confidence"
+
+
+class MetricsSettings(StrictConfig):
+    """Prometheus endpoint (``port: null`` turns it off)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(9465, ge=0, le=65535)
+    """9465: beside a cloud gateway's 9464 on the same host."""
+
+
+class LinkSettings(StrictConfig):
+    """Link capacity told to the cloud in heartbeats (0: unknown)."""
+
+    downlink_bytes_per_s: int = Field(0, ge=0)
+    uplink_bytes_per_s: int = Field(0, ge=0)
+
+
+class AgentConfig(StrictConfig):
+    """Everything ``tandem-device run`` needs."""
+
+    transport: DeviceClientConfig = DeviceClientConfig()
+    model: ModelSettings = ModelSettings()
+    adapter: AdapterSettings = AdapterSettings()
+    sparse: SparseConfig = SparseConfig()
+    uts: UTSSettings = UTSSettings()
+    api: ApiSettings = ApiSettings()
+    sources: SourcesSettings = SourcesSettings()
+    guard: GuardSettings = GuardSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    link: LinkSettings = LinkSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.transport.state_dir)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["api.max_batch=4", ...]`` -> ``{"api.max_batch": 4}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: value is not valid YAML: {raw!r}") from None
+    return out
+
+
+def load_agent_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """The config from an optional YAML file with dotted overrides applied (None values are skipped).
+
+    Raises ConfigError with one line naming the offending key for unknown keys or invalid values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, key, value)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid device config: {short_validation_message(exc)}") from None

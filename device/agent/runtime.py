@@ -1,0 +1,153 @@
+"""The device model at run time: base model (optionally quantized) + LoRA adapter slot + SparseVLM.
+
+One forward per batch: the vision tower turns images into features, then projector + language model answer with
+SparseVLM pruning visual tokens inside the language model. The same pass yields SparseVLM's rater scores, which
+UTS uses to pick the visual tokens of an upload (no second pass).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+
+from common.adapters import AdapterConfig, add_lora
+from common.errors import ModelLoadError
+from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, answer_forward, unwrap_llava, vision_features
+from common.modeling import load_mllm
+from device.agent.store import AdapterState
+from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, expect_image_mask, sparse_stats
+from device.update_apply import VersionedAdapter, load_adapter_state
+
+
+@dataclass
+class ForwardOut:
+    """One batch's answer pass: first-answer-token logits [B, V], per-sample token relevance [N_i], and how many
+    visual tokens the language model's last layer still held."""
+
+    logits: torch.Tensor
+    relevance: list[torch.Tensor | None]
+    kept: list[int]
+    total: list[int]
+
+
+class DeviceModel:
+    """A LLaVA-style model with one LoRA adapter slot and optional SparseVLM."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor,
+        adapter: AdapterConfig | None = None,
+        sparse: SparseConfig | None = None,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    ) -> None:
+        if not isinstance(model, PeftModel):
+            model.requires_grad_(False)
+            model = add_lora(model, adapter or AdapterConfig())
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        llava = unwrap_llava(self.model)
+        self.prompts = PromptBuilder(self.tokenizer, int(llava.config.image_token_id), prompt_template)
+        self.sparse: SparseConfig | None = None
+        self.set_sparse(sparse)
+        self.adapter = AdapterState("v0", 0, self.adapter_weights())
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        quantization: str = "none",
+        device_map: str = "cpu",
+        adapter: AdapterConfig | None = None,
+        adapter_init: Path | None = None,
+        sparse: SparseConfig | None = None,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    ) -> DeviceModel:
+        """Load with ``common.modeling.load_mllm``; LoRA from ``adapter_init`` (PEFT directory) or fresh."""
+        loaded = load_mllm(source, quantization=quantization, device_map=device_map)  # type: ignore[arg-type]
+        model = loaded.model
+        if quantization == "none" and device_map not in ("cpu", "auto"):
+            model = model.to(device_map)
+        model.requires_grad_(False)
+        if adapter_init is not None:
+            if not (Path(adapter_init) / "adapter_config.json").is_file():
+                raise ModelLoadError(f"{adapter_init} is not a PEFT adapter directory (no adapter_config.json)")
+            model = PeftModel.from_pretrained(model, str(adapter_init))
+        return cls(model, loaded.processor, adapter, sparse, prompt_template)
+
+    # -- configuration -------------------------------------------------------------------------------------
+    def set_sparse(self, sparse: SparseConfig | None) -> None:
+        """Turn SparseVLM on with ``sparse`` (or off with None / ``enabled: false``)."""
+        llava = unwrap_llava(self.model)
+        if sparse is not None and sparse.enabled:
+            enable_sparsevlm(llava, sparse)
+            self.sparse = sparse
+        else:
+            disable_sparsevlm(llava)
+            self.sparse = None
+
+    def peft_config(self) -> dict:
+        """The adapter's LoraConfig as PEFT writes it to ``adapter_config.json``."""
+        cfg = self.model.peft_config["default"]
+        return json.loads(json.dumps(cfg.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(unwrap_llava(self.model).model.multi_modal_projector.parameters()).device
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """The installed adapter's weights (PEFT names) as fp32 CPU copies."""
+        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def install(self, adapter: AdapterState) -> None:
+        """Copy ``adapter`` into the model (callers do this between batches)."""
+        load_adapter_state(self.model, VersionedAdapter(adapter.dwc_version, adapter.state))
+        self.adapter = adapter
+
+    # -- the forward ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, images: list) -> torch.Tensor:
+        """Vision-tower features [B, N, D] of uint8 HWC arrays or PIL images."""
+        arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
+        pixels = self.processor.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
+        tower = unwrap_llava(self.model).model.vision_tower
+        param = next(tower.parameters())
+        return vision_features(self.model, pixels.to(param.device, param.dtype))
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor | list[torch.Tensor], questions: list[str]) -> ForwardOut:
+        """Answer every question on its frame's features with all visual tokens offered to the LM."""
+        feats = list(features)
+        llava = unwrap_llava(self.model)
+
+        def mark_images(mask: torch.Tensor) -> None:
+            expect_image_mask(llava, mask)
+
+        before = sparse_stats(llava) if self.sparse is not None else None
+        hook = mark_images if self.sparse is not None else None
+        out = answer_forward(self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook)
+        n = [int(f.shape[0]) for f in feats]
+        stats = sparse_stats(llava) if self.sparse is not None else None
+        if stats is before:  # the prefill fell back to dense (no visual tokens to prune): no fresh stats
+            stats = None
+        relevance: list[torch.Tensor | None] = []
+        kept: list[int] = []
+        for i in range(len(feats)):
+            scores = stats.samples[i].visual_scores if stats is not None and i < len(stats.samples) else None
+            if scores is not None and scores.numel() == n[i]:
+                relevance.append(scores.detach().float().cpu())
+            else:
+                relevance.append(out.similarity[i].detach().float().cpu() if out.similarity is not None else None)
+            kept.append(stats.samples[i].final_count if stats is not None and i < len(stats.samples) else n[i])
+        return ForwardOut(out.logits.float(), relevance, kept, n)
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)]).strip()
