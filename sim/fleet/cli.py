@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -11,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 fleet_app = typer.Typer(help="The fleet simulator: a real cloud and many real device agents behind emulated links.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @fleet_app.callback(no_args_is_help=True)
@@ -21,13 +23,25 @@ def _group() -> None:
 
 def _live_table(snap: dict) -> Table:
     t = Table(title=f"t = {snap['t']:.0f} / {snap['duration']:.0f} s", title_justify="left")
-    for h in ("device", "domain", "version", "frames", "queued", "acked", "updates", "rollbacks", "up KB", "down KB", "acc"):
+    for h in (
+        "device",
+        "domain",
+        "version",
+        "frames",
+        "queued",
+        "acked",
+        "updates",
+        "rollbacks",
+        "up KB",
+        "down KB",
+        "acc",
+    ):
         t.add_column(h, justify="left" if h in ("device", "domain", "version") else "right")
     rows = snap["devices"]
     for r in rows[:24]:
         acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}"
-        t.add_row(r["device"], r["domain"], r["version"], str(r["frames"]), str(r["queued"]), str(r["acked"]),
-                  str(r["updates"]), str(r["rollbacks"]), f"{r['up_kb']:,.0f}", f"{r['down_kb']:,.0f}", acc)  # fmt: skip
+        counts = [str(r[k]) for k in ("frames", "queued", "acked", "updates", "rollbacks")]
+        t.add_row(r["device"], r["domain"], r["version"], *counts, f"{r['up_kb']:,.0f}", f"{r['down_kb']:,.0f}", acc)
     if len(rows) > 24:
         t.caption = f"... and {len(rows) - 24} more devices"
     return t
@@ -42,11 +56,17 @@ def run_scenario(
     drain: float = 20.0,
 ) -> Path:
     """Run a scenario with live progress, write its report, print the summary; returns the report directory."""
-    from sim.fleet.report import print_summary, write_report
-    from sim.fleet.runner import FleetRunner, RunOptions
     from sim.fleet.scenario import load_scenario
 
-    sc = load_scenario(scenario, zoo=zoo, duration_s=duration)
+    sc = load_scenario(scenario, zoo=zoo, duration_s=duration)  # bad input fails before the heavy imports
+    from sim.fleet.zoo import resolve_zoo
+
+    resolve_zoo(sc.zoo, sc.seed)
+    from sim.fleet.report import print_summary, write_report
+    from sim.fleet.runner import FleetRunner, RunOptions
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     console.print(f"fleet run [bold]{sc.name}[/]: {len(sc.devices())} devices, {sc.duration_s:g} s, zoo {sc.zoo}")
     with Live(console=console, refresh_per_second=2, transient=True) as live:

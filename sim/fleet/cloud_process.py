@@ -43,7 +43,9 @@ class CloudProcess:
         self.ready_file.unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self._command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

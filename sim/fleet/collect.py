@@ -19,7 +19,10 @@ UPTO_KEYS = ("trained_upto_seq", "upto_seq", "samples_upto_seq", "max_seq")
 
 def _phases(d: SimDevice, duration: float) -> list[dict]:
     steps = d.spec.drift.steps
-    return [{"domain": s.domain, "start_s": s.at_s, "end_s": d.spec.drift.phase_end(i, duration)} for i, s in enumerate(steps)]
+    return [
+        {"domain": s.domain, "start_s": s.at_s, "end_s": d.spec.drift.phase_end(i, duration)}
+        for i, s in enumerate(steps)
+    ]
 
 
 def _upto(record, data: ProbeData) -> tuple[int, bool]:
@@ -101,6 +104,7 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
                 ),
                 up_bytes=d.proxy.stats.bytes_up,
                 down_bytes=d.proxy.stats.bytes_down,
+                link_stats={k: getattr(d.proxy.stats, k) for k in ("connections", "refused", "cuts", "retransmits")},
                 send_all_bytes=int(send_all * d.source.emitted),
                 ask_ms=data.ask_ms,
                 upload_ack_ms=data.upload_ack_ms,

@@ -115,11 +115,12 @@ def plot_latency_cdf(result: FleetResult, path: Path) -> None:
             )
     if not every:
         ax.text(0.5, 0.5, "no update was applied", ha="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=8)
     ax.set_xlabel("capture -> update applied (s)")
     ax.set_ylabel("share of samples")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -70,6 +70,8 @@ class DeviceResult(BaseModel):
     samples: SampleCounts = SampleCounts()
     up_bytes: int = 0
     down_bytes: int = 0
+    link_stats: dict = Field(default_factory=dict)
+    """The link emulator's counters: connections, refused, cuts, retransmits."""
     send_all_bytes: int = 0
     """What uploading every frame with every visual token would have cost (encoded payload bytes)."""
     ask_ms: list[float] = Field(default_factory=list)

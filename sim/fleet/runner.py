@@ -112,9 +112,12 @@ class FleetRunner:
             rss_before = rss_bytes()
             for spec in sc.devices():
                 devices.append(
-                    await SimDevice.create(spec, state_dir, (host, int(port)), models.device, models.processor, world, sc.agent)
+                    await SimDevice.create(
+                        spec, state_dir, (host, int(port)), models.device, models.processor, world, sc.agent
+                    )
                 )
             epoch = time.monotonic() + 1.0
+            facts["epoch_unix_ms"] = int((time.time() + 1.0) * 1000)
             for d in devices:
                 d.start_clock(epoch)
                 await d.agent.start()
@@ -137,7 +140,9 @@ class FleetRunner:
         from device.agent import DeviceModel, load_agent_config
 
         cfg = load_agent_config(None, _flat(self.scenario.agent))
-        model = DeviceModel(shared_copy(models.device), models.processor, cfg.adapter, cfg.sparse, cfg.model.prompt_template)
+        model = DeviceModel(
+            shared_copy(models.device), models.processor, cfg.adapter, cfg.sparse, cfg.model.prompt_template
+        )
         return Evaluator(model, models.teacher, models.teacher_prompts, world, self.scenario.eval_samples)
 
     async def _measure(self, devices: list[SimDevice], evaluator: Evaluator, epoch: float) -> None:
