@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     update = compress(mirror, target, DWCConfig(bits="auto", budget_bytes=budget))
     compress_s = time.perf_counter() - t
     t = time.perf_counter()
-    device = apply_update(base, update.payload, "0", header=update.header)
+    device = apply_update(base, update.payload, "v0", header=update.header)
     apply_s = time.perf_counter() - t
     exact = state_digest(device) == state_digest(update.result_state)
 

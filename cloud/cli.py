@@ -19,6 +19,8 @@ app = typer.Typer(name="tandem-cloud", help="Tandem cloud role.", no_args_is_hel
 updates_app = typer.Typer(help="Publish and list signed updates.", no_args_is_help=True)
 devices_app = typer.Typer(help="Inspect and revoke registered devices.", no_args_is_help=True)
 samples_app = typer.Typer(help="Inspect the sample store.", no_args_is_help=True)
+jobs_app = typer.Typer(help="See and steer adaptation jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(updates_app, name="updates")
 app.add_typer(devices_app, name="devices")
 app.add_typer(samples_app, name="samples")
@@ -42,6 +44,11 @@ def _gateway_config(config: Path | None, **overrides):
 @app.command()
 def serve(
     config: Path | None = ConfigOpt,
+    role: str = typer.Option("all", help="all (gateway + trainer), gateway, or trainer."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)."
+    ),
+    executor: str | None = typer.Option(None, help="ray or inprocess (overrides the config)."),
     host: str | None = typer.Option(None, help="Address to bind."),
     port: int | None = typer.Option(None, help="Port to bind (0 picks a free one)."),
     data_dir: Path | None = DataDirOpt,
@@ -49,12 +56,20 @@ def serve(
     ready_file: Path | None = typer.Option(None, help="Write host:port here once serving."),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
-    """Run the gRPC gateway until interrupted."""
-    from cloud.gateway import serve as serve_gateway
+    """Run the gateway, the scheduler and the trainer (or one role) until interrupted."""
+    from cloud.adaptation.runtime import serve as serve_roles
 
+    if role not in ("all", "gateway", "trainer"):
+        raise ConfigError(f"--role must be all, gateway or trainer, not {role!r}")
+    if executor not in (None, "ray", "inprocess"):
+        raise ConfigError(f"--executor must be ray or inprocess, not {executor!r}")
     cfg = _gateway_config(config, host=host, port=port, data_dir=data_dir, metrics_port=metrics_port)
+    if ray_address is not None:
+        cfg.adaptation.ray.address = ray_address
+    if executor is not None:
+        cfg.adaptation.executor = executor  # type: ignore[assignment]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve_gateway(cfg, ready_file))
+    asyncio.run(serve_roles(cfg, role, ready_file))  # type: ignore[arg-type]
 
 
 @app.command()
@@ -228,6 +243,92 @@ def samples_list(config: Path | None = ConfigOpt, data_dir: Path | None = DataDi
     finally:
         store.close()
     console.print(table)
+
+
+def _jobs(config: Path | None, data_dir: Path | None):
+    from cloud.adaptation.jobs_sqlite import SqliteJobStore
+
+    cfg = _gateway_config(config, data_dir=data_dir)
+    path = cfg.adaptation_dir / "jobs.db"
+    if not path.exists():
+        raise TandemError(f"no job database at {path}")
+    return SqliteJobStore(path)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: str | None = typer.Option(None, help="Only jobs in this state (queued, running, done, failed)."),
+    subject: str | None = typer.Option(None, help="Only this device or cohort."),
+    limit: int = typer.Option(50, help="At most this many (newest first)."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """List adaptation jobs, newest first."""
+    from cloud.adaptation.jobs import STATES
+
+    if state is not None and state not in STATES:
+        raise ConfigError(f"--state must be one of {', '.join(STATES)}")
+    store = _jobs(config, data_dir)
+    try:
+        jobs = store.list(state=state, subject=subject, limit=limit)  # type: ignore[arg-type]
+    finally:
+        store.close()
+    columns = ("id", "subject", "family", "state", "outcome", "attempts", "samples", "update", "created (UTC)", "error")
+    table = Table(*columns)
+    for j in jobs:
+        table.add_row(
+            str(j.job_id),
+            j.key,
+            j.family,
+            j.state,
+            j.outcome or "-",
+            str(j.attempts),
+            str(j.samples),
+            str(j.update_id or "-"),
+            _when(j.created_unix_ms),
+            (j.error or j.result.get("reason", ""))[:60] or "-",
+        )
+    console.print(table)
+
+
+def _job_or_fail(store, job_id: int):
+    job = store.get(job_id)
+    if job is None:
+        raise TandemError(f"no job {job_id}")
+    return job
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: int = typer.Argument(..., help="Job id."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Everything recorded about one job (as JSON)."""
+    import dataclasses
+    import json
+
+    store = _jobs(config, data_dir)
+    try:
+        job = _job_or_fail(store, job_id)
+    finally:
+        store.close()
+    console.print_json(json.dumps(dataclasses.asdict(job)))
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: int = typer.Argument(..., help="A failed job's id."),
+    config: Path | None = ConfigOpt,
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Requeue a failed job with fresh attempts."""
+    store = _jobs(config, data_dir)
+    try:
+        job = store.retry(job_id)
+    finally:
+        store.close()
+    console.print(f"job {job.job_id} ({job.key}) queued again")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from cloud.adaptation.config import AdaptationConfig
 from common.config import StrictConfig
 from protocol.limits import (
     DEFAULT_CHUNK_SIZE,
@@ -56,11 +57,18 @@ class GatewayConfig(StrictConfig):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Prometheus /metrics port; None keeps it off."""
     grace_s: float = Field(5.0, ge=0)
+    adaptation: AdaptationConfig = AdaptationConfig()
+    """The trainer (scheduler, jobs, learners, executor); see docs/cloud-service.md."""
 
     @model_validator(mode="after")
     def _check_limits(self) -> GatewayConfig:
         check_chunk_fits(self.chunk_size, self.max_message_bytes)
         return self
+
+    @property
+    def adaptation_dir(self) -> Path:
+        """Learner state and the job database."""
+        return self.adaptation.state_dir or self.data_dir / "adaptation"
 
     @property
     def signing_key_path(self) -> Path:

@@ -27,6 +27,14 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen_unix_ms INTEGER NOT NULL DEFAULT 0,
     revoked INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS rollbacks (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    from_version TEXT NOT NULL,
+    to_version TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    unix_ms INTEGER NOT NULL
+);
 """
 
 
@@ -45,6 +53,18 @@ class DeviceRecord:
     metrics: dict
     last_seen_unix_ms: int
     revoked: bool
+
+
+@dataclass(frozen=True)
+class RollbackEvent:
+    """A device reported that it left ``from_version`` and holds ``to_version`` again."""
+
+    event_id: int
+    device_id: str
+    from_version: str
+    to_version: str
+    reason: str
+    unix_ms: int
 
 
 def _hash(token: str) -> str:
@@ -116,6 +136,24 @@ class DeviceRegistry:
                 "UPDATE devices SET status=?, applied_version=?, metrics=?, last_seen_unix_ms=? WHERE device_id=?",
                 (status, applied_version, json.dumps(metrics, sort_keys=True), _now_ms(), device_id),
             )
+
+    def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None:
+        """Remember a rollback the device reported (the trainer rebases the device's mirror on it)."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO rollbacks (device_id, from_version, to_version, reason, unix_ms) VALUES (?, ?, ?, ?, ?)",
+                (device_id, from_version, to_version, reason, _now_ms()),
+            )
+
+    def rollbacks(self, after_id: int = 0) -> list[RollbackEvent]:
+        """Rollback events with id > ``after_id``, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT event_id, device_id, from_version, to_version, reason, unix_ms FROM rollbacks"
+                " WHERE event_id > ? ORDER BY event_id",
+                (after_id,),
+            ).fetchall()
+        return [RollbackEvent(int(r[0]), r[1], r[2], r[3], r[4], int(r[5])) for r in rows]
 
     def touch(self, device_id: str, applied_version: str | None = None) -> None:
         """Mark the device as seen now (and optionally record its applied version)."""

@@ -1,8 +1,9 @@
 """The one update header: built by the DWC step, signed by the registry, verified and applied by the device.
 
 Versions are strings everywhere (the registry, the wire, the device's adapter store). The cloud names its
-versions with decimal counters ("0", "1", ...) that never repeat for a device, so a rebased mirror never
-reissues a version a device once held with other weights; :func:`next_version` gives the successor.
+versions with counters ("v0", "v1", ...) that never repeat for a device, so a rebased mirror never reissues a
+version a device once held with other weights; :func:`next_version` gives the successor. "v0" is the adapter
+both sides initialise from the shared seed (the device's ``initial_version``).
 
 The DWC facts about a payload (its format, quantization bits, the units it touches and the digest of the state
 after apply) travel in ``metadata`` so the signature covers them; typed properties read them back.
@@ -20,7 +21,8 @@ from common.signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, sign, ve
 
 CANONICAL_VERSION = 1
 VERSION_RE = re.compile(r"^[A-Za-z0-9._:+-]{1,128}$")
-INITIAL_VERSION = "0"
+INITIAL_VERSION = "v0"
+_COUNTER_RE = re.compile(r"^(.*?)(\d+)$")
 
 
 class UpdateError(TandemError):
@@ -34,11 +36,19 @@ def check_version(value: str, what: str = "version") -> str:
     return value
 
 
-def next_version(version: str) -> str:
-    """The successor of a decimal counter version ("4" -> "5"); UpdateError for other names."""
-    if not version.isdigit():
-        raise UpdateError(f"version {version!r} is not a decimal counter; name the target version explicitly")
-    return str(int(version) + 1)
+def next_version(version: str, at_least: int = 0) -> str:
+    """The successor of a counter version ("v4" -> "v5", "4" -> "5"), or ``prefix + at_least`` when larger;
+    UpdateError for a name that does not end in digits."""
+    match = _COUNTER_RE.match(version)
+    if match is None:
+        raise UpdateError(f"version {version!r} does not end in a counter; name the target version explicitly")
+    return f"{match.group(1)}{max(int(match.group(2)) + 1, at_least)}"
+
+
+def version_counter(version: str) -> int:
+    """The counter at the end of a version name (-1 when there is none)."""
+    match = _COUNTER_RE.match(version)
+    return int(match.group(2)) if match else -1
 
 
 @dataclass(frozen=True)

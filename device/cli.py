@@ -34,7 +34,7 @@ def _config(config: Path | None, **overrides):
     """The transport section of the device config (``deploy/configs/device.yaml``) with overrides."""
     from device.agent.config import load_agent_config
 
-    return load_agent_config(config, {f"transport.{k}": v for k, v in overrides.items()}).transport
+    return load_agent_config(config, {f"transport.{k}": v for k, v in overrides.items() if v is not None}).transport
 
 
 def _run(coro: Awaitable[T], timeout: float) -> T:
@@ -269,14 +269,14 @@ def run(
     from device.agent.config import load_agent_config, parse_assignments
     from device.agent.logs import setup_logging
 
-    overrides = {
+    flags = {
         "transport.gateway": gateway,
         "transport.state_dir": str(state_dir) if state_dir else None,
         "model.source": model,
         "api.listen": listen,
         "metrics.port": metrics_port,
-        **parse_assignments(settings),
     }
+    overrides = {**{k: v for k, v in flags.items() if v is not None}, **parse_assignments(settings)}
     cfg = load_agent_config(config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
 
@@ -306,12 +306,19 @@ def status(
     from device.agent.config import load_agent_config, parse_assignments
     from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
-    cfg = load_agent_config(config, {"api.listen": listen, **parse_assignments(settings)})
-    if not cfg.api.listen:
+    flags = {"api.listen": listen} if listen else {}
+    cfg = load_agent_config(config, {**flags, **parse_assignments(settings)})
+    from device.agent.agent import ADDRESS_FILE
+
+    address = cfg.api.listen
+    written = cfg.state_dir / ADDRESS_FILE
+    if not listen and written.is_file():
+        address = written.read_text().strip()  # what the running agent bound (port 0 picks one)
+    if not address:
         raise ConfigError("api.listen is empty: the agent has no local API to ask")
 
     async def ask() -> agent_pb2.AgentStatusResponse:
-        async with grpc.aio.insecure_channel(cfg.api.listen) as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             stub = agent_pb2_grpc.DeviceAgentStub(channel)
             return await stub.Status(agent_pb2.AgentStatusRequest(), timeout=timeout)
 
@@ -319,7 +326,7 @@ def status(
         s = asyncio.run(ask())
     except grpc.aio.AioRpcError as exc:
         code = exc.code().name
-        raise TandemError(f"no agent answers on {cfg.api.listen} ({code}); is `tandem-device run` up?") from None
+        raise TandemError(f"no agent answers on {address} ({code}); is `tandem-device run` up?") from None
     table = Table("", "", show_header=False, box=None)
     rows = [
         ("device", s.device_id or "-"),

@@ -272,6 +272,10 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         device = await self._authenticate(context, m)
         metrics = dict(request.metrics)
         metrics["outbox_depth"] = float(request.outbox_depth)
+        if request.downlink_bytes_per_s:  # the link capacity the trainer sizes updates by
+            metrics["downlink_bytes_per_s"] = float(request.downlink_bytes_per_s)
+        if request.uplink_bytes_per_s:
+            metrics["uplink_bytes_per_s"] = float(request.uplink_bytes_per_s)
         if len(json.dumps(metrics)) > 64 * 1024:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat metrics exceed 64 KiB")
         self.devices.heartbeat(
@@ -280,6 +284,13 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             applied_version=request.applied_version[:128],
             metrics=metrics,
         )
+        if request.rolled_back_from:
+            self.devices.record_rollback(
+                device.device_id,
+                request.rolled_back_from[:128],
+                request.applied_version[:128],
+                request.rollback_reason[:256],
+            )
         self._ok(m)
         return gateway_pb2.HeartbeatResponse(
             server_unix_ms=_now_ms(),

@@ -29,6 +29,8 @@ from device.transport.outbox import Outbox
 from device.uts import UncertaintyTokenSampler
 
 log = logging.getLogger("tandem.device.agent")
+ADDRESS_FILE = "agent.address"
+"""Where a running agent writes its local API address (for `tandem-device status`)."""
 
 
 class DeviceAgent:
@@ -64,6 +66,7 @@ class DeviceAgent:
         self.api_address: str | None = None
         self._server = None
         self._metrics_server = None
+        self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -122,8 +125,12 @@ class DeviceAgent:
         self.batcher.start()
         if self.config.api.listen:
             self._server, self.api_address = await start_api(self, self.config.api.listen)
+            address_file = self.state_dir / ADDRESS_FILE
+            address_file.with_suffix(".tmp").write_text(self.api_address + "\n")
+            address_file.with_suffix(".tmp").replace(address_file)
         if self.config.metrics.port is not None:
             self._metrics_server = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
+            self.metrics_port = self._metrics_server[0].server_port
         if self.connect:
             self.link = LinkLoops(
                 self.config.transport,

@@ -112,13 +112,19 @@ class MicroBatcher:
             except queue.Empty:
                 return
             t0 = time.perf_counter()
+            error: BaseException | None = None
             try:
-                action()
+                action()  # runs even when its waiter gave up: a stored version must still be installed
             except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-                fut.set_exception(exc)
-            else:
-                fut.set_result(None)
+                error = exc
             self.swap_pauses_s.append(time.perf_counter() - t0)
+            if fut.set_running_or_notify_cancel():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+            elif error is not None:
+                log.error("between-batches action failed with nobody waiting: %s", error)
 
     def _collect(self) -> list[Request]:
         try:
@@ -157,10 +163,11 @@ class MicroBatcher:
             done = time.perf_counter()
             for r, a in zip(live, answers, strict=True):
                 a.latency_s = done - r.enqueued
-                r.future.set_result(a)
-            if self.on_batch is not None:
+            if self.on_batch is not None:  # before the answers go out, so counters include them
                 try:
                     self.on_batch(live, answers, forward_s)
                 except Exception:  # observers never stop serving
                     log.exception("batch observer failed")
+            for r, a in zip(live, answers, strict=True):
+                r.future.set_result(a)
         self._run_swaps()

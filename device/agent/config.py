@@ -162,7 +162,7 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def load_agent_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
-    """The config from an optional YAML file with dotted overrides applied (None values are skipped).
+    """The config from an optional YAML file with dotted overrides applied (a None value sets null).
 
     Raises ConfigError with one line naming the offending key for unknown keys or invalid values.
     """
@@ -179,8 +179,7 @@ def load_agent_config(path: str | Path | None = None, overrides: dict[str, Any] 
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded
     for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_path(data, key, value)
+        _set_path(data, key, value)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:

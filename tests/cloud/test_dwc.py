@@ -34,14 +34,14 @@ def _step(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dic
 def test_round_trip_is_bit_exact_against_mirror(bits):
     base = _lora_like_state(0)
     mirror = CloudMirror(base)
-    device = VersionedAdapter("0", {k: v.clone() for k, v in base.items()})
+    device = VersionedAdapter("v0", {k: v.clone() for k, v in base.items()})
     target = base
     for r in range(1, 4):
         target = _step(target, r)
         update = compress(mirror, target, DWCConfig(bits=bits, energy_share=0.7, budget_bytes=3000))
         device = apply_adapter_update(device, update.payload, update.header)
         mirror.commit(update)
-        assert device.version == mirror.version == str(r)
+        assert device.version == mirror.version == f"v{r}"
         for k in base:
             assert torch.equal(device.state[k], mirror.state[k])
         assert device.digest() == state_digest(mirror.state)
@@ -80,19 +80,19 @@ def test_budget_and_compression_ratio():
 
 def test_wrong_base_version_leaves_state_unchanged():
     base = _lora_like_state(3)
-    mirror = CloudMirror(base, version="5")
+    mirror = CloudMirror(base, version="v5")
     update = compress(mirror, _step(base, 1), DWCConfig())
-    device = VersionedAdapter("4", {k: v.clone() for k, v in base.items()})
+    device = VersionedAdapter("v4", {k: v.clone() for k, v in base.items()})
     before = device.digest()
-    with pytest.raises(UpdateError, match="base version 5, device holds 4"):
+    with pytest.raises(UpdateError, match="base version v5, device holds v4"):
         apply_adapter_update(device, update.payload, update.header)
-    assert device.digest() == before and device.version == "4"
+    assert device.digest() == before and device.version == "v4"
 
 
 def test_tampered_payload_and_header_are_rejected():
     base = _lora_like_state(4)
     update = compress(CloudMirror(base), _step(base, 1), DWCConfig(bits=8))
-    device = VersionedAdapter("0", base)
+    device = VersionedAdapter("v0", base)
     tampered = bytearray(update.payload)
     tampered[-3] ^= 0x55
     with pytest.raises(UpdateError, match="digest"):
@@ -122,7 +122,7 @@ def test_nan_in_delta_is_rejected_and_mirror_kept():
     bad[name][0, 0] = float("inf")
     with pytest.raises(UpdateError, match="NaN or inf"):
         compress(mirror, bad, DWCConfig())
-    assert state_digest(mirror.state) == state_digest(base) and mirror.version == "0"
+    assert state_digest(mirror.state) == state_digest(base) and mirror.version == "v0"
 
 
 def test_mismatched_shapes_are_rejected():
@@ -131,7 +131,7 @@ def test_mismatched_shapes_are_rejected():
     with pytest.raises(UpdateError, match="shapes mismatch"):
         compress(CloudMirror(base), other, DWCConfig())
     update = compress(CloudMirror(base), _step(base, 2), DWCConfig())
-    device = VersionedAdapter("0", other)
+    device = VersionedAdapter("v0", other)
     with pytest.raises(UpdateError, match="different adapter tensors or shapes"):
         apply_adapter_update(device, update.payload, update.header)
     assert state_digest(device.state) == state_digest(other)
@@ -172,3 +172,31 @@ def test_impact_weights_apply_to_lora_pairs_only():
     assert torch.allclose(weights[b_name], (state[a_name].double() ** 2).sum(dim=1), rtol=1e-2)
     assert torch.equal(weights["base_model.model.norm.weight"], torch.ones(1, dtype=torch.float64))
     assert all(torch.equal(w, torch.ones_like(w)) for w in unit_weights(state, "energy").values())
+
+
+def test_one_header_carries_dwc_facts_signed_and_str_versions():
+    from common.signing import generate_private_key
+    from common.update_header import next_version
+    from protocol.tandem.v1 import tensors_pb2
+    from protocol.updates import header_from_proto, header_to_proto
+
+    base = _lora_like_state(10)
+    update = compress(CloudMirror(base, version="v7"), _step(base, 1), DWCConfig(bits=4))
+    header = update.header.addressed(device_id="dev-1")
+    assert (header.base_version, header.target_version) == ("v7", "v8")
+    assert header.bits == 4 and header.units_sent > 0 and header.result_sha256
+    key = generate_private_key()
+    sig, kid = header.sign(key)
+    info = tensors_pb2.PayloadInfo(size=header.size, sha256=bytes.fromhex(header.sha256_hex))
+    wire = header_to_proto(header, update_id=3, payload=info, signature=sig, key_id=kid, created_unix_ms=1)
+    back = header_from_proto(wire)
+    assert back == header and back.verify(key.public_key(), sig)
+    device = apply_adapter_update(VersionedAdapter("v7", base), update.payload, back)
+    assert device.version == "v8" and device.digest() == header.result_sha256
+    tampered = dataclasses.replace(back, metadata={**back.metadata, "result_sha256": "0" * 64})
+    assert not tampered.verify(key.public_key(), sig)
+    with pytest.raises(UpdateError, match="disagrees"):
+        apply_adapter_update(VersionedAdapter("v7", base), update.payload, tampered)
+    assert next_version("v9") == "v10" and next_version("v2", at_least=5) == "v5" and next_version("41") == "42"
+    with pytest.raises(UpdateError, match="counter"):
+        next_version("main")

@@ -1,0 +1,69 @@
+"""The validation gate: is a candidate adapter state at least as good as the one the device holds?
+
+Both states are scored on the subject's held-out uploads (never trained on) against the teacher's labels:
+agreement = share of samples whose first answer token equals the teacher's. A candidate whose agreement is
+below the current state's by more than ``margin`` is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cloud.akd import AKDTrainer, TeacherLabels
+from common.llava_tokens import answer_forward
+from common.sample_codec import UploadSample
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """What the gate measured and decided."""
+
+    passed: bool
+    held_out: int
+    current_agreement: float
+    candidate_agreement: float
+    margin: float
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def agreement(
+    trainer: AKDTrainer, state: dict[str, torch.Tensor], samples: Sequence[UploadSample], labels: TeacherLabels
+) -> float:
+    """Share of ``samples`` on which the student with adapters ``state`` answers as the teacher does."""
+    trainer.load_adapter_state(state)
+    hits = 0
+    bs = trainer.config.batch_size
+    for i in range(0, len(samples), bs):
+        chunk = samples[i : i + bs]
+        out = answer_forward(trainer.student, trainer.prompts, [s.features for s in chunk], [s.question for s in chunk])
+        hits += int((out.logits.argmax(-1).cpu() == labels.answer_ids[i : i + bs].cpu()).sum())
+    return hits / len(samples)
+
+
+def validate(
+    trainer: AKDTrainer,
+    current: dict[str, torch.Tensor],
+    candidate: dict[str, torch.Tensor],
+    samples: Sequence[UploadSample],
+    labels: TeacherLabels,
+    margin: float,
+    min_held_out: int,
+) -> GateReport:
+    """Score ``current`` and ``candidate``; leaves the trainer holding ``candidate``."""
+    if len(samples) < min_held_out:
+        trainer.load_adapter_state(candidate)
+        return GateReport(True, len(samples), float("nan"), float("nan"), margin, "too few held-out samples to judge")
+    cur = agreement(trainer, current, samples, labels)
+    cand = agreement(trainer, candidate, samples, labels)
+    trainer.load_adapter_state(candidate)
+    if cand < cur - margin:
+        reason = f"candidate agrees with the teacher on {cand:.3f} of held-out uploads, current on {cur:.3f}"
+        return GateReport(False, len(samples), cur, cand, margin, reason)
+    return GateReport(True, len(samples), cur, cand, margin, "candidate within margin")

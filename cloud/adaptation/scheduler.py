@@ -1,0 +1,96 @@
+"""The scheduler: turns newly stored samples into jobs, per device or per cohort, by count, bytes or interval."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cloud.adaptation.config import AdaptationConfig, TriggerConfig
+from cloud.adaptation.jobs import JobStore, NewJob, SeqRange
+from cloud.devices import DeviceRecord
+from cloud.samples.base import SampleStore
+
+
+@dataclass
+class Pending:
+    """New samples of one device since its cursor."""
+
+    device_id: str
+    after_seq: int
+    upto_seq: int
+    samples: int
+    bytes: int
+    last_job_ms: int
+
+
+def _pending(store: SampleStore, jobs: JobStore, device_id: str, limit: int) -> Pending | None:
+    after, last_ms = jobs.cursor(device_id)
+    count = total = upto = 0
+    for s in store.iter_samples(device_id, after_seq=after, limit=limit):
+        count, total, upto = count + 1, total + len(s.payload), s.seq
+    return Pending(device_id, after, upto, count, total, last_ms) if count else None
+
+
+def _due(trigger: TriggerConfig, parts: list[Pending], now_ms: int) -> str | None:
+    samples = sum(p.samples for p in parts)
+    size = sum(p.bytes for p in parts)
+    if samples >= trigger.min_samples:
+        return f"{samples} new samples"
+    if trigger.min_bytes is not None and size >= trigger.min_bytes:
+        return f"{size} new bytes"
+    last = max(p.last_job_ms for p in parts)
+    if samples and now_ms - last >= trigger.max_interval_s * 1000:
+        return f"{samples} new samples after {trigger.max_interval_s:g} s"
+    return None
+
+
+class Scheduler:
+    """One ``update()`` per loop turn creates every job that is due (at most one active job per subject)."""
+
+    def __init__(self, config: AdaptationConfig, samples: SampleStore, jobs: JobStore) -> None:
+        self.config = config
+        self.samples = samples
+        self.jobs = jobs
+        self.started_ms = int(time.time() * 1000)
+
+    def subjects(self, devices: list[DeviceRecord]) -> dict[tuple[str, str], list[DeviceRecord]]:
+        """``(kind, subject) -> devices``: cohorts when cohort training is on, else one subject per device."""
+        out: dict[tuple[str, str], list[DeviceRecord]] = {}
+        for d in devices:
+            if d.revoked:
+                continue
+            key = ("cohort", d.cohort) if self.config.cohort_training and d.cohort else ("device", d.device_id)
+            out.setdefault(key, []).append(d)
+        return out
+
+    def update(self, devices: list[DeviceRecord], now_ms: int | None = None) -> list[int]:
+        """Create the jobs that are due; returns their ids."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        created = []
+        limit = self.config.max_samples_per_job
+        for (kind, subject), members in sorted(self.subjects(devices).items()):
+            parts = [p for d in members if (p := _pending(self.samples, self.jobs, d.device_id, limit)) is not None]
+            if not parts:
+                continue
+            trigger = self.config.cohort_trigger if kind == "cohort" else self.config.trigger
+            for p in parts:  # a subject never scheduled counts its interval from the service's start
+                p.last_job_ms = p.last_job_ms or self.started_ms
+            reason = _due(trigger, parts, now)
+            if reason is None:
+                continue
+            families = {d.model_family for d in members}
+            family = sorted(families)[0]
+            job = self.jobs.create(
+                NewJob(
+                    subject_kind=kind,  # type: ignore[arg-type]
+                    subject=subject,
+                    family=family,
+                    ranges=tuple(SeqRange(p.device_id, p.after_seq, p.upto_seq) for p in parts),
+                    samples=sum(p.samples for p in parts),
+                    bytes=sum(p.bytes for p in parts),
+                    reason=reason if len(families) == 1 else f"{reason}; mixed families {sorted(families)}",
+                )
+            )
+            if job is not None:
+                created.append(job.job_id)
+        return created

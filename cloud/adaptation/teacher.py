@@ -1,0 +1,63 @@
+"""The teacher of a model family: loads it once, labels batches of uploaded samples (soft labels + hidden)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cloud.akd import TeacherLabels, teacher_labels
+from common.llava_tokens import PromptBuilder, unwrap_llava
+from common.modeling import load_mllm
+from common.sample_codec import UploadSample
+
+
+def torch_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prompts_for(model: torch.nn.Module, tokenizer) -> PromptBuilder:
+    """The prompt builder of a LLaVA model (its configured image token)."""
+    return PromptBuilder(tokenizer, int(unwrap_llava(model).config.image_token_id))
+
+
+@dataclass
+class LabelTiming:
+    """Throughput of the last ``label`` call."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+
+class Teacher:
+    """A frozen teacher model with its prompt builder."""
+
+    def __init__(self, model: torch.nn.Module, prompts: PromptBuilder, batch_size: int = 64) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.last = LabelTiming()
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", batch_size: int = 64) -> Teacher:
+        """Load from a directory or hub id (see ``common.modeling.load_mllm``)."""
+        loaded = load_mllm(source)
+        model = loaded.model.to(torch_device(device))
+        return cls(model, prompts_for(model, loaded.processor.tokenizer), batch_size)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the teacher's last hidden state (the alignment map's output)."""
+        return int(unwrap_llava(self.model).config.text_config.hidden_size)
+
+    def label(self, samples: Sequence[UploadSample]) -> TeacherLabels:
+        """Soft labels for ``samples`` on the CPU (ValueError on an empty batch)."""
+        start = time.perf_counter()
+        labels = teacher_labels(self.model, self.prompts, samples, self.batch_size)
+        self.last = LabelTiming(len(samples), time.perf_counter() - start)
+        return labels

@@ -1,0 +1,217 @@
+"""kill -9 of a real `tandem-device run` process during an upload and during an update's apply, then restart:
+it serves the version it held, no sample it queued is lost, none is stored twice, the outbox drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+from agent_support import QUESTIONS, agent_config, cloud_student, image_array, micro_zoo
+from PIL import Image
+from transport_support import REPO_ROOT, running_gateway
+
+from cloud.akd import adapter_state
+from cloud.dwc import CloudMirror, DWCConfig, compress
+from common.delta_codec import state_digest
+from device.transport.client import GatewayClient
+from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return micro_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+class AgentProcess:
+    """`python -m device.cli run --config ...` with NOTIFY_SOCKET pointing at a socket this test reads."""
+
+    def __init__(self, config_path: Path, workdir: Path) -> None:
+        self.config_path = config_path
+        self.sock_path = workdir / "notify.sock"
+        self.log = workdir / "agent.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 60.0) -> None:
+        self.ready_message = ""
+        self.sock_path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(self.sock_path))
+        sock.setblocking(False)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "PYTHONPATH": str(REPO_ROOT)}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        with open(self.log, "a") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "device.cli", "run", "--config", str(self.config_path),
+                cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
+            )  # fmt: skip
+        loop = asyncio.get_running_loop()
+
+        async def ready() -> None:
+            while not self.ready_message.startswith("READY=1"):
+                self.ready_message = (await loop.sock_recv(sock, 4096)).decode()
+
+        try:
+            await asyncio.wait_for(ready(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"agent not ready: {self.log.read_text()[-2000:]}") from None
+        finally:
+            sock.close()
+
+    def kill9(self) -> None:
+        assert self.proc is not None and self.proc.returncode is None, self.log.read_text()[-2000:]
+        os.kill(self.proc.pid, signal.SIGKILL)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    async def terminate(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 15)
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _until(predicate, timeout: float = 30.0, what: str = "condition", step: float = 0.01) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(step)
+
+
+def _outbox(state: Path) -> tuple[int, int]:
+    """(pending samples, highest seq ever assigned) read from the agent's outbox database."""
+    db = state / "outbox.db"
+    if not db.exists():
+        return 0, 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        try:
+            (pending,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        except sqlite3.OperationalError:
+            return 0, 0
+    return int(pending), int(row[0]) if row else 0
+
+
+async def _setup(tmp_path: Path, zoo, address: str, images: int, **overrides) -> Path:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(images):
+        Image.fromarray(image_array(i)).save(inbox / f"{i:03d}.png")
+    cfg = agent_config(
+        tmp_path / "dev",
+        zoo.device,
+        address,
+        **{
+            "sources.directory": {"path": str(inbox), "questions": QUESTIONS, "interval_s": 0.1},
+            "transport.batch_max_samples": 2,
+            **overrides,
+        },
+    )
+    client = GatewayClient(cfg.transport)
+    (await client.register()).save(cfg.state_dir)
+    await client.close()
+    path = tmp_path / "device.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+pytestmark = pytest.mark.slow  # real processes: about 20-40 s each on two loaded cores
+
+
+async def test_kill9_during_upload_loses_nothing_and_stores_nothing_twice(zoo, tmp_path):
+    async with running_gateway(tmp_path / "cloud") as gw:
+        config = await _setup(tmp_path, zoo, gw.address, images=30)
+        state = tmp_path / "dev"
+        agent = AgentProcess(config, tmp_path)
+        await agent.start()
+        try:
+            await _until(lambda: gw.samples.count("dev-1") > 0 and _outbox(state)[0] > 0, what="an upload under way")
+            agent.kill9()
+            assert await agent.wait() == -signal.SIGKILL
+            pending, queued = _outbox(state)
+            stored_at_kill = gw.samples.count("dev-1")
+            assert pending > 0 and stored_at_kill > 0  # killed with samples on both sides of the link
+            await agent.start()
+            await _until(
+                lambda: _outbox(state)[0] == 0 and gw.samples.count("dev-1") == _outbox(state)[1],
+                timeout=60,
+                what="the outbox to drain",
+            )
+        finally:
+            await agent.terminate()
+        seqs = [s.seq for s in gw.samples.iter_samples("dev-1")]
+    assert sorted(seqs) == list(range(1, max(seqs) + 1))  # every queued sample arrived
+    assert len(seqs) == len(set(seqs)) and max(seqs) >= queued  # none stored twice
+
+
+async def test_kill9_during_apply_serves_a_consistent_version_after_restart(zoo, tmp_path):
+    async with running_gateway(tmp_path / "cloud") as gw:
+        config = await _setup(tmp_path, zoo, gw.address, images=0, **{"api.listen": "127.0.0.1:0"})
+        cfg = yaml.safe_load(config.read_text())
+        student, _ = cloud_student(zoo.device)
+        mirror = CloudMirror(adapter_state(student))
+        digests = {"v0": state_digest(mirror.state)}
+        state = tmp_path / "dev"
+        agent = AgentProcess(config, tmp_path)
+        await agent.start()
+        torch.manual_seed(0)
+        phases = []
+        try:
+            # kill while the update is being fetched, verified and applied (its .part file exists until the apply
+            # returned), then inside the store's commit (a version directory is being written)
+            for n, marker in enumerate(("updates/*.part", "adapters/versions/.tmp-*"), start=1):
+                base, target = f"v{n - 1}", f"v{n}"
+                update = compress(
+                    mirror, {k: v + 0.05 * torch.randn_like(v) for k, v in mirror.state.items()}, DWCConfig()
+                )
+                mirror.commit(update)
+                digests[target] = state_digest(mirror.state)
+                gw.publish("dev-1", base, target, update.payload)
+                await _until(
+                    lambda m=marker, t=target: any(state.glob(m)) or _head_version(state) == t,
+                    what=f"{marker} to appear", step=0.001,
+                )  # fmt: skip
+                agent.kill9()
+                await agent.wait()
+                held = _head_version(state)
+                phases.append((marker, held))
+                assert held in (base, target)
+                await agent.start()
+                assert agent.ready_message.endswith(f"serving adapter {held}")  # exactly what it held
+                for _ in range(3000):  # the restarted agent fetches the update again if it did not hold it
+                    status = await _status(state)
+                    if status.adapter_version == target:
+                        break
+                    await asyncio.sleep(0.02)
+                assert status.adapter_digest == digests[target] == state_digest(mirror.state)
+        finally:
+            await agent.terminate()
+    print("kill -9 points (marker, version held at the kill):", phases)
+    assert status.adapter_version == "v2" and cfg["api"]["listen"] == "127.0.0.1:0"
+
+
+def _head_version(state: Path) -> str:
+    head = json.loads((state / "adapters" / "HEAD.json").read_text())
+    return json.loads((state / "adapters" / "versions" / head["current"] / "tandem.json").read_text())["version"]
+
+
+async def _status(state: Path) -> agent_pb2.AgentStatusResponse:
+    address = (state / "agent.address").read_text().strip()
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await agent_pb2_grpc.DeviceAgentStub(channel).Status(agent_pb2.AgentStatusRequest(), timeout=10)
