@@ -68,7 +68,7 @@ class CloudProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    async def stop(self, grace_s: float = 20.0) -> int | None:
+    async def stop(self, grace_s: float = 30.0) -> int | None:
         """SIGTERM (the service's graceful stop: Ray included), then SIGKILL of its process group after
         ``grace_s``; returns the exit code."""
         if self.proc is None:

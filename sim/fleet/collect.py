@@ -3,84 +3,72 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from sim.fleet.cloud_process import CloudProcess
 from sim.fleet.devices import SimDevice
-from sim.fleet.probe import ProbeData
 from sim.fleet.results import DeviceResult, FleetResult, SampleCounts, UpdateApplied
 from sim.fleet.scenario import Scenario
 
 log = logging.getLogger("tandem.sim.fleet")
 
-UPTO_KEYS = ("trained_upto_seq", "upto_seq", "samples_upto_seq", "max_seq")
-"""Update metadata naming the highest of the device's seqs the update learnt from (when the cloud records it)."""
-
 
 def _phases(d: SimDevice, duration: float) -> list[dict]:
-    steps = d.spec.drift.steps
+    drift = d.spec.drift
     return [
-        {"domain": s.domain, "start_s": s.at_s, "end_s": d.spec.drift.phase_end(i, duration)}
-        for i, s in enumerate(steps)
+        {"domain": s.domain, "start_s": s.at_s, "end_s": drift.phase_end(i, duration)}
+        for i, s in enumerate(drift.steps)
     ]
 
 
-def _upto(record, data: ProbeData) -> tuple[int, bool]:
-    """Highest seq an update learnt from: from its metadata, else every sample acked before it was published
-    (an upper bound; flagged)."""
-    for key in UPTO_KEYS:
-        if key in record.metadata:
-            try:
-                return int(record.metadata[key]), True
-            except ValueError:
-                break
-    return -1, False
+@dataclass
+class CloudRecords:
+    """What the cloud's stores say after the run."""
+
+    stored: dict[str, set[int]] = field(default_factory=dict)
+    """Device id -> the seqs in the sample store."""
+    published: dict[str, list[int]] = field(default_factory=dict)
+    """Device id -> ids of the updates addressed to it or its cohort."""
+    upto: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Update id -> device id -> the highest seq of that device its job trained on."""
+    refused: dict[str, int] = field(default_factory=dict)
+    """Device id -> candidates the validation gate refused for it (its own or its cohort's jobs)."""
+    jobs: dict[str, int] = field(default_factory=dict)
+    """Jobs by outcome / state."""
 
 
-def _updates(d: SimDevice, records: dict[int, Any], publish_s: dict[int, float]) -> tuple[list[UpdateApplied], bool]:
+def _updates(d: SimDevice, upto: dict[int, dict[str, int]]) -> list[UpdateApplied]:
     """Applied updates with the capture-to-applied latency of each sample they were the first to learn from."""
     data = d.probe.data
     covered = 0
-    exact = True
     out = []
     for a in data.applied:
-        rec = records.get(a.update_id) if a.update_id is not None else None
-        upto = -1
-        if rec is not None:
-            upto, known = _upto(rec, data)
-            if not known:
-                exact = False
-                pub = publish_s.get(a.update_id, a.t_s)
-                upto = max((s for s, q in data.queued.items() if q.acked_s is not None and q.acked_s <= pub), default=0)
-        lat = [a.t_s - q.captured_s for s, q in data.queued.items() if covered < s <= upto]
-        covered = max(covered, upto)
+        top = upto.get(a.update_id, {}).get(d.spec.device_id, 0) if a.update_id is not None else 0
+        lat = [a.t_s - q.captured_s for s, q in data.queued.items() if covered < s <= top]
+        covered = max(covered, top)
         out.append(UpdateApplied(t_s=a.t_s, version=a.version, latencies_s=sorted(lat)))
-    return out, exact
+    return out
 
 
 def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: CloudProcess, facts: dict) -> FleetResult:
     """Per-device results, checked against the cloud's sample store and update registry."""
-    stores = _open_stores(cloud)
+    cloud_records = read_cloud(cloud, [(d.spec.device_id, d.spec.cohort) for d in devices])
+    facts["cloud_jobs"] = cloud_records.jobs if cloud_records else None
     send_all = facts.get("send_all_sample_bytes", 0)
     out = []
-    exact_all = True
     for d in devices:
         data = d.probe.data
         did = d.spec.device_id
-        records, stored_seqs = {}, set()
-        if stores is not None:
-            samples, registry = stores
-            stored_seqs = {s.seq for s in samples.iter_samples(did)}
-            records = {r.update_id: r for r in registry.for_device(did, d.spec.cohort)}
-        epoch_unix_ms = facts.get("epoch_unix_ms", 0)
-        publish_s = {i: (r.created_unix_ms - epoch_unix_ms) / 1000 for i, r in records.items()}
-        updates, exact = _updates(d, records, publish_s)
-        exact_all &= exact
+        rec = cloud_records or CloudRecords()
+        stored_seqs = rec.stored.get(did, set())
+        published = rec.published.get(did, [])
+        updates = _updates(d, rec.upto)
         acked = [s for s, q in data.queued.items() if q.acked_s is not None]
         applied_ids = {a.update_id for a in data.applied if a.update_id is not None}
         rejected = [o for o in d.agent.link.fetcher.outcomes if not o.applied] if d.agent.link else []
         last_applied = max(applied_ids, default=0)
-        superseded = [i for i in records if i not in applied_ids and i < last_applied]
+        superseded = [i for i in published if i not in applied_ids and i < last_applied]
         out.append(
             DeviceResult(
                 device_id=did,
@@ -90,8 +78,8 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
                 points=d.points,
                 updates=updates,
                 rollbacks=data.rollbacks,
-                refused_candidates=0,
-                published_updates=len(records),
+                refused_candidates=rec.refused.get(did, 0),
+                published_updates=len(published),
                 superseded_updates=len(superseded),
                 samples=SampleCounts(
                     frames=d.source.emitted,
@@ -100,7 +88,7 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
                     stored=len(stored_seqs),
                     stored_twice=0,
                     pending=len(data.queued) - len(acked),
-                    lost=len([s for s in acked if s not in stored_seqs]) if stores is not None else 0,
+                    lost=len([s for s in acked if s not in stored_seqs]) if cloud_records is not None else 0,
                 ),
                 up_bytes=d.proxy.stats.bytes_up,
                 down_bytes=d.proxy.stats.bytes_down,
@@ -113,18 +101,13 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
         )
         facts.setdefault("updates_rejected_by_devices", 0)
         facts["updates_rejected_by_devices"] += len(rejected)
-    facts["latency_from_update_metadata"] = exact_all
-    if stores is not None:
-        for s in stores:
-            s.close()
     return FleetResult(run=run, scenario=sc.model_dump(mode="json"), devices=out, facts=facts)
 
 
-def _open_stores(cloud: CloudProcess):
-    """The cloud's sample store and update registry, opened read-side after the service stopped."""
+def read_cloud(cloud: CloudProcess, devices: list[tuple[str, str]]) -> CloudRecords | None:
+    """Open the cloud's sample store, update registry and job store (after the service stopped)."""
     try:
-        from pathlib import Path
-
+        from cloud.adaptation.jobs_sqlite import SqliteJobStore
         from cloud.gateway.server import load_or_create_signing_key
         from cloud.samples import open_sample_store
         from cloud.updates import SqliteUpdateRegistry
@@ -132,7 +115,30 @@ def _open_stores(cloud: CloudProcess):
         cfg = cloud.gateway_config()
         samples = open_sample_store(cfg.sample_store, str(cfg.data_dir), cfg.sqlite_synchronous)
         registry = SqliteUpdateRegistry(Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg))
-        return samples, registry
-    except Exception:  # reported, and the run's device-side figures still stand
+        jobs = SqliteJobStore(cfg.adaptation_dir / "jobs.db")
+    except Exception:  # reported; the run's device-side figures still stand
         log.exception("could not open the cloud's stores")
         return None
+    rec = CloudRecords()
+    try:
+        for did, cohort in devices:
+            rec.stored[did] = {s.seq for s in samples.iter_samples(did)}
+            rec.published[did] = [r.update_id for r in registry.for_device(did, cohort)]
+        cohort_of = dict(devices)
+        for job in jobs.list(limit=1_000_000):
+            key = job.outcome if job.state == "done" else job.state
+            rec.jobs[key] = rec.jobs.get(key, 0) + 1
+            if job.update_id:
+                rec.upto[job.update_id] = {r.device_id: r.upto_seq for r in job.ranges}
+            if job.outcome == "refused":
+                members = (
+                    [r.device_id for r in job.ranges]
+                    if job.subject_kind == "device"
+                    else [did for did, c in cohort_of.items() if c == job.subject]
+                )
+                for did in set(members):
+                    rec.refused[did] = rec.refused.get(did, 0) + 1
+    finally:
+        for store in (samples, registry, jobs):
+            store.close()
+    return rec
