@@ -91,7 +91,7 @@ class DeviceAgent:
     def _restore_adapter(self) -> None:
         """Serve exactly the version held before a restart; the first start stores version 0."""
         if self.store.empty:
-            initial = AdapterState(self.config.transport.initial_version, 0, self.model.adapter_weights())
+            initial = AdapterState(self.config.transport.initial_version, self.model.adapter_weights())
             self.store.commit(initial)
             self.model.install(initial)
             log.info("adapter %s stored (digest %s)", initial.version, initial.digest()[:12])
@@ -279,7 +279,7 @@ class DeviceAgent:
         async with self._apply_lock:
             current = self.step.model.adapter
             try:
-                new = await asyncio.to_thread(apply_dwc, current, payload, header.target_version)
+                new = await asyncio.to_thread(apply_dwc, current, payload, header)
                 await asyncio.to_thread(self.store.commit, new)
             except Exception as exc:
                 log.warning("update %s rejected, %s keeps serving: %s", header.update_id, current.version, exc)
@@ -297,10 +297,10 @@ class DeviceAgent:
             if self.step.version != version:
                 return  # another update came first
             previous = await asyncio.to_thread(self.store.rollback, decision.reason)
-            await asyncio.wrap_future(self.batcher.between_batches(lambda: self._install(previous, arm=False)))
-            if self.link is not None:
+            if self.link is not None:  # before any await: a heartbeat names the version held with the rollback
                 self.link.fetcher.state.current_version = previous.version
                 self.link.fetcher.state.save()
+            await asyncio.wrap_future(self.batcher.between_batches(lambda: self._install(previous, arm=False)))
             self.counts["rollbacks"] += 1
             self.metrics.rollbacks.inc()
             self.last_rollback = f"{version}: {decision.reason}"

@@ -19,6 +19,7 @@ from common.adapters import AdapterConfig, add_lora
 from common.errors import ModelLoadError
 from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, answer_forward, unwrap_llava, vision_features
 from common.modeling import load_mllm
+from common.update_header import INITIAL_VERSION
 from device.agent.store import AdapterState
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, expect_image_mask, sparse_stats
 from device.update_apply import VersionedAdapter, load_adapter_state
@@ -56,7 +57,7 @@ class DeviceModel:
         self.prompts = PromptBuilder(self.tokenizer, int(llava.config.image_token_id), prompt_template)
         self.sparse: SparseConfig | None = None
         self.set_sparse(sparse)
-        self.adapter = AdapterState("v0", 0, self.adapter_weights())
+        self.adapter = AdapterState(INITIAL_VERSION, self.adapter_weights())
 
     @classmethod
     def load(
@@ -109,7 +110,7 @@ class DeviceModel:
 
     def install(self, adapter: AdapterState) -> None:
         """Copy ``adapter`` into the model (callers do this between batches)."""
-        load_adapter_state(self.model, VersionedAdapter(adapter.dwc_version, adapter.state))
+        load_adapter_state(self.model, VersionedAdapter(adapter.version, adapter.state))
         self.adapter = adapter
 
     # -- the forward ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Layout under ``<state_dir>/adapters/``::
 
     versions/<n>-<version>/adapter_model.safetensors   PEFT key names, exactly the weights served
     versions/<n>-<version>/adapter_config.json         peft's LoraConfig (PeftModel.from_pretrained loads it)
-    versions/<n>-<version>/tandem.json                 version, DWC version, digest
+    versions/<n>-<version>/tandem.json                 version and digest
     HEAD.json                                          {"current": ..., "previous": ..., "rollback": ...}
 
 A version directory is written under a temporary name, fsynced and renamed; ``HEAD.json`` is replaced atomically
@@ -39,10 +39,9 @@ class AdapterStoreError(TandemError):
 
 @dataclass
 class AdapterState:
-    """One adapter version: wire version (str), the DWC payload's integer version, and the weights."""
+    """One adapter version (the version string of the update header) and its weights."""
 
     version: str
-    dwc_version: int
     state: dict[str, torch.Tensor]
     _digest: str | None = field(default=None, repr=False, compare=False)
 
@@ -108,7 +107,7 @@ class AdapterStore:
         d = self.versions / name
         meta = json.loads((d / META).read_text())
         state = load_file(str(d / WEIGHTS))
-        adapter = AdapterState(meta["version"], int(meta["dwc_version"]), state)
+        adapter = AdapterState(meta["version"], state)
         if adapter.digest() != meta["digest"]:
             raise AdapterStoreError(f"adapter version {meta['version']} in {d} fails its digest (disk damage?)")
         return adapter
@@ -151,7 +150,7 @@ class AdapterStore:
         with open(tmp / WEIGHTS, "rb+") as fh:
             os.fsync(fh.fileno())
         _write_durably(tmp / PEFT_CONFIG, json.dumps(self.peft_config, indent=2, default=str).encode())
-        meta = {"version": adapter.version, "dwc_version": adapter.dwc_version, "digest": adapter.digest()}
+        meta = {"version": adapter.version, "digest": adapter.digest()}
         _write_durably(tmp / META, json.dumps(meta, indent=2).encode())
         _fsync_dir(tmp)
         os.rename(tmp, self.versions / name)

@@ -71,7 +71,7 @@ async def test_ask_uplinks_applies_dwc_update_bit_exact(zoo, tmp_path):
                 target = {k: v + 0.05 * torch.randn_like(v) for k, v in mirror.state.items()}
                 update = compress(mirror, target, DWCConfig(bits=8))
                 mirror.commit(update)
-                gw.publish("dev-1", "v0", "v1", update.payload)
+                gw.publish("dev-1", "v0", "v1", update.payload, dict(update.header.metadata))
                 await _until(lambda: agent.step.version == "v1", what="the swap to v1")
 
                 after = await stub.Ask(agent_pb2.AskRequest(image=png_bytes(2), question=QUESTIONS[1]))
@@ -121,7 +121,7 @@ async def test_bad_updates_are_rejected_and_old_version_keeps_serving(zoo, tmp_p
             tensors["scales"] = torch.full_like(tensors["scales"], float("nan"))
             nan_payload = pack(tensors, meta)
             # wrong DWC base: built on a mirror at another version
-            other = CloudMirror(mirror.state, version=5)
+            other = CloudMirror(mirror.state, version="v5")
             wrong_base = compress(other, {k: v + 0.01 for k, v in mirror.state.items()}, DWCConfig())
             answers: list = []
             failures: list = []
@@ -137,18 +137,18 @@ async def test_bad_updates_are_rejected_and_old_version_keeps_serving(zoo, tmp_p
                     await asyncio.sleep(0.005)
 
             asker = asyncio.create_task(keep_asking())
-            tampered = gw.publish("dev-1", "v0", "v1", good.payload)
+            tampered = gw.publish("dev-1", "v0", "v1", good.payload, dict(good.header.metadata))
             blob = gw.updates.blob_path(tampered)
             raw = bytearray(blob.read_bytes())
             raw[len(raw) // 2] ^= 0x01
             blob.write_bytes(bytes(raw))
             foreign = SqliteUpdateRegistry(gw.updates.data_dir, generate_private_key())
             forged = compress(mirror, {k: v - 0.05 for k, v in mirror.state.items()}, DWCConfig())
-            foreign.publish("dev-1", "v0", "v1", forged.payload)  # signed by another key
+            foreign.publish("dev-1", "v0", "v1", forged.payload, dict(forged.header.metadata))  # signed by another key
             foreign.close()
             gw.servicer.notify_published()
-            gw.publish("dev-1", "v0", "v1", nan_payload)
-            gw.publish("dev-1", "v0", "v1", wrong_base.payload)
+            gw.publish("dev-1", "v0", "v1", nan_payload, dict(good.header.metadata))
+            gw.publish("dev-1", "v0", "v1", wrong_base.payload, dict(wrong_base.header.metadata))
             await _until(lambda: agent.link.fetcher.stats.rejected >= 4 and len(answers) >= 10, what="four rejections")
             asker.cancel()
             reasons = [o.reason for o in agent.link.fetcher.outcomes]
@@ -195,14 +195,14 @@ async def test_guard_keeps_a_good_update_and_rolls_back_a_damaging_one(zoo, tmp_
             up1 = compress(mirror, sharp, DWCConfig(bits=8, energy_share=1.0))
             mirror.commit(up1)
             await _until(lambda: agent.guard is not None and len(agent.guard._recent) >= 8, what="a baseline")
-            gw.publish("dev-1", "v0", "v1", up1.payload)
+            gw.publish("dev-1", "v0", "v1", up1.payload, dict(up1.header.metadata))
             await _until(lambda: agent.step.version == "v1", what="v1")
             await _until(lambda: agent.guard.armed_version is None, what="the verdict on v1")
             assert agent.counts["rollbacks"] == 0 and agent.step.version == "v1"
 
             flat = trained_target(student, agent.model.prompts, feats, questions, sharpen=False, steps=60)
             up2 = compress(mirror, flat, DWCConfig(bits=8, energy_share=1.0))
-            gw.publish("dev-1", "v1", "v2", up2.payload)
+            gw.publish("dev-1", "v1", "v2", up2.payload, dict(up2.header.metadata))
             await _until(lambda: agent.counts["rollbacks"] == 1, what="the rollback of v2")
             assert agent.step.version == "v1" and agent.step.model.adapter.digest() == state_digest(mirror.state)
             await _until(lambda: any(h.rolled_back_from == "v2" for h in heartbeats), what="the rollback heartbeat")
@@ -211,6 +211,8 @@ async def test_guard_keeps_a_good_update_and_rolls_back_a_damaging_one(zoo, tmp_
             await streamer
         finally:
             await agent.stop()
+        events = [e for e in gw.devices.rollbacks() if e.device_id == "dev-1"]
+    assert [(e.from_version, e.to_version) for e in events][:1] == [("v2", "v1")]  # the cloud recorded it
     told = next(h for h in heartbeats if h.rolled_back_from == "v2")
     assert told.applied_version == "v1" and "confidence fell" in told.rollback_reason
     assert agent.store.current().version == "v1"

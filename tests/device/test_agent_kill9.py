@@ -182,7 +182,7 @@ async def test_kill9_during_apply_serves_a_consistent_version_after_restart(zoo,
                 )
                 mirror.commit(update)
                 digests[target] = state_digest(mirror.state)
-                gw.publish("dev-1", base, target, update.payload)
+                gw.publish("dev-1", base, target, update.payload, dict(update.header.metadata))
                 await _until(
                     lambda m=marker, t=target: any(state.glob(m)) or _head_version(state) == t,
                     what=f"{marker} to appear", step=0.001,

@@ -58,11 +58,11 @@ def test_store_commit_rollback_restart_and_damage(tmp_path):
     store = AdapterStore(tmp_path / "adapters", {"r": 4, "peft_type": "LORA"})
     with pytest.raises(AdapterStoreError, match="no version"):
         store.current()
-    store.commit(AdapterState("v0", 0, _state(0)))
-    store.commit(AdapterState("v1", 1, _state(1)))
+    store.commit(AdapterState("v0", _state(0)))
+    store.commit(AdapterState("v1", _state(1)))
     again = AdapterStore(tmp_path / "adapters")
     assert again.current().version == "v1" and again.previous().version == "v0"
-    assert again.current().digest() == AdapterState("v1", 1, _state(1)).digest()
+    assert again.current().digest() == AdapterState("v1", _state(1)).digest()
     back = again.rollback("worse")
     assert back.version == "v0" and again.pending_rollback().rolled_back_from == "v1"
     assert AdapterStore(tmp_path / "adapters").pending_rollback().reason == "worse"
@@ -152,7 +152,7 @@ def test_swap_waits_for_the_batch_in_flight(model):
     try:
         first = batcher.submit(Frame(QUESTIONS[0], image=image_array(1)))
         assert step.entered.wait(5)
-        new = AdapterState("v1", 1, {k: v + 0.01 for k, v in original.state.items()})
+        new = AdapterState("v1", {k: v + 0.01 for k, v in original.state.items()})
         swapped = batcher.between_batches(lambda: step.swap(new))
         second = batcher.submit(Frame(QUESTIONS[1], image=image_array(2)))
         assert not swapped.done()
