@@ -38,14 +38,15 @@ class CloudRecords:
     """Jobs by outcome / state."""
 
 
-def _updates(d: SimDevice, upto: dict[int, dict[str, int]]) -> list[UpdateApplied]:
-    """Applied updates with the capture-to-applied latency of each sample they were the first to learn from."""
+def _updates(d: SimDevice, upto: dict[int, dict[str, int]], held_out_every: int) -> list[UpdateApplied]:
+    """Applied updates with the capture-to-applied latency of each sample they were the first to learn from (the
+    cloud trains on a job's samples except every ``held_out_every``-th seq, which it holds out for its gate)."""
     data = d.probe.data
     covered = 0
     out = []
     for a in data.applied:
         top = upto.get(a.update_id, {}).get(d.spec.device_id, 0) if a.update_id is not None else 0
-        lat = [a.t_s - q.captured_s for s, q in data.queued.items() if covered < s <= top]
+        lat = [a.t_s - q.captured_s for s, q in data.queued.items() if covered < s <= top and s % held_out_every]
         covered = max(covered, top)
         out.append(UpdateApplied(t_s=a.t_s, version=a.version, latencies_s=sorted(lat)))
     return out
@@ -56,6 +57,7 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
     cloud_records = read_cloud(cloud, [(d.spec.device_id, d.spec.cohort) for d in devices])
     facts["cloud_jobs"] = cloud_records.jobs if cloud_records else None
     send_all = facts.get("send_all_sample_bytes", 0)
+    held_out_every = int(cloud.config.get("adaptation", {}).get("gate", {}).get("held_out_every", 5))
     out = []
     for d in devices:
         data = d.probe.data
@@ -63,12 +65,13 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
         rec = cloud_records or CloudRecords()
         stored_seqs = rec.stored.get(did, set())
         published = rec.published.get(did, [])
-        updates = _updates(d, rec.upto)
+        updates = _updates(d, rec.upto, held_out_every)
         acked = [s for s, q in data.queued.items() if q.acked_s is not None]
         applied_ids = {a.update_id for a in data.applied if a.update_id is not None}
         rejected = [o for o in d.agent.link.fetcher.outcomes if not o.applied] if d.agent.link else []
         last_applied = max(applied_ids, default=0)
         superseded = [i for i in published if i not in applied_ids and i < last_applied]
+        refused_by_device = [o.update_id for o in rejected]
         out.append(
             DeviceResult(
                 device_id=did,
@@ -81,6 +84,7 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
                 refused_candidates=rec.refused.get(did, 0),
                 published_updates=len(published),
                 superseded_updates=len(superseded),
+                rejected_updates=len(refused_by_device),
                 samples=SampleCounts(
                     frames=d.source.emitted,
                     selected=len(data.queued),

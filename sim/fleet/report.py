@@ -81,8 +81,9 @@ def fleet_lines(summary: dict) -> list[tuple[str, str]]:
         ("frames answered", f"{summary['frames']:,}"),
         ("samples acked / lost / stored twice",
          f"{summary['samples_acked']:,} / {summary['samples_lost']} / {summary['samples_stored_twice']}"),
-        ("updates published / applied / superseded",
-         f"{summary['updates_published']} / {summary['updates_applied']} / {summary['updates_superseded']}"),
+        ("updates published / applied / superseded / rejected / in flight at the end",
+         f"{summary['updates_published']} / {summary['updates_applied']} / {summary['updates_superseded']} / "
+         f"{summary['updates_rejected']} / {summary['updates_in_flight']}"),
         ("rollbacks / refused candidates", f"{summary['rollbacks']} / {summary['refused_candidates']}"),
         ("uplink (links) / send-everything", f"{_kb(summary['up_bytes'])} KB / {_kb(summary['send_all_bytes'])} KB"),
         ("downlink (links) per applied update", "n/a" if summary["downlink_per_update_bytes"] is None

@@ -67,6 +67,9 @@ class DeviceResult(BaseModel):
     refused_candidates: int = 0
     published_updates: int = 0
     superseded_updates: int = 0
+    """Published for this device (or its cohort) but never applied because a later one was."""
+    rejected_updates: int = 0
+    """Updates the device refused (verification or apply failed)."""
     samples: SampleCounts = SampleCounts()
     up_bytes: int = 0
     down_bytes: int = 0

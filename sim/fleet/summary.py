@@ -71,6 +71,10 @@ def summarize(result: FleetResult) -> dict:
         "updates_applied": applied,
         "updates_published": sum(d.published_updates for d in devs),
         "updates_superseded": sum(d.superseded_updates for d in devs),
+        "updates_rejected": sum(d.rejected_updates for d in devs),
+        "updates_in_flight": sum(
+            max(0, d.published_updates - len(d.updates) - d.superseded_updates - d.rejected_updates) for d in devs
+        ),
         "downlink_per_update_bytes": down / applied if applied else None,
         "downlink_ratio": down / (applied * fp32) if applied and fp32 else None,
         "update_latency_s": {q: percentile(latencies, v) for q, v in (("p50", 50), ("p90", 90), ("p99", 99))},

@@ -20,8 +20,9 @@ from sim.fleet.summary import summarize
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _scenario(tmp_path: Path, duration: float, outage_at: float) -> Path:
+def _scenario(tmp_path: Path, duration: float, outage_at: float, executor: str) -> Path:
     data = {
+        "cloud": {"adaptation": {"executor": executor, "trigger": {"min_samples": 8}}},
         "name": "micro-pair",
         "duration_s": duration,
         "zoo": "micro",
@@ -57,26 +58,29 @@ def _check(result) -> None:
 
 def test_fleet_runs_two_agents_in_process(tmp_path):
     """The fast variant (make test): the runner in this process, 8 s of scenario."""
-    sc = load_scenario(_scenario(tmp_path, duration=8, outage_at=2))
+    sc = load_scenario(_scenario(tmp_path, duration=10, outage_at=2, executor="inprocess"))
     runner = FleetRunner(sc, RunOptions(out_dir=tmp_path / "reports", run_name="r", drain_s=8))
     result = runner.run()
     _check(result)
+    assert sum(result.facts["cloud_jobs"].values()) >= 1  # the scheduler made jobs of the uploads
     paths = write_report(result, runner.run_dir())
     assert paths["html"].stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_fleet_cli_run_and_report(tmp_path):
-    """`tandem-sim fleet run` as a user runs it: 40 s, then `fleet report` rebuilds the page from results.json."""
-    scenario = _scenario(tmp_path, duration=40, outage_at=10)
+    """`tandem-sim fleet run` as a user runs it (the trainer on a local Ray): 60 s, updates reach the devices, then
+    `fleet report` rebuilds the page from results.json."""
+    scenario = _scenario(tmp_path, duration=60, outage_at=10, executor="ray")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sim.cli", "fleet", "run", str(scenario), "--out", str(tmp_path), "--name", "cli"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "report:" in done.stdout and "targets" in done.stdout
     run_dir = tmp_path / "cli"
     data = json.loads((run_dir / "results.json").read_text())
     assert data["summary"]["samples_lost"] == 0 and len(data["devices"]) == 2
+    assert data["summary"]["updates_applied"] >= 1 and data["summary"]["update_latency_count"] >= 1
     (run_dir / "index.html").unlink()
     again = subprocess.run([sys.executable, "-m", "sim.cli", "fleet", "report", str(run_dir / "results.json")],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
