@@ -68,13 +68,14 @@ def test_fleet_runs_two_agents_in_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_fleet_cli_run_and_report(tmp_path):
     """`tandem-sim fleet run` as a user runs it (the trainer on a local Ray): 60 s, updates reach the devices, then
     `fleet report` rebuilds the page from results.json."""
     scenario = _scenario(tmp_path, duration=60, outage_at=10, executor="ray")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sim.cli", "fleet", "run", str(scenario), "--out", str(tmp_path), "--name", "cli"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=800)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "report:" in done.stdout and "targets" in done.stdout
     run_dir = tmp_path / "cli"
