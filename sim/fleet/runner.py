@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +96,11 @@ class FleetRunner:
 
     async def _run(self) -> FleetResult:
         sc = self.scenario
+        # Every agent polls its source, reads its outbox and stores adapters through asyncio.to_thread: with N
+        # agents in one loop the default pool (cores + 4 threads) would queue them behind each other.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=min(256, 8 + 2 * len(sc.devices())))
+        )
         run_dir = self.run_dir()
         state_dir = run_dir / "state"
         started = time.perf_counter()

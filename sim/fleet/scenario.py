@@ -93,8 +93,6 @@ class Scenario(StrictConfig):
     """Held-out samples per domain for the accuracy curves."""
     severity_step: float = Field(0.1, gt=0, le=1)
     """Severities during a ramp are rounded to this step (each distinct domain is evaluated once)."""
-    agents_per_process: int = Field(0, ge=0)
-    """Agents sharing one process and its frozen weights; 0 puts every agent in the harness's process."""
     cloud: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the cloud service's config (checked against it when the run starts)."""
     agent: dict[str, Any] = Field(default_factory=dict)
