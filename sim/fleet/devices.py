@@ -11,6 +11,7 @@ from device.agent import AgentConfig, DeviceAgent, DeviceModel
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
 from device.transport.outbox import Outbox
+from device.transport.retry import retrying
 from sim.fleet.probe import DeviceProbe
 from sim.fleet.results import Point
 from sim.fleet.scenario import DeviceSpec
@@ -67,11 +68,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-async def register(config: AgentConfig) -> None:
-    """Register the device through its link (as ``tandem-device register`` does) and save its identity."""
+async def register(config: AgentConfig, give_up_after_s: float = 300.0) -> None:
+    """Register the device through its link (as ``tandem-device register`` does; transient failures, e.g. a slow
+    link's connect timing out, are retried with the transport's backoff) and save its identity."""
     client_cfg: DeviceClientConfig = config.transport
     async with GatewayClient(client_cfg) as client:
-        identity = await client.register()
+        t = client_cfg
+        async for attempt in retrying(t.backoff_initial_s, t.backoff_max_s, t.backoff_jitter_s, give_up_after_s):
+            with attempt:
+                identity = await client.register()
         acked = client.registered_acked_seq
     identity.save(client_cfg.state_dir)
     box = Outbox(Path(client_cfg.state_dir) / "outbox.db")

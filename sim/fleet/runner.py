@@ -116,12 +116,7 @@ class FleetRunner:
             evaluator = await asyncio.to_thread(self._evaluator, models, world)
             facts.update(await asyncio.to_thread(_byte_references, evaluator, models, world))
             rss_before = rss_bytes()
-            for spec in sc.devices():
-                devices.append(
-                    await SimDevice.create(
-                        spec, state_dir, (host, int(port)), models.device, models.processor, world, sc.agent
-                    )
-                )
+            await self._create_devices(devices, state_dir, (host, int(port)), models, world)
             epoch = time.monotonic() + 1.0
             facts["epoch_unix_ms"] = int((time.time() + 1.0) * 1000)
             for d in devices:
@@ -141,6 +136,26 @@ class FleetRunner:
             facts["cloud_exit_code"] = await cloud.stop()
         facts["wall_s"] = time.perf_counter() - started
         return collect_results(run_dir.name, sc, devices, cloud, facts)
+
+    async def _create_devices(
+        self, devices: list[SimDevice], state_dir: Path, gateway: tuple[str, int], models: Models, world: World
+    ) -> None:
+        """Link up, register and build every agent into ``devices`` (in scenario order; the caller stops what was
+        created if one fails); registrations overlap (a satellite link's round trips)."""
+        sc = self.scenario
+        gate = asyncio.Semaphore(16)
+
+        async def one(spec):
+            async with gate:
+                return await SimDevice.create(
+                    spec, state_dir, gateway, models.device, models.processor, world, sc.agent
+                )
+
+        made = await asyncio.gather(*(one(spec) for spec in sc.devices()), return_exceptions=True)
+        devices.extend(d for d in made if isinstance(d, SimDevice))
+        for d in made:
+            if isinstance(d, BaseException):
+                raise d
 
     def _evaluator(self, models: Models, world: World) -> Evaluator:
         from device.agent import DeviceModel, load_agent_config
