@@ -27,6 +27,7 @@ from rich.table import Table
 from bench._sparsevlm_measure import count_flops, median, peak_tensor_bytes, time_call
 from common.errors import TandemError
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, sparse_stats
+from device.sparse.adapters import cache_bytes, output_cache
 from sim.world import BENCHMARK_DOMAINS, QUESTION_TYPES, World
 from sim.zoo.tokenizer import prompt_for
 
@@ -179,8 +180,7 @@ def measure_performance(
         m.perf["flops_total"] = total
         m.perf["flops_lm"] = total - vision_flops
         m.perf["peak_bytes"] = peak_tensor_bytes(calls["full"])
-        cache = calls["full"]().past_key_values
-        m.perf["kv_bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        m.perf["kv_bytes"] = cache_bytes(output_cache(calls["full"]()))
     for batch in time_batches:
         calls = _prefill_calls(model, processor, image_size, batch)
         times: dict[tuple[int, str], list[float]] = {}

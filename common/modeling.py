@@ -6,6 +6,7 @@ The same code loads the zoo's tiny models and real checkpoints such as ``llava-h
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,55 @@ from common.errors import ModelLoadError
 Quantization = Literal["none", "4bit", "8bit"]
 # Modules kept in full precision when quantizing: the shared vision tower, the projector and the head.
 KEEP_FULL_PRECISION = ["vision_tower", "multi_modal_projector", "lm_head"]
+# bitsandbytes 4-bit: absmax block size, and the row tile of its CPU kernel. On CPUs with AVX512-BF16,
+# ``Linear4bit`` repacks its weight on the first forward, which needs in_features % 64 == 0 and
+# out_features % 32 == 0 (bitsandbytes 0.50 ``_convert_weight_packed_for_cpu``); other layers fail there.
+NF4_BLOCKSIZE = 64
+NF4_ROW_TILE = 32
+
+
+# bitsandbytes logs this on import on CPUs with AVX512-BF16 when the optional ``kernels`` package is missing.
+# peft imports bitsandbytes whenever it is installed (``import peft``, and again when it builds LoRA layers),
+# so every CLI start would print it although nothing is quantized. It is held back until quantization is
+# asked for (``release_bitsandbytes_notices``), then shown.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_NOTICE = "Failed to load CPU gemm_4bit_forward"
+
+
+class _HeldNotices(logging.Filter):
+    """Holds bitsandbytes' optional-kernel notice instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_BNB_NOTICE):
+            self.held.append(record)
+            return False
+        return True
+
+
+_held = _HeldNotices()
+
+
+def hold_bitsandbytes_notices() -> None:
+    """Hold bitsandbytes' import-time kernel notice until quantization is asked for (idempotent).
+
+    Called from ``common/__init__.py``, so it is in place before anything imports peft or bitsandbytes.
+    """
+    logger = logging.getLogger(_BNB_CPU_LOGGER)
+    if _held not in logger.filters:
+        logger.addFilter(_held)
+
+
+def release_bitsandbytes_notices() -> None:
+    """Quantization was asked for: stop holding and show what was held (notices bitsandbytes logs once)."""
+    logger = logging.getLogger(_BNB_CPU_LOGGER)
+    logger.removeFilter(_held)
+    held, _held.held = _held.held, []
+    for record in held:
+        logger.handle(record)
 
 
 @dataclass
@@ -45,23 +95,76 @@ def _check_directory(path: Path) -> None:
         raise ModelLoadError(f"{path} has no weight files (*.safetensors)")
 
 
-def quantization_config(quantization: Quantization):
-    """bitsandbytes config for 4-bit NF4 or 8-bit weights (None for full precision)."""
+def nf4_quantizable(in_features: int, out_features: int) -> bool:
+    """Whether bitsandbytes can run a 4-bit NF4 layer of this shape on every backend (CPU included)."""
+    return in_features % NF4_BLOCKSIZE == 0 and out_features % NF4_ROW_TILE == 0
+
+
+def linear_shapes(source: str, local_only: bool) -> dict[str, tuple[int, int]]:
+    """Full module name -> (in_features, out_features) of every ``nn.Linear`` of the model at ``source``.
+
+    Built from the config alone on the meta device (no weights are read), so names are exactly those
+    transformers gives the modules it will quantize.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def modules_to_keep(linears: dict[str, tuple[int, int]], quantization: Quantization) -> list[str]:
+    """Full names of the modules to keep in full precision.
+
+    The ``KEEP_FULL_PRECISION`` parts by their full path (transformers 5 matches skip names from the start of
+    the module name or as a suffix, so a bare ``vision_tower`` no longer matches ``model.vision_tower.*``), and
+    for 4-bit every other linear layer whose shape bitsandbytes cannot quantize (``nf4_quantizable``).
+    """
+    keep: set[str] = set()
+    for name, (fan_in, fan_out) in linears.items():
+        parts = name.split(".")
+        hit = next((i for i, part in enumerate(parts) if part in KEEP_FULL_PRECISION), None)
+        if hit is not None:
+            keep.add(".".join(parts[: hit + 1]))
+        elif quantization == "4bit" and not nf4_quantizable(fan_in, fan_out):
+            keep.add(name)
+    return sorted(keep)
+
+
+def _kept(name: str, keep: list[str]) -> str | None:
+    """The entry of ``keep`` that covers module ``name`` (itself or a parent), if any."""
+    return next((k for k in keep if name == k or name.startswith(k + ".")), None)
+
+
+def quantization_config(quantization: Quantization, keep: list[str] | None = None):
+    """bitsandbytes config for 4-bit NF4 or 8-bit weights (None for full precision).
+
+    ``keep``: full names of modules left in full precision (``modules_to_keep``); default
+    ``KEEP_FULL_PRECISION``.
+    """
     if quantization == "none":
         return None
+    if quantization not in ("4bit", "8bit"):
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use none, 4bit or 8bit")
+    release_bitsandbytes_notices()
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip = list(keep) if keep is not None else list(KEEP_FULL_PRECISION)
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=KEEP_FULL_PRECISION,
+            llm_int8_skip_modules=skip,
         )
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP_FULL_PRECISION)
-    raise ModelLoadError(f"unknown quantization {quantization!r}; use none, 4bit or 8bit")
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def load_mllm(
@@ -80,10 +183,18 @@ def load_mllm(
         src = str(path)
         local_only = True
     kwargs: dict[str, Any] = {"local_files_only": local_only}
-    qconfig = quantization_config(quantization)
-    if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map=device_map)
+    if quantization not in ("none", "4bit", "8bit"):
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use none, 4bit or 8bit")
     try:
+        if quantization != "none":
+            linears = linear_shapes(src, local_only)
+            keep = modules_to_keep(linears, quantization)
+            if not any(_kept(name, keep) is None for name in linears):
+                raise ModelLoadError(
+                    f"no linear layer of {src} can be quantized to {quantization} (4-bit needs in_features % "
+                    f"{NF4_BLOCKSIZE} == 0 and out_features % {NF4_ROW_TILE} == 0); load it with quantization none"
+                )
+            kwargs.update(quantization_config=quantization_config(quantization, keep), device_map=device_map)
         model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
         processor = AutoProcessor.from_pretrained(src, local_files_only=local_only)
     except ModelLoadError:

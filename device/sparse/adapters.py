@@ -1,4 +1,9 @@
-"""Model adapters: the only model-specific part of SparseVLM (where the decoder lives, how RoPE is applied).
+"""Model adapters: the only part of SparseVLM that touches transformers' internals.
+
+Where the decoder lives, how RoPE is applied, how a decoder layer is called, what the KV cache argument is
+called and how a model output is built all live here; ``engine.py`` and ``plugin.py`` go through the adapter.
+``INTERNALS`` names every internal relied on, with a check; ``tests/device/test_sparse_adapters.py`` runs each
+check on every supported family, so a transformers release that changes one fails there, by name.
 
 A new decoder family (e.g. Qwen2-VL with M-RoPE) is another ``DecoderAdapter``; the pruning logic never
 changes.
@@ -6,11 +11,16 @@ changes.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from common.errors import TandemError
 
@@ -21,8 +31,69 @@ from common.errors import TandemError
 _LLAMA_FAMILY = {"LlamaModel", "MistralModel", "Qwen2Model"}
 
 
+# transformers <= 5.23 names the KV cache ``past_key_values`` in every decoder forward and model output;
+# 5.24 renamed it ``cache`` (the old name survives as a deprecated alias that logs a warning on decoder
+# layers, and is dropped silently by a replaced language-model forward that only knows the old name).
+CACHE_NAMES = ("cache", "past_key_values")
+
+
 class UnsupportedModelError(TandemError):
     """The model class has no SparseVLM adapter."""
+
+
+def cache_argument(forward: Callable[..., Any]) -> str:
+    """Name under which ``forward`` (a decoder layer's or language model's) takes the KV cache."""
+    params = inspect.signature(forward).parameters
+    for name in CACHE_NAMES:
+        if name in params:
+            return name
+    raise UnsupportedModelError(
+        f"{getattr(forward, '__qualname__', forward)} takes no KV cache argument (expected one of {CACHE_NAMES})"
+    )
+
+
+_OUTPUT_CACHE_FIELD = next(
+    name for name in CACHE_NAMES if name in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+)
+
+
+def model_output(hidden: torch.Tensor, cache: Any) -> BaseModelOutputWithPast:
+    """A language-model output carrying ``cache`` under the installed transformers' field name."""
+    return BaseModelOutputWithPast(last_hidden_state=hidden, **{_OUTPUT_CACHE_FIELD: cache})
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a model output (either field name)."""
+    return getattr(output, _OUTPUT_CACHE_FIELD)
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove the KV cache from a forward's keyword arguments, under whichever name the caller used."""
+    found = [kwargs.pop(name) for name in CACHE_NAMES if name in kwargs]
+    found = [c for c in found if c is not None]
+    if len(found) > 1:
+        raise ValueError(f"pass the KV cache once (got both of {CACHE_NAMES})")
+    return found[0] if found else None
+
+
+def new_cache(config: Any) -> DynamicCache:
+    """An empty dynamic cache for the language model."""
+    return DynamicCache(config=config)
+
+
+def set_logical_length(cache: Any, length: Callable[[], int]) -> None:
+    """Make ``cache.get_seq_length`` report ``length()`` (layers of a sparse cache hold different counts)."""
+    cache.get_seq_length = lambda *_args, **_kwargs: length()
+
+
+def cached_lengths(cache: Any) -> list[int]:
+    """Tokens held by each layer of a dynamic cache."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the keys and values held by a dynamic cache."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +108,39 @@ class DecoderAdapter:
     wrapper: nn.Module  # LlavaModel: sees input_ids, so it knows where the image tokens are
     language_model: nn.Module  # LlamaModel-like: embed_tokens, layers, norm, rotary_emb
     image_token_id: int
+    layer_cache_arg: str = "past_key_values"  # what the decoder layers call the KV cache
+
+    def run_layer(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """One decoder layer, called as the model's own forward calls it (returns the hidden states)."""
+        return self.layers[layer_idx](
+            hidden,
+            attention_mask=mask,
+            position_embeddings=cos_sin,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **{self.layer_cache_arg: cache},
+        )
+
+    def dense_forward(self, **kwargs: Any) -> Any:
+        """The language model's own (class) forward, the KV cache passed under its own name."""
+        lm = self.language_model
+        cache = pop_cache(kwargs)
+        kwargs[cache_argument(type(lm).forward)] = cache
+        return type(lm).forward(lm, **kwargs)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.norm(hidden)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -131,4 +235,109 @@ def adapter_for(model: Any) -> DecoderAdapter:
     layer_types = getattr(lm.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise UnsupportedModelError(f"SparseVLM supports full-attention layers only; {lm_cls} has {set(layer_types)}")
-    return adapter_cls(wrapper=wrapper, language_model=lm, image_token_id=int(model.config.image_token_id))
+    return adapter_cls(
+        wrapper=wrapper,
+        language_model=lm,
+        image_token_id=int(model.config.image_token_id),
+        layer_cache_arg=cache_argument(type(lm.layers[0]).forward),
+    )
+
+
+# ---- The transformers internals SparseVLM relies on, each with a check on a live model ---------------------
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One transformers internal the engine relies on; ``check(adapter)`` raises AssertionError if it broke."""
+
+    name: str
+    check: Callable[[DecoderAdapter], None]
+
+
+def _check_modules(ad: DecoderAdapter) -> None:
+    lm = ad.language_model
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb", "config"):
+        assert hasattr(lm, attr), f"{type(lm).__name__} has no .{attr}"
+    attn = ad.layers[0].self_attn
+    for attr in ("q_proj", "k_proj", "head_dim", "scaling", "num_key_value_groups"):
+        assert hasattr(attn, attr), f"{type(attn).__name__} has no .{attr}"
+    assert hasattr(ad.layers[0], "input_layernorm"), "decoder layer has no .input_layernorm"
+
+
+def _check_rotary(ad: DecoderAdapter) -> None:
+    lm = ad.language_model
+    hidden = torch.zeros(2, 5, lm.config.hidden_size)
+    pos = torch.arange(5)[None].expand(2, 5)
+    cos, sin = ad.rotary(hidden, pos if not isinstance(ad, Qwen2VLAdapter) else pos[None].expand(3, 2, 5))
+    d = ad.layers[0].self_attn.head_dim
+    assert cos.shape == sin.shape == (2, 5, d), f"rotary_emb returned {tuple(cos.shape)}, expected (2, 5, {d})"
+
+
+def _check_rope_rule(ad: DecoderAdapter) -> None:
+    """The adapter's rotate-half RoPE equals the modeling module's ``apply_rotary_pos_emb``."""
+    module = inspect.getmodule(type(ad.layers[0]))
+    apply = getattr(module, "apply_rotary_pos_emb", None) or module.apply_multimodal_rotary_pos_emb
+    d = ad.layers[0].self_attn.head_dim
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, d, generator=gen)
+    cos, sin = torch.randn(1, 3, d, generator=gen), torch.randn(1, 3, d, generator=gen)
+    ours = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    if apply.__name__ == "apply_multimodal_rotary_pos_emb":
+        return  # Qwen2-VL recomposes M-RoPE inside rotary_emb; the layers apply plain rotate-half
+    theirs, _ = apply(q, q, cos, sin)
+    assert torch.allclose(ours, theirs, atol=1e-6), "apply_rotary_pos_emb is no longer rotate-half RoPE"
+
+
+def _check_layer_call(ad: DecoderAdapter) -> None:
+    """A decoder layer called with a boolean 4D mask, (cos, sin) and a cache returns hidden states and
+    appends exactly its own tokens to its cache layer."""
+    lm = ad.language_model
+    n = 4
+    hidden = torch.randn(1, n, lm.config.hidden_size)
+    pos = torch.arange(n)[None]
+    cos_sin = ad.rotary(hidden, pos if not isinstance(ad, Qwen2VLAdapter) else pos[None].expand(3, 1, n))
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    cache = new_cache(lm.config)
+    with torch.no_grad():
+        out = ad.run_layer(0, hidden, mask, cos_sin, pos, cache)
+    assert isinstance(out, torch.Tensor), f"decoder layer returned {type(out).__name__}, not a tensor"
+    assert out.shape == hidden.shape
+    assert cached_lengths(cache)[0] == n, "the decoder layer did not append its tokens to the cache"
+
+
+def _check_cache_argument(ad: DecoderAdapter) -> None:
+    layer_arg = cache_argument(type(ad.layers[0]).forward)
+    lm_arg = cache_argument(type(ad.language_model).forward)
+    assert layer_arg == ad.layer_cache_arg, f"decoder layers take the cache as {layer_arg!r}"
+    assert lm_arg in CACHE_NAMES
+
+
+def _check_output_field(_ad: DecoderAdapter) -> None:
+    cache = new_cache(_ad.language_model.config)
+    out = model_output(torch.zeros(1), cache)
+    assert output_cache(out) is cache and out.last_hidden_state is not None
+
+
+def _check_cache_length_override(ad: DecoderAdapter) -> None:
+    cache = new_cache(ad.language_model.config)
+    set_logical_length(cache, lambda: 7)
+    assert cache.get_seq_length() == 7 and cache.get_seq_length(0) == 7
+
+
+def _check_config(ad: DecoderAdapter) -> None:
+    cfg = ad.language_model.config
+    assert hasattr(cfg, "num_hidden_layers") and hasattr(cfg, "hidden_size")
+    assert ad.image_token_id >= 0
+    assert hasattr(ad.wrapper, "language_model"), "the multimodal wrapper has no .language_model"
+
+
+INTERNALS: tuple[Internal, ...] = (
+    Internal("modules: lm.{embed_tokens,layers,norm,rotary_emb}, self_attn.{q_proj,k_proj,...}", _check_modules),
+    Internal("rotary_emb(hidden, position_ids) -> (cos, sin) [B, n, head_dim]", _check_rotary),
+    Internal("RoPE is rotate-half: apply_rotary_pos_emb(q, k, cos, sin)", _check_rope_rule),
+    Internal("decoder layer(h, attention_mask=bool 4D, position_embeddings, cache) -> Tensor", _check_layer_call),
+    Internal("KV cache argument name: `cache` (>= 5.24) or `past_key_values` (<= 5.23)", _check_cache_argument),
+    Internal("BaseModelOutputWithPast carries the cache as `cache` or `past_key_values`", _check_output_field),
+    Internal("DynamicCache(config=...).get_seq_length can be overridden per instance", _check_cache_length_override),
+    Internal("config: wrapper.language_model, image_token_id, num_hidden_layers", _check_config),
+)

@@ -7,12 +7,11 @@ states, original position ids, mask) and each layer's KV cache holds only the to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from device.sparse.adapters import DecoderAdapter
+from device.sparse.adapters import DecoderAdapter, model_output, set_logical_length
 from device.sparse.config import SparseConfig
 from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
 from device.sparse.recycle import (
@@ -149,9 +148,9 @@ class SparsePrefill:
         image_mask: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
-        cache: DynamicCache | None,
+        cache: Any,
         decision_length: int | None,
-    ) -> tuple[BaseModelOutputWithPast, SparseStats]:
+    ) -> tuple[Any, SparseStats]:
         b, n, _ = embeds.shape
         dev = embeds.device
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
@@ -165,7 +164,7 @@ class SparsePrefill:
         key_valid: list[torch.Tensor] = []
         mask = prefill_mask(seq)
         counts = seq.visual.sum(dim=1).tolist()
-        for li, layer in enumerate(self.adapter.layers[: self.adapter.num_layers]):
+        for li in range(self.adapter.num_layers):
             if li in score_at:
                 active = [
                     i
@@ -184,29 +183,22 @@ class SparsePrefill:
             for i, st in enumerate(samples):
                 st.layer_counts.append(int(counts[i]))
             key_valid.append(seq.valid)
-            seq.h = layer(
-                seq.h,
-                attention_mask=mask,
-                position_embeddings=seq.cos_sin,
-                position_ids=seq.pos,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
+            seq.h = self.adapter.run_layer(li, seq.h, mask, seq.cos_sin, seq.pos, cache)
         patch_of = torch.cumsum(image_mask.long(), dim=1) - 1
         alive = seq.visual & (seq.orig >= 0)
         for i, st in enumerate(samples):
             st.kept_patches = patch_of[i, seq.orig[i, alive[i]]].tolist()
         rows, cols = torch.nonzero(seq.orig >= 0, as_tuple=True)
         out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
-        hidden = self.adapter.language_model.norm(out)
+        hidden = self.adapter.final_norm(out)
         if cache is not None:
             next_pos = self.adapter.text_positions(position_ids, b, n).max(dim=1).values + 1
             state = CacheState(key_valid, n, next_pos, valid[:, :0])
             setattr(cache, CACHE_STATE_ATTR, state)
             # Layers hold different numbers of tokens; callers asking the cache its length (generate,
             # M-RoPE position bookkeeping) get the logical length: the prompt plus the tokens decoded since.
-            cache.get_seq_length = lambda layer_idx=0: state.orig_len + state.new_valid.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), SparseStats(samples)
+            set_logical_length(cache, lambda: state.orig_len + state.new_valid.shape[1])
+        return model_output(hidden, cache), SparseStats(samples)
 
     def _may_prune(self, layer: int, st: SampleStats, current: int) -> bool:
         """False when budget mode already holds at most this step's target (scoring can be skipped)."""
@@ -348,9 +340,9 @@ def sparse_decode(
     embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    cache: DynamicCache,
+    cache: Any,
     state: CacheState,
-) -> BaseModelOutputWithPast:
+) -> Any:
     """Decode step(s) on top of a sparse prefill: per-layer masks over each layer's own cached slots."""
     b, q, _ = embeds.shape
     t_past = state.new_valid.shape[1]
@@ -365,16 +357,10 @@ def sparse_decode(
     position_ids = adapter.text_positions(position_ids, b, q)
     h = embeds
     all_new_valid = bool(new_valid.all())
-    for li, layer in enumerate(adapter.layers[: adapter.num_layers]):
+    for li in range(adapter.num_layers):
         prefix_valid = state.key_valid[li]
         plain = q == 1 and all_new_valid and bool(prefix_valid.all())
-        h = layer(
-            h,
-            attention_mask=None if plain else decode_mask(prefix_valid, new_valid, q),
-            position_embeddings=(cos, sin),
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        mask = None if plain else decode_mask(prefix_valid, new_valid, q)
+        h = adapter.run_layer(li, h, mask, (cos, sin), position_ids, cache)
     state.new_valid = new_valid
-    return BaseModelOutputWithPast(last_hidden_state=adapter.language_model.norm(h), past_key_values=cache)
+    return model_output(adapter.final_norm(h), cache)

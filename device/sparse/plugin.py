@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from device.sparse.adapters import DecoderAdapter, adapter_for
+from device.sparse.adapters import DecoderAdapter, adapter_for, new_cache, pop_cache
 from device.sparse.config import SparseConfig
 from device.sparse.engine import CACHE_STATE_ATTR, SparsePrefill, sparse_decode
 from device.sparse.stats import SparseStats
@@ -45,22 +44,22 @@ class SparseRuntime:
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Replacement forward of the language model."""
+        """Replacement forward of the language model (the KV cache arrives as ``cache`` or
+        ``past_key_values``, whichever the installed transformers uses)."""
         lm = self.adapter.language_model
         image_mask, self.pending_image_mask = self.pending_image_mask, None
+        cache = pop_cache(kwargs)
 
         def dense() -> Any:
-            return type(lm).forward(
-                lm,
+            return self.adapter.dense_forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 **kwargs,
@@ -68,32 +67,32 @@ class SparseRuntime:
 
         if not self.cfg.enabled:
             return dense()
-        state = getattr(past_key_values, CACHE_STATE_ATTR, None) if past_key_values is not None else None
+        state = getattr(cache, CACHE_STATE_ATTR, None) if cache is not None else None
         if inputs_embeds is None:
-            inputs_embeds = lm.embed_tokens(input_ids)
+            inputs_embeds = self.adapter.embed(input_ids)
         if state is not None:
             if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
                 attention_mask = None  # a prepared mask mapping; validity is tracked in the cache state
-            return sparse_decode(self.adapter, inputs_embeds, attention_mask, position_ids, past_key_values, state)
+            return sparse_decode(self.adapter, inputs_embeds, attention_mask, position_ids, cache, state)
         usable = (
             image_mask is not None
             and image_mask.shape == inputs_embeds.shape[:2]
             and bool(image_mask.any())
             and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2))
-            and (past_key_values is None or past_key_values.get_seq_length() == 0)
+            and (cache is None or cache.get_seq_length() == 0)
         )
         if not usable:
             return dense()
         if use_cache is None:
             use_cache = bool(getattr(lm.config, "use_cache", True))
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=lm.config)
+        if use_cache and cache is None:
+            cache = new_cache(lm.config)
         output, stats = SparsePrefill(self.cfg, self.adapter).run(
             inputs_embeds,
             image_mask,
             attention_mask,
             position_ids,
-            past_key_values if use_cache else None,
+            cache if use_cache else None,
             self.decision_length,
         )
         self.last_stats = stats

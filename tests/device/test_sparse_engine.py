@@ -16,6 +16,7 @@ from device.sparse import (
     enable_sparsevlm,
     sparse_stats,
 )
+from device.sparse.adapters import cached_lengths, output_cache
 from device.sparse.raters import NO_TEXT_AFTER_IMAGE
 from sim.world import World
 from sim.zoo.architecture import build_llava
@@ -97,7 +98,7 @@ def test_kv_cache_holds_only_each_layers_tokens(model, processor) -> None:
         out = model(**enc, use_cache=True)
     counts = sparse_stats(model).samples[0].layer_counts
     n_text = enc["input_ids"].shape[1] - N_VISUAL
-    cached = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    cached = cached_lengths(output_cache(out))
     assert cached == [n_text + c for c in counts]
     assert counts[-1] == 5 and counts[0] < N_VISUAL
 

@@ -12,14 +12,14 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from common.errors import ModelLoadError
-from common.modeling import load_mllm
+from common.modeling import load_mllm, modules_to_keep, nf4_quantizable
 from sim.world import World
 from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
 from sim.zoo.build import ensure_zoo, is_built
 from sim.zoo.compiling import compiler_available
 from sim.zoo.evaluate import evaluate, predict_answers
-from sim.zoo.recipe import StageSpec, ZooRecipe, micro_recipe
+from sim.zoo.recipe import StageSpec, TextSpec, ZooRecipe, micro_recipe
 from sim.zoo.tokenizer import build_processor, prompt_for
 from sim.zoo.train import answer_loss, train_answers
 
@@ -200,15 +200,75 @@ def test_recipe_digest_is_stable_and_sensitive():
     assert ZooRecipe(vision_shift_weights={"night": 2.0}).digest() != ZooRecipe().digest()
 
 
-def test_quantized_load_4bit(micro_zoo):
+@pytest.fixture(scope="module")
+def quantizable_llava(tmp_path_factory):
+    """A micro-vision LLaVA whose language model is 64 wide (shapes bitsandbytes 4-bit supports), saved."""
+    recipe = micro_recipe()
+    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
+    tok = processor.tokenizer
+    text = TextSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128)
+    model = build_llava(recipe.vision, text, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0)
+    path = tmp_path_factory.mktemp("quantizable")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _linear_kinds(model) -> dict[str, str]:
+    return {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__.startswith("Linear")}
+
+
+def test_quantized_load_4bit(quantizable_llava):
     pytest.importorskip("bitsandbytes")
-    loaded = load_mllm(micro_zoo.teacher, quantization="4bit")
-    names = {type(m).__name__ for m in loaded.model.model.language_model.modules()}
-    assert "Linear4bit" in names
+    loaded = load_mllm(quantizable_llava, quantization="4bit")
+    kinds = _linear_kinds(loaded.model)
+    lm = {n: k for n, k in kinds.items() if ".language_model." in n}
+    assert lm and set(lm.values()) == {"Linear4bit"}
+    kept = {n: k for n, k in kinds.items() if ".language_model." not in n}
+    assert any("vision_tower" in n for n in kept) and set(kept.values()) == {"Linear"}
     encoder = BatchEncoder.from_processor(loaded.processor)
     s = World(0, 32).samples(0, 2)
+    batch = encoder.encode([x.image for x in s], [x.question for x in s])
+    full = load_mllm(quantizable_llava).model
+    with torch.no_grad():
+        q_logits, f_logits = loaded.model(**batch).logits, full(**batch).logits
+    assert torch.isfinite(q_logits).all()
+    cos = torch.nn.functional.cosine_similarity(q_logits.flatten(), f_logits.flatten(), dim=0)
+    assert cos > 0.9, f"4-bit logits too far from full precision (cosine {cos:.3f})"
     preds = predict_answers(loaded.model, encoder, [x.image for x in s], [x.question for x in s])
     assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
+
+
+def test_quantized_load_8bit_keeps_vision_in_full_precision(quantizable_llava):
+    pytest.importorskip("bitsandbytes")
+    kinds = _linear_kinds(load_mllm(quantizable_llava, quantization="8bit").model)
+    assert {k for n, k in kinds.items() if ".language_model." in n} == {"Linear8bitLt"}
+    assert {k for n, k in kinds.items() if ".language_model." not in n} == {"Linear"}
+
+
+def test_4bit_of_a_model_with_no_quantizable_layer_is_refused(micro_zoo):
+    # the micro teacher is 48 wide: no layer has in_features % 64 == 0, so nothing could be quantized
+    with pytest.raises(ModelLoadError, match="no linear layer .* can be quantized to 4bit"):
+        load_mllm(micro_zoo.teacher, quantization="4bit")
+
+
+def test_modules_kept_in_full_precision_by_path_and_shape():
+    linears = {
+        "model.vision_tower.encoder.layers.0.mlp.fc1": (32, 64),
+        "model.multi_modal_projector.linear_1": (1024, 4096),
+        "model.language_model.layers.0.self_attn.q_proj": (4096, 4096),
+        "model.language_model.layers.0.mlp.down_proj": (11008, 4096),
+        "model.language_model.layers.0.mlp.odd": (48, 48),
+        "lm_head": (4096, 32000),
+    }
+    assert modules_to_keep(linears, "4bit") == [
+        "lm_head",
+        "model.language_model.layers.0.mlp.odd",
+        "model.multi_modal_projector",
+        "model.vision_tower",
+    ]
+    assert modules_to_keep(linears, "8bit") == ["lm_head", "model.multi_modal_projector", "model.vision_tower"]
+    assert nf4_quantizable(4096, 4096) and nf4_quantizable(11008, 4096) and not nf4_quantizable(48, 64)
 
 
 def test_question_sets_equal_single_question_prompts():
