@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError
+from sim.zoo.reference import reference_root
 
-REFERENCE_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "reference" / "base"
+REFERENCE_ZOO = reference_root("base")
 
 
 @dataclass(frozen=True)
