@@ -175,17 +175,24 @@ class FleetRunner:
             for d in devices:
                 d.probe.tick(t)
             if t >= next_measure:
-                for d in devices:
-                    d.points.append(await asyncio.to_thread(self._point, d, evaluator, t))
-                next_measure += sc.measure_every_s
+                await asyncio.to_thread(self._measure_all, devices, evaluator, t)
+                while next_measure <= time.monotonic() - epoch:  # a slow measurement skips the missed ones
+                    next_measure += sc.measure_every_s
             if self.options.progress is not None and t - last_progress >= 1.0:
                 last_progress = t
                 self.options.progress(_snapshot(devices, t, sc.duration_s))
             await asyncio.sleep(TICK_S)
+        for d in devices:  # the world stops at the scenario's end; the uplinks drain afterwards
+            d.source.stop()
         t = time.monotonic() - epoch
         for d in devices:
             d.probe.tick(t)
-            d.points.append(await asyncio.to_thread(self._point, d, evaluator, t))
+        await asyncio.to_thread(self._measure_all, devices, evaluator, t)
+
+    def _measure_all(self, devices: list[SimDevice], evaluator: Evaluator, t: float) -> None:
+        """One point per device at ``t`` (one worker thread for the whole fleet)."""
+        for d in devices:
+            d.points.append(self._point(d, evaluator, t))
 
     @staticmethod
     def _point(d: SimDevice, evaluator: Evaluator, t: float) -> Point:
@@ -209,8 +216,6 @@ class FleetRunner:
     async def _drain(self, devices: list[SimDevice]) -> None:
         """Stop the world, then give the uplinks ``drain_s`` to empty the outboxes (nothing acked is lost, and
         what is still queued is reported as pending)."""
-        for d in devices:
-            d.source.stop()
         deadline = time.monotonic() + self.options.drain_s
         while time.monotonic() < deadline:
             pending = [await asyncio.to_thread(lambda a=d.agent: a.outbox.stats().pending) for d in devices]
