@@ -54,11 +54,18 @@ def run_scenario(
     out: Path = Path("reports"),
     name: str | None = None,
     drain: float = 20.0,
+    executor: str | None = None,
 ) -> Path:
     """Run a scenario with live progress, write its report, print the summary; returns the report directory."""
+    from common.errors import ConfigError
     from sim.fleet.scenario import load_scenario
 
     sc = load_scenario(scenario, zoo=zoo, duration_s=duration)  # bad input fails before the heavy imports
+    if executor is not None:
+        if executor not in ("ray", "inprocess"):
+            raise ConfigError(f"--executor must be ray or inprocess, not {executor!r}")
+        adaptation = {**sc.cloud.get("adaptation", {}), "executor": executor}
+        sc = sc.model_copy(update={"cloud": {**sc.cloud, "adaptation": adaptation}})
     from sim.fleet.zoo import resolve_zoo
 
     resolve_zoo(sc.zoo, sc.seed)
@@ -89,9 +96,10 @@ def run_command(
     out: Path = typer.Option(Path("reports"), help="Reports go to OUT/<run>/."),
     name: str = typer.Option(None, help="Run name (default: scenario name and UTC time)."),
     drain: float = typer.Option(20.0, help="Seconds the uplinks may drain after the scenario ends."),
+    executor: str = typer.Option(None, help="The cloud trainer's executor: ray (default) or inprocess."),
 ) -> None:
     """Start the cloud service and the scenario's agents, run it, and write reports/<run>/."""
-    run_scenario(scenario, zoo, duration, out, name, drain)
+    run_scenario(scenario, zoo, duration, out, name, drain, executor)
 
 
 @fleet_app.command("report")
