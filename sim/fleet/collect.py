@@ -32,6 +32,8 @@ class CloudRecords:
     """Device id -> ids of the updates addressed to it or its cohort."""
     upto: dict[int, dict[str, int]] = field(default_factory=dict)
     """Update id -> device id -> the highest seq of that device its job trained on."""
+    sizes: dict[int, int] = field(default_factory=dict)
+    """Update id -> its payload's bytes."""
     refused: dict[str, int] = field(default_factory=dict)
     """Device id -> candidates the validation gate refused for it (its own or its cohort's jobs)."""
     jobs: dict[str, int] = field(default_factory=dict)
@@ -96,6 +98,7 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
                 ),
                 up_bytes=d.proxy.stats.bytes_up,
                 down_bytes=d.proxy.stats.bytes_down,
+                update_payload_bytes=sum(rec.sizes.get(i, 0) for i in applied_ids),
                 link_stats={k: getattr(d.proxy.stats, k) for k in ("connections", "refused", "cuts", "retransmits")},
                 send_all_bytes=int(send_all * d.source.emitted),
                 ask_ms=data.ask_ms,
@@ -127,7 +130,9 @@ def read_cloud(cloud: CloudProcess, devices: list[tuple[str, str]]) -> CloudReco
     try:
         for did, cohort in devices:
             rec.stored[did] = {s.seq for s in samples.iter_samples(did)}
-            rec.published[did] = [r.update_id for r in registry.for_device(did, cohort)]
+            records = registry.for_device(did, cohort)
+            rec.published[did] = [r.update_id for r in records]
+            rec.sizes.update({r.update_id: r.size for r in records})
         cohort_of = dict(devices)
         for job in jobs.list(limit=1_000_000):
             key = job.outcome if job.state == "done" else job.state

@@ -88,6 +88,8 @@ def fleet_lines(summary: dict) -> list[tuple[str, str]]:
         ("uplink (links) / send-everything", f"{_kb(summary['up_bytes'])} KB / {_kb(summary['send_all_bytes'])} KB"),
         ("downlink (links) per applied update", "n/a" if summary["downlink_per_update_bytes"] is None
          else f"{summary['downlink_per_update_bytes'] / 1024:,.1f} KB"),
+        ("update payload per applied update", "n/a" if summary["update_payload_per_update_bytes"] is None
+         else f"{summary['update_payload_per_update_bytes'] / 1024:,.1f} KB"),
         ("update latency p50 / p90 / p99 (s)", f"{_s(lat['p50'])} / {_s(lat['p90'])} / {_s(lat['p99'])}"),
         ("Ask latency p50 / p99 (ms)", f"{_ms(ask['p50'])} / {_ms(ask['p99'])}"),
         ("upload-ack latency p50 / p99 (ms)", f"{_ms(ack['p50'])} / {_ms(ack['p99'])}"),

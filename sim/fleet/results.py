@@ -73,6 +73,8 @@ class DeviceResult(BaseModel):
     samples: SampleCounts = SampleCounts()
     up_bytes: int = 0
     down_bytes: int = 0
+    update_payload_bytes: int = 0
+    """Payload bytes of the updates the device applied (the part of ``down_bytes`` that is updates)."""
     link_stats: dict = Field(default_factory=dict)
     """The link emulator's counters: connections, refused, cuts, retransmits."""
     send_all_bytes: int = 0

@@ -56,6 +56,7 @@ def summarize(result: FleetResult) -> dict:
     applied = sum(len(d.updates) for d in devs)
     up, down = sum(d.up_bytes for d in devs), sum(d.down_bytes for d in devs)
     send_all = sum(d.send_all_bytes for d in devs)
+    payload = sum(d.update_payload_bytes for d in devs)
     ask = [x for d in devs for x in d.ask_ms]
     ack = [x for d in devs for x in d.upload_ack_ms]
     return {
@@ -77,6 +78,8 @@ def summarize(result: FleetResult) -> dict:
         ),
         "downlink_per_update_bytes": down / applied if applied else None,
         "downlink_ratio": down / (applied * fp32) if applied and fp32 else None,
+        "update_payload_per_update_bytes": payload / applied if applied else None,
+        "update_payload_ratio": payload / (applied * fp32) if applied and fp32 else None,
         "update_latency_s": {q: percentile(latencies, v) for q, v in (("p50", 50), ("p90", 90), ("p99", 99))},
         "update_latency_count": len(latencies),
         "ask_ms": {q: percentile(ask, v) for q, v in (("p50", 50), ("p99", 99))},
@@ -103,6 +106,7 @@ def targets(summary: dict) -> list[dict]:
     """The issue's measurable targets against this run's figures (``met`` is None where not measured)."""
     rec, margin = summary["recovery_min"], summary["worst_margin_vs_none"]
     up, down, lost = summary["uplink_ratio"], summary["downlink_ratio"], summary["samples_lost"]
+    payload = summary["update_payload_ratio"]
     mem = summary["memory_per_agent_mb"]
     return [
         _check(
@@ -116,10 +120,16 @@ def targets(summary: dict) -> list[dict]:
         ),
         _check("uplink <= 20% of send-everything", up, None if up is None else up <= 0.20, _fmt(up, "{:.1%}")),
         _check(
-            "downlink <= 1/20 of the fp32 adapter per update",
+            "downlink <= 1/20 of the fp32 adapter per update (all the link carried)",
             down,
             None if down is None else down <= 0.05,
             _fmt(down, "{:.3f}"),
+        ),
+        _check(
+            "update payload <= 1/20 of the fp32 adapter",
+            payload,
+            None if payload is None else payload <= 0.05,
+            _fmt(payload, "{:.3f}"),
         ),
         _check("0 acked samples lost", lost, lost == 0, str(lost)),
         _check(

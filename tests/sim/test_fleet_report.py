@@ -38,6 +38,7 @@ def _device(name: str, cohort: str, end_acc: float, lost: int = 0) -> DeviceResu
         samples=SampleCounts(frames=100, selected=30, acked=30, stored=30 - lost, lost=lost),
         up_bytes=6000,
         down_bytes=600,
+        update_payload_bytes=300,
         send_all_bytes=60000,
         ask_ms=[10.0, 12.0, 30.0],
         upload_ack_ms=[50.0, 80.0],
@@ -65,6 +66,8 @@ def test_summary_figures(result):
     assert s["worst_margin_vs_none"] == pytest.approx(0.0)
     met = {t["target"]: t["met"] for t in targets(s)}
     assert met["uplink <= 20% of send-everything"] is True
+    assert s["update_payload_ratio"] == pytest.approx(900 / (6 * 4000))
+    assert met["update payload <= 1/20 of the fp32 adapter"] is True
     assert met["recovery >= 65% of the gap on every shift"] is False
     assert met["0 acked samples lost"] is False
     assert met["memory per agent beyond shared weights <= 30 MB"] is None
@@ -78,7 +81,7 @@ def test_report_files(result, tmp_path):
     assert page.count("data:image/png;base64,") == 3 and 'src="accuracy.png"' not in page
     assert "cam-01" in page and "256 kbit/s, 2% loss, 1 outage(s)" in page
     data = json.loads(paths["json"].read_text())
-    assert data["summary"]["samples_lost"] == 1 and len(data["targets"]) == 6
+    assert data["summary"]["samples_lost"] == 1 and len(data["targets"]) == 7
     again = load_results(paths["json"])
     assert summarize(again) == summarize(result)
 
