@@ -249,7 +249,9 @@ def _byte_references(evaluator: Evaluator, models: Models, world: World) -> dict
         top = torch.arange(5)
         sample = UploadSample(feats, torch.arange(tokens), tokens, held.questions[i], top, torch.full((5,), 0.2))
         sizes.append(len(encode_sample(sample)))
-    fp32 = sum(v.numel() * 4 for v in evaluator.initial.state.values())
+    from cloud.dwc import full_state_bytes
+
+    fp32 = full_state_bytes(evaluator.initial.state)  # as the offline experiment counts it (fp32 safetensors)
     return {"send_all_sample_bytes": sum(sizes) / len(sizes), "fp32_adapter_bytes": fp32}
 
 
