@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +169,22 @@ def quantization_config(quantization: Quantization, keep: list[str] | None = Non
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
+@contextmanager
+def _quiet_local_load(local: bool) -> Iterator[None]:
+    """No "Loading weights" progress bar for a local directory (it loads in well under a second); a hub
+    download keeps its bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if local:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if local and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_mllm(
     source: str | Path, *, quantization: Quantization = "none", device_map: str = "cpu", local_only: bool = False
 ) -> LoadedMLLM:
@@ -195,7 +213,8 @@ def load_mllm(
                     f"{NF4_BLOCKSIZE} == 0 and out_features % {NF4_ROW_TILE} == 0); load it with quantization none"
                 )
             kwargs.update(quantization_config=quantization_config(quantization, keep), device_map=device_map)
-        model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
+        with _quiet_local_load(local_only):
+            model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
         processor = AutoProcessor.from_pretrained(src, local_files_only=local_only)
     except ModelLoadError:
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sim.zoo.reference import EVAL_FILE, compare_zoos, ship, shipped_evaluation
 from sim.zoo.report import domain_rows, markdown_table, qtype_rows, rich_table, sampling_error_note
 
 zoo_app = typer.Typer(help="Build and evaluate the tiny LLaVA model zoo.", no_args_is_help=True)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes: wide enough for the tables
 
 
 def recipe_by_name(name: str, seed: int | None = None, settings: list[str] | None = None) -> ZooRecipe:

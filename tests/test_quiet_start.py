@@ -19,14 +19,20 @@ from common.modeling import (
 CLI = "import sys; from sim.cli import main; sys.argv[0] = 'tandem-sim'; main()"
 
 
-def test_cli_start_prints_no_third_party_warning() -> None:
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["world", "sample", "-n", "1"], "question"),
+        # loads both shipped models: no "Loading weights" bars or other third-party output either
+        (["zoo", "eval", "--samples", "2", "--domain", "clear", "--qtype", "color"], "accuracy"),
+    ],
+)
+def test_cli_start_prints_no_third_party_warning(argv: list[str], expected: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", CLI, "world", "sample", "-n", "1"], capture_output=True, text=True, env=env, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "question" in out.stdout
+    assert expected in out.stdout
     assert _BNB_NOTICE not in out.stderr
     assert "warn" not in out.stderr.lower(), out.stderr
     assert out.stderr.strip() == "", out.stderr
