@@ -1,27 +1,34 @@
-"""The adapting arms of the offline experiment: a device replica, its cloud-side trainer and mirror.
+"""The adapting arms of the offline experiment: the device agent's per-frame step and the cloud service's learner,
+with no network in between (the fleet simulator runs the same classes behind emulated links).
 
-An arm runs one round as the deployed system would: the device answers every stream frame with its current
-adapters, picks uploads (UTS, or everything for the send-all baseline), the cloud labels them with the
-teacher and distils on a replay buffer (AKD), DWC compresses the change against the device's mirror and
-the device applies it (bit-exact against the mirror, checked by digest).
+An arm runs one round as the deployed system does: the device (``device.agent.DeviceModel`` + ``DeviceStep``)
+answers every stream frame with its current adapters and UTS picks the uploads (or every frame is sent, for the
+send-everything baseline); the cloud (``cloud.adaptation.Learner`` with the ``Teacher``) holds out every n-th
+upload for its validation gate, labels the rest with the teacher, distils on them and its replay buffer (AKD),
+validates the candidate, compresses the change against the device's mirror (DWC); the device applies it
+(``device.update_apply``), bit-exactly the mirror (checked by digest).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from cloud.akd import AKDConfig, AKDTrainer, TeacherLabels, build_student, teacher_labels
-from cloud.dwc import CloudMirror, DWCConfig, compress, full_state_bytes
+from cloud.adaptation.learner import Learner
+from cloud.adaptation.teacher import Teacher
+from cloud.akd import AKDConfig, TeacherLabels
+from cloud.dwc import DWCConfig, full_state_bytes
 from common.llava_tokens import PromptBuilder, answer_forward
 from common.sample_codec import UploadSample, decode_sample, encode_sample
 from common.update_header import INITIAL_VERSION, next_version
-from device.update_apply import VersionedAdapter, apply_adapter_update, load_adapter_state
+from device.agent import AdapterState, DeviceModel, DeviceStep
+from device.update_apply import VersionedAdapter, apply_adapter_update
 from device.uts import UncertaintyTokenSampler
 from sim.experiment.data import FeatureSet
+from sim.experiment.micro import ModelPair
+from sim.fleet.shared_model import shared_copy
 
 
 @torch.no_grad()
@@ -34,21 +41,26 @@ def accuracy(model: torch.nn.Module, prompts: PromptBuilder, data: FeatureSet, b
     return hits / len(data.questions)
 
 
-class DeviceReplica:
-    """What one device holds: the device model with LoRA adapters and their version."""
+class DeviceSide:
+    """What one device holds: the agent's model (its own LoRA over the shared frozen weights) and per-frame step."""
 
-    def __init__(self, device_model: torch.nn.Module, akd: AKDConfig, initial: dict[str, torch.Tensor]) -> None:
-        self.model = build_student(device_model, akd.adapter).eval()
-        self.adapter = VersionedAdapter(INITIAL_VERSION, {k: v.clone() for k, v in initial.items()})
-        load_adapter_state(self.model, self.adapter)
+    def __init__(self, pair: ModelPair, akd: AKDConfig, initial: dict[str, torch.Tensor], uts=None) -> None:
+        self.model = DeviceModel(shared_copy(pair.device), pair.processor, akd.adapter, sparse=None)
+        self.set_exact(initial, INITIAL_VERSION)
+        self.step = DeviceStep(self.model, uts)
+
+    @property
+    def adapter(self) -> AdapterState:
+        return self.model.adapter
 
     def apply(self, payload: bytes, header) -> None:
-        self.adapter = apply_adapter_update(self.adapter, payload, header)
-        load_adapter_state(self.model, self.adapter)
+        """The device's apply (verify, dequantize, add), then the swap."""
+        current = self.model.adapter
+        new = apply_adapter_update(VersionedAdapter(current.version, current.state), payload, header)
+        self.step.swap(AdapterState(new.version, new.state))
 
     def set_exact(self, state: dict[str, torch.Tensor], version: str) -> None:
-        self.adapter = VersionedAdapter(version, {k: v.clone() for k, v in state.items()})
-        load_adapter_state(self.model, self.adapter)
+        self.model.install(AdapterState(version, {k: v.clone() for k, v in state.items()}))
 
 
 @dataclass
@@ -63,62 +75,63 @@ class ArmRound:
     extra: dict
 
 
+def held_out_split(n: int, every: int) -> tuple[list[int], list[int]]:
+    """Upload positions the cloud holds out for its gate (every ``every``-th, as the service does by seq) and the
+    ones it trains on."""
+    held = [i for i in range(n) if (i + 1) % every == 0]
+    return held, [i for i in range(n) if (i + 1) % every != 0]
+
+
 class AdaptingArm:
-    """UTS (or send-everything) -> teacher + AKD -> DWC -> device apply, optionally also tracking an
-    uncompressed-downlink twin that holds the cloud's exact target."""
+    """UTS (or send-everything) -> teacher + AKD + gate + DWC (the cloud's Learner) -> device apply, optionally also
+    tracking an uncompressed-downlink twin that holds the learner's exact adapters."""
 
     def __init__(
         self,
         name: str,
-        teacher: torch.nn.Module,
-        device_model: torch.nn.Module,
-        prompts: PromptBuilder,
+        teacher: Teacher,
+        pair: ModelPair,
         akd: AKDConfig,
         uts: UncertaintyTokenSampler | None,
         dwc: DWCConfig,
-        replay_rounds: int,
+        replay_samples: int,
+        held_out_every: int = 5,
+        gate_margin: float = 0.02,
         track_fp32: bool = False,
     ) -> None:
         self.name = name
         self.teacher = teacher
-        self.prompts = prompts
+        self.prompts = pair.prompts
         self.uts = uts
-        self.dwc = dwc
-        self.trainer = AKDTrainer(device_model, teacher.config.text_config.hidden_size, prompts, akd)
-        initial = self.trainer.adapter_state()
-        self.mirror = CloudMirror(initial)
-        self.replica = DeviceReplica(device_model, akd, initial)
-        self.fp32 = DeviceReplica(device_model, akd, initial) if track_fp32 else None
-        self.buffer: deque[tuple[list[UploadSample], TeacherLabels]] = deque(maxlen=replay_rounds)
+        self.held_out_every = held_out_every
+        self.gate_margin = gate_margin
+        self.learner = Learner(pair.device, teacher.hidden_size, pair.prompts, akd, dwc, replay_samples=replay_samples)
+        initial = self.learner.adapters()
+        self.device = DeviceSide(pair, akd, initial, uts)
+        self.fp32 = DeviceSide(pair, akd, initial) if track_fp32 else None
         self.initial_bytes = full_state_bytes(initial)
 
     def _uploads(self, stream: FeatureSet, batch: int = 64) -> tuple[list[bytes], list[int]]:
         """Payloads the device sends this round and the stream positions they came from."""
-        model = self.replica.model
         if self.uts is not None:
             self.uts.gate.start_period()
             payloads, picked = [], []
             for i in range(0, len(stream.questions), batch):
-                results = self.uts.process(
-                    model, self.prompts, stream.features[i : i + batch], stream.questions[i : i + batch]
-                )
-                for j, r in enumerate(results):
-                    if r.sent and r.payload is not None:
-                        payloads.append(r.payload)
+                answers = self.device.step.run_features(stream.features[i : i + batch], stream.questions[i : i + batch])
+                for j, a in enumerate(answers):
+                    if a.sent and a.payload is not None:
+                        payloads.append(a.payload)
                         picked.append(i + j)
             return payloads, picked
         payloads = []
         n_tokens = stream.features.shape[1]
-        with torch.no_grad():
-            for i in range(0, len(stream.questions), batch):
-                feats, qs = stream.features[i : i + batch], stream.questions[i : i + batch]
-                probs = torch.softmax(answer_forward(model, self.prompts, list(feats), qs).logits, -1)
-                top = torch.topk(probs, 5, dim=-1)
-                for j in range(len(qs)):
-                    sample = UploadSample(
-                        feats[j], torch.arange(n_tokens), n_tokens, qs[j], top.indices[j], top.values[j]
-                    )
-                    payloads.append(encode_sample(sample))
+        for i in range(0, len(stream.questions), batch):
+            feats, qs = stream.features[i : i + batch], stream.questions[i : i + batch]
+            probs = torch.softmax(self.device.model.forward(feats, qs).logits, -1)
+            top = torch.topk(probs, 5, dim=-1)
+            for j in range(len(qs)):
+                sample = UploadSample(feats[j], torch.arange(n_tokens), n_tokens, qs[j], top.indices[j], top.values[j])
+                payloads.append(encode_sample(sample))
         return payloads, list(range(len(payloads)))
 
     def _label_accuracy(self, stream: FeatureSet, picked: list[int], labels: TeacherLabels) -> dict[str, float]:
@@ -130,70 +143,68 @@ class AdaptingArm:
         stats = {"label_accuracy": float((labels.logits.argmax(-1) == truth).float().mean())}
         if self.uts is not None:
             same = FeatureSet(stream.features[index], [stream.questions[i] for i in picked], truth, [])
-            stats["label_accuracy_all_tokens"] = accuracy(self.teacher, self.prompts, same)
+            stats["label_accuracy_all_tokens"] = accuracy(self.teacher.model, self.prompts, same)
         return stats
+
+    def _cloud_round(self, payloads: list[bytes], picked: list[int], stream: FeatureSet) -> tuple[object, dict]:
+        """What the cloud's worker does with one job's uploads: hold out, label, learner round."""
+        samples = [decode_sample(p) for p in payloads]
+        held, train = held_out_split(len(samples), self.held_out_every)
+        labels = self.teacher.label(samples)
+        stats = self._label_accuracy(stream, picked, labels)
+        self.learner.add_held_out([payloads[i] for i in held], [samples[i] for i in held], labels.subset(held))
+        if not train:
+            return None, stats
+        result = self.learner.run_round(
+            [payloads[i] for i in train],
+            [samples[i] for i in train],
+            labels.subset(train),
+            margin=self.gate_margin,
+        )
+        return result, stats
 
     def run_round(self, stream: FeatureSet, held_out: FeatureSet) -> dict[str, ArmRound]:
         """One round; returns this arm's row (and its fp32 twin's when tracked)."""
         t0 = time.perf_counter()
         payloads, picked = self._uploads(stream)
         t_device = time.perf_counter() - t0
-        uploads = [decode_sample(p) for p in payloads]
         t1 = time.perf_counter()
-        report = None
-        label_stats: dict[str, float] = {}
-        if uploads:
-            fresh = teacher_labels(self.teacher, self.prompts, uploads)
-            self.buffer.append((uploads, fresh))
-            label_stats = self._label_accuracy(stream, picked, fresh)
-            samples = [s for ups, _ in self.buffer for s in ups]
-            labels = TeacherLabels(
-                torch.cat([lab.logits for _, lab in self.buffer]),
-                torch.cat([lab.hidden for _, lab in self.buffer]),
-            )
-            report = self.trainer.train(samples, labels)
-        target = self.trainer.adapter_state()
-        t_train = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        update = compress(self.mirror, target, self.dwc)
+        result, label_stats = self._cloud_round(payloads, picked, stream) if payloads else (None, {})
+        t_cloud = time.perf_counter() - t1
         downlink = 0
-        if update.header.units_sent:
-            self.replica.apply(update.payload, update.header)
-            self.mirror.commit(update)
-            if self.replica.adapter.digest() != update.header.result_sha256:  # pragma: no cover - apply checks
+        if result is not None and result.outcome == "published":
+            update = result.update
+            self.device.apply(update.payload, update.header)
+            self.learner.commit(update)
+            if self.device.adapter.digest() != self.learner.mirror_digest():  # pragma: no cover - apply checks it
                 raise RuntimeError("device state diverged from the cloud mirror")
             downlink = update.header.size
-        t_dwc = time.perf_counter() - t2
         wall = time.perf_counter() - t0
         extra = {
             "device_s": t_device,
-            "train_s": t_train,
-            "dwc_s": t_dwc,
-            "sent_share": update.sent_share,
-            "bits": update.header.bits,
-            "kd_before": report.loss_before["kd"] if report else float("nan"),
-            "kd_after": report.loss_after["kd"] if report else float("nan"),
+            "cloud_s": t_cloud,
+            "outcome": result.outcome if result is not None else "no uploads",
+            "sent_share": result.update.sent_share if result is not None and result.update is not None else 0.0,
+            "kd_before": result.akd.loss_before["kd"] if result is not None and result.akd else float("nan"),
+            "kd_after": result.akd.loss_after["kd"] if result is not None and result.akd else float("nan"),
             "picked": picked,
             **label_stats,
         }
+        up = sum(len(p) for p in payloads)
         rows = {
             self.name: ArmRound(
-                accuracy(self.replica.model, self.prompts, held_out),
-                sum(len(p) for p in payloads),
-                len(payloads),
-                downlink,
-                wall,
-                extra,
+                accuracy(self.device.model.model, self.prompts, held_out), up, len(payloads), downlink, wall, extra
             )
         }
         if self.fp32 is not None:
+            target = self.learner.adapters()
             self.fp32.set_exact(target, next_version(self.fp32.adapter.version))
             rows[f"{self.name}_fp32"] = ArmRound(
-                accuracy(self.fp32.model, self.prompts, held_out),
-                sum(len(p) for p in payloads),
+                accuracy(self.fp32.model.model, self.prompts, held_out),
+                up,
                 len(payloads),
                 full_state_bytes(target),
-                wall - t_dwc,
-                {"device_s": t_device, "train_s": t_train},
+                wall,
+                {"device_s": t_device, "cloud_s": t_cloud},
             )
         return rows

@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from sim.experiment.config import sized
-
 experiment_app = typer.Typer(help="Offline experiments of the learning core.", no_args_is_help=True)
 
 
@@ -30,6 +28,7 @@ def offline(
     ),
 ) -> None:
     """Device pretrained on clear, stream drifting through shifts; UTS + AKD + DWC against baselines."""
+    from sim.experiment.config import sized
     from sim.experiment.report import print_report, write_reports
     from sim.experiment.runner import run_experiment
 

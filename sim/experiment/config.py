@@ -32,8 +32,12 @@ class ExperimentConfig(StrictConfig):
     keep_ratio: float = Field(0.5, gt=0, le=1)
     uncertainty_score: Literal["confidence", "entropy", "energy", "combined"] = "confidence"
     relevance_weight: float = Field(0.5, ge=0, le=1)
-    # AKD on a buffer of the uploads of the last ``replay_rounds`` rounds.
+    # AKD on the new uploads and a replay buffer of as many uploads as ``replay_rounds`` rounds carry.
     replay_rounds: int = Field(3, ge=1)
+    # The cloud's validation gate (as the service runs it): every n-th upload is held out, and a candidate whose
+    # agreement with the teacher on them falls by more than the margin is not published.
+    held_out_every: int = Field(5, ge=2)
+    gate_margin: float = Field(0.02, ge=0, le=1)
     akd: AKDConfig = AKDConfig(epochs=3, batch_size=32, lr=3e-3)
     # DWC: downlink byte budget per round as a fraction of the fp32 adapter.
     downlink_fraction: float = Field(0.05, gt=0, le=1)

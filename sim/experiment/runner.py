@@ -113,60 +113,34 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
         )
         return UncertaintyTokenSampler(cfg, stats)
 
-    probe = AdaptingArm("probe", pair.teacher, pair.device, pair.prompts, config.akd, None, DWCConfig(), 1)
-    fp32_bytes = full_state_bytes(probe.trainer.adapter_state())
-    del probe
+    from cloud.adaptation.teacher import Teacher
+    from cloud.akd import adapter_state, build_student
+
+    fp32_bytes = full_state_bytes(adapter_state(build_student(pair.device, config.akd.adapter)))
     dwc = DWCConfig(
         bits=config.dwc_bits,
         energy_share=config.dwc_energy_share,
         selection=config.dwc_selection,
         budget_bytes=max(1, int(config.downlink_fraction * fp32_bytes)),
     )
+    teacher = Teacher(pair.teacher, pair.prompts)
+    replay = (config.replay_rounds - 1) * config.uplink_samples_per_round  # the current round is pooled too
+    common = {"replay_samples": replay, "held_out_every": config.held_out_every, "gate_margin": config.gate_margin}
     kd_free = config.akd.model_copy(update={"w_kd": 0.0, "w_align": 0.0})
     arms = [
         AdaptingArm(
-            "tandem",
-            pair.teacher,
-            pair.device,
-            pair.prompts,
-            config.akd,
-            make_uts(),
-            dwc,
-            config.replay_rounds,
-            track_fp32="fp32" in config.baselines,
+            "tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common
         )
     ]
     if "send_all" in config.baselines:
-        arms.append(
-            AdaptingArm(
-                "send_all",
-                pair.teacher,
-                pair.device,
-                pair.prompts,
-                config.akd,
-                None,
-                dwc,
-                config.replay_rounds,
-            )
-        )
+        arms.append(AdaptingArm("send_all", teacher, pair, config.akd, None, dwc, **common))
     if "ce_only" in config.baselines:
-        arms.append(
-            AdaptingArm(
-                "ce_only",
-                pair.teacher,
-                pair.device,
-                pair.prompts,
-                kd_free,
-                make_uts(),
-                dwc,
-                config.replay_rounds,
-            )
-        )
+        arms.append(AdaptingArm("ce_only", teacher, pair, kd_free, make_uts(), dwc, **common))
 
     result = ExperimentResult(config=config.model_dump(mode="json"))
     result.facts["fp32_adapter_bytes"] = fp32_bytes
     result.facts["downlink_budget_bytes"] = dwc.budget_bytes
-    result.facts["adapter_params"] = sum(v.numel() for v in arms[0].trainer.adapter_state().values())
+    result.facts["adapter_params"] = sum(v.numel() for v in arms[0].learner.adapters().values())
     clear_eval = feature_set(pair, world, EVAL_OFFSET, config.eval_size, "clear")
     result.facts["clear_accuracy"] = {
         "device": accuracy(pair.device, pair.prompts, clear_eval),

@@ -14,10 +14,19 @@ class TokenBucket:
         if rate_bytes_per_s <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate_bytes_per_s
+        self._auto_burst = burst_bytes is None
         self.burst = burst_bytes if burst_bytes is not None else max(1500.0, rate_bytes_per_s * 0.005)
         self._tokens = self.burst
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+
+    def set_rate(self, rate_bytes_per_s: float) -> None:
+        """Change the rate from now on (a trace step); the burst follows unless it was given explicitly."""
+        if rate_bytes_per_s <= 0:
+            raise ValueError("rate must be positive")
+        if self._auto_burst:
+            self.burst = max(1500.0, rate_bytes_per_s * 0.005)
+        self.rate = rate_bytes_per_s
 
     async def take(self, n: int) -> None:
         """Consume ``n`` tokens, sleeping while the bucket is in debt."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
 
 from sim.link.bucket import TokenBucket
 from sim.link.config import LinkConfig
+from sim.link.trace import LinkState, LinkTrace
 
 log = logging.getLogger("tandem.sim.link")
 
@@ -24,16 +26,17 @@ class LinkStats:
     cuts: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    retransmits: int = 0
+    """Pieces held back one retransmission timeout by an emulated packet loss."""
 
 
 class _Pipe:
     """One direction of one connection: read, pay the bucket, delay, write (order preserved)."""
 
-    def __init__(self, proxy: LinkProxy, reader, writer, bucket: TokenBucket | None, up: bool) -> None:
+    def __init__(self, proxy: LinkProxy, reader, writer, up: bool) -> None:
         self.proxy = proxy
         self.reader = reader
         self.writer = writer
-        self.bucket = bucket
         self.up = up
         self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -52,17 +55,18 @@ class _Pipe:
     async def _read(self) -> None:
         cfg = self.proxy.config
         last_due = 0.0
-        size = cfg.read_chunk_bytes
-        if self.bucket is not None:  # about 10 ms of data per piece keeps slow links smooth
-            size = max(1024, min(size, int(self.bucket.rate * 0.01)))
         while True:
+            bucket = self.proxy.bucket(self.up)
+            size = cfg.read_chunk_bytes
+            if bucket is not None:  # about 10 ms of data per piece keeps slow links smooth
+                size = max(1024, min(size, int(bucket.rate * 0.01)))
             data = await self.reader.read(size)
             if not data:
                 await self.queue.put((last_due, b""))
                 await asyncio.Event().wait()  # let the writer flush then finish the pipe
-            if self.bucket is not None:
-                await self.bucket.take(len(data))
-            delay = self.proxy.delay_s()
+            if bucket is not None:
+                await bucket.take(len(data))
+            delay = self.proxy.delay_s() + await self.proxy.loss_delay_s(len(data), self.up)
             last_due = max(last_due, time.monotonic() + delay)
             await self.queue.put((last_due, data))
 
@@ -107,9 +111,45 @@ class LinkProxy:
         self._started = 0.0
         self._chaos: asyncio.Task[None] | None = None
         self._forced_down = False
-        up, down = (LinkConfig.mbps_to_bytes_per_s(v) for v in (self.config.up_mbps, self.config.down_mbps))
-        self._up_bucket = TokenBucket(up) if up else None
-        self._down_bucket = TokenBucket(down) if down else None
+        c = self.config
+        self._base = LinkState(c.up_mbps, c.down_mbps, c.latency_ms, c.jitter_ms, c.loss)
+        self._trace = LinkTrace.load(c.trace, c.trace_loop) if c.trace is not None else None
+        self.state = self._base
+        self._buckets: dict[bool, TokenBucket | None] = {True: None, False: None}
+        self._set_state(self._trace.state(0.0, self._base) if self._trace else self._base)
+
+    def _set_state(self, state: LinkState) -> None:
+        """Apply new conditions: bucket rates follow, a bucket appears or goes with a limit."""
+        self.state = state
+        for up, mbps in ((True, state.up_mbps), (False, state.down_mbps)):
+            rate = LinkConfig.mbps_to_bytes_per_s(mbps)
+            bucket = self._buckets[up]
+            if rate is None:
+                self._buckets[up] = None
+            elif bucket is None:
+                self._buckets[up] = TokenBucket(rate)
+            elif bucket.rate != rate:
+                bucket.set_rate(rate)
+
+    def bucket(self, up: bool) -> TokenBucket | None:
+        """The rate limiter of one direction now (``None``: unlimited)."""
+        return self._buckets[up]
+
+    async def loss_delay_s(self, nbytes: int, up: bool) -> float:
+        """Extra delay of a piece of ``nbytes``: one retransmission timeout if any of its packets is lost
+        (the resent packet also pays the bucket)."""
+        loss = self.state.loss
+        if loss <= 0:
+            return 0.0
+        packets = max(1, math.ceil(nbytes / self.config.mtu_bytes))
+        if self._rng.random() >= 1.0 - (1.0 - loss) ** packets:
+            return 0.0
+        self.stats.retransmits += 1
+        bucket = self.bucket(up)
+        if bucket is not None:
+            await bucket.take(min(nbytes, self.config.mtu_bytes))
+        s = self.state
+        return max(self.config.min_rto_ms, 2 * (s.latency_ms + s.jitter_ms)) / 1000.0
 
     @property
     def address(self) -> str:
@@ -122,9 +162,13 @@ class LinkProxy:
 
     def delay_s(self) -> float:
         """One-way delay for the next piece of data."""
-        c = self.config
-        jitter = self._rng.uniform(-c.jitter_ms, c.jitter_ms) if c.jitter_ms else 0.0
-        return max(0.0, c.latency_ms + jitter) / 1000.0
+        s = self.state
+        jitter = self._rng.uniform(-s.jitter_ms, s.jitter_ms) if s.jitter_ms else 0.0
+        return max(0.0, s.latency_ms + jitter) / 1000.0
+
+    def set_epoch(self, epoch: float) -> None:
+        """Move time 0 of outages, cuts and traces to ``epoch`` (a ``time.monotonic()`` value)."""
+        self._started = epoch
 
     def elapsed_s(self) -> float:
         """Seconds since start."""
@@ -137,13 +181,14 @@ class LinkProxy:
         t = self.elapsed_s()
         return any(o.start_s <= t < o.start_s + o.duration_s for o in self.config.outages)
 
-    async def start(self) -> int:
-        """Start listening; returns the bound port."""
-        self._started = time.monotonic()
+    async def start(self, epoch: float | None = None) -> int:
+        """Start listening; returns the bound port. ``epoch`` (a ``time.monotonic()`` value) is the time 0 of
+        outages, cuts and traces (default: now), so a fleet's links share one clock."""
+        self._started = time.monotonic() if epoch is None else epoch
         self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
         self.port = self._server.sockets[0].getsockname()[1]
         c = self.config
-        if c.cut_probability_per_s > 0 or c.cut_schedule_s or c.outages:
+        if c.cut_probability_per_s > 0 or c.cut_schedule_s or c.outages or self._trace is not None:
             self._chaos = asyncio.create_task(self._chaos_loop())
         return self.port
 
@@ -154,6 +199,8 @@ class LinkProxy:
         while True:
             await asyncio.sleep(tick)
             t = self.elapsed_s()
+            if self._trace is not None:
+                self._set_state(self._trace.state(t, self._base))
             due = False
             while schedule and schedule[0] <= t:
                 schedule.pop(0)
@@ -199,8 +246,8 @@ class LinkProxy:
         self._conns.add(task)
         self._writers.update((c_writer, s_writer))
         try:
-            up = _Pipe(self, c_reader, s_writer, self._up_bucket, up=True)
-            down = _Pipe(self, s_reader, c_writer, self._down_bucket, up=False)
+            up = _Pipe(self, c_reader, s_writer, up=True)
+            down = _Pipe(self, s_reader, c_writer, up=False)
             await asyncio.gather(up.pump(), down.pump())
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass  # a cut or a stop ends the connection; nothing to report

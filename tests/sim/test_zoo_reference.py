@@ -107,7 +107,7 @@ def test_ship_records_figures_and_demo_reproduces_them(shipped_micro, capsys, tm
     assert record["digest"] == micro_recipe().digest() and record["samples"] == 6
     assert record["accuracy"]["device"]["clear"]["total"] == 6 and "transformers" in record["versions"]
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(["demo", "--recipe", "micro"], capsys)
+    code, out, err = run(["zoo", "demo", "--recipe", "micro"], capsys)  # `tandem-sim demo` is the fleet demo now
     assert code == 0, err
     assert "shipped" in out and "reproduces the shipped figures exactly" in out
 

@@ -1,0 +1,277 @@
+"""``tandem-sim fleet run``: the real cloud service and N real device agents behind emulated links, driven by a
+scenario, measured over time, reported in ``reports/<run>/``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sim.fleet.cloud_process import CloudProcess
+from sim.fleet.collect import collect_results
+from sim.fleet.devices import SimDevice
+from sim.fleet.evaluate import Evaluator
+from sim.fleet.results import FleetResult, Point
+from sim.fleet.scenario import Scenario
+from sim.fleet.shared_model import rss_bytes, shared_copy
+from sim.fleet.zoo import FleetZoo, resolve_zoo
+from sim.world import World
+
+log = logging.getLogger("tandem.sim.fleet")
+
+TICK_S = 0.25
+"""How often the harness looks at every agent (versions, rollbacks, acks)."""
+
+
+@dataclass
+class RunOptions:
+    """How to run a scenario (beyond the scenario itself)."""
+
+    out_dir: Path = Path("reports")
+    run_name: str | None = None
+    drain_s: float = 20.0
+    """After the scenario's duration, how long the agents may keep uplinking what their outboxes hold."""
+    cloud_threads: int = 1
+    progress: Callable[[dict], None] | None = None
+    """Called about once a second with a live snapshot (the CLI shows it with rich)."""
+
+
+@dataclass
+class Models:
+    """What the harness loads once: the device base (shared by every agent) and the teacher (references)."""
+
+    zoo: FleetZoo
+    device: Any
+    processor: Any
+    teacher: Any
+    teacher_prompts: Any
+    image_size: int
+
+
+def load_models(zoo: FleetZoo) -> Models:
+    """Load the zoo's device and teacher with the same loader as the roles (``common.modeling.load_mllm``)."""
+    from common.llava_tokens import PromptBuilder
+    from common.modeling import load_mllm
+
+    dev = load_mllm(zoo.device)
+    teacher = load_mllm(zoo.teacher)
+    for m in (dev.model, teacher.model):
+        m.eval().requires_grad_(False)
+    tok = teacher.processor.tokenizer
+    prompts = PromptBuilder(tok, int(teacher.model.config.image_token_id))
+    size = int(dev.processor.image_processor.crop_size["height"])
+    return Models(zoo, dev.model, dev.processor, teacher.model, prompts, size)
+
+
+def cloud_overrides(scenario: Scenario, zoo: FleetZoo) -> dict[str, Any]:
+    """The cloud service's config for this run: the zoo's models, then the scenario's overrides."""
+    from sim.fleet.cloud_settings import cloud_settings
+
+    return cloud_settings(zoo, scenario.cloud)
+
+
+@dataclass
+class FleetRunner:
+    """Runs one scenario end to end."""
+
+    scenario: Scenario
+    options: RunOptions = field(default_factory=RunOptions)
+
+    def run_dir(self) -> Path:
+        name = self.options.run_name or f"{self.scenario.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+        return self.options.out_dir / name
+
+    def run(self) -> FleetResult:
+        """Run the scenario; returns what was measured (the caller writes the report)."""
+        return asyncio.run(self._run())
+
+    async def _run(self) -> FleetResult:
+        sc = self.scenario
+        # Every agent polls its source, reads its outbox and stores adapters through asyncio.to_thread: with N
+        # agents in one loop the default pool (cores + 4 threads) would queue them behind each other.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=min(256, 8 + 2 * len(sc.devices())))
+        )
+        run_dir = self.run_dir()
+        state_dir = run_dir / "state"
+        started = time.perf_counter()
+        zoo = resolve_zoo(sc.zoo, sc.seed)
+        models = await asyncio.to_thread(load_models, zoo)
+        world = World(sc.seed, models.image_size)
+        cloud = CloudProcess(state_dir / "cloud", cloud_overrides(sc, zoo), self.options.cloud_threads)
+        gateway = await cloud.start()
+        host, _, port = gateway.rpartition(":")
+        devices: list[SimDevice] = []
+        facts: dict[str, Any] = {"zoo": zoo.name, "gateway": gateway}
+        try:
+            evaluator = await asyncio.to_thread(self._evaluator, models, world)
+            facts.update(await asyncio.to_thread(_byte_references, evaluator, models, world))
+            rss_before = rss_bytes()
+            await self._create_devices(devices, state_dir, (host, int(port)), models, world)
+            epoch = time.monotonic() + 1.0
+            facts["epoch_unix_ms"] = int((time.time() + 1.0) * 1000)
+            for d in devices:
+                d.start_clock(epoch)
+                await d.agent.start()
+            facts["setup_s"] = time.perf_counter() - started
+            await self._measure(devices, evaluator, epoch)
+            facts["memory_per_agent_mb"] = (rss_bytes() - rss_before) / len(devices) / 2**20
+            facts["rss_shared_mb"] = rss_before / 2**20
+            await self._drain(devices)
+        finally:
+            for d in devices:
+                with contextlib.suppress(Exception):
+                    await d.agent.stop()
+                with contextlib.suppress(Exception):
+                    await d.proxy.stop()
+            facts["cloud_exit_code"] = await cloud.stop()
+        facts["wall_s"] = time.perf_counter() - started
+        return collect_results(run_dir.name, sc, devices, cloud, facts)
+
+    async def _create_devices(
+        self, devices: list[SimDevice], state_dir: Path, gateway: tuple[str, int], models: Models, world: World
+    ) -> None:
+        """Link up, register and build every agent into ``devices`` (in scenario order; the caller stops what was
+        created if one fails); registrations overlap (a satellite link's round trips)."""
+        sc = self.scenario
+        gate = asyncio.Semaphore(16)
+
+        async def one(spec):
+            async with gate:
+                return await SimDevice.create(
+                    spec, state_dir, gateway, models.device, models.processor, world, sc.agent
+                )
+
+        made = await asyncio.gather(*(one(spec) for spec in sc.devices()), return_exceptions=True)
+        devices.extend(d for d in made if isinstance(d, SimDevice))
+        for d in made:
+            if isinstance(d, BaseException):
+                raise d
+
+    def _evaluator(self, models: Models, world: World) -> Evaluator:
+        from device.agent import DeviceModel, load_agent_config
+
+        cfg = load_agent_config(None, _flat(self.scenario.agent))
+        model = DeviceModel(
+            shared_copy(models.device), models.processor, cfg.adapter, cfg.sparse, cfg.model.prompt_template
+        )
+        return Evaluator(model, models.teacher, models.teacher_prompts, world, self.scenario.eval_samples)
+
+    async def _measure(self, devices: list[SimDevice], evaluator: Evaluator, epoch: float) -> None:
+        """Tick every agent; every ``measure_every_s`` score each device's current adapters on its domain."""
+        sc = self.scenario
+        next_measure = 0.0
+        last_progress = 0.0
+        while (t := time.monotonic() - epoch) < sc.duration_s:
+            for d in devices:
+                d.probe.tick(t)
+            if t >= next_measure:
+                await asyncio.to_thread(self._measure_all, devices, evaluator, t)
+                while next_measure <= time.monotonic() - epoch:  # a slow measurement skips the missed ones
+                    next_measure += sc.measure_every_s
+            if self.options.progress is not None and t - last_progress >= 1.0:
+                last_progress = t
+                self.options.progress(_snapshot(devices, t, sc.duration_s))
+            await asyncio.sleep(TICK_S)
+        for d in devices:  # the world stops at the scenario's end; the uplinks drain afterwards
+            d.source.stop()
+        t = time.monotonic() - epoch
+        for d in devices:
+            d.probe.tick(t)
+        await asyncio.to_thread(self._measure_all, devices, evaluator, t)
+
+    def _measure_all(self, devices: list[SimDevice], evaluator: Evaluator, t: float) -> None:
+        """One point per device at ``t`` (one worker thread for the whole fleet)."""
+        for d in devices:
+            d.points.append(self._point(d, evaluator, t))
+
+    @staticmethod
+    def _point(d: SimDevice, evaluator: Evaluator, t: float) -> Point:
+        domain = d.spec.drift.domain_at(t)
+        adapter = d.agent.step.model.adapter
+        acc = evaluator.accuracy(adapter, domain)
+        none, teacher = evaluator.references(domain)
+        stats = d.proxy.stats
+        return Point(
+            t_s=round(t, 3),
+            domain=domain,
+            version=adapter.version,
+            accuracy=acc,
+            none=none,
+            teacher=teacher,
+            up_bytes=stats.bytes_up,
+            down_bytes=stats.bytes_down,
+            stream_accuracy=d.probe.take_window(),
+        )
+
+    async def _drain(self, devices: list[SimDevice]) -> None:
+        """Stop the world, then give the uplinks ``drain_s`` to empty the outboxes (nothing acked is lost, and
+        what is still queued is reported as pending)."""
+        deadline = time.monotonic() + self.options.drain_s
+        while time.monotonic() < deadline:
+            pending = [await asyncio.to_thread(lambda a=d.agent: a.outbox.stats().pending) for d in devices]
+            for d in devices:
+                d.probe.tick(time.monotonic() - d.source.epoch)
+            if not any(pending):
+                break
+            await asyncio.sleep(0.5)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _byte_references(evaluator: Evaluator, models: Models, world: World) -> dict[str, Any]:
+    """What one all-token upload weighs (send-everything) and the fp32 adapter's size (downlink reference)."""
+    from common.sample_codec import UploadSample, encode_sample
+
+    held = evaluator.held_out("clear")
+    n = min(16, len(held.questions))
+    sizes = []
+    for i in range(n):
+        feats = held.features[i]
+        tokens = feats.shape[0]
+        top = torch.arange(5)
+        sample = UploadSample(feats, torch.arange(tokens), tokens, held.questions[i], top, torch.full((5,), 0.2))
+        sizes.append(len(encode_sample(sample)))
+    from cloud.dwc import full_state_bytes
+
+    fp32 = full_state_bytes(evaluator.initial.state)  # as the offline experiment counts it (fp32 safetensors)
+    return {"send_all_sample_bytes": sum(sizes) / len(sizes), "fp32_adapter_bytes": fp32}
+
+
+def _snapshot(devices: list[SimDevice], t: float, duration: float) -> dict:
+    rows = []
+    for d in devices:
+        last = d.points[-1] if d.points else None
+        rows.append(
+            {
+                "device": d.spec.device_id,
+                "version": d.agent.step.version,
+                "domain": d.spec.drift.domain_at(t),
+                "frames": d.source.emitted,
+                "queued": len(d.probe.data.queued),
+                "acked": d.probe.acked_seq,
+                "updates": len(d.probe.data.applied),
+                "rollbacks": len(d.probe.data.rollbacks),
+                "up_kb": d.proxy.stats.bytes_up / 1024,
+                "down_kb": d.proxy.stats.bytes_down / 1024,
+                "accuracy": last.accuracy if last else None,
+            }
+        )
+    return {"t": t, "duration": duration, "devices": rows}
