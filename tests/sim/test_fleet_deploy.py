@@ -41,8 +41,12 @@ def test_one_cloud_three_agents():
     assert set(services) == {"cloud", "agent-1", "agent-2", "agent-3"}
     cloud = services["cloud"]
     assert cloud["build"]["dockerfile"] == "deploy/compose/Dockerfile"
-    cfg = load_config(GatewayConfig, ROOT / "deploy" / "configs" / "cloud.yaml")
+    config = cloud["command"][cloud["command"].index("--config") + 1]
+    assert config == "/etc/tandem/cloud-compose.yaml"  # deploy/configs/ is copied to /etc/tandem/
+    cfg = load_config(GatewayConfig, ROOT / "deploy" / "configs" / "cloud-compose.yaml")
     assert cfg.port == 50051 and "tandem-zoo" in cfg.adaptation.families
+    assert cfg.open_enrollment  # the agents register themselves; the shipped cloud.yaml stays closed
+    assert not load_config(GatewayConfig, ROOT / "deploy" / "configs" / "cloud.yaml").open_enrollment
     ids, ports = set(), set()
     for name in ("agent-1", "agent-2", "agent-3"):
         svc = services[name]
