@@ -67,7 +67,9 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
     gateway = None
     if role in ("all", "gateway"):
         from cloud.gateway import GatewayServer
+        from cloud.gateway.malloc import pin_malloc_thresholds
 
+        pin_malloc_thresholds()  # keeps the gateway's resident memory near what uploads use (cloud/gateway/malloc.py)
         gateway = GatewayServer(config)
         await gateway.start()
     trainer_box: dict = {}

@@ -1,5 +1,5 @@
 """The gRPC gateway devices talk to (``tandem.v1.DeviceGateway``)."""
 
-from cloud.gateway.server import GatewayServer, serve
+from cloud.gateway.server import GatewayServer
 
-__all__ = ["GatewayServer", "serve"]
+__all__ = ["GatewayServer"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from grpc_reflection.v1alpha import reflection
 from cloud.config import GatewayConfig
 from cloud.gateway.budget import MemoryBudget
 from cloud.gateway.handlers import add_gateway_handlers
-from cloud.gateway.malloc import pin_malloc_thresholds
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.servicer import DeviceGatewayServicer
 from cloud.gateway.writer import GroupCommitWriter
@@ -203,20 +201,3 @@ class GatewayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(grace=0.5)
-
-
-async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
-    """Run a gateway until SIGINT/SIGTERM; write ``host:port`` to ``ready_file`` once serving."""
-    pin_malloc_thresholds()
-    gateway = GatewayServer(config)
-    await gateway.start()
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(gateway.address)
-        tmp.replace(ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gateway.stop()
