@@ -33,7 +33,9 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(transformers|peft|bitsandbytes|ray|grpcio|protobuf|accelerate|safetensors|tokenizers)=='
 	$(LATEST_VENV)/bin/python -m pytest
 
+# The shipped reference zoo's tables (nothing is built), then the demo fleet: the real cloud and three agents.
 demo: $(STAMP)
+	$(VENV)/bin/tandem-sim zoo demo
 	$(VENV)/bin/tandem-sim demo
 
 lint: $(STAMP)
