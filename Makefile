@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_QUIET) --upgrade pip
 	$(PIP) install $(PIP_QUIET) -c constraints.txt -r requirements.lock
-	$(PIP) install $(PIP_QUIET) --no-deps --no-build-isolation -e .
+	$(PIP) install $(PIP_QUIET) --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -16,13 +17,14 @@ from common.modeling import load_mllm
 from sim.world import BENCHMARK_DOMAINS, QUESTION_TYPES, parse_domain
 from sim.world.questions import check_question_type
 from sim.zoo.batching import BatchEncoder
-from sim.zoo.build import ZooPaths, ensure_zoo, is_built, zoo_dir
+from sim.zoo.build import ZooPaths, ensure_zoo, is_built, locate_zoo, shipped_zoo, zoo_dir
 from sim.zoo.evaluate import Accuracy, evaluate
 from sim.zoo.recipe import RECIPES, ZooRecipe
+from sim.zoo.reference import EVAL_FILE, compare_zoos, ship, shipped_evaluation
 from sim.zoo.report import domain_rows, markdown_table, qtype_rows, rich_table, sampling_error_note
 
 zoo_app = typer.Typer(help="Build and evaluate the tiny LLaVA model zoo.", no_args_is_help=True)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes: wide enough for the tables
 
 
 def recipe_by_name(name: str, seed: int | None = None, settings: list[str] | None = None) -> ZooRecipe:
@@ -76,26 +78,75 @@ def build_command(
         help="Train the device stage in a second process while the teacher trains, one thread each "
         "(default: on with two or more cores, for recipes with long stages).",
     ),
+    compare_samples: int = typer.Option(
+        300,
+        "--compare-samples",
+        min=0,
+        help="If the build differs from the shipped zoo, evaluate both on this "
+        "many samples per domain (0: compare the weights only).",
+    ),
 ) -> None:
-    """Pretrain the vision tower, then the teacher (all domains) and the device model (clear only)."""
+    """Pretrain the vision tower, then the teacher (all domains) and the device model (clear only).
+
+    Always trains from the recipe into the cache (the shipped reference zoo is never overwritten), then says
+    whether the result equals the shipped zoo bit for bit and, if not, how far its evaluation is.
+    """
     rec = recipe_by_name(recipe, settings=settings)
     root = zoo_dir(rec, home)
     if is_built(ZooPaths.at(root), rec) and not force:
         console.print(f"zoo [bold]{rec.name}[/] is up to date at {root}")
+        paths = ZooPaths.at(root)
+    else:
+        start = time.perf_counter()
+        paths = ensure_zoo(
+            rec, home=home, progress=True, force=force, compile_model=compile_model, side_by_side=side_by_side,
+            use_shipped=False,
+        )  # fmt: skip
+        manifest = paths.manifest()
+        console.print(f"built zoo [bold]{rec.name}[/] in {time.perf_counter() - start:.0f} s at {paths.root}")
+        console.print(f"stage seconds: {manifest['seconds']}  parameters: {manifest['parameters']}")
+    shipped = shipped_zoo(rec)
+    if shipped is None:
+        console.print(f"no shipped zoo for recipe {rec.name!r} (digest {rec.digest()}) to compare with")
         return
-    start = time.perf_counter()
-    paths = ensure_zoo(
-        rec, home=home, progress=True, force=force, compile_model=compile_model, side_by_side=side_by_side
-    )
-    manifest = paths.manifest()
-    console.print(f"built zoo [bold]{rec.name}[/] in {time.perf_counter() - start:.0f} s at {paths.root}")
-    console.print(f"stage seconds: {manifest['seconds']}  parameters: {manifest['parameters']}")
+    report_against_shipped(paths, shipped, compare_samples)
+
+
+def report_against_shipped(built: ZooPaths, shipped: ZooPaths, samples: int) -> bool:
+    """Print whether a build equals the shipped zoo bit for bit; if not, both evaluations side by side."""
+    comparisons = compare_zoos(built.root, shipped.root)
+    for c in comparisons:
+        state = "bit-identical" if c.equal else f"differs (max |diff| {c.max_abs_diff:.3g})"
+        console.print(f"{c.member}: {c.identical}/{c.tensors} tensors identical to the shipped zoo: {state}")
+    if all(c.equal for c in comparisons):
+        console.print(f"[green]the build equals the shipped zoo at {shipped.root} bit for bit[/]")
+        return True
+    if samples <= 0:
+        return False
+    console.print(f"evaluating the build and the shipped zoo on {samples} samples per domain")
+    domains = list(BENCHMARK_DOMAINS)
+    members = zoo_members(built)
+    models = {f"{m} (build)": p for m, p in members.items()} | {f"{m} (shipped)": shipped.root / m for m in members}
+    results = run_evaluation(models, domains, list(QUESTION_TYPES), samples, seed=0)
+    print_tables(results, domains, None)
+    for member in members:
+        gaps = [results[f"{member} (build)"][d].value - results[f"{member} (shipped)"][d].value for d in domains]
+        worst = max(range(len(domains)), key=lambda i: abs(gaps[i]))
+        console.print(
+            f"{member}: build minus shipped, mean {100 * sum(gaps) / len(gaps):+.1f} points, "
+            f"largest {100 * gaps[worst]:+.1f} on {domains[worst]}"
+        )
+    return False
 
 
 @zoo_app.command("path")
 def path_command(recipe: str = RecipeOpt, home: Path | None = HomeOpt, settings: list[str] = SetOpt) -> None:
-    """Print the zoo directory of a recipe (and whether it is built)."""
+    """Print where the zoo of a recipe is read from: shipped with the project, a cached build, or not built."""
     rec = recipe_by_name(recipe, settings=settings)
+    shipped = shipped_zoo(rec)
+    if shipped is not None:
+        console.print(f"{shipped.root} (shipped)")
+        return
     root = zoo_dir(rec, home)
     state = "built" if is_built(ZooPaths.at(root), rec) else "not built"
     console.print(f"{root} ({state})")
@@ -165,8 +216,8 @@ def eval_command(
         models = row_names(model)
     else:
         rec = recipe_by_name(recipe, settings=settings)
-        paths = ZooPaths.at(zoo_dir(rec, home))
-        if not is_built(paths, rec):
+        paths = locate_zoo(rec, home)
+        if paths is None:
             raise ConfigError(f"zoo {rec.name!r} is not built yet; run: tandem-sim zoo build --recipe {rec.name}")
         models = zoo_members(paths)
     results = run_evaluation(models, domains, qtypes, samples, seed)
@@ -188,14 +239,74 @@ def row_names(paths: list[Path]) -> dict[str, Path]:
     return rows
 
 
+def accuracy_counts(results: dict[str, dict[str, Accuracy]]) -> dict:
+    """Exact counts (correct, total, per question type) of an evaluation, for eval.json."""
+    return {
+        model: {d: {"correct": a.correct, "total": a.total, "by_type": dict(a.by_type)} for d, a in per.items()}
+        for model, per in results.items()
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """The versions an evaluation ran on (its numerics depend on them)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "tokenizers", "safetensors", "numpy")}
+
+
+@zoo_app.command("ship")
+def ship_command(
+    recipe: str = RecipeOpt,
+    home: Path | None = HomeOpt,
+    samples: int = typer.Option(1000, min=1, help="Held-out samples per domain for the shipped figures."),
+) -> None:
+    """Maintainers: copy the cached build of a recipe into sim/zoo/reference/ and measure its figures there."""
+    rec = recipe_by_name(recipe)
+    built = ZooPaths.at(zoo_dir(rec, home))
+    if not is_built(built, rec):
+        raise ConfigError(f"zoo {rec.name!r} is not built in the cache; run: tandem-sim zoo build --recipe {rec.name}")
+    target = ship(built.root, rec.name)
+    console.print(f"shipped zoo {rec.name} ({rec.digest()}) to {target}; measuring its figures")
+    domains = list(BENCHMARK_DOMAINS)
+    results = run_evaluation(zoo_members(ZooPaths.at(target)), domains, list(QUESTION_TYPES), samples, seed=0)
+    print_tables(results, domains, None)
+    record = {"digest": rec.digest(), "samples": samples, "seed": 0, "versions": library_versions(),
+              "accuracy": accuracy_counts(results)}  # fmt: skip
+    (target / EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"wrote {target / EVAL_FILE}")
+
+
+def compare_with_shipped_figures(results: dict[str, dict[str, Accuracy]], shipped: dict) -> str:
+    """One line: whether an evaluation reproduces the shipped figures exactly, or by how much it differs."""
+    counts, gaps = accuracy_counts(results), []
+    for model, per in counts.items():
+        for d, cell in per.items():
+            ref = shipped["accuracy"].get(model, {}).get(d)
+            if ref is None or ref["total"] != cell["total"]:
+                continue
+            gaps.append(abs(cell["correct"] - ref["correct"]) / cell["total"])
+    if not gaps:
+        return "no shipped figures at this sample count to compare with"
+    if max(gaps) == 0:
+        return f"reproduces the shipped figures exactly ({len(gaps)} cells)"
+    return f"differs from the shipped figures by up to {100 * max(gaps):.1f} points ({len(gaps)} cells)"
+
+
 def demo_command(
     recipe: str = RecipeOpt,
-    samples: int = typer.Option(300, min=1, help="Held-out samples per domain."),
+    samples: int | None = typer.Option(
+        None, min=1, help="Held-out samples per domain (default: as many as the shipped figures, or 300)."
+    ),
 ) -> None:
-    """Build the zoo (cached) and print its evaluation tables."""
+    """Evaluate the shipped reference zoo (nothing is built) and print its tables against the shipped figures."""
     rec = recipe_by_name(recipe)
     paths = ensure_zoo(rec, progress=True)
-    console.print(f"zoo [bold]{rec.name}[/] at {paths.root}")
+    figures = shipped_evaluation(rec.name) if paths == shipped_zoo(rec) else None
+    samples = samples or (figures or {}).get("samples", 300)
+    origin = "shipped" if figures is not None else "built"
+    console.print(f"zoo [bold]{rec.name}[/] ({rec.digest()}, {origin}) at {paths.root}; {samples} samples per domain")
     domains = list(BENCHMARK_DOMAINS)
     results = run_evaluation(zoo_members(paths), domains, list(QUESTION_TYPES), samples, seed=0)
     print_tables(results, domains, Path("reports/zoo_eval.md"))
+    if figures is not None:
+        console.print(compare_with_shipped_figures(results, figures))

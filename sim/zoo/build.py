@@ -1,7 +1,9 @@
 """Build the zoo (vision pretraining, teacher, device model) with progress, and cache it on disk.
 
-The cache lives outside the repository, under ``$TANDEM_HOME/zoo`` (default ``~/.cache/tandem/zoo``), in a
-directory named by the recipe's digest: an unchanged recipe is never rebuilt, a changed one builds anew.
+A recipe whose zoo ships with the project (``sim/zoo/reference/``) is not built: ``ensure_zoo`` returns the
+shipped zoo. Other builds are cached outside the repository, under ``$TANDEM_HOME/zoo`` (default
+``~/.cache/tandem/zoo``), in a directory named by the recipe's digest: an unchanged recipe is never rebuilt, a
+changed one builds anew.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
 from sim.zoo.compiling import compiler_available
 from sim.zoo.recipe import ZooRecipe
+from sim.zoo.reference import reference_root
 from sim.zoo.side_stage import SideStage
 from sim.zoo.tokenizer import build_processor
 from sim.zoo.train import init_projector_from_heads, pretrain_vision, train_answers
@@ -62,7 +65,23 @@ def zoo_home() -> Path:
 
 
 def zoo_dir(recipe: ZooRecipe, home: Path | None = None) -> Path:
+    """The cache directory of a recipe's build (not the shipped zoo)."""
     return (home or zoo_home()) / f"{recipe.name}-{recipe.digest()}"
+
+
+def shipped_zoo(recipe: ZooRecipe) -> ZooPaths | None:
+    """The zoo shipped with the project for exactly this recipe (same digest), or None."""
+    paths = ZooPaths.at(reference_root(recipe.name))
+    return paths if is_built(paths, recipe) else None
+
+
+def locate_zoo(recipe: ZooRecipe, home: Path | None = None) -> ZooPaths | None:
+    """Where the recipe's zoo can be read without building: the shipped one, else a cached build, else None."""
+    shipped = shipped_zoo(recipe)
+    if shipped is not None:
+        return shipped
+    cached = ZooPaths.at(zoo_dir(recipe, home))
+    return cached if is_built(cached, recipe) else None
 
 
 def is_built(paths: ZooPaths, recipe: ZooRecipe) -> bool:
@@ -104,8 +123,10 @@ def ensure_zoo(
     force: bool = False,
     compile_model: bool = False,
     side_by_side: bool | None = None,
+    use_shipped: bool = True,
 ) -> ZooPaths:
-    """Return the built zoo for ``recipe``, building it first when it is not cached (or ``force``).
+    """Return the built zoo for ``recipe``: the shipped one when it exists (and ``use_shipped``), else the cached
+    build, building it first when it is not cached (or ``force``, which always trains into the cache).
 
     ``compile_model`` trains the teacher and device stages compiled (``sim.zoo.compiling``; needs a C++ compiler,
     ConfigError otherwise). ``side_by_side`` trains the device stage in a second process, one thread each, while
@@ -113,6 +134,10 @@ def ensure_zoo(
     """
     if compile_model and not compiler_available():
         raise ConfigError("compiling needs a C++ compiler (g++ or clang++) on the PATH; build without --compile")
+    if use_shipped and not force:
+        shipped = shipped_zoo(recipe)
+        if shipped is not None:
+            return shipped
     root = zoo_dir(recipe, home)
     paths = ZooPaths.at(root)
     with _build_lock(root):
