@@ -85,17 +85,12 @@ def _score_batch(
 
 
 def _target(
-    cfg: SparseConfig,
-    step: int,
-    n_steps: int,
-    n_visual0: int,
-    current: int,
-    p: torch.Tensor | None,
-    num_layers: int,
+    cfg: SparseConfig, step: int, targets: list[int], current: int, p: torch.Tensor | None
 ) -> tuple[int, int | None]:
-    """Visual tokens to keep (merged included) after this step, and the rank of P in rank mode."""
+    """Visual tokens to keep (merged included) after this step (``targets``: budget mode's counts per step),
+    and the rank of P in rank mode."""
     if cfg.mode == "budget":
-        return min(cfg.step_targets(n_visual0, n_steps, num_layers)[step], current), None
+        return min(targets[step], current), None
     rank = attention_rank(p, cfg.rank_rtol) if p is not None else 0
     delete = round(cfg.rank_lambda * (current - rank))
     return max(1, current - delete), rank
@@ -104,10 +99,18 @@ def _target(
 class SparsePrefill:
     """One prefill forward of the language model with visual-token pruning."""
 
-    def __init__(self, cfg: SparseConfig, adapter: DecoderAdapter, cls_scores: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SparseConfig,
+        adapter: DecoderAdapter,
+        cls_scores: torch.Tensor | None = None,
+        targets_cache: dict[int, list[int]] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.adapter = adapter
         self.layers = cfg.drop_layers(adapter.num_layers)  # tokens are dropped before these layers
+        # budget counts per visual-token count; the runtime keeps it across calls with one config
+        self._targets: dict[int, list[int]] = {} if targets_cache is None else targets_cache
         self.cls_scores = cls_scores  # [B, n_visual] vision-tower CLS attention (method visionzip)
 
     def _initial(
@@ -223,8 +226,13 @@ class SparsePrefill:
         """False when budget mode already holds at most this step's target (scoring can be skipped)."""
         if self.cfg.mode != "budget":
             return True
-        step = self.layers.index(layer)
-        return self.cfg.step_targets(st.n_visual, len(self.layers), self.adapter.num_layers)[step] < current
+        return self.targets(st.n_visual)[self.layers.index(layer)] < current
+
+    def targets(self, n_visual: int) -> list[int]:
+        """Budget mode: the count after each drop point for a sample of ``n_visual`` tokens (cached)."""
+        if n_visual not in self._targets:
+            self._targets[n_visual] = self.cfg.step_targets(n_visual, len(self.layers), self.adapter.num_layers)
+        return self._targets[n_visual]
 
     def _prune(
         self,
@@ -253,7 +261,7 @@ class SparsePrefill:
                 st.visual_scores = scores.detach().clone()
             vis_slots = torch.nonzero(seq.visual[i]).flatten()
             current = len(vis_slots)
-            target, rank = _target(self.cfg, step, len(self.layers), st.n_visual, current, p, self.adapter.num_layers)
+            target, rank = _target(self.cfg, step, self.targets(st.n_visual), current, p)
             if target >= current:
                 st.steps.append(PruneStep(layer, current, current, 0, rank))
                 rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
@@ -319,7 +327,7 @@ class SparsePrefill:
         for i, st in enumerate(samples):
             vis_slots = torch.nonzero(seq.visual[i]).flatten()
             current = len(vis_slots)
-            target = min(cfg.step_targets(st.n_visual, 1, self.adapter.num_layers)[0], current)
+            target = min(self.targets(st.n_visual)[0], current)
             if current == 0 or target >= current:
                 st.steps.append(PruneStep(layer, current, current, 0, None))
                 rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
@@ -376,7 +384,7 @@ class SparsePrefill:
         for i, st in enumerate(samples):
             if st.visual_scores is None:
                 st.visual_scores = scores[i].detach().clone()
-        target, _ = _target(cfg, step, len(self.layers), n0, v, None, self.adapter.num_layers)
+        target, _ = _target(cfg, step, self.targets(n0), v, None)
         if target >= v:
             for st in samples:
                 st.steps.append(PruneStep(layer, v, v, 0, None))

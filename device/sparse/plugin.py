@@ -34,6 +34,7 @@ class SparseRuntime:
         self.last_stats: SparseStats | None = None
         self.hook: Any = None
         self.vision_hook: Any = None
+        self.targets_cache: dict[int, list[int]] = {}  # budget counts of ``cfg`` (reset when cfg changes)
         # CLS attention of the last vision-tower run (VisionZip); kept for calls given precomputed features
         self.cls_scores: torch.Tensor | None = None
 
@@ -105,7 +106,7 @@ class SparseRuntime:
             use_cache = bool(getattr(lm.config, "use_cache", True))
         if use_cache and cache is None:
             cache = new_cache(lm.config)
-        output, stats = SparsePrefill(self.cfg, self.adapter, self.cls_scores).run(
+        output, stats = SparsePrefill(self.cfg, self.adapter, self.cls_scores, self.targets_cache).run(
             inputs_embeds,
             image_mask,
             attention_mask,
@@ -140,6 +141,7 @@ def enable_sparsevlm(model: Any, cfg: SparseConfig | dict | None = None) -> Spar
         setattr(adapter.language_model, RUNTIME_ATTR, runtime)
         adapter.language_model.forward = runtime.forward
     runtime.cfg = cfg
+    runtime.targets_cache = {}
     runtime.sync_vision_hook()
     return cfg
 

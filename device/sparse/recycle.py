@@ -63,10 +63,11 @@ def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int, include_self: bo
         kk = max(1, min(k, n - 1))
         knn = dist.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
     density = torch.exp(-(knn**2).mean(dim=-1))
-    idx = torch.arange(n, device=x.device)
-    other, this = density[:, None, :], density[:, :, None]
-    denser = (other > this) | ((other == this) & (idx[None, None, :] < idx[None, :, None]))
-    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(dim=-1).values
+    # rank by density, ties by index: j is denser than i iff rank[j] < rank[i]
+    order = torch.argsort(-density, dim=-1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+    denser = rank[:, None, :] < rank[:, :, None]
+    delta = dist.masked_fill(~denser, float("inf")).min(dim=-1).values
     delta = torch.where(torch.isinf(delta), dist.amax(dim=(1, 2))[:, None], delta)
     centers = (density * delta).topk(groups, dim=-1).indices
     labels = dist.gather(2, centers[:, None, :].expand(b, n, groups)).argmin(dim=-1)
