@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sim.cli import main
 from sim.zoo import build, reference
-from sim.zoo.recipe import micro_recipe
+from sim.zoo.recipe import RECIPES, ZooRecipe, micro_recipe
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -110,3 +110,19 @@ def test_ship_records_figures_and_demo_reproduces_them(shipped_micro, capsys, tm
     code, out, err = run(["demo", "--recipe", "micro"], capsys)
     assert code == 0, err
     assert "shipped" in out and "reproduces the shipped figures exactly" in out
+
+
+@pytest.mark.parametrize("name", ["base", "base576"])
+def test_the_shipped_reference_zoo_is_the_current_recipes(name):
+    """The zoo in the repository is the build of today's recipe (a changed recipe must be shipped again)."""
+    recipe: ZooRecipe = RECIPES[name]()
+    paths = build.shipped_zoo(recipe)
+    manifest = json.loads((reference.reference_root(name) / build.MANIFEST).read_text())
+    assert paths is not None, f"shipped {name} zoo has digest {manifest.get('digest')}, recipe {recipe.digest()}"
+    members = ["teacher", "device"] if recipe.with_teacher else ["device"]
+    for member in members:
+        assert (paths.root / member / "model.safetensors").stat().st_size > 100_000
+        assert (paths.root / member / "tokenizer.json").is_file()
+    if name == "base":
+        figures = reference.shipped_evaluation(name)
+        assert figures is not None and figures["digest"] == recipe.digest() and figures["samples"] >= 300
