@@ -23,7 +23,7 @@ def test_cli_start_prints_no_third_party_warning() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)
     out = subprocess.run(
-        [sys.executable, "-c", CLI, "world", "sample", "-n", "1"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", CLI, "world", "sample", "-n", "1"], capture_output=True, text=True, env=env, timeout=280
     )
     assert out.returncode == 0, out.stderr
     assert "question" in out.stdout
