@@ -32,10 +32,10 @@ from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, spa
 from device.sparse.adapters import cache_bytes, output_cache
 from device.sparse.config import REFERENCE_KEPT_LISTS
 from sim.world import BENCHMARK_DOMAINS, QUESTION_TYPES, World
+from sim.zoo.reference import REFERENCE_DIR
 from sim.zoo.tokenizer import prompt_for
 
 REFERENCE_VISUAL = 576  # budgets are given for 576 visual tokens and scaled to the model's geometry
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "sim" / "zoo" / "reference"
 # The shipped reference zoo: accuracy on the base teacher and device (144 visual tokens) and the deep member;
 # speed (and accuracy when asked) on base576 (576 visual tokens).
 DEFAULT_ACCURACY_MODELS = ("base/teacher", "base/device", "deep/device")
