@@ -30,7 +30,7 @@ CLI = "import sys; from sim.cli import main; sys.argv[0] = 'tandem-sim'; main()"
 def test_cli_start_prints_no_third_party_warning(argv: list[str], expected: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)
-    out = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, env=env, timeout=280)
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout
     assert _BNB_NOTICE not in out.stderr

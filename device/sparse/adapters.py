@@ -136,6 +136,37 @@ class DecoderAdapter:
         kwargs[cache_argument(type(lm).forward)] = cache
         return type(lm).forward(lm, **kwargs)
 
+    def cls_layer(self) -> nn.Module:
+        """The CLIP encoder layer that produces the LLM's image features (VisionZip reads its CLS attention).
+
+        ``UnsupportedModelError`` for towers without a CLS token or features that keep it.
+        """
+        tower = getattr(self.wrapper, "vision_tower", None)
+        body = getattr(tower, "vision_model", tower)  # transformers 5: the encoder sits on CLIPVisionModel itself
+        layers = getattr(getattr(body, "encoder", None), "layers", None)
+        cfg = self.wrapper.config
+        feature_layer = getattr(cfg, "vision_feature_layer", None)
+        if layers is None or not isinstance(feature_layer, int):
+            raise UnsupportedModelError(
+                f"VisionZip needs a CLIP-style vision tower with one feature layer; {type(self.wrapper).__name__} "
+                f"has {type(tower).__name__}"
+            )
+        if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+            raise UnsupportedModelError("VisionZip needs vision_feature_select_strategy 'default' (CLS dropped)")
+        return layers[len(layers) + feature_layer if feature_layer < 0 else feature_layer - 1]
+
+    @staticmethod
+    def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Head-mean attention of the CLS token over the patches, [B, n_patches], from the layer's input."""
+        attn = layer.self_attn
+        normed = layer.layer_norm1(hidden)
+        b, n, _ = normed.shape
+        heads, d = attn.num_heads, attn.head_dim
+        q = attn.q_proj(normed[:, :1]).view(b, 1, heads, d).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, n, heads, d).transpose(1, 2)
+        weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        return weights.mean(dim=1)[:, 0, 1:]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed_tokens(input_ids)
 
@@ -157,6 +188,10 @@ class DecoderAdapter:
     def text_positions(self, position_ids: torch.Tensor, b: int, n: int) -> torch.Tensor:
         """[B, n] position of each token (what decode steps continue from)."""
         return position_ids.expand(b, n)
+
+    def rotary_plain(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for plain 1D positions [B, n] (used when positions are renumbered)."""
+        return self.rotary(hidden, positions)
 
     def query_key(
         self, layer_idx: int, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
@@ -198,6 +233,9 @@ class Qwen2VLAdapter(DecoderAdapter):
         if position_ids.dim() == 3 and position_ids.shape[0] == 4:
             position_ids = position_ids[1:]
         return self.language_model.rotary_emb(hidden, position_ids)
+
+    def rotary_plain(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(hidden, positions[None].expand(3, *positions.shape))
 
 
 # wrapper class -> (attribute path to the module that sees input_ids, adapter class, supported LM classes)
@@ -331,6 +369,19 @@ def _check_config(ad: DecoderAdapter) -> None:
     assert hasattr(ad.wrapper, "language_model"), "the multimodal wrapper has no .language_model"
 
 
+def _check_cls_layer(ad: DecoderAdapter) -> None:
+    if isinstance(ad, Qwen2VLAdapter):
+        return  # no CLS token: VisionZip is refused with UnsupportedModelError there
+    layer = ad.cls_layer()
+    for attr in ("layer_norm1", "self_attn"):
+        assert hasattr(layer, attr), f"{type(layer).__name__} has no .{attr}"
+    for attr in ("q_proj", "k_proj", "num_heads", "head_dim", "scale"):
+        assert hasattr(layer.self_attn, attr), f"{type(layer.self_attn).__name__} has no .{attr}"
+    width = layer.layer_norm1.normalized_shape[0]
+    scores = ad.cls_attention(layer, torch.randn(2, 5, width))
+    assert scores.shape == (2, 4) and torch.allclose(scores.sum(-1) < 1.0, torch.ones(2, dtype=torch.bool))
+
+
 INTERNALS: tuple[Internal, ...] = (
     Internal("modules: lm.{embed_tokens,layers,norm,rotary_emb}, self_attn.{q_proj,k_proj,...}", _check_modules),
     Internal("rotary_emb(hidden, position_ids) -> (cos, sin) [B, n, head_dim]", _check_rotary),
@@ -340,4 +391,5 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("BaseModelOutputWithPast carries the cache as `cache` or `past_key_values`", _check_output_field),
     Internal("DynamicCache(config=...).get_seq_length can be overridden per instance", _check_cache_length_override),
     Internal("config: wrapper.language_model, image_token_id, num_hidden_layers", _check_config),
+    Internal("CLIP layer: vision_tower.encoder.layers[f], layer_norm1, self_attn.{q,k}_proj, scale", _check_cls_layer),
 )

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from common.errors import TandemError
 from device.sparse.adapters import DecoderAdapter, model_output, set_logical_length
-from device.sparse.config import SparseConfig
+from device.sparse.config import PRE_LLM_METHODS, SparseConfig
+from device.sparse.prellm import divprune_select, visionzip_split
 from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
 from device.sparse.recycle import (
     cluster_dpc_knn,
@@ -20,9 +22,10 @@ from device.sparse.recycle import (
     merge_clusters,
     merge_clusters_batch,
     recycle_plan,
+    recycled_count,
 )
 from device.sparse.scoring import attention_rank, random_scores, rater_attention_batch
-from device.sparse.sequence import ORIG, RATER, VALID, VIS, TokenSeq, decode_mask, prefill_mask
+from device.sparse.sequence import ORIG, POS, RATER, VALID, VIS, TokenSeq, decode_mask, prefill_mask
 from device.sparse.stats import PruneStep, SampleStats, SparseStats
 
 CACHE_STATE_ATTR = "_tandem_sparse_state"
@@ -82,11 +85,12 @@ def _score_batch(
 
 
 def _target(
-    cfg: SparseConfig, step: int, n_steps: int, n_visual0: int, current: int, p: torch.Tensor | None
+    cfg: SparseConfig, step: int, targets: list[int], current: int, p: torch.Tensor | None
 ) -> tuple[int, int | None]:
-    """Visual tokens to keep (merged included) after this step, and the rank of P in rank mode."""
+    """Visual tokens to keep (merged included) after this step (``targets``: budget mode's counts per step),
+    and the rank of P in rank mode."""
     if cfg.mode == "budget":
-        return min(cfg.step_targets(n_visual0, n_steps)[step], current), None
+        return min(targets[step], current), None
     rank = attention_rank(p, cfg.rank_rtol) if p is not None else 0
     delete = round(cfg.rank_lambda * (current - rank))
     return max(1, current - delete), rank
@@ -95,10 +99,19 @@ def _target(
 class SparsePrefill:
     """One prefill forward of the language model with visual-token pruning."""
 
-    def __init__(self, cfg: SparseConfig, adapter: DecoderAdapter) -> None:
+    def __init__(
+        self,
+        cfg: SparseConfig,
+        adapter: DecoderAdapter,
+        cls_scores: torch.Tensor | None = None,
+        targets_cache: dict[int, list[int]] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.adapter = adapter
-        self.layers = cfg.pruning_layers(adapter.num_layers)
+        self.layers = cfg.drop_layers(adapter.num_layers)  # tokens are dropped before these layers
+        # budget counts per visual-token count; the runtime keeps it across calls with one config
+        self._targets: dict[int, list[int]] = {} if targets_cache is None else targets_cache
+        self.cls_scores = cls_scores  # [B, n_visual] vision-tower CLS attention (method visionzip)
 
     def _initial(
         self,
@@ -122,8 +135,10 @@ class SparsePrefill:
             fallback = NO_TEXT_AFTER_IMAGE if len(text_idx) == 0 else None
             raters = text_idx[:0]
             if self.cfg.method == "sparsevlm":
-                raters, fallback = select_raters(embeds[i], vis_idx, text_idx)
-            elif self.cfg.method == "random":
+                raters, fallback = select_raters(
+                    embeds[i], vis_idx, text_idx, scaled=self.cfg.rater_scaled, strict=self.cfg.rater_strict
+                )
+            elif self.cfg.method in ("random", *PRE_LLM_METHODS):
                 fallback = None
             rater[i, raters] = True
             samples.append(SampleStats(len(vis_idx), [], raters.tolist(), None, fallback=fallback))
@@ -159,27 +174,32 @@ class SparsePrefill:
         seq, samples = self._initial(embeds, image_mask, valid, position_ids, decision_length)
         out = torch.zeros_like(embeds)
         stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        fastv = self.cfg.method == "fastv"
-        score_at = {(p - 1 if fastv and p > 0 else p): p for p in self.layers}
+        # FastV and prune_point 'after' score with the layer before the drop point (whose output is pruned)
+        shifted = self.cfg.method == "fastv" or (
+            self.cfg.prune_point == "after" and self.cfg.method not in PRE_LLM_METHODS
+        )
+        score_at = {(p - 1 if shifted and p > 0 else p): p for p in self.layers}
         key_valid: list[torch.Tensor] = []
         mask = prefill_mask(seq)
         counts = seq.visual.sum(dim=1).tolist()
         for li in range(self.adapter.num_layers):
-            if li in score_at:
-                active = [
-                    i
-                    for i, st in enumerate(samples)
-                    if st.fallback != NO_TEXT_AFTER_IMAGE
-                    and st.n_visual > 0
-                    and (st.visual_scores is None or self._may_prune(score_at[li], st, counts[i]))
-                ]
-                if active:
-                    stash = _score_batch(self.cfg, self.adapter, li, seq, active)
-            if li in self.layers:
-                seq = self._prune(seq, li, stash, samples, out)
-                stash = {}
-                mask = prefill_mask(seq)
-                counts = seq.visual.sum(dim=1).tolist()
+            # 'before': score with layer li, then drop before it; shifted: drop (scored by layer li - 1), then
+            # score with layer li on the pruned sequence for the drop before layer li + 1
+            for action in ("drop", "score") if shifted else ("score", "drop"):
+                if action == "score" and li in score_at and self.cfg.method not in PRE_LLM_METHODS:
+                    active = [
+                        i
+                        for i, st in enumerate(samples)
+                        if st.fallback != NO_TEXT_AFTER_IMAGE
+                        and st.n_visual > 0
+                        and (st.visual_scores is None or self._may_prune(score_at[li], st, counts[i]))
+                    ]
+                    stash = _score_batch(self.cfg, self.adapter, li, seq, active) if active else {}
+                elif action == "drop" and li in self.layers:
+                    seq = self._prune(seq, li, stash, samples, out)
+                    stash = {}
+                    mask = prefill_mask(seq)
+                    counts = seq.visual.sum(dim=1).tolist()
             for i, st in enumerate(samples):
                 st.layer_counts.append(int(counts[i]))
             key_valid.append(seq.valid)
@@ -188,6 +208,8 @@ class SparsePrefill:
         alive = seq.visual & (seq.orig >= 0)
         for i, st in enumerate(samples):
             st.kept_patches = patch_of[i, seq.orig[i, alive[i]]].tolist()
+            vis = seq.visual[i]
+            st.final_visual = list(zip(seq.pos[i, vis].tolist(), seq.orig[i, vis].tolist(), strict=True))
         rows, cols = torch.nonzero(seq.orig >= 0, as_tuple=True)
         out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
         hidden = self.adapter.final_norm(out)
@@ -204,8 +226,13 @@ class SparsePrefill:
         """False when budget mode already holds at most this step's target (scoring can be skipped)."""
         if self.cfg.mode != "budget":
             return True
-        step = self.layers.index(layer)
-        return self.cfg.step_targets(st.n_visual, len(self.layers))[step] < current
+        return self.targets(st.n_visual)[self.layers.index(layer)] < current
+
+    def targets(self, n_visual: int) -> list[int]:
+        """Budget mode: the count after each drop point for a sample of ``n_visual`` tokens (cached)."""
+        if n_visual not in self._targets:
+            self._targets[n_visual] = self.cfg.step_targets(n_visual, len(self.layers), self.adapter.num_layers)
+        return self._targets[n_visual]
 
     def _prune(
         self,
@@ -218,9 +245,11 @@ class SparsePrefill:
         """Drop (and recycle) visual slots of every sample before ``layer``; write dropped states to
         ``out``."""
         step = self.layers.index(layer)
+        if self.cfg.method in PRE_LLM_METHODS:
+            return self._renumber(self._select_pre_llm(seq, layer, samples, out))
         batched = self._prune_batched(seq, layer, step, stash, samples, out)
         if batched is not None:
-            return batched
+            return self._renumber(batched)
         rows: list[tuple] = []
         everything = torch.arange(seq.length, device=seq.h.device)
         for i, st in enumerate(samples):
@@ -232,7 +261,7 @@ class SparsePrefill:
                 st.visual_scores = scores.detach().clone()
             vis_slots = torch.nonzero(seq.visual[i]).flatten()
             current = len(vis_slots)
-            target, rank = _target(self.cfg, step, len(self.layers), st.n_visual, current, p)
+            target, rank = _target(self.cfg, step, self.targets(st.n_visual), current, p)
             if target >= current:
                 st.steps.append(PruneStep(layer, current, current, 0, rank))
                 rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
@@ -243,23 +272,90 @@ class SparsePrefill:
             kept = vis_slots[order[: target - groups]]
             pruned = vis_slots[order[target - groups :]]
             merged_h, merged_slot = seq.h[i, :0], everything[:0]
+            merged_key = None
             if groups:
-                n_rec = max(groups, min(int(cfg.recycle_ratio * len(pruned)) + 1, len(pruned)))
+                n_rec = max(groups, recycled_count(len(pruned), cfg.recycle_ratio))
                 recycled = pruned[:n_rec]
                 states = seq.h[i, recycled]
-                labels = cluster_dpc_knn(states, groups, cfg.cluster_knn)
+                labels = cluster_dpc_knn(states, groups, *self._density(groups))
                 merged_h = merge_clusters(states, labels, groups)
                 # representative: the best-scored member (recycled is sorted by score, best first)
                 first = torch.full((groups,), n_rec, dtype=torch.long, device=labels.device)
                 first = first.scatter_reduce(0, labels, torch.arange(n_rec, device=labels.device), "amin")
                 merged_slot = recycled[first]
+                merged_key = self._merged_keys(vis_slots[None], merged_slot[None])
+                merged_key = None if merged_key is None else merged_key[0]
             orig = seq.orig[i, pruned]
             dropped = orig >= 0
             out[i, orig[dropped]] = seq.h[i, pruned[dropped]]
             keep_mask = ~seq.visual[i]
             keep_mask[kept] = True
-            rows.append(seq.row(i, torch.nonzero(keep_mask).flatten(), merged_h, merged_slot))
+            rows.append(seq.row(i, torch.nonzero(keep_mask).flatten(), merged_h, merged_slot, merged_key))
             st.steps.append(PruneStep(layer, current, target, groups, rank))
+        return self._renumber(TokenSeq.stack(rows))
+
+    def _density(self, groups: int) -> tuple[int, bool]:
+        """(k, include_self) of the recycling clustering's density (``cluster_density``)."""
+        if self.cfg.cluster_density == "cluster_num_including_self":
+            return groups, True
+        return self.cfg.cluster_knn, False
+
+    def _merged_keys(self, vis_slots: torch.Tensor, merged_slot: torch.Tensor) -> torch.Tensor | None:
+        """Sort keys [B, g] placing merged tokens after the kept visual block (``after_kept``), else None."""
+        if self.cfg.merged_placement != "after_kept":
+            return None
+        last = vis_slots.amax(dim=1, keepdim=True).double()
+        step = torch.arange(1, merged_slot.shape[1] + 1, device=merged_slot.device, dtype=torch.float64)
+        return last + step[None] / (merged_slot.shape[1] + 1)
+
+    def _renumber(self, seq: TokenSeq) -> TokenSeq:
+        """``positions='renumber'``: positions 0..n-1 over each row's valid slots, RoPE recomputed."""
+        if self.cfg.positions != "renumber":
+            return seq
+        valid = seq.meta[..., VALID]
+        pos = (valid.cumsum(dim=1) - 1).clamp(min=0)
+        meta = seq.meta.clone()
+        meta[..., POS] = pos
+        cos, sin = self.adapter.rotary_plain(seq.h, pos)
+        return TokenSeq(seq.h, meta, torch.cat([cos, sin], dim=-1).to(seq.rope.dtype))
+
+    def _select_pre_llm(self, seq: TokenSeq, layer: int, samples: list[SampleStats], out: torch.Tensor) -> TokenSeq:
+        """VisionZip- or DivPrune-style selection of each sample's visual tokens before the first layer."""
+        cfg = self.cfg
+        everything = torch.arange(seq.length, device=seq.h.device)
+        rows: list[tuple] = []
+        for i, st in enumerate(samples):
+            vis_slots = torch.nonzero(seq.visual[i]).flatten()
+            current = len(vis_slots)
+            target = min(self.targets(st.n_visual)[0], current)
+            if current == 0 or target >= current:
+                st.steps.append(PruneStep(layer, current, current, 0, None))
+                rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
+                continue
+            x = seq.h[i, vis_slots]
+            merged_h, merged_slot = seq.h[i, :0], everything[:0]
+            if cfg.method == "divprune":
+                kept = vis_slots[divprune_select(x[None], target)[0]]
+                n_merged = 0
+            else:
+                if self.cls_scores is None or self.cls_scores.shape[0] != len(samples):
+                    raise TandemError(
+                        "method 'visionzip' needs the vision tower's CLS attention of this batch: run the model "
+                        "with pixel_values (or compute the image features with VisionZip enabled)"
+                    )
+                scores = self.cls_scores[i, : st.n_visual].to(x.device)
+                st.visual_scores = scores.detach().clone()
+                dominant, targets, merged = visionzip_split(x, scores, target)
+                kept = vis_slots[dominant]
+                merged_h, merged_slot = merged, vis_slots[targets]
+                n_merged = len(targets)
+            keep_mask = ~seq.visual[i]
+            keep_mask[kept] = True
+            dropped = seq.visual[i] & ~keep_mask
+            orig = seq.orig[i, dropped]
+            out[i, orig[orig >= 0]] = seq.h[i, dropped][orig >= 0]
+            rows.append(seq.row(i, torch.nonzero(keep_mask).flatten(), merged_h, merged_slot))
+            st.steps.append(PruneStep(layer, current, target, n_merged, None))
         return TokenSeq.stack(rows)
 
     def _prune_batched(
@@ -288,7 +384,7 @@ class SparsePrefill:
         for i, st in enumerate(samples):
             if st.visual_scores is None:
                 st.visual_scores = scores[i].detach().clone()
-        target, _ = _target(cfg, step, len(self.layers), n0, v, None)
+        target, _ = _target(cfg, step, self.targets(n0), v, None)
         if target >= v:
             for st in samples:
                 st.steps.append(PruneStep(layer, v, v, 0, None))
@@ -307,11 +403,10 @@ class SparsePrefill:
         h_new, meta_new = _gather_rows(seq.h, keep_idx), _gather_rows(seq.meta, keep_idx)
         rope_new = _gather_rows(seq.rope, keep_idx)
         if groups:
-            n_pruned = pruned.shape[1]
-            n_rec = max(groups, min(int(cfg.recycle_ratio * n_pruned) + 1, n_pruned))
+            n_rec = max(groups, recycled_count(pruned.shape[1], cfg.recycle_ratio))
             recycled = pruned[:, :n_rec]
             states = _gather_rows(seq.h, recycled)
-            labels = cluster_dpc_knn_batch(states, groups, cfg.cluster_knn)
+            labels = cluster_dpc_knn_batch(states, groups, *self._density(groups))
             merged_h = merge_clusters_batch(states, labels, groups)
             ranks = torch.arange(n_rec, device=labels.device).expand(b, n_rec)
             first = torch.full((b, groups), n_rec, dtype=torch.long, device=labels.device)
@@ -321,7 +416,11 @@ class SparsePrefill:
             merged_meta[..., ORIG] = -1
             merged_meta[..., VIS] = 1
             merged_meta[..., RATER] = 0
-            order = torch.argsort(torch.cat([keep_idx, merged_slot], dim=1), dim=1)
+            keys = self._merged_keys(vis_slots, merged_slot)
+            if keys is None:
+                order = torch.argsort(torch.cat([keep_idx, merged_slot], dim=1), dim=1)
+            else:
+                order = torch.argsort(torch.cat([keep_idx.double(), keys], dim=1), dim=1)
             h_new = _gather_rows(torch.cat([h_new, merged_h.to(h_new.dtype)], dim=1), order)
             meta_new = _gather_rows(torch.cat([meta_new, merged_meta], dim=1), order)
             rope_new = _gather_rows(torch.cat([rope_new, _gather_rows(seq.rope, merged_slot)], dim=1), order)

@@ -33,6 +33,25 @@ class SparseRuntime:
         self.decision_length: int | None = None
         self.last_stats: SparseStats | None = None
         self.hook: Any = None
+        self.vision_hook: Any = None
+        self.targets_cache: dict[int, list[int]] = {}  # budget counts of ``cfg`` (reset when cfg changes)
+        # CLS attention of the last vision-tower run (VisionZip); kept for calls given precomputed features
+        self.cls_scores: torch.Tensor | None = None
+
+    def capture_cls(self, layer: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the vision layer producing the LLM's features: its CLS attention."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        with torch.no_grad():
+            self.cls_scores = self.adapter.cls_attention(layer, hidden)
+
+    def sync_vision_hook(self) -> None:
+        """Install the CLS hook while the method is VisionZip; remove it otherwise."""
+        wanted = self.cfg.enabled and self.cfg.method == "visionzip"
+        if wanted and self.vision_hook is None:
+            self.vision_hook = self.adapter.cls_layer().register_forward_pre_hook(self.capture_cls, with_kwargs=True)
+        elif not wanted and self.vision_hook is not None:
+            self.vision_hook.remove()
+            self.vision_hook, self.cls_scores = None, None
 
     def capture_input_ids(self, _module: Any, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the LLaVA wrapper: remember where the image tokens are."""
@@ -87,7 +106,7 @@ class SparseRuntime:
             use_cache = bool(getattr(lm.config, "use_cache", True))
         if use_cache and cache is None:
             cache = new_cache(lm.config)
-        output, stats = SparsePrefill(self.cfg, self.adapter).run(
+        output, stats = SparsePrefill(self.cfg, self.adapter, self.cls_scores, self.targets_cache).run(
             inputs_embeds,
             image_mask,
             attention_mask,
@@ -112,6 +131,8 @@ def enable_sparsevlm(model: Any, cfg: SparseConfig | dict | None = None) -> Spar
     if cfg is None:
         cfg = getattr(model.config, "sparsevlm", None) or {}
     cfg = cfg if isinstance(cfg, SparseConfig) else SparseConfig.model_validate(cfg)
+    if cfg.method == "visionzip":
+        adapter.cls_layer()  # UnsupportedModelError now rather than at the first forward
     model.config.sparsevlm = cfg.model_dump()
     runtime = _runtime(model)
     if runtime is None:
@@ -120,6 +141,8 @@ def enable_sparsevlm(model: Any, cfg: SparseConfig | dict | None = None) -> Spar
         setattr(adapter.language_model, RUNTIME_ATTR, runtime)
         adapter.language_model.forward = runtime.forward
     runtime.cfg = cfg
+    runtime.targets_cache = {}
+    runtime.sync_vision_hook()
     return cfg
 
 
@@ -129,6 +152,8 @@ def disable_sparsevlm(model: Any) -> None:
     runtime = _runtime(model)
     if runtime is not None:
         runtime.hook.remove()
+        if runtime.vision_hook is not None:
+            runtime.vision_hook.remove()
         del adapter.language_model.forward
         delattr(adapter.language_model, RUNTIME_ATTR)
     stored = getattr(model.config, "sparsevlm", None)

@@ -12,7 +12,7 @@ ALL_TEXT_RATERS = "all_text_raters"
 
 
 def select_raters(
-    embeds: torch.Tensor, visual_idx: torch.Tensor, text_idx: torch.Tensor
+    embeds: torch.Tensor, visual_idx: torch.Tensor, text_idx: torch.Tensor, scaled: bool = True, strict: bool = False
 ) -> tuple[torch.Tensor, str | None]:
     """Indices (into ``embeds``) of the raters of one sample, and the fallback taken, if any.
 
@@ -24,15 +24,17 @@ def select_raters(
     there is any text after the image (the maximum is never below the mean). Fallbacks: no candidate text
     -> empty
     index and ``NO_TEXT_AFTER_IMAGE`` (the caller keeps every visual token); non-finite relevance -> every
-    candidate rates (``ALL_TEXT_RATERS``).
+    candidate rates (``ALL_TEXT_RATERS``). ``scaled=False, strict=True``: the released code's rule (no
+    ``1/sqrt(d)``, ``r > mean(r)``; an empty set falls back to every candidate).
     """
     if text_idx.numel() == 0 or visual_idx.numel() == 0:
         return text_idx[:0], NO_TEXT_AFTER_IMAGE
     hv = embeds[visual_idx].float()
     ht = embeds[text_idx].float()
-    relevance = torch.softmax(hv @ ht.T / math.sqrt(embeds.shape[-1]), dim=-1)
+    logits = hv @ ht.T
+    relevance = torch.softmax(logits / math.sqrt(embeds.shape[-1]) if scaled else logits, dim=-1)
     r = relevance.mean(dim=0)
-    chosen = r >= r.mean()
+    chosen = r > r.mean() if strict else r >= r.mean()
     if not torch.isfinite(r).all() or not bool(chosen.any()):
         return text_idx, ALL_TEXT_RATERS
     return text_idx[chosen], None

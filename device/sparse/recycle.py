@@ -8,24 +8,43 @@ import math
 import torch
 
 
+def recycled_count(n_pruned: int, recycle_ratio: float) -> int:
+    """Pruned tokens recycled (the best-scored ``int(ratio * n_pruned) + 1``, at most all of them)."""
+    return min(int(recycle_ratio * n_pruned) + 1, n_pruned)
+
+
+def groups_for(n_recycled: int, cluster_ratio: float) -> int:
+    """Merged tokens made from ``n_recycled`` recycled ones: ``int(n_recycled * cluster_ratio) + 1``."""
+    return min(int(n_recycled * cluster_ratio) + 1, n_recycled)
+
+
 def recycle_plan(target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float) -> int:
-    """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged
-    included)."""
+    """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged included).
+
+    As in the paper and the released code, the groups follow from the recycled count, which follows from the
+    tokens actually pruned: keeping ``k = target - g`` prunes ``n_visual - k``, recycles
+    ``r = int(recycle_ratio * (n_visual - k)) + 1`` and merges them into ``g = int(r * cluster_ratio) + 1``.
+    ``g`` is the fixed point of that chain (it exists: each step of ``g`` moves the right side by 0 or 1).
+    576 -> 82 gives 16 merged tokens (66 kept), as the released code's 64 setting does.
+    """
     if not recycle or target >= n_visual or target <= 1:
         return 0
-    n_recycled = min(int(recycle_ratio * (n_visual - target)) + 1, n_visual - target)
-    groups = int(n_recycled * cluster_ratio) + 1
-    return max(0, min(groups, n_recycled, target - 1))
+    for g in range(1, target):
+        if groups_for(recycled_count(n_visual - (target - g), recycle_ratio), cluster_ratio) <= g:
+            return g
+    return target - 1
 
 
-def cluster_dpc_knn(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+def cluster_dpc_knn(x: torch.Tensor, groups: int, k: int, include_self: bool = False) -> torch.Tensor:
     """Labels in [0, groups) for the rows of ``x`` [n, d] (see ``cluster_dpc_knn_batch``)."""
-    return cluster_dpc_knn_batch(x[None], groups, k)[0]
+    return cluster_dpc_knn_batch(x[None], groups, k, include_self)[0]
 
 
-def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int, include_self: bool = False) -> torch.Tensor:
     """Labels [B, n] in [0, groups) for ``x`` [B, n, d] by density-peak clustering with kNN density.
 
+    Density: ``exp(-mean d^2)`` over the ``k`` nearest neighbours, the point itself excluded, or included
+    (``include_self``: the released code's ``cluster_and_merge``, there with ``k = groups``).
     Deterministic: density ties are broken by index. Centers are the ``groups`` points with the largest
     density x distance-to-denser-point; every point joins its nearest center.
     """
@@ -38,13 +57,17 @@ def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int) -> torch.Tensor:
     gram = xf @ xf.transpose(1, 2)
     dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_(min=0.0).sqrt_() / math.sqrt(d)
     dist.diagonal(dim1=1, dim2=2).fill_(0.0)
-    kk = max(1, min(k, n - 1))
-    knn = dist.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
+    if include_self:
+        knn = dist.topk(max(1, min(k, n)), dim=-1, largest=False).values
+    else:
+        kk = max(1, min(k, n - 1))
+        knn = dist.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
     density = torch.exp(-(knn**2).mean(dim=-1))
-    idx = torch.arange(n, device=x.device)
-    other, this = density[:, None, :], density[:, :, None]
-    denser = (other > this) | ((other == this) & (idx[None, None, :] < idx[None, :, None]))
-    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(dim=-1).values
+    # rank by density, ties by index: j is denser than i iff rank[j] < rank[i]
+    order = torch.argsort(-density, dim=-1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+    denser = rank[:, None, :] < rank[:, :, None]
+    delta = dist.masked_fill(~denser, float("inf")).min(dim=-1).values
     delta = torch.where(torch.isinf(delta), dist.amax(dim=(1, 2))[:, None], delta)
     centers = (density * delta).topk(groups, dim=-1).indices
     labels = dist.gather(2, centers[:, None, :].expand(b, n, groups)).argmin(dim=-1)

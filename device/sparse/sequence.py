@@ -66,8 +66,16 @@ class TokenSeq:
     def all_valid(self) -> bool:
         return bool(self.valid.all())
 
-    def row(self, b: int, idx: torch.Tensor, merged_h: torch.Tensor, merged_slot: torch.Tensor) -> tuple:
-        """Sample ``b`` reduced to sorted slots ``idx`` plus merged tokens placed at ``merged_slot``."""
+    def row(
+        self,
+        b: int,
+        idx: torch.Tensor,
+        merged_h: torch.Tensor,
+        merged_slot: torch.Tensor,
+        merged_key: torch.Tensor | None = None,
+    ) -> tuple:
+        """Sample ``b`` reduced to sorted slots ``idx`` plus merged tokens with the position of ``merged_slot``,
+        placed there (or at the sort keys ``merged_key``, e.g. after the kept visual block)."""
         if len(merged_slot) == 0:
             return self.h[b, idx], self.meta[b, idx], self.rope[b, idx]
         merged_meta = self.meta[b, merged_slot].clone()
@@ -75,7 +83,10 @@ class TokenSeq:
         merged_meta[:, ORIG] = -1
         merged_meta[:, VIS] = 1
         merged_meta[:, RATER] = 0
-        order = torch.argsort(torch.cat([idx, merged_slot]))  # merged slots were pruned: no ties
+        if merged_key is None:
+            order = torch.argsort(torch.cat([idx, merged_slot]))  # merged slots were pruned: no ties
+        else:
+            order = torch.argsort(torch.cat([idx.double(), merged_key]))
         h = torch.cat([self.h[b, idx], merged_h.to(self.h.dtype)])[order]
         meta = torch.cat([self.meta[b, idx], merged_meta])[order]
         rope = self.rope[b, torch.cat([idx, merged_slot])[order]]

@@ -28,7 +28,9 @@ class SampleStats:
     number).
     ``kept_patches``: patch indices (0-based, sorted) of the original visual tokens alive in the last layer.
     ``visual_scores``: rater -> visual relevance at the first pruning layer, [n_visual] in original patch
-    order.
+    order (VisionZip: the CLS attention; DivPrune: none).
+    ``final_visual``: the last layer's visual slots in sequence order, each (position id, input index or -1
+    for a merged token): shows where merged tokens sit and whether positions were renumbered.
     """
 
     n_visual: int
@@ -38,6 +40,7 @@ class SampleStats:
     steps: list[PruneStep] = field(default_factory=list)
     fallback: str | None = None
     kept_patches: list[int] = field(default_factory=list)
+    final_visual: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def final_count(self) -> int:

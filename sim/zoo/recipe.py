@@ -211,4 +211,16 @@ def base576_recipe(seed: int = 0) -> ZooRecipe:
     )
 
 
-RECIPES = {"base": ZooRecipe, "micro": micro_recipe, "base576": base576_recipe}
+def deep_recipe(seed: int = 0) -> ZooRecipe:
+    """The base recipe with an 8-layer device-width language model (device only), for token-pruning benchmarks:
+    pruning at layers 2, 6 and 15 of 32 needs depth to act on contextualised states."""
+    base = ZooRecipe()
+    return ZooRecipe(
+        name="deep",
+        seed=seed,
+        device=TextSpec(**{**base.device.model_dump(), "num_layers": 8}),
+        with_teacher=False,
+    )
+
+
+RECIPES = {"base": ZooRecipe, "micro": micro_recipe, "base576": base576_recipe, "deep": deep_recipe}
