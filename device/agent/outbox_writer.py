@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 from device.transport.outbox import Outbox
 
@@ -21,6 +22,8 @@ class OutboxWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max_waiting)
         self.written = 0
         self.dropped = 0
+        # Called on the writer thread with (seq, payload, metadata) once a sample is durably queued.
+        self.on_written: Callable[[int, bytes, dict[str, str]], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="tandem-outbox", daemon=True)
         self._thread.start()
 
@@ -42,10 +45,13 @@ class OutboxWriter:
             if item is _STOP:
                 return
             try:
-                self.outbox.put(*item)
+                seq = self.outbox.put(*item)
                 self.written += 1
             except Exception:  # a sample the outbox refuses (too large, bad metadata) never stops the writer
                 log.exception("outbox refused a sample")
+                continue
+            if self.on_written is not None:
+                self.on_written(seq, *item)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything still waiting, then stop the thread."""

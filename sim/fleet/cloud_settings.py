@@ -21,6 +21,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def cloud_settings(zoo: FleetZoo, overrides: dict[str, Any]) -> dict[str, Any]:
     """Config keys for ``tandem-cloud serve`` (beyond host, port and data_dir, which the harness sets)."""
     base: dict[str, Any] = {
+        # The scenario is the operator: its devices enrol themselves in the cohorts it gives them (a deployment
+        # keeps enrollment closed and provisions each device with `tandem-cloud devices add`).
+        "open_enrollment": True,
         "sqlite_synchronous": "NORMAL",
         "watch_poll_interval_s": 0.5,
         "adaptation": {

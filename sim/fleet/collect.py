@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sim.fleet.cloud_process import CloudProcess
 from sim.fleet.devices import SimDevice
@@ -114,15 +113,13 @@ def collect_results(run: str, sc: Scenario, devices: list[SimDevice], cloud: Clo
 def read_cloud(cloud: CloudProcess, devices: list[tuple[str, str]]) -> CloudRecords | None:
     """Open the cloud's sample store, update registry and job store (after the service stopped)."""
     try:
-        from cloud.adaptation.jobs_sqlite import SqliteJobStore
         from cloud.gateway.server import load_or_create_signing_key
-        from cloud.samples import open_sample_store
-        from cloud.updates import SqliteUpdateRegistry
+        from cloud.stores import open_job_store, open_sample_store, open_update_registry
 
         cfg = cloud.gateway_config()
-        samples = open_sample_store(cfg.sample_store, str(cfg.data_dir), cfg.sqlite_synchronous)
-        registry = SqliteUpdateRegistry(Path(cfg.data_dir) / "updates", load_or_create_signing_key(cfg))
-        jobs = SqliteJobStore(cfg.adaptation_dir / "jobs.db")
+        samples = open_sample_store(cfg, cfg.data_dir, cfg.sqlite_synchronous)
+        registry = open_update_registry(cfg, cfg.data_dir, load_or_create_signing_key(cfg), cfg.sqlite_synchronous)
+        jobs = open_job_store(cfg, cfg.adaptation_dir, cfg.sqlite_synchronous)
     except Exception:  # reported; the run's device-side figures still stand
         log.exception("could not open the cloud's stores")
         return None

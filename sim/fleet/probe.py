@@ -58,19 +58,16 @@ class DeviceProbe:
         self._acked_seq = 0
         self._window = [0, 0]
         self._unacked: deque[int] = deque()
-        self._sink = agent.step.sink
-        agent.step.sink = self._record_sample
+        agent.writer.on_written = self._record_sample
         self._observer = agent.batcher.on_batch
         agent.batcher.on_batch = self._record_batch
 
-    def _record_sample(self, payload: bytes, metadata: dict[str, str]) -> object:
-        seq = self._sink(payload, metadata) if self._sink is not None else None
-        if isinstance(seq, int):
-            captured = float(metadata.get("sim_t", "nan"))
-            with self._lock:
-                self.data.queued[seq] = Queued(captured, self.source.elapsed_s(), len(payload))
-                self._unacked.append(seq)
-        return seq
+    def _record_sample(self, seq: int, payload: bytes, metadata: dict[str, str]) -> None:
+        """The agent's outbox writer queued a sample durably (on its thread)."""
+        captured = float(metadata.get("sim_t", "nan"))
+        with self._lock:
+            self.data.queued[seq] = Queued(captured, self.source.elapsed_s(), len(payload))
+            self._unacked.append(seq)
 
     def _record_batch(self, requests, answers, forward_s: float) -> None:
         if self._observer is not None:
