@@ -131,8 +131,6 @@ async def _setup(tmp_path: Path, zoo, address: str, images: int, **overrides) ->
     return path
 
 
-pytestmark = pytest.mark.slow  # real processes: about 20-40 s each on two loaded cores
-
 
 async def test_kill9_during_upload_loses_nothing_and_stores_nothing_twice(zoo, tmp_path):
     async with running_gateway(tmp_path / "cloud") as gw:
