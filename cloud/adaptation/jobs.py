@@ -8,6 +8,7 @@ job left ``running`` by a killed service is requeued at start (``recover``).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +18,16 @@ from common.errors import TandemError
 JobState = Literal["queued", "running", "done", "failed"]
 SubjectKind = Literal["device", "cohort"]
 STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
+# The job row's columns, in the order both stores select them.
+JOB_COLUMNS = (
+    "job_id, subject_kind, subject, family, ranges, samples, bytes, reason, state, attempts, error, outcome,"
+    " update_id, result, created_unix_ms, started_unix_ms, finished_unix_ms"
+)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, as jobs record their times."""
+    return int(time.time() * 1000)
 
 
 class JobError(TandemError):

@@ -7,22 +7,11 @@ each change one transaction. ``claim`` uses ``FOR UPDATE SKIP LOCKED``, so two t
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cloud.adaptation.jobs import STATES, Job, JobError, JobState, JobStore, NewJob, SeqRange
+from cloud.adaptation.jobs import JOB_COLUMNS, STATES, Job, JobError, JobState, JobStore, NewJob, SeqRange, now_ms
 from cloud.db import PostgresDatabase
-
-_COLUMNS = (
-    "job_id, subject_kind, subject, family, ranges, samples, bytes, reason, state, attempts, error, outcome,"
-    " update_id, result, created_unix_ms, started_unix_ms, finished_unix_ms"
-)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class PostgresJobStore(JobStore):
@@ -32,14 +21,14 @@ class PostgresJobStore(JobStore):
         self.db = db
 
     def create(self, job: NewJob) -> Job | None:
-        now = _now_ms()
+        now = now_ms()
         ranges = Jsonb([[r.device_id, r.after_seq, r.upto_seq] for r in job.ranges])
         with self.db.transaction() as cur:
             cur.execute(
                 f"INSERT INTO jobs (subject_kind, subject, family, ranges, samples, bytes, reason, state,"
                 " created_unix_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, 'queued', %s)"
                 " ON CONFLICT (subject_kind, subject) WHERE state IN ('queued', 'running') DO NOTHING"
-                f" RETURNING {_COLUMNS}",
+                f" RETURNING {JOB_COLUMNS}",
                 (job.subject_kind, job.subject, job.family, ranges, job.samples, job.bytes, job.reason, now),
             )
             row = cur.fetchone()
@@ -58,8 +47,8 @@ class PostgresJobStore(JobStore):
             cur.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_unix_ms = %s WHERE job_id IN"
                 " (SELECT job_id FROM jobs WHERE state = 'queued' AND attempts < %s ORDER BY job_id LIMIT %s"
-                f" FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
-                (_now_ms(), max_attempts, limit),
+                f" FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}",
+                (now_ms(), max_attempts, limit),
             )
             return sorted((_job(r) for r in cur.fetchall()), key=lambda j: j.job_id)
 
@@ -67,8 +56,8 @@ class PostgresJobStore(JobStore):
         with self.db.cursor() as cur:
             cur.execute(
                 "UPDATE jobs SET state = 'done', outcome = %s, result = %s, update_id = %s, finished_unix_ms = %s"
-                f" WHERE job_id = %s AND state = 'running' RETURNING {_COLUMNS}",
-                (outcome, Jsonb(result), update_id, _now_ms(), job_id),
+                f" WHERE job_id = %s AND state = 'running' RETURNING {JOB_COLUMNS}",
+                (outcome, Jsonb(result), update_id, now_ms(), job_id),
             )
             row = cur.fetchone()
         if row is None:
@@ -83,8 +72,9 @@ class PostgresJobStore(JobStore):
                 raise JobError(f"job {job_id} is not running")
             state = "failed" if permanent or int(row[0]) >= max_attempts else "queued"
             cur.execute(
-                f"UPDATE jobs SET state = %s, error = %s, finished_unix_ms = %s WHERE job_id = %s RETURNING {_COLUMNS}",
-                (state, error[:2000], _now_ms(), job_id),
+                "UPDATE jobs SET state = %s, error = %s, finished_unix_ms = %s WHERE job_id = %s"
+                f" RETURNING {JOB_COLUMNS}",
+                (state, error[:2000], now_ms(), job_id),
             )
             out = cur.fetchone()
         assert out is not None
@@ -108,7 +98,8 @@ class PostgresJobStore(JobStore):
                 if row[0] != "failed":
                     raise JobError(f"job {job_id} is {row[0]}; only failed jobs can be retried")
                 cur.execute(
-                    f"UPDATE jobs SET state = 'queued', attempts = 0 WHERE job_id = %s RETURNING {_COLUMNS}", (job_id,)
+                    f"UPDATE jobs SET state = 'queued', attempts = 0 WHERE job_id = %s RETURNING {JOB_COLUMNS}",
+                    (job_id,),
                 )
                 out = cur.fetchone()
         except psycopg.errors.UniqueViolation:
@@ -118,12 +109,12 @@ class PostgresJobStore(JobStore):
 
     def get(self, job_id: int) -> Job | None:
         with self.db.cursor() as cur:
-            cur.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = %s", (job_id,))
+            cur.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = %s", (job_id,))
             row = cur.fetchone()
         return _job(row) if row else None
 
     def list(self, state: JobState | None = None, subject: str | None = None, limit: int = 100) -> list[Job]:
-        sql, args = f"SELECT {_COLUMNS} FROM jobs WHERE TRUE", []
+        sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE TRUE", []
         if state is not None:
             sql += " AND state = %s"
             args.append(state)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
-from cloud.adaptation.jobs import STATES, Job, JobError, JobState, JobStore, NewJob, SeqRange
+from cloud.adaptation.jobs import JOB_COLUMNS, STATES, Job, JobError, JobState, JobStore, NewJob, SeqRange, now_ms
 from cloud.db import open_sqlite
 
 _SCHEMA = """
@@ -41,14 +40,6 @@ CREATE TABLE IF NOT EXISTS cursors (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_COLUMNS = (
-    "job_id, subject_kind, subject, family, ranges, samples, bytes, reason, state, attempts, error, outcome,"
-    " update_id, result, created_unix_ms, started_unix_ms, finished_unix_ms"
-)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class SqliteJobStore(JobStore):
@@ -65,7 +56,7 @@ class SqliteJobStore(JobStore):
 
     def create(self, job: NewJob) -> Job | None:
         ranges = json.dumps([[r.device_id, r.after_seq, r.upto_seq] for r in job.ranges])
-        now = _now_ms()
+        now = now_ms()
         with self._tx() as cur:
             try:
                 cur.execute(
@@ -85,7 +76,7 @@ class SqliteJobStore(JobStore):
         return self._get(job_id)
 
     def claim(self, limit: int, max_attempts: int) -> list[Job]:
-        now = _now_ms()
+        now = now_ms()
         with self._tx() as cur:
             ids = [
                 int(r[0])
@@ -106,7 +97,7 @@ class SqliteJobStore(JobStore):
             cur.execute(
                 "UPDATE jobs SET state = 'done', outcome = ?, result = ?, update_id = ?, finished_unix_ms = ?"
                 " WHERE job_id = ? AND state = 'running'",
-                (outcome, json.dumps(result, sort_keys=True), update_id, _now_ms(), job_id),
+                (outcome, json.dumps(result, sort_keys=True), update_id, now_ms(), job_id),
             )
             if cur.rowcount != 1:
                 raise JobError(f"job {job_id} is not running")
@@ -120,7 +111,7 @@ class SqliteJobStore(JobStore):
             state = "failed" if permanent or int(row[0]) >= max_attempts else "queued"
             cur.execute(
                 "UPDATE jobs SET state = ?, error = ?, finished_unix_ms = ? WHERE job_id = ?",
-                (state, error[:2000], _now_ms(), job_id),
+                (state, error[:2000], now_ms(), job_id),
             )
         return self._get(job_id)
 
@@ -145,7 +136,7 @@ class SqliteJobStore(JobStore):
 
     def get(self, job_id: int) -> Job | None:
         with self._lock:
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
     def _get(self, job_id: int) -> Job:
@@ -155,7 +146,7 @@ class SqliteJobStore(JobStore):
         return job
 
     def list(self, state: JobState | None = None, subject: str | None = None, limit: int = 100) -> list[Job]:
-        sql, args = f"SELECT {_COLUMNS} FROM jobs WHERE 1=1", []
+        sql, args = f"SELECT {JOB_COLUMNS} FROM jobs WHERE 1=1", []
         if state is not None:
             sql += " AND state = ?"
             args.append(state)

@@ -55,7 +55,6 @@ class UpdateRecord:
 class UpdateRegistry(ABC):
     """Durable store of signed updates, served in chunks."""
 
-    @abstractmethod
     def publish(
         self,
         device_id: str,
@@ -65,8 +64,8 @@ class UpdateRegistry(ABC):
         metadata: dict[str, str] | None = None,
     ) -> UpdateRecord:
         """Sign and store an update for one device; returns its record."""
+        return self._publish(device_id or "", "", base_version, target_version, payload, metadata)
 
-    @abstractmethod
     def publish_cohort(
         self,
         cohort: str,
@@ -76,6 +75,13 @@ class UpdateRegistry(ABC):
         metadata: dict[str, str] | None = None,
     ) -> UpdateRecord:
         """Sign and store an update for every device of ``cohort``."""
+        return self._publish("", cohort or "", base_version, target_version, payload, metadata)
+
+    @abstractmethod
+    def _publish(
+        self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
+    ) -> UpdateRecord:
+        """Sign and store an update for a device (``cohort`` empty) or a cohort (``device_id`` empty)."""
 
     @abstractmethod
     def get(self, update_id: int) -> UpdateRecord | None:

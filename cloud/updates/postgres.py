@@ -37,12 +37,6 @@ class PostgresUpdateRegistry(UpdateRegistry):
         self._key = signing_key
         self._listeners: list[_Listener] = []
 
-    def publish(self, device_id, base_version, target_version, payload, metadata=None) -> UpdateRecord:
-        return self._publish(device_id or "", "", base_version, target_version, payload, metadata)
-
-    def publish_cohort(self, cohort, base_version, target_version, payload, metadata=None) -> UpdateRecord:
-        return self._publish("", cohort or "", base_version, target_version, payload, metadata)
-
     def _publish(
         self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
     ) -> UpdateRecord:

@@ -56,12 +56,6 @@ class SqliteUpdateRegistry(UpdateRegistry):
         self.blobs = DirectoryBlobStore(self.data_dir / "blobs")
         self._lock = threading.Lock()
 
-    def publish(self, device_id, base_version, target_version, payload, metadata=None) -> UpdateRecord:
-        return self._publish(device_id or "", "", base_version, target_version, payload, metadata)
-
-    def publish_cohort(self, cohort, base_version, target_version, payload, metadata=None) -> UpdateRecord:
-        return self._publish("", cohort or "", base_version, target_version, payload, metadata)
-
     def _publish(
         self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
     ) -> UpdateRecord:

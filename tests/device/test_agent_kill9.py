@@ -131,7 +131,6 @@ async def _setup(tmp_path: Path, zoo, address: str, images: int, **overrides) ->
     return path
 
 
-
 async def test_kill9_during_upload_loses_nothing_and_stores_nothing_twice(zoo, tmp_path):
     async with running_gateway(tmp_path / "cloud") as gw:
         config = await _setup(tmp_path, zoo, gw.address, images=30)
