@@ -78,9 +78,18 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
                 jobs = trainer.jobs.list(subject="dev-2")
                 return trainer.executor.running_actor(jobs[0].job_id) if jobs else None
 
-            await asyncio.to_thread(_wait, lambda: running_actor() is not None, 120, "dev-2's job to start")
-            await asyncio.sleep(0.5)
-            local_ray.kill(running_actor(), no_restart=True)
+            seen: list = []
+
+            def job_running() -> bool:
+                actor = running_actor()
+                if actor is not None:
+                    seen.append(actor)
+                return actor is not None
+
+            # Kill the handle as soon as it is seen running: on an idle machine the micro job can finish within a
+            # fraction of a second, after which the executor no longer lists its actor.
+            await asyncio.to_thread(_wait, job_running, 120, "dev-2's job to start")
+            local_ray.kill(seen[0], no_restart=True)
             await asyncio.to_thread(
                 _wait, lambda: bool(gateway.updates.list(device_id="dev-2")), 300, "dev-2's update after the kill"
             )
