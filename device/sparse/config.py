@@ -49,6 +49,13 @@ class SparseConfig(StrictConfig):
     """How ``budget`` is read. ``final``: visual tokens after the last pruning layer (Tandem's original
     meaning). ``layer_average``: visual tokens averaged over all LM layers (the paper's "retain 64"); the
     final count is then derived for the model's depth and pruning layers (``plan``)."""
+    step_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    """Layer-average budgets: each pruning step keeps this fraction of the previous step's count, the first
+    count chosen so that the layer average meets the budget. ``None``: the counts fall geometrically from the
+    visual-token count to the final count."""
+    diversity: float = Field(0.0, ge=0.0)
+    """Redundancy discount of the ranking: a token's relevance is multiplied by ``(1 - r) ** diversity``, ``r``
+    its largest cosine similarity to a more relevant token (0: rank by relevance alone)."""
     budget_reference: int | None = Field(None, ge=1)
     """If set, ``budget`` is stated for this many visual tokens and scaled to the model's count (the paper's
     64 of 576 is 16 of 144). ``None``: ``budget`` is an absolute count."""
@@ -188,6 +195,8 @@ class SparseConfig(StrictConfig):
         if num_layers is None:
             raise ValueError("budget_kind 'layer_average' needs the model's number of layers")
         drops = self.drop_layers(num_layers)[:n_steps]
+        if self.step_ratio is not None:
+            return self._decaying(n_visual, num_layers, drops, target)
         best: tuple[float, int] | None = None
         for final in range(1, n_visual + 1):  # the final count whose layer average is nearest the target
             avg = _layer_average(n_visual, num_layers, drops, self._geometric(n_visual, len(drops), final))
@@ -196,6 +205,19 @@ class SparseConfig(StrictConfig):
             if avg > target:
                 break
         return self._geometric(n_visual, n_steps, best[1] if best else target)
+
+    def _decaying(self, n_visual: int, num_layers: int, drops: list[int], target: int) -> list[int]:
+        """Counts falling by ``step_ratio`` per step whose layer average is nearest ``target``."""
+        ratio = self.step_ratio or 1.0
+        best: tuple[float, list[int]] | None = None
+        for first in range(1, n_visual + 1):
+            counts = [max(1, min(n_visual, round(first * ratio**i))) for i in range(len(drops))]
+            avg = _layer_average(n_visual, num_layers, drops, counts)
+            if best is None or abs(avg - target) < best[0]:
+                best = (abs(avg - target), counts)
+            if avg > target:
+                break
+        return best[1] if best else [target] * len(drops)
 
     def _fractions_per_step(self, num_layers: int | None) -> list[float]:
         """``schedule_fractions`` per drop point. With the default layers on a shallow model several reference

@@ -6,6 +6,7 @@ states, original position ids, mask) and each layer's KV cache holds only the to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from common.errors import TandemError
 from device.sparse.adapters import DecoderAdapter, model_output, set_logical_length
 from device.sparse.config import PRE_LLM_METHODS, SparseConfig
+from device.sparse.diversity import diverse_order
 from device.sparse.prellm import divprune_select, visionzip_split
 from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
 from device.sparse.recycle import (
@@ -51,7 +53,7 @@ def _score_batch(
     """Scores of the current visual slots of the ``active`` samples and their attention matrix P [R, V]."""
     b, n = seq.h.shape[0], seq.length
     dev = seq.h.device
-    counts = seq.visual.sum(dim=1).tolist()
+    counts = seq.visual_counts
     if cfg.method == "random":
         seeds = {i: cfg.seed * 1_000_003 + 7919 * layer + i for i in active}
         return {i: (random_scores(counts[i], seeds[i], dev), None) for i in active}
@@ -62,18 +64,24 @@ def _score_batch(
     else:
         n_rows = seq.rater.sum(dim=1).tolist()
         r_max = max(max(n_rows), 1)
-        # rater slots first (in order), then padding that repeats the first rater
-        rows = torch.argsort((~seq.rater).long() * n + idx, dim=1)[:, :r_max]
-        pad = torch.arange(r_max, device=dev)[None] >= torch.tensor(n_rows, device=dev)[:, None]
-        rows = torch.where(pad, rows[:, :1], rows)
+        if len(set(n_rows)) == 1 and n_rows[0] > 0:  # every row has as many raters: their slots, in order
+            rows = torch.nonzero(seq.rater)[:, 1].view(b, r_max)
+        else:
+            # rater slots first (in order), then padding that repeats the first rater
+            rows = torch.argsort((~seq.rater).long() * n + idx, dim=1)[:, :r_max]
+            pad = torch.arange(r_max, device=dev)[None] >= torch.tensor(n_rows, device=dev)[:, None]
+            rows = torch.where(pad, rows[:, :1], rows)
     normed = adapter.input_norm(layer, seq.h)
     cos, sin = seq.cos_sin
     attn = rater_attention_batch(adapter, layer, normed, cos, sin, rows, None if seq.all_valid else seq.valid)
     out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    if len(set(counts)) == 1:
-        v = counts[0]
-        vis_slots = torch.nonzero(seq.visual)[:, 1].view(b, v)
+    vis_slots = seq.visual_slots
+    if vis_slots is not None:
+        v = vis_slots.shape[1]
         p_all = attn.gather(2, vis_slots[:, None, :].expand(b, attn.shape[1], v))
+        if len(set(n_rows)) == 1:  # no padded rater rows: one mean for the batch
+            means = p_all.mean(dim=1)
+            return {i: (means[i], p_all[i]) for i in active}
         for i in active:
             p = p_all[i, : n_rows[i]]
             out[i] = (p.mean(dim=0), p)
@@ -172,7 +180,8 @@ class SparsePrefill:
         if position_ids is None:
             position_ids = torch.arange(n, device=dev)[None]
         seq, samples = self._initial(embeds, image_mask, valid, position_ids, decision_length)
-        out = torch.zeros_like(embeds)
+        # each input column's last hidden state; column n is a sink for slots without one (merged, filler)
+        out = embeds.new_zeros(b, n + 1, embeds.shape[-1])
         stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # FastV and prune_point 'after' score with the layer before the drop point (whose output is pruned)
         shifted = self.cfg.method == "fastv" or (
@@ -181,7 +190,7 @@ class SparsePrefill:
         score_at = {(p - 1 if shifted and p > 0 else p): p for p in self.layers}
         key_valid: list[torch.Tensor] = []
         mask = prefill_mask(seq)
-        counts = seq.visual.sum(dim=1).tolist()
+        counts = seq.visual_counts
         for li in range(self.adapter.num_layers):
             # 'before': score with layer li, then drop before it; shifted: drop (scored by layer li - 1), then
             # score with layer li on the pruned sequence for the drop before layer li + 1
@@ -199,20 +208,17 @@ class SparsePrefill:
                     seq = self._prune(seq, li, stash, samples, out)
                     stash = {}
                     mask = prefill_mask(seq)
-                    counts = seq.visual.sum(dim=1).tolist()
+                    counts = seq.visual_counts
             for i, st in enumerate(samples):
                 st.layer_counts.append(int(counts[i]))
             key_valid.append(seq.valid)
             seq.h = self.adapter.run_layer(li, seq.h, mask, seq.cos_sin, seq.pos, cache)
         patch_of = torch.cumsum(image_mask.long(), dim=1) - 1
-        alive = seq.visual & (seq.orig >= 0)
+        visual = seq.visual
         for i, st in enumerate(samples):
-            st.kept_patches = patch_of[i, seq.orig[i, alive[i]]].tolist()
-            vis = seq.visual[i]
-            st.final_visual = list(zip(seq.pos[i, vis].tolist(), seq.orig[i, vis].tolist(), strict=True))
-        rows, cols = torch.nonzero(seq.orig >= 0, as_tuple=True)
-        out[rows, seq.orig[rows, cols]] = seq.h[rows, cols]
-        hidden = self.adapter.final_norm(out)
+            st.final_slots = (seq.pos[i], seq.orig[i], visual[i], patch_of[i])
+        _store_states(out, seq.orig, seq.h)
+        hidden = self.adapter.final_norm(out[:, :n])
         if cache is not None:
             next_pos = self.adapter.text_positions(position_ids, b, n).max(dim=1).values + 1
             state = CacheState(key_valid, n, next_pos, valid[:, :0])
@@ -267,8 +273,8 @@ class SparsePrefill:
                 rows.append(seq.row(i, everything, seq.h[i, :0], everything[:0]))
                 continue
             cfg = self.cfg
-            groups = recycle_plan(target, current, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
-            order = torch.argsort(scores, descending=True, stable=True)
+            groups = self._groups(target, current)
+            order = self._rank(scores[None], lambda i=i, slots=vis_slots: seq.h[i, slots][None], target, current)[0]
             kept = vis_slots[order[: target - groups]]
             pruned = vis_slots[order[target - groups :]]
             merged_h, merged_slot = seq.h[i, :0], everything[:0]
@@ -376,57 +382,110 @@ class SparsePrefill:
         n0 = samples[0].n_visual
         if cfg.mode != "budget" or len(stash) != b or any(st.n_visual != n0 for st in samples):
             return None
-        counts = seq.visual.sum(dim=1).tolist()
-        if len(set(counts)) != 1:
+        vis_slots = seq.visual_slots
+        if vis_slots is None:
             return None
-        v = counts[0]
-        scores = torch.stack([stash[i][0] for i in range(b)])
+        v = vis_slots.shape[1]
+        scores = stash[0][0][None] if b == 1 else torch.stack([stash[i][0] for i in range(b)])
         for i, st in enumerate(samples):
             if st.visual_scores is None:
-                st.visual_scores = scores[i].detach().clone()
+                st.visual_scores = scores[i]
         target, _ = _target(cfg, step, self.targets(n0), v, None)
         if target >= v:
             for st in samples:
                 st.steps.append(PruneStep(layer, v, v, 0, None))
             return seq
-        groups = recycle_plan(target, v, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
-        vis_slots = torch.nonzero(seq.visual)[:, 1].view(b, v)
-        ranked = vis_slots.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
-        kept, pruned = ranked[:, : target - groups], ranked[:, target - groups :]
-        orig = seq.orig.gather(1, pruned)
-        dropped = orig >= 0
-        batch_idx = torch.arange(b, device=seq.h.device)[:, None].expand_as(pruned)
-        out[batch_idx[dropped], orig[dropped]] = seq.h[batch_idx[dropped], pruned[dropped]]
+        groups = self._groups(target, v)
+        n_keep = target - groups
+        ranked = vis_slots.gather(1, self._rank(scores, lambda: _gather_rows(seq.h, vis_slots), target, v))
+        pruned = ranked[:, n_keep:]
+        _store_states(out, seq.orig.gather(1, pruned), _gather_rows(seq.h, pruned))
         keep_mask = ~seq.visual
-        keep_mask.scatter_(1, kept, True)
-        keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
-        h_new, meta_new = _gather_rows(seq.h, keep_idx), _gather_rows(seq.meta, keep_idx)
-        rope_new = _gather_rows(seq.rope, keep_idx)
+        keep_mask.scatter_(1, ranked[:, :n_keep], True)
+        merged_h = merged_slot = None
         if groups:
-            n_rec = max(groups, recycled_count(pruned.shape[1], cfg.recycle_ratio))
+            n_rec = max(groups, recycled_count(v - n_keep, cfg.recycle_ratio))
             recycled = pruned[:, :n_rec]
             states = _gather_rows(seq.h, recycled)
             labels = cluster_dpc_knn_batch(states, groups, *self._density(groups))
-            merged_h = merge_clusters_batch(states, labels, groups)
+            merged_h = merge_clusters_batch(states, labels, groups).to(seq.h.dtype)
+            # representative: the best-scored member (recycled is sorted by score, best first)
             ranks = torch.arange(n_rec, device=labels.device).expand(b, n_rec)
             first = torch.full((b, groups), n_rec, dtype=torch.long, device=labels.device)
             merged_slot = recycled.gather(1, first.scatter_reduce(1, labels, ranks, "amin"))
-            merged_meta = _gather_rows(seq.meta, merged_slot).clone()
-            merged_meta[..., VALID] = 1
-            merged_meta[..., ORIG] = -1
-            merged_meta[..., VIS] = 1
-            merged_meta[..., RATER] = 0
             keys = self._merged_keys(vis_slots, merged_slot)
-            if keys is None:
-                order = torch.argsort(torch.cat([keep_idx, merged_slot], dim=1), dim=1)
-            else:
-                order = torch.argsort(torch.cat([keep_idx.double(), keys], dim=1), dim=1)
-            h_new = _gather_rows(torch.cat([h_new, merged_h.to(h_new.dtype)], dim=1), order)
-            meta_new = _gather_rows(torch.cat([meta_new, merged_meta], dim=1), order)
-            rope_new = _gather_rows(torch.cat([rope_new, _gather_rows(seq.rope, merged_slot)], dim=1), order)
+            if keys is not None:
+                return self._with_merged_after_kept(
+                    seq, keep_mask, merged_h, merged_slot, keys, samples, layer, v, target, groups
+                )
+            keep_mask.scatter_(1, merged_slot, True)  # a merged token takes its representative's (pruned) slot
+        keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
+        h_new, meta_new = _gather_rows(seq.h, keep_idx), _gather_rows(seq.meta, keep_idx)
+        rope_new = _gather_rows(seq.rope, keep_idx)
+        if merged_slot is not None and merged_h is not None:
+            at = (keep_mask.cumsum(dim=1) - 1).gather(1, merged_slot)  # the merged tokens' new slots
+            h_new.scatter_(1, at[..., None].expand(*at.shape, h_new.shape[-1]), merged_h)
+            # the representative's meta is already a valid visual non-rater slot; only its input index goes
+            meta_new[..., ORIG].scatter_(1, at, -1)
         for st in samples:
             st.steps.append(PruneStep(layer, v, target, groups, None))
         return TokenSeq(h_new, meta_new, rope_new)
+
+    def _with_merged_after_kept(
+        self,
+        seq: TokenSeq,
+        keep_mask: torch.Tensor,
+        merged_h: torch.Tensor,
+        merged_slot: torch.Tensor,
+        keys: torch.Tensor,
+        samples: list[SampleStats],
+        layer: int,
+        v: int,
+        target: int,
+        groups: int,
+    ) -> TokenSeq:
+        """``merged_placement='after_kept'``: the kept slots, then the merged tokens after the kept visual block
+        (sort keys ``keys``), each with its representative's meta and RoPE."""
+        b = keep_mask.shape[0]
+        keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
+        merged_meta = _gather_rows(seq.meta, merged_slot).clone()
+        merged_meta[..., VALID] = 1
+        merged_meta[..., ORIG] = -1
+        merged_meta[..., VIS] = 1
+        merged_meta[..., RATER] = 0
+        order = torch.argsort(torch.cat([keep_idx.double(), keys], dim=1), dim=1)
+        h_new = _gather_rows(torch.cat([_gather_rows(seq.h, keep_idx), merged_h], dim=1), order)
+        meta_new = _gather_rows(torch.cat([_gather_rows(seq.meta, keep_idx), merged_meta], dim=1), order)
+        rope_new = _gather_rows(
+            torch.cat([_gather_rows(seq.rope, keep_idx), _gather_rows(seq.rope, merged_slot)], dim=1), order
+        )
+        for st in samples:
+            st.steps.append(PruneStep(layer, v, target, groups, None))
+        return TokenSeq(h_new, meta_new, rope_new)
+
+    def _rank(
+        self, scores: torch.Tensor, states: Callable[[], torch.Tensor], target: int, current: int
+    ) -> torch.Tensor:
+        """Order [B, v] of the visual tokens, best first: by score, or with ``diversity`` by score discounted for
+        redundancy among the tokens a plain ranking would keep or recycle (``states()``: their hidden states)."""
+        if self.cfg.diversity <= 0:
+            return torch.argsort(scores, dim=1, descending=True, stable=True)
+        n_kept = target - self._groups(target, current)
+        candidates = target + recycled_count(current - n_kept, self.cfg.recycle_ratio)
+        return diverse_order(scores, states(), self.cfg.diversity, candidates)
+
+    def _groups(self, target: int, current: int) -> int:
+        """Merged tokens when pruning ``current`` visual tokens to ``target``."""
+        cfg = self.cfg
+        return recycle_plan(target, current, cfg.recycle, cfg.recycle_ratio, cfg.cluster_ratio)
+
+
+def _store_states(out: torch.Tensor, orig: torch.Tensor, h: torch.Tensor) -> None:
+    """Write hidden states ``h`` [B, m, d] to their input columns ``orig`` [B, m] of ``out`` [B, n + 1, d]
+    (index -1, a merged token or filler, goes to the sink column n)."""
+    sink = out.shape[1] - 1
+    idx = torch.where(orig >= 0, orig, sink)
+    out.scatter_(1, idx[..., None].expand(*idx.shape, out.shape[-1]), h)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

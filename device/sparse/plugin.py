@@ -92,7 +92,8 @@ class SparseRuntime:
         if state is not None:
             if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
                 attention_mask = None  # a prepared mask mapping; validity is tracked in the cache state
-            return sparse_decode(self.adapter, inputs_embeds, attention_mask, position_ids, cache, state)
+            with _fast_mode():
+                return sparse_decode(self.adapter, inputs_embeds, attention_mask, position_ids, cache, state)
         usable = (
             image_mask is not None
             and image_mask.shape == inputs_embeds.shape[:2]
@@ -106,16 +107,24 @@ class SparseRuntime:
             use_cache = bool(getattr(lm.config, "use_cache", True))
         if use_cache and cache is None:
             cache = new_cache(lm.config)
-        output, stats = SparsePrefill(self.cfg, self.adapter, self.cls_scores, self.targets_cache).run(
-            inputs_embeds,
-            image_mask,
-            attention_mask,
-            position_ids,
-            cache if use_cache else None,
-            self.decision_length,
-        )
+        with _fast_mode():
+            output, stats = SparsePrefill(self.cfg, self.adapter, self.cls_scores, self.targets_cache).run(
+                inputs_embeds,
+                image_mask,
+                attention_mask,
+                position_ids,
+                cache if use_cache else None,
+                self.decision_length,
+            )
         self.last_stats = stats
         return output
+
+
+def _fast_mode() -> contextlib.AbstractContextManager:
+    """Inference mode when autograd is off anyway: the pruning step is hundreds of small tensor ops, and
+    skipping their version counters and view tracking cuts its CPU time by a tenth or more. With gradients
+    enabled (training through the sparse model) nothing changes."""
+    return contextlib.nullcontext() if torch.is_grad_enabled() else torch.inference_mode()
 
 
 def _runtime(model: Any) -> SparseRuntime | None:

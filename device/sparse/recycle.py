@@ -3,7 +3,7 @@ into one."""
 
 from __future__ import annotations
 
-import math
+from functools import lru_cache
 
 import torch
 
@@ -18,6 +18,7 @@ def groups_for(n_recycled: int, cluster_ratio: float) -> int:
     return min(int(n_recycled * cluster_ratio) + 1, n_recycled)
 
 
+@lru_cache(maxsize=4096)
 def recycle_plan(target: int, n_visual: int, recycle: bool, recycle_ratio: float, cluster_ratio: float) -> int:
     """How many merged tokens to create when pruning ``n_visual`` tokens down to ``target`` (merged included).
 
@@ -53,24 +54,25 @@ def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int, include_self: bo
         return torch.arange(n, device=x.device).expand(b, n).clone()
     xf = x.float()
     sq = (xf * xf).sum(dim=-1)
-    # |a-b|^2 via one matmul (torch.cdist takes a much slower path on CPU for these sizes)
-    gram = xf @ xf.transpose(1, 2)
-    dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_(min=0.0).sqrt_() / math.sqrt(d)
-    dist.diagonal(dim1=1, dim2=2).fill_(0.0)
+    # squared distances / d via one batched matmul (torch.cdist takes a much slower path on CPU at these sizes);
+    # every comparison below is on squared distances, so only [B, n] vectors are ever square-rooted
+    sqd = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xf, xf.transpose(1, 2), alpha=-2.0).clamp_(min=0.0)
+    sqd.diagonal(dim1=1, dim2=2).fill_(0.0)
+    sqd.div_(d)
     if include_self:
-        knn = dist.topk(max(1, min(k, n)), dim=-1, largest=False).values
+        knn = sqd.topk(max(1, min(k, n)), dim=-1, largest=False).values
     else:
         kk = max(1, min(k, n - 1))
-        knn = dist.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
-    density = torch.exp(-(knn**2).mean(dim=-1))
+        knn = sqd.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
+    density = torch.exp(-knn.mean(dim=-1))
     # rank by density, ties by index: j is denser than i iff rank[j] < rank[i]
     order = torch.argsort(-density, dim=-1, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
-    denser = rank[:, None, :] < rank[:, :, None]
-    delta = dist.masked_fill(~denser, float("inf")).min(dim=-1).values
-    delta = torch.where(torch.isinf(delta), dist.amax(dim=(1, 2))[:, None], delta)
-    centers = (density * delta).topk(groups, dim=-1).indices
-    labels = dist.gather(2, centers[:, None, :].expand(b, n, groups)).argmin(dim=-1)
+    delta_sq = sqd.masked_fill(rank[:, None, :] >= rank[:, :, None], float("inf")).amin(dim=-1)
+    # the densest point (nothing denser) takes the largest distance
+    delta_sq = torch.minimum(delta_sq, sqd.amax(dim=(1, 2))[:, None])
+    centers = (density * delta_sq.sqrt()).topk(groups, dim=-1).indices
+    labels = sqd.gather(2, centers[:, None, :].expand(b, n, groups)).argmin(dim=-1)
     labels.scatter_(1, centers, torch.arange(groups, device=x.device).expand(b, groups).contiguous())
     return labels
 

@@ -66,6 +66,19 @@ class TokenSeq:
     def all_valid(self) -> bool:
         return bool(self.valid.all())
 
+    @cached_property
+    def visual_counts(self) -> list[int]:
+        """Real visual slots per row."""
+        return self.visual.sum(dim=1).tolist()
+
+    @cached_property
+    def visual_slots(self) -> torch.Tensor | None:
+        """[B, v] slot indices of the visual tokens when every row has the same count ``v``, else None."""
+        counts = self.visual_counts
+        if len(set(counts)) != 1:
+            return None
+        return torch.nonzero(self.visual)[:, 1].view(len(counts), counts[0])
+
     def row(
         self,
         b: int,

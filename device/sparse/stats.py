@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -39,8 +40,23 @@ class SampleStats:
     visual_scores: torch.Tensor | None
     steps: list[PruneStep] = field(default_factory=list)
     fallback: str | None = None
-    kept_patches: list[int] = field(default_factory=list)
-    final_visual: list[tuple[int, int]] = field(default_factory=list)
+    # (position ids, input indices, visual flags) of the last layer's slots and the patch index of every input
+    # column: ``kept_patches`` and ``final_visual`` are read from them on demand (a prefill does not pay for lists)
+    final_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @cached_property
+    def kept_patches(self) -> list[int]:
+        if self.final_slots is None:
+            return []
+        _, orig, visual, patch_of = self.final_slots
+        return patch_of[orig[visual & (orig >= 0)]].tolist()
+
+    @cached_property
+    def final_visual(self) -> list[tuple[int, int]]:
+        if self.final_slots is None:
+            return []
+        pos, orig, visual, _ = self.final_slots
+        return list(zip(pos[visual].tolist(), orig[visual].tolist(), strict=True))
 
     @property
     def final_count(self) -> int:
