@@ -49,13 +49,16 @@ class SparseConfig(StrictConfig):
     """How ``budget`` is read. ``final``: visual tokens after the last pruning layer (Tandem's original
     meaning). ``layer_average``: visual tokens averaged over all LM layers (the paper's "retain 64"); the
     final count is then derived for the model's depth and pruning layers (``plan``)."""
-    step_ratio: float | None = Field(None, gt=0.0, le=1.0)
-    """Layer-average budgets: each pruning step keeps this fraction of the previous step's count, the first
-    count chosen so that the layer average meets the budget. ``None``: the counts fall geometrically from the
-    visual-token count to the final count."""
-    diversity: float = Field(0.0, ge=0.0)
-    """Redundancy discount of the ranking: a token's relevance is multiplied by ``(1 - r) ** diversity``, ``r``
-    its largest cosine similarity to a more relevant token (0: rank by relevance alone)."""
+    step_ratio: float | None = Field(0.5, gt=0.0, le=1.0)
+    """Layer-average budgets: each pruning step keeps this fraction of the previous step's count (Tandem: half,
+    about what the released code's lists do after their first step), the first count chosen so that the layer
+    average meets the budget. ``None``: counts fall geometrically from the visual-token count to the final
+    count, which on a shallow model leaves very few tokens in the last layers (5 of 144 at 64 on 2 layers)."""
+    diversity: float = Field(2.0, ge=0.0)
+    """Method ``sparsevlm`` only: redundancy discount of the ranking (Tandem). A token's rater relevance is
+    multiplied by ``(1 - r) ** diversity``, ``r`` its largest cosine similarity to a more relevant token, so
+    near-copies of one region give way to other regions. ``0``: rank by relevance alone (the paper and the
+    released code)."""
     budget_reference: int | None = Field(None, ge=1)
     """If set, ``budget`` is stated for this many visual tokens and scaled to the model's count (the paper's
     64 of 576 is 16 of 144). ``None``: ``budget`` is an absolute count."""
@@ -142,6 +145,7 @@ class SparseConfig(StrictConfig):
             positions="renumber",
             merged_placement="after_kept",
             cluster_density="cluster_num_including_self",
+            diversity=0.0,
         )
         return cls(**{**fields, **overrides})
 

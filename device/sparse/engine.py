@@ -468,7 +468,7 @@ class SparsePrefill:
     ) -> torch.Tensor:
         """Order [B, v] of the visual tokens, best first: by score, or with ``diversity`` by score discounted for
         redundancy among the tokens a plain ranking would keep or recycle (``states()``: their hidden states)."""
-        if self.cfg.diversity <= 0:
+        if self.cfg.diversity <= 0 or self.cfg.method != "sparsevlm":
             return torch.argsort(scores, dim=1, descending=True, stable=True)
         n_kept = target - self._groups(target, current)
         candidates = target + recycled_count(current - n_kept, self.cfg.recycle_ratio)

@@ -54,24 +54,24 @@ def cluster_dpc_knn_batch(x: torch.Tensor, groups: int, k: int, include_self: bo
         return torch.arange(n, device=x.device).expand(b, n).clone()
     xf = x.float()
     sq = (xf * xf).sum(dim=-1)
-    # squared distances / d via one batched matmul (torch.cdist takes a much slower path on CPU at these sizes);
-    # every comparison below is on squared distances, so only [B, n] vectors are ever square-rooted
-    sqd = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xf, xf.transpose(1, 2), alpha=-2.0).clamp_(min=0.0)
+    # squared distances via one batched matmul (torch.cdist takes a much slower path on CPU at these sizes);
+    # every comparison below is on squared distances, so only [B, n] vectors are scaled and square-rooted
+    sqd = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xf, xf.transpose(1, 2), alpha=-2.0)
     sqd.diagonal(dim1=1, dim2=2).fill_(0.0)
-    sqd.div_(d)
+    # (rounding can leave tiny negative squared distances; only the [B, n] results below are clamped)
     if include_self:
         knn = sqd.topk(max(1, min(k, n)), dim=-1, largest=False).values
     else:
         kk = max(1, min(k, n - 1))
         knn = sqd.topk(kk + 1, dim=-1, largest=False).values[..., 1:]
-    density = torch.exp(-knn.mean(dim=-1))
+    density = torch.exp(-knn.mean(dim=-1).clamp_(min=0.0) / d)
     # rank by density, ties by index: j is denser than i iff rank[j] < rank[i]
     order = torch.argsort(-density, dim=-1, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
     delta_sq = sqd.masked_fill(rank[:, None, :] >= rank[:, :, None], float("inf")).amin(dim=-1)
     # the densest point (nothing denser) takes the largest distance
-    delta_sq = torch.minimum(delta_sq, sqd.amax(dim=(1, 2))[:, None])
-    centers = (density * delta_sq.sqrt()).topk(groups, dim=-1).indices
+    delta_sq = torch.minimum(delta_sq, sqd.amax(dim=(1, 2))[:, None]).clamp_(min=0.0)
+    centers = (density * (delta_sq / d).sqrt()).topk(groups, dim=-1).indices
     labels = sqd.gather(2, centers[:, None, :].expand(b, n, groups)).argmin(dim=-1)
     labels.scatter_(1, centers, torch.arange(groups, device=x.device).expand(b, groups).contiguous())
     return labels
