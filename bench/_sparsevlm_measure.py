@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -81,3 +83,54 @@ def time_call(fn: Callable[[], Any]) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+@contextmanager
+def _timed(owner: Any, name: str, totals: dict[str, float], label: str) -> Iterator[None]:
+    """Patch ``owner.name`` to add its CPU seconds to ``totals[label]``; restore it on exit."""
+    original = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[label] += time.process_time() - start
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def prefill_breakdown(model: Any, call: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """Mean CPU seconds per call of ``call`` (a prefill of ``model``) by stage: the sparse engine's ``setup``
+    (slots, raters), ``scoring``, ``pruning`` (ranking, recycling, gathers) and ``engine other`` (masks,
+    bookkeeping, final norm); ``layers`` (the model's own decoder layers, dense or sparse); ``outside``
+    (everything else: embedding, projector merge, dense masks and RoPE, LM head)."""
+    from device.sparse import engine
+    from device.sparse.adapters import adapter_for
+
+    totals: dict[str, float] = defaultdict(float)
+    with ExitStack() as stack:
+        for owner, name, label in (
+            (engine.SparsePrefill, "_initial", "setup"),
+            (engine, "_score_batch", "scoring"),
+            (engine.SparsePrefill, "_prune", "pruning"),
+            (type(adapter_for(model).layers[0]), "forward", "layers"),
+            (engine.SparsePrefill, "run", "engine"),
+        ):
+            stack.enter_context(_timed(owner, name, totals, label))
+        call()  # warm-up
+        totals.clear()
+        start = time.process_time()
+        for _ in range(repeats):
+            call()
+        total = time.process_time() - start
+    out = {k: totals[k] / repeats for k in ("setup", "scoring", "pruning", "layers")}
+    engine_time = totals["engine"] / repeats
+    out["engine other"] = max(0.0, engine_time - sum(out.values())) if engine_time else 0.0
+    out["outside"] = total / repeats - (engine_time or out["layers"])
+    out["total"] = total / repeats
+    return out

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench._sparsevlm_measure import count_flops, median, peak_tensor_bytes, time_call
+from bench._sparsevlm_measure import count_flops, median, peak_tensor_bytes, prefill_breakdown, time_call
 from common.errors import TandemError
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, sparse_stats
 from device.sparse.adapters import cache_bytes, output_cache
@@ -64,14 +64,17 @@ class Method:
 
 
 def build_methods(n_visual: int, budgets: list[int], rank_lambda: float | None) -> list[Method]:
-    """Dense; per budget (layer average, of 576): Tandem's defaults, the paper-parity preset, FastV, random,
-    VisionZip-style and DivPrune-style; optionally Tandem's rank mode."""
+    """Dense; per budget (layer average, of 576): Tandem's defaults, Tandem ranking by relevance alone
+    (``tandem-rel``), the paper-parity preset, FastV, random, VisionZip-style and DivPrune-style; optionally
+    Tandem's rank mode."""
     methods = [Method("dense", str(n_visual), None)]
     for label in budgets:
         b = max(1, round(label * n_visual / REFERENCE_VISUAL))
         budget = f"{label}->{b}" if b != label else str(b)
         avg = dict(budget=label, budget_kind="layer_average", budget_reference=REFERENCE_VISUAL)
         methods.append(Method("tandem", budget, SparseConfig(**avg)))
+        # ablation: Tandem before its ranking options (relevance only, counts geometric from the token count)
+        methods.append(Method("tandem-rel", budget, SparseConfig(**avg, step_ratio=None, diversity=0.0)))
         if label in REFERENCE_KEPT_LISTS:
             methods.append(Method("paper-parity", budget, SparseConfig.paper_parity(label)))
         for name in BASELINES:
@@ -223,6 +226,20 @@ def measure_performance(
             methods[i].perf[f"time_{kind}_b{batch}"] = median(values)
 
 
+@torch.no_grad()
+def breakdown_line(model: Any, processor: Any, methods: list[Method], image_size: int, repeats: int) -> str:
+    """Where a batch-1 LM prefill's CPU time goes, dense vs Tandem at the smallest budget (ms per prefill)."""
+    call = _prefill_calls(model, processor, image_size, 1)["lm"]
+    tandem = [m for m in methods if m.name == "tandem" and m.budget.split("->")[0].isdigit()]
+    parts = []
+    for m in [methods[0], *tandem[-1:]]:
+        select(model, m)
+        stages = prefill_breakdown(model, call, repeats)
+        shown = ", ".join(f"{k} {1e3 * v:.2f}" for k, v in stages.items() if v > 0 and k != "total")
+        parts.append(f"{m.name} {m.budget}: {1e3 * stages['total']:.2f} ms ({shown})")
+    return "Batch-1 LM prefill by stage, ms of CPU (mean of " + str(repeats) + "): " + "; ".join(parts)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -305,7 +322,9 @@ def target_lines(
         s = by.get(("tandem", str(b)))
         if s is None:
             continue
-        others = [m for m in methods if m.budget.split("->")[0] == str(b) and m.name not in ("tandem", "dense")]
+        others = [
+            m for m in methods if m.budget.split("->")[0] == str(b) and m.name not in ("tandem", "tandem-rel", "dense")
+        ]
         acc = {m.name: m.accuracy(domains) for m in [s, *others]}
         beaten = [n for n in acc if n != "tandem" and acc[n] > acc["tandem"]]
         detail = ", ".join(f"{n} {_pct(a / max(base, 1e-9))}" for n, a in acc.items())
@@ -388,6 +407,7 @@ def run_model(
         f"{args.threads} thread(s)"
     )
     measure_performance(model, processor, methods, image_size, reps, batches)
+    stages = breakdown_line(model, processor, methods, image_size, max(20, 5 * reps))
     console.print("  performance measured")
     if accuracy:
         measure_accuracy(model, processor, methods, clear + shifted, n, args.batch, image_size)
@@ -416,7 +436,7 @@ def run_model(
             f"; accuracy clear {_pct(dense.accuracy(clear))}%, shifted {_pct(dense.accuracy(shifted))}% "
             f"({n} samples per domain; shifted = {', '.join(shifted)})"
         )
-    absolute += "."
+    absolute += ".\n\n" + stages + "."
     targets = target_lines(methods, clear, shifted, budgets, batches, accuracy)
     console.print(absolute)
     for line in targets:

@@ -8,13 +8,13 @@ from bench.sparsevlm import REFERENCE_DIR, _models, build_methods, parse_args
 def test_rows_per_budget_at_the_papers_layer_average() -> None:
     methods = build_methods(144, [192, 128, 64], None)
     assert methods[0].name == "dense" and methods[0].cfg is None
-    names = [m.name for m in methods[1:7]]
-    assert names == ["tandem", "paper-parity", "fastv", "random", "visionzip", "divprune"]
-    assert len(methods) == 1 + 3 * 6
+    names = [m.name for m in methods[1:8]]
+    assert names == ["tandem", "tandem-rel", "paper-parity", "fastv", "random", "visionzip", "divprune"]
+    assert len(methods) == 1 + 3 * 7
     for m in methods[1:]:
         label = int(m.budget.split("->")[0])
         assert m.budget == f"{label}->{round(label * 144 / 576)}"
-        if m.name in ("tandem", "random", "visionzip", "divprune"):
+        if m.name in ("tandem", "tandem-rel", "random", "visionzip", "divprune"):
             plan = m.cfg.plan(144, 2)
             assert abs(sum(plan) / 2 - label / 4) <= 0.5  # layer average = the paper's budget scaled
     assert build_methods(144, [64], 0.5)[-1].budget == "rank(l=0.5)"
