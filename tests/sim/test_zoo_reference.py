@@ -112,7 +112,7 @@ def test_ship_records_figures_and_demo_reproduces_them(shipped_micro, capsys, tm
     assert "shipped" in out and "reproduces the shipped figures exactly" in out
 
 
-@pytest.mark.parametrize("name", ["base", "base576"])
+@pytest.mark.parametrize("name", ["base", "base576", "deep"])
 def test_the_shipped_reference_zoo_is_the_current_recipes(name):
     """The zoo in the repository is the build of today's recipe (a changed recipe must be shipped again)."""
     recipe: ZooRecipe = RECIPES[name]()
