@@ -64,7 +64,7 @@ class Method:
 
 
 def build_methods(n_visual: int, budgets: list[int], rank_lambda: float | None) -> list[Method]:
-    """Dense; per budget (layer average, of 576): Tandem's defaults, Tandem ranking by relevance alone
+    """Dense; per budget (layer average, of 576): Tandem's defaults, Tandem keeping the most relevant tokens
     (``tandem-rel``), the paper-parity preset, FastV, random, VisionZip-style and DivPrune-style; optionally
     Tandem's rank mode."""
     methods = [Method("dense", str(n_visual), None)]
@@ -73,8 +73,8 @@ def build_methods(n_visual: int, budgets: list[int], rank_lambda: float | None) 
         budget = f"{label}->{b}" if b != label else str(b)
         avg = dict(budget=label, budget_kind="layer_average", budget_reference=REFERENCE_VISUAL)
         methods.append(Method("tandem", budget, SparseConfig(**avg)))
-        # ablation: Tandem before its ranking options (relevance only, counts geometric from the token count)
-        methods.append(Method("tandem-rel", budget, SparseConfig(**avg, step_ratio=None, diversity=0.0)))
+        # ablation: Tandem keeping the most relevant tokens (the paper's rule) instead of relevance x diversity
+        methods.append(Method("tandem-rel", budget, SparseConfig(**avg, relevance_weight=None)))
         if label in REFERENCE_KEPT_LISTS:
             methods.append(Method("paper-parity", budget, SparseConfig.paper_parity(label)))
         for name in BASELINES:

@@ -49,16 +49,17 @@ class SparseConfig(StrictConfig):
     """How ``budget`` is read. ``final``: visual tokens after the last pruning layer (Tandem's original
     meaning). ``layer_average``: visual tokens averaged over all LM layers (the paper's "retain 64"); the
     final count is then derived for the model's depth and pruning layers (``plan``)."""
-    step_ratio: float | None = Field(0.5, gt=0.0, le=1.0)
-    """Layer-average budgets: each pruning step keeps this fraction of the previous step's count (Tandem: half,
-    about what the released code's lists do after their first step), the first count chosen so that the layer
-    average meets the budget. ``None``: counts fall geometrically from the visual-token count to the final
-    count, which on a shallow model leaves very few tokens in the last layers (5 of 144 at 64 on 2 layers)."""
-    diversity: float = Field(2.0, ge=0.0)
-    """Method ``sparsevlm`` only: redundancy discount of the ranking (Tandem). A token's rater relevance is
-    multiplied by ``(1 - r) ** diversity``, ``r`` its largest cosine similarity to a more relevant token, so
-    near-copies of one region give way to other regions. ``0``: rank by relevance alone (the paper and the
-    released code)."""
+    step_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    """Layer-average budgets: each pruning step keeps this fraction of the previous step's count, the first
+    count chosen so that the layer average meets the budget. ``None``: counts fall geometrically from the
+    visual-token count to the final count (most tokens go at the deepest pruning layer, where the text has
+    read the image)."""
+    relevance_weight: float | None = Field(1.0, ge=0.0)
+    """Method ``sparsevlm``: how the kept tokens are chosen from the rater scores. A number: greedily, each
+    next token the one with the largest ``relevance ** relevance_weight * cosine distance to the nearest
+    token kept so far`` (Tandem; 0 is DivPrune's max-min diversity, larger numbers lean to relevance): the
+    text decides which regions matter and the distance keeps one region from filling the budget. ``None``:
+    the most relevant tokens (the paper and the released code). Recycled tokens follow by relevance."""
     budget_reference: int | None = Field(None, ge=1)
     """If set, ``budget`` is stated for this many visual tokens and scaled to the model's count (the paper's
     64 of 576 is 16 of 144). ``None``: ``budget`` is an absolute count."""
@@ -145,7 +146,7 @@ class SparseConfig(StrictConfig):
             positions="renumber",
             merged_placement="after_kept",
             cluster_density="cluster_num_including_self",
-            diversity=0.0,
+            relevance_weight=None,
         )
         return cls(**{**fields, **overrides})
 

@@ -15,7 +15,7 @@ import torch
 from common.errors import TandemError
 from device.sparse.adapters import DecoderAdapter, model_output, set_logical_length
 from device.sparse.config import PRE_LLM_METHODS, SparseConfig
-from device.sparse.diversity import diverse_order
+from device.sparse.diversity import weighted_maxmin_order
 from device.sparse.prellm import divprune_select, visionzip_split
 from device.sparse.raters import NO_TEXT_AFTER_IMAGE, select_raters
 from device.sparse.recycle import (
@@ -466,13 +466,13 @@ class SparsePrefill:
     def _rank(
         self, scores: torch.Tensor, states: Callable[[], torch.Tensor], target: int, current: int
     ) -> torch.Tensor:
-        """Order [B, v] of the visual tokens, best first: by score, or with ``diversity`` by score discounted for
-        redundancy among the tokens a plain ranking would keep or recycle (``states()``: their hidden states)."""
-        if self.cfg.diversity <= 0 or self.cfg.method != "sparsevlm":
+        """Order [B, v] of the visual tokens, best first: by score, or (``relevance_weight``, method sparsevlm)
+        the kept ones chosen by relevance-weighted max-min diversity over ``states()`` [B, v, d], then the rest
+        by score."""
+        weight = self.cfg.relevance_weight
+        if weight is None or self.cfg.method != "sparsevlm":
             return torch.argsort(scores, dim=1, descending=True, stable=True)
-        n_kept = target - self._groups(target, current)
-        candidates = target + recycled_count(current - n_kept, self.cfg.recycle_ratio)
-        return diverse_order(scores, states(), self.cfg.diversity, candidates)
+        return weighted_maxmin_order(scores, states(), weight, target - self._groups(target, current))
 
     def _groups(self, target: int, current: int) -> int:
         """Merged tokens when pruning ``current`` visual tokens to ``target``."""
