@@ -25,19 +25,30 @@ def weighted_maxmin_order(scores: torch.Tensor, states: torch.Tensor, weight: fl
     if picks <= 1:
         return order
     x = torch.nn.functional.normalize(states.float(), dim=-1)
-    dist = (1.0 - x @ x.transpose(1, 2)).clamp_(min=0.0)  # [B, v, v]
     rel = scores.float() / scores.float().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    prior = rel.clamp(min=1e-12) ** weight
-    rows = torch.arange(b, device=scores.device)
-    chosen = torch.empty(b, picks, dtype=torch.long, device=scores.device)
-    chosen[:, 0] = order[:, 0]
-    nearest = dist[rows, order[:, 0]]
-    nearest[rows, order[:, 0]] = -1.0  # chosen: below every candidate, exact duplicates (distance 0) included
-    for j in range(1, picks):
-        pick = (prior * nearest).argmax(dim=1)
-        chosen[:, j] = pick
-        nearest = torch.minimum(nearest, dist[rows, pick])
-        nearest[rows, pick] = -1.0
+    prior = rel.clamp(min=1e-12) ** weight  # [B, v]
+    # gain[i] = prior[i] * min over chosen j of dist(j, i) = min over chosen j of weighted[j, i] (prior >= 0),
+    # weighted[j, i] = prior[i] * (1 - cos(j, i)): one fused matmul, then one clamp
+    weighted = torch.baddbmm(prior[:, None, :], x, (x * prior[..., None]).transpose(1, 2), alpha=-1.0).clamp_(min=0.0)
+    # a chosen token's own entry is -1: it then sits below every candidate (exact duplicates included)
+    weighted.diagonal(dim1=1, dim2=2).fill_(-1.0)
+    if b == 1:  # one row: plain row indexing (one op per step instead of two-tensor indexing)
+        flat = weighted[0]
+
+        def gains_after(pick: torch.Tensor) -> torch.Tensor:
+            return flat[pick]
+    else:
+        rows = torch.arange(b, device=scores.device)
+
+        def gains_after(pick: torch.Tensor) -> torch.Tensor:
+            return weighted[rows, pick]
+
+    picked = [order[:, 0]]
+    gain = gains_after(picked[0])
+    for _ in range(1, picks):
+        picked.append(gain.argmax(dim=1))
+        gain = torch.minimum(gain, gains_after(picked[-1]))
+    chosen = torch.stack(picked, dim=1)
     taken = torch.zeros(b, v, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
     rest = order[~taken.gather(1, order)].view(b, v - picks)
     return torch.cat([chosen, rest], dim=1)
