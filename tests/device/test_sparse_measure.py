@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench._sparsevlm_measure import count_flops, peak_tensor_bytes
+from bench._sparsevlm_measure import count_flops, peak_tensor_bytes, prefill_breakdown
 
 
 def test_flops_of_matmul_and_cpu_sdpa() -> None:
@@ -31,3 +31,35 @@ def test_peak_counts_live_tensors_only() -> None:
 
     assert 8000 <= peak_tensor_bytes(two_alive) < 8100
     assert 4000 <= peak_tensor_bytes(one_at_a_time) < 4100
+
+
+def test_prefill_breakdown_attributes_time_to_the_engine_stages() -> None:
+    from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, engine
+    from sim.world import World
+    from sim.zoo.architecture import build_llava
+    from sim.zoo.recipe import TextSpec, micro_recipe
+    from sim.zoo.tokenizer import build_processor, prompt_for
+
+    recipe = micro_recipe()
+    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
+    tok = processor.tokenizer
+    text = TextSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    model = build_llava(recipe.vision, text, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 0)
+    sample = World(0, recipe.vision.image_size).sample(0)
+    enc = processor(images=[sample.image], text=[prompt_for(sample.question)], return_tensors="pt")
+    original_prune = engine.SparsePrefill._prune
+
+    def call() -> None:
+        with torch.no_grad():
+            model(**enc)
+
+    enable_sparsevlm(model, SparseConfig(budget=4))
+    sparse = prefill_breakdown(model, call, 3)
+    assert engine.SparsePrefill._prune is original_prune  # patches are undone
+    stages = ("setup", "scoring", "pruning", "layers")
+    assert all(sparse[k] > 0 for k in stages)
+    parts = sum(sparse[k] for k in (*stages, "engine other", "outside"))
+    assert abs(parts - sparse["total"]) < 1e-6
+    disable_sparsevlm(model)
+    dense = prefill_breakdown(model, call, 3)
+    assert dense["layers"] > 0 and dense["setup"] == dense["scoring"] == dense["pruning"] == 0
