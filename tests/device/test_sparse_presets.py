@@ -5,49 +5,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sparse_support import run_sparse, tiny_llava
 
-from device.sparse import SparseConfig, UnsupportedModelError, enable_sparsevlm, sparse_stats
+from device.sparse import SparseConfig, UnsupportedModelError, enable_sparsevlm
 from device.sparse.config import REFERENCE_KEPT_LISTS, reference_counts
 from device.sparse.raters import select_raters
 from device.sparse.recycle import cluster_dpc_knn_batch, groups_for, recycle_plan, recycled_count
 from sim.world import World
-from sim.zoo.architecture import build_llava
 from sim.zoo.recipe import TextSpec, VisionSpec, micro_recipe
-from sim.zoo.tokenizer import build_processor, prompt_for
+from sim.zoo.tokenizer import prompt_for
 
 # 96 px / patch 4: LLaVA-1.5's 576 visual tokens, on a tower and LM small enough for a test
 VISION576 = VisionSpec(image_size=96, patch_size=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 TEXT = TextSpec(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64)
 
 
-def _model(vision: VisionSpec, text: TextSpec = TEXT):
-    processor = build_processor(vision.image_size, vision.patch_size)
-    tok = processor.tokenizer
-    model = build_llava(vision, text, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed=4)
-    return model.eval(), processor
-
-
 @pytest.fixture(scope="module")
 def model576():
-    return _model(VISION576)
+    return tiny_llava(VISION576, TEXT)
 
 
 @pytest.fixture(scope="module")
 def micro():
-    return _model(micro_recipe().vision)
-
-
-def _run(model, processor, cfg: SparseConfig, indices=(0, 1), **kw):
-    world = World(0, processor.image_processor.crop_size["height"])
-    samples = [world.sample(i) for i in indices]
-    enc = processor(
-        images=[s.image for s in samples], text=[prompt_for(s.question) for s in samples], return_tensors="pt",
-        padding=True,
-    )  # fmt: skip
-    enable_sparsevlm(model, cfg)
-    with torch.no_grad():
-        out = model(**enc, **kw)
-    return enc, out, sparse_stats(model).samples
+    return tiny_llava(micro_recipe().vision, TEXT)
 
 
 def test_merged_token_count_follows_the_recycled_count() -> None:
@@ -63,7 +43,7 @@ def test_merged_token_count_follows_the_recycled_count() -> None:
 
 def test_engine_merges_as_many_tokens_as_the_reference(model576) -> None:
     model, processor = model576
-    _, _, samples = _run(model, processor, SparseConfig(schedule=[82], layers=[1]))
+    _, _, samples = run_sparse(model, processor, SparseConfig(schedule=[82], layers=[1]))
     for s in samples:
         (step,) = s.steps
         assert (step.before, step.after, step.merged) == (576, 82, 16)  # 66 kept + 16 merged
@@ -78,8 +58,8 @@ def test_parity_preset_and_defaults_differ_where_documented(model576) -> None:
     hook = model.model.language_model.register_forward_pre_hook(
         lambda _m, _a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True
     )
-    enc, _, t_samples = _run(model, processor, tandem)
-    _, _, p_samples = _run(model, processor, parity)
+    enc, _, t_samples = run_sparse(model, processor, tandem)
+    _, _, p_samples = run_sparse(model, processor, parity)
     hook.remove()
     n_layers = TEXT.num_layers
     assert tandem.drop_layers(n_layers) == [0, 1, 2] and parity.drop_layers(n_layers) == [1, 2, 3]
@@ -121,7 +101,7 @@ def test_density_including_self_is_the_released_rule() -> None:
 def test_layer_average_budget_is_reported_both_ways(micro, budget: int) -> None:
     model, processor = micro
     cfg = SparseConfig(budget=budget, budget_kind="layer_average", budget_reference=576)
-    _, _, samples = _run(model, processor, cfg)
+    _, _, samples = run_sparse(model, processor, cfg)
     plan = cfg.plan(16, TEXT.num_layers)
     target = budget * 16 / 576
     assert abs(sum(plan) / len(plan) - target) <= 1.0
@@ -141,7 +121,7 @@ def test_visionzip_keeps_dominant_tokens_by_cls_attention(micro) -> None:
         vt = tower(enc["pixel_values"], output_attentions=True)
     tower.config._attn_implementation = previous
     assert len(vt.attentions) == micro_recipe().vision.num_layers
-    _, _, (s,) = _run(model, processor, SparseConfig(method="visionzip", budget=7), indices=(0,))
+    _, _, (s,) = run_sparse(model, processor, SparseConfig(method="visionzip", budget=7), indices=(0,))
     layer = len(vt.attentions) - 2  # vision_feature_layer -2
     cls = vt.attentions[layer][0, :, 0, 1:].mean(dim=0)
     assert torch.allclose(s.visual_scores, cls, atol=1e-5)
@@ -153,7 +133,7 @@ def test_visionzip_keeps_dominant_tokens_by_cls_attention(micro) -> None:
 
 def test_divprune_picks_a_max_min_diverse_set(micro) -> None:
     model, processor = micro
-    enc, _, (s,) = _run(model, processor, SparseConfig(method="divprune", budget=5), indices=(0,))
+    enc, _, (s,) = run_sparse(model, processor, SparseConfig(method="divprune", budget=5), indices=(0,))
     x = model.model.get_image_features(pixel_values=enc["pixel_values"], return_dict=True).pooler_output
     x = torch.cat(list(x)) if isinstance(x, (list, tuple)) else x.reshape(-1, x.shape[-1])
     xn = torch.nn.functional.normalize(x, dim=-1)

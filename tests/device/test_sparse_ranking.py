@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sparse_support import run_sparse, tiny_llava
 
-from device.sparse import SparseConfig, enable_sparsevlm, sparse_stats
+from device.sparse import SparseConfig
 from device.sparse.diversity import weighted_maxmin_order
-from sim.world import World
-from sim.zoo.architecture import build_llava
 from sim.zoo.recipe import TextSpec, micro_recipe
-from sim.zoo.tokenizer import build_processor, prompt_for
 
 AVG64 = dict(budget=64, budget_kind="layer_average", budget_reference=576)
 
@@ -64,25 +62,13 @@ def test_exact_duplicates_are_never_picked_twice() -> None:
 
 @pytest.fixture(scope="module")
 def micro():
-    recipe = micro_recipe()
-    processor = build_processor(recipe.vision.image_size, recipe.vision.patch_size)
-    tok = processor.tokenizer
     text = TextSpec(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64)
-    model = build_llava(recipe.vision, text, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, 4)
-    return model.eval(), processor
+    return tiny_llava(micro_recipe().vision, text)
 
 
 def _run(model, processor, cfg: SparseConfig, indices=(0, 1)):
-    world = World(0, micro_recipe().vision.image_size)
-    samples = [world.sample(i) for i in indices]
-    enc = processor(
-        images=[s.image for s in samples], text=[prompt_for(s.question) for s in samples], return_tensors="pt",
-        padding=True,
-    )  # fmt: skip
-    enable_sparsevlm(model, cfg)
-    with torch.no_grad():
-        logits = model(**enc).logits
-    return logits, sparse_stats(model).samples
+    _, out, stats = run_sparse(model, processor, cfg, indices)
+    return out.logits, stats
 
 
 def test_weighting_changes_the_kept_set_not_the_counts(micro) -> None:
