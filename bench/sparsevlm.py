@@ -329,7 +329,22 @@ def target_lines(
         beaten = [n for n in acc if n != "tandem" and acc[n] > acc["tandem"]]
         detail = ", ".join(f"{n} {_pct(a / max(base, 1e-9))}" for n, a in acc.items())
         check(not beaten, f"budget {b}: % of dense (all domains): {detail} (target: tandem at or above every row)")
+        if beaten:  # were the rows above it spending more tokens? (FastV and paper-parity cannot go lower)
+            own = _mean_count(s)
+            more = [n for n in beaten if _mean_count(next(m for m in others if m.name == n)) > 1.1 * own]
+            fair = [n for n in beaten if n not in more]
+            note = (
+                f"above it: {', '.join(fair) or 'none'} at its layer average; {', '.join(more) or 'none'} with > 1.1x"
+            )
+            check(not fair, f"budget {b}: tandem against rows at the same layer average ({note})")
     return lines
+
+
+def _mean_count(method: Method) -> float:
+    """Visual tokens averaged over the LM layers and the accuracy samples (the timed sample's without them)."""
+    if method.mean_counts:
+        return sum(method.mean_counts) / len(method.mean_counts)
+    return method.perf.get("vis_mean", 0.0)
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

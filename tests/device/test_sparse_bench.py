@@ -28,3 +28,20 @@ def test_default_models_are_the_shipped_reference_zoo() -> None:
     assert {"base/teacher", "base/device"} <= set(accuracy) and speed == ["base576/device"]
     explicit = _models(parse_args(["--model-dir", "a", "--speed-dir", "b"]))
     assert [(str(d), acc) for d, acc in explicit] == [("a", True), ("b", False)]
+
+
+def test_targets_tell_equal_budget_rows_from_rows_spending_more_tokens() -> None:
+    from bench.sparsevlm import Method, target_lines
+
+    def row(name: str, budget: str, correct: int, mean_tokens: float) -> Method:
+        return Method(name, budget, None, correct={"clear": correct}, total={"clear": 100}, mean_counts=[mean_tokens])
+
+    dense = row("dense", "144", 90, 144.0)
+    tandem = row("tandem", "64->16", 88, 16.0)
+    parity = row("paper-parity", "64->16", 89, 76.0)  # above tandem, but with far more tokens
+    lines = target_lines([dense, tandem, parity], ["clear"], [], [64], [], True)
+    assert any(x.startswith("- MISS: budget 64: % of dense") for x in lines)
+    assert any(x.startswith("- PASS: budget 64: tandem against rows at the same layer average") for x in lines)
+    divprune = row("divprune", "64->16", 89, 16.0)  # above tandem at the same count
+    lines = target_lines([dense, tandem, divprune], ["clear"], [], [64], [], True)
+    assert any(x.startswith("- MISS: budget 64: tandem against rows at the same layer average") for x in lines)
