@@ -7,6 +7,7 @@ every gateway LISTENs and wakes its WatchUpdates streams at once, whichever proc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -68,7 +69,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
             row = cur.fetchone()
             assert row is not None
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(row[0])))
-        return up.record(int(row[0]))
+        return dataclasses.replace(up, update_id=int(row[0]))
 
     def _select(self, where: str, args: tuple) -> list[UpdateRecord]:
         with self.db.cursor() as cur:

@@ -4,7 +4,6 @@ sign and describe the payload. The backends differ only in where rows and bytes 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from cloud.updates.base import UpdateRecord
 from common.codec import sha256_hex
@@ -18,40 +17,6 @@ class PublishError(TandemError):
     """An update cannot be published (bad versions or addressing)."""
 
 
-@dataclass(frozen=True)
-class PreparedUpdate:
-    """A signed update that has no id yet (the registry assigns it when the row is stored)."""
-
-    device_id: str
-    cohort: str
-    base_version: str
-    target_version: str
-    sha256_hex: str
-    size: int
-    metadata: dict[str, str] = field(default_factory=dict)
-    created_unix_ms: int = 0
-    signature: bytes = b""
-    key_id: str = ""
-    payload_info: bytes = b""
-
-    def record(self, update_id: int) -> UpdateRecord:
-        """The stored record under ``update_id``."""
-        return UpdateRecord(
-            update_id,
-            self.device_id,
-            self.cohort,
-            self.base_version,
-            self.target_version,
-            self.sha256_hex,
-            self.size,
-            dict(self.metadata),
-            self.created_unix_ms,
-            self.signature,
-            self.key_id,
-            self.payload_info,
-        )
-
-
 def prepare_update(
     key: Ed25519PrivateKey,
     device_id: str,
@@ -60,8 +25,9 @@ def prepare_update(
     target: str,
     payload: bytes,
     metadata: dict | None,
-) -> PreparedUpdate:
-    """Validate, digest, sign and describe an update for one device (``cohort`` '') or a cohort."""
+) -> UpdateRecord:
+    """Validate, digest, sign and describe an update for one device (``cohort`` '') or a cohort: its record with
+    ``update_id`` 0 (the registry numbers it with ``dataclasses.replace`` when the row is stored)."""
     if bool(device_id) == bool(cohort):
         raise PublishError("address an update to exactly one of a device_id or a cohort (neither may be empty)")
     for name, value in (("base_version", base), ("target_version", target)):
@@ -73,7 +39,8 @@ def prepare_update(
     digest = sha256_hex(payload)
     header = UpdateHeader(device_id, cohort, base, target, digest, len(payload), meta)
     signature, kid = header.sign(key)
-    return PreparedUpdate(
+    return UpdateRecord(
+        0,
         device_id,
         cohort,
         base,

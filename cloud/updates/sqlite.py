@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -82,7 +83,7 @@ class SqliteUpdateRegistry(UpdateRegistry):
                 ),
             )
             update_id = int(cur.lastrowid or 0)
-        return up.record(update_id)
+        return dataclasses.replace(up, update_id=update_id)
 
     def blob_path(self, record: UpdateRecord) -> Path:
         """File holding the payload of ``record``."""
