@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from common.errors import TandemError
 
@@ -140,3 +141,27 @@ class JobStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release resources."""
+
+
+def job_from_row(row: tuple, json_value: Callable[[Any], Any]) -> Job:
+    """A job from a row selected as ``JOB_COLUMNS``; ``json_value`` reads a JSON column as the driver returns it
+    (SQLite: text, PostgreSQL: already parsed)."""
+    return Job(
+        job_id=int(row[0]),
+        subject_kind=row[1],
+        subject=row[2],
+        family=row[3],
+        ranges=tuple(SeqRange(d, int(a), int(b)) for d, a, b in json_value(row[4])),
+        samples=int(row[5]),
+        bytes=int(row[6]),
+        reason=row[7],
+        state=row[8],
+        attempts=int(row[9]),
+        error=row[10],
+        outcome=row[11],
+        update_id=int(row[12]),
+        result=dict(json_value(row[13])),
+        created_unix_ms=int(row[14]),
+        started_unix_ms=int(row[15]),
+        finished_unix_ms=int(row[16]),
+    )

@@ -10,7 +10,17 @@ from __future__ import annotations
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cloud.adaptation.jobs import JOB_COLUMNS, STATES, Job, JobError, JobState, JobStore, NewJob, SeqRange, now_ms
+from cloud.adaptation.jobs import (
+    JOB_COLUMNS,
+    STATES,
+    Job,
+    JobError,
+    JobState,
+    JobStore,
+    NewJob,
+    job_from_row,
+    now_ms,
+)
 from cloud.db import PostgresDatabase
 
 
@@ -156,22 +166,4 @@ class PostgresJobStore(JobStore):
 
 
 def _job(row: tuple) -> Job:
-    return Job(
-        job_id=int(row[0]),
-        subject_kind=row[1],
-        subject=row[2],
-        family=row[3],
-        ranges=tuple(SeqRange(d, int(a), int(b)) for d, a, b in row[4]),
-        samples=int(row[5]),
-        bytes=int(row[6]),
-        reason=row[7],
-        state=row[8],
-        attempts=int(row[9]),
-        error=row[10],
-        outcome=row[11],
-        update_id=int(row[12]),
-        result=dict(row[13]),
-        created_unix_ms=int(row[14]),
-        started_unix_ms=int(row[15]),
-        finished_unix_ms=int(row[16]),
-    )
+    return job_from_row(row, lambda value: value)  # JSONB arrives parsed

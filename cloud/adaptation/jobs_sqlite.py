@@ -7,7 +7,17 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from cloud.adaptation.jobs import JOB_COLUMNS, STATES, Job, JobError, JobState, JobStore, NewJob, SeqRange, now_ms
+from cloud.adaptation.jobs import (
+    JOB_COLUMNS,
+    STATES,
+    Job,
+    JobError,
+    JobState,
+    JobStore,
+    NewJob,
+    job_from_row,
+    now_ms,
+)
 from cloud.db import open_sqlite
 
 _SCHEMA = """
@@ -205,22 +215,4 @@ class _Tx:
 
 
 def _job(row: tuple) -> Job:
-    return Job(
-        job_id=int(row[0]),
-        subject_kind=row[1],
-        subject=row[2],
-        family=row[3],
-        ranges=tuple(SeqRange(d, int(a), int(b)) for d, a, b in json.loads(row[4])),
-        samples=int(row[5]),
-        bytes=int(row[6]),
-        reason=row[7],
-        state=row[8],
-        attempts=int(row[9]),
-        error=row[10],
-        outcome=row[11],
-        update_id=int(row[12]),
-        result=json.loads(row[13]),
-        created_unix_ms=int(row[14]),
-        started_unix_ms=int(row[15]),
-        finished_unix_ms=int(row[16]),
-    )
+    return job_from_row(row, json.loads)

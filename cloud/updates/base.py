@@ -5,9 +5,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 from protocol.updates import UpdateHeader, header_to_proto
+
+# The update row's columns, in the order both registries select them.
+UPDATE_COLUMNS = (
+    "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
+    " signature, key_id, payload_info"
+)
 
 
 @dataclass(frozen=True)
@@ -114,3 +121,22 @@ class UpdateRegistry(ABC):
         (PostgreSQL LISTEN/NOTIFY) wakes them at once.
         """
         return lambda: None
+
+
+def record_from_row(row: tuple, json_value: Callable[[Any], Any]) -> UpdateRecord:
+    """An update from a row selected as ``UPDATE_COLUMNS``; ``json_value`` reads the JSON metadata column as the
+    driver returns it (SQLite: text, PostgreSQL: already parsed)."""
+    return UpdateRecord(
+        update_id=int(row[0]),
+        device_id=row[1],
+        cohort=row[2],
+        base_version=row[3],
+        target_version=row[4],
+        sha256_hex=row[5],
+        size=int(row[6]),
+        metadata=dict(json_value(row[7])),
+        created_unix_ms=int(row[8]),
+        signature=bytes(row[9]),
+        key_id=row[10],
+        payload_info=bytes(row[11]),
+    )

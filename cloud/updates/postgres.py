@@ -16,17 +16,13 @@ from psycopg.types.json import Jsonb
 
 from cloud.blobs import BlobStore
 from cloud.db import PostgresDatabase, connect_postgres
-from cloud.updates.base import UpdateRecord, UpdateRegistry
+from cloud.updates.base import UPDATE_COLUMNS, UpdateRecord, UpdateRegistry, record_from_row
 from cloud.updates.publishing import prepare_update
 from common.signing import Ed25519PrivateKey
 
 log = logging.getLogger("tandem.updates")
 CHANNEL = "tandem_updates"
 _PUBLISH_LOCK = 0x7570646174  # "updat": serialises id assignment with commit
-_COLUMNS = (
-    "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
-    " signature, key_id, payload_info"
-)
 
 
 class PostgresUpdateRegistry(UpdateRegistry):
@@ -73,7 +69,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
 
     def _select(self, where: str, args: tuple) -> list[UpdateRecord]:
         with self.db.cursor() as cur:
-            cur.execute(f"SELECT {_COLUMNS} FROM updates WHERE {where} ORDER BY update_id", args)
+            cur.execute(f"SELECT {UPDATE_COLUMNS} FROM updates WHERE {where} ORDER BY update_id", args)
             return [_record(r) for r in cur.fetchall()]
 
     def get(self, update_id: int) -> UpdateRecord | None:
@@ -165,17 +161,4 @@ class _Listener:
 
 
 def _record(row: tuple) -> UpdateRecord:
-    return UpdateRecord(
-        update_id=int(row[0]),
-        device_id=row[1],
-        cohort=row[2],
-        base_version=row[3],
-        target_version=row[4],
-        sha256_hex=row[5],
-        size=int(row[6]),
-        metadata=dict(row[7]),
-        created_unix_ms=int(row[8]),
-        signature=bytes(row[9]),
-        key_id=row[10],
-        payload_info=bytes(row[11]),
-    )
+    return record_from_row(row, lambda value: value)  # JSONB arrives parsed

@@ -10,7 +10,7 @@ from pathlib import Path
 from cloud.blobs import DirectoryBlobStore
 from cloud.db import open_sqlite
 from cloud.migrations import migrate_sqlite
-from cloud.updates.base import UpdateRecord, UpdateRegistry
+from cloud.updates.base import UPDATE_COLUMNS, UpdateRecord, UpdateRegistry, record_from_row
 from cloud.updates.publishing import PublishError, prepare_update
 from common.signing import Ed25519PrivateKey
 
@@ -35,10 +35,6 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE INDEX IF NOT EXISTS updates_device ON updates (device_id, update_id);
 CREATE INDEX IF NOT EXISTS updates_cohort ON updates (cohort, update_id)
 """,
-)
-_COLUMNS = (
-    "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
-    " signature, key_id, payload_info"
 )
 
 
@@ -91,11 +87,13 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
     def get(self, update_id: int) -> UpdateRecord | None:
         with self._lock:
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)).fetchone()
+            row = self._conn.execute(
+                f"SELECT {UPDATE_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)
+            ).fetchone()
         return _record(row) if row else None
 
     def list(self, device_id=None, cohort=None, after_id=0) -> list[UpdateRecord]:
-        sql = f"SELECT {_COLUMNS} FROM updates WHERE update_id > ?"
+        sql = f"SELECT {UPDATE_COLUMNS} FROM updates WHERE update_id > ?"
         args: list = [after_id]
         if device_id is not None:
             sql += " AND device_id = ?"
@@ -110,7 +108,7 @@ class SqliteUpdateRegistry(UpdateRegistry):
     def for_device(self, device_id: str, cohort: str, after_id: int = 0) -> list[UpdateRecord]:
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM updates WHERE update_id > ? AND (device_id = ? OR (cohort != '' AND"
+                f"SELECT {UPDATE_COLUMNS} FROM updates WHERE update_id > ? AND (device_id = ? OR (cohort != '' AND"
                 " cohort = ?)) ORDER BY update_id",
                 (after_id, device_id, cohort),
             ).fetchall()
@@ -133,17 +131,4 @@ class SqliteUpdateRegistry(UpdateRegistry):
 
 
 def _record(row: tuple) -> UpdateRecord:
-    return UpdateRecord(
-        update_id=int(row[0]),
-        device_id=row[1],
-        cohort=row[2],
-        base_version=row[3],
-        target_version=row[4],
-        sha256_hex=row[5],
-        size=int(row[6]),
-        metadata=json.loads(row[7]),
-        created_unix_ms=int(row[8]),
-        signature=bytes(row[9]),
-        key_id=row[10],
-        payload_info=bytes(row[11]),
-    )
+    return record_from_row(row, json.loads)
