@@ -28,23 +28,27 @@ def short_validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (an empty file is ``{}``); ConfigError with a one-line reason for a
+    missing file, bad YAML or another top-level type."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(cls: type[ConfigT], path: str | Path | None = None, **overrides: Any) -> ConfigT:
     """Build ``cls`` from an optional YAML file, then apply non-None keyword overrides.
 
     Raises ConfigError with a one-line reason for a missing file, bad YAML or invalid values.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data.update(loaded)
+    data = read_yaml_mapping(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return cls.model_validate(data)

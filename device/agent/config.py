@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from common.adapters import AdapterConfig
-from common.config import StrictConfig, short_validation_message
+from common.config import StrictConfig, read_yaml_mapping, short_validation_message
 from common.errors import ConfigError
 from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE
 from common.modeling import DType, Quantization
@@ -168,18 +168,7 @@ def load_agent_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
     Raises ConfigError with one line naming the offending key for unknown keys or invalid values.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = loaded
+    data = read_yaml_mapping(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         _set_path(data, key, value)
     try:
