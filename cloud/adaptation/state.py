@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from cloud.adaptation.learner import LabelledBuffer, Learner
 from cloud.akd import TeacherLabels
 from cloud.dwc import CloudMirror
+from common.durable import fsync_dir, replace_atomically
 from common.errors import TandemError
 from common.sample_codec import decode_sample
 
@@ -40,24 +41,6 @@ class Pending:
     generation: int
     payload: bytes
     header_json: str
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
@@ -154,14 +137,14 @@ class LearnerStore:
             "history": list(learner.history),
             "counter": learner.counter,
         }
-        _write_atomic(gdir / "state.json", json.dumps(doc, indent=1).encode())
-        _fsync_dir(base)
+        replace_atomically(gdir / "state.json", json.dumps(doc, indent=1).encode())
+        fsync_dir(base)
         return gen
 
     def promote(self, key: str, generation: int) -> None:
         """Make ``generation`` live and drop ``pending.json`` and older generations."""
         base = self.dir(key)
-        _write_atomic(base / "current.json", json.dumps({"generation": generation}).encode())
+        replace_atomically(base / "current.json", json.dumps({"generation": generation}).encode())
         (base / "pending.json").unlink(missing_ok=True)
         for p in base.glob("gen-*"):
             if p.name != f"gen-{generation:06d}":
@@ -171,9 +154,9 @@ class LearnerStore:
         """Save the learner as it will be once the update is published, with the update itself."""
         gen = self.save(key, learner, job_id)
         gdir = self.dir(key) / f"gen-{gen:06d}"
-        _write_atomic(gdir / "update.bin", payload)
+        replace_atomically(gdir / "update.bin", payload)
         doc = {"job_id": job_id, "generation": gen, "header": header_json}
-        _write_atomic(self.dir(key) / "pending.json", json.dumps(doc).encode())
+        replace_atomically(self.dir(key) / "pending.json", json.dumps(doc).encode())
         return Pending(job_id, gen, payload, header_json)
 
     def pending(self, key: str) -> Pending | None:

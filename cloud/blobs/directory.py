@@ -14,16 +14,9 @@ import uuid
 from pathlib import Path
 
 from cloud.blobs.base import BlobNotFound, BlobStore, check_key
+from common.durable import fsync_dir
 
 SPARES = 64
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirectoryBlobStore(BlobStore):
@@ -51,7 +44,7 @@ class DirectoryBlobStore(BlobStore):
             if not d.is_dir():
                 d.mkdir(exist_ok=True)
                 if self.fsync:
-                    _fsync_dir(d.parent)  # the new directory entry itself must survive a crash
+                    fsync_dir(d.parent)  # the new directory entry itself must survive a crash
         with self._lock:
             self._made.add(parent)
 
@@ -73,7 +66,7 @@ class DirectoryBlobStore(BlobStore):
         for key in keys:
             os.close(os.open(self.path(key), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         if self.fsync:
-            _fsync_dir(self.path(keys[0]).parent)
+            fsync_dir(self.path(keys[0]).parent)
         return keys
 
     def put(self, key: str, data: bytes) -> None:
@@ -92,7 +85,7 @@ class DirectoryBlobStore(BlobStore):
             return
         self._write(fd, path, data)
         if self.fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _write(self, fd: int, path: Path, data: bytes) -> None:
         try:
@@ -119,7 +112,7 @@ class DirectoryBlobStore(BlobStore):
             tmp.unlink(missing_ok=True)
             raise
         if self.fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self.path(key)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.delta_codec import state_digest
+from common.durable import fsync_dir, write_synced
 from common.errors import TandemError
 
 WEIGHTS = "adapter_model.safetensors"
@@ -58,21 +59,6 @@ class Rollback:
 
     rolled_back_from: str
     reason: str
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 class AdapterStore:
@@ -149,19 +135,19 @@ class AdapterStore:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state.items()}, str(tmp / WEIGHTS))
         with open(tmp / WEIGHTS, "rb+") as fh:
             os.fsync(fh.fileno())
-        _write_durably(tmp / PEFT_CONFIG, json.dumps(self.peft_config, indent=2, default=str).encode())
+        write_synced(tmp / PEFT_CONFIG, json.dumps(self.peft_config, indent=2, default=str).encode())
         meta = {"version": adapter.version, "digest": adapter.digest()}
-        _write_durably(tmp / META, json.dumps(meta, indent=2).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / META, json.dumps(meta, indent=2).encode())
+        fsync_dir(tmp)
         os.rename(tmp, self.versions / name)
-        _fsync_dir(self.versions)
+        fsync_dir(self.versions)
         return name
 
     def _write_head(self) -> None:
         tmp = self.root / f"{HEAD}.tmp"
-        _write_durably(tmp, json.dumps(self._head, indent=2).encode())
+        write_synced(tmp, json.dumps(self._head, indent=2).encode())
         os.replace(tmp, self.root / HEAD)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _collect_garbage(self) -> None:
         keep = {self._head.get("current"), self._head.get("previous")}
