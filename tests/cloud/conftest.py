@@ -1,6 +1,9 @@
-"""Fixtures of the cloud tests: the micro zoo (built once per session) and one local Ray per session."""
+"""Fixtures of the cloud tests: the micro zoo (built once per session), one local Ray per session, and an event
+loop for tests that drive grpc.aio from synchronous code."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -22,3 +25,13 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def loop():
+    """A fresh event loop, set as current (grpc.aio looks the loop up outside coroutines too)."""
+    lp = asyncio.new_event_loop()
+    asyncio.set_event_loop(lp)
+    yield lp
+    asyncio.set_event_loop(None)
+    lp.close()

@@ -3,13 +3,11 @@ the gateway still serves afterwards (issue 19; ``bench/gateway_fuzz.py`` runs th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import struct
 
 import grpc
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transport_support import registered_client, running_gateway, sample_payload
@@ -53,15 +51,6 @@ streams = st.one_of(
     st.integers(0, 2**32).map(lambda seed: fuzz_frames(random.Random(seed), 1, BASE)[1]),
     st.lists(st.binary(max_size=200), min_size=1, max_size=3),  # arbitrary frames
 )
-
-
-@pytest.fixture
-def loop():
-    lp = asyncio.new_event_loop()
-    asyncio.set_event_loop(lp)  # grpc.aio looks the loop up outside coroutines too
-    yield lp
-    asyncio.set_event_loop(None)
-    lp.close()
 
 
 def test_fuzzed_uploads_never_answer_unknown_or_internal(tmp_path, loop):

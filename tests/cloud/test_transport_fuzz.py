@@ -56,15 +56,6 @@ def _bad_streams():
     )
 
 
-@pytest.fixture
-def loop():
-    lp = asyncio.new_event_loop()
-    asyncio.set_event_loop(lp)  # grpc.aio looks the loop up outside coroutines too
-    yield lp
-    asyncio.set_event_loop(None)
-    lp.close()
-
-
 def test_bad_uploads_are_invalid_argument(tmp_path, loop):
     async def setup():
         cm_gw = running_gateway(tmp_path / "cloud")
