@@ -27,7 +27,7 @@ from device.sparse.recycle import (
     recycled_count,
 )
 from device.sparse.scoring import attention_rank, random_scores, rater_attention_batch
-from device.sparse.sequence import ORIG, POS, RATER, VALID, VIS, TokenSeq, decode_mask, prefill_mask
+from device.sparse.sequence import ORIG, POS, VALID, TokenSeq, as_merged, decode_mask, prefill_mask
 from device.sparse.stats import PruneStep, SampleStats, SparseStats
 
 CACHE_STATE_ATTR = "_tandem_sparse_state"
@@ -448,11 +448,7 @@ class SparsePrefill:
         (sort keys ``keys``), each with its representative's meta and RoPE."""
         b = keep_mask.shape[0]
         keep_idx = torch.nonzero(keep_mask)[:, 1].view(b, -1)
-        merged_meta = _gather_rows(seq.meta, merged_slot).clone()
-        merged_meta[..., VALID] = 1
-        merged_meta[..., ORIG] = -1
-        merged_meta[..., VIS] = 1
-        merged_meta[..., RATER] = 0
+        merged_meta = as_merged(_gather_rows(seq.meta, merged_slot))
         order = torch.argsort(torch.cat([keep_idx.double(), keys], dim=1), dim=1)
         h_new = _gather_rows(torch.cat([_gather_rows(seq.h, keep_idx), merged_h], dim=1), order)
         meta_new = _gather_rows(torch.cat([_gather_rows(seq.meta, keep_idx), merged_meta], dim=1), order)

@@ -91,11 +91,7 @@ class TokenSeq:
         placed there (or at the sort keys ``merged_key``, e.g. after the kept visual block)."""
         if len(merged_slot) == 0:
             return self.h[b, idx], self.meta[b, idx], self.rope[b, idx]
-        merged_meta = self.meta[b, merged_slot].clone()
-        merged_meta[:, VALID] = 1
-        merged_meta[:, ORIG] = -1
-        merged_meta[:, VIS] = 1
-        merged_meta[:, RATER] = 0
+        merged_meta = as_merged(self.meta[b, merged_slot])
         if merged_key is None:
             order = torch.argsort(torch.cat([idx, merged_slot]))  # merged slots were pruned: no ties
         else:
@@ -122,6 +118,17 @@ class TokenSeq:
                     x = torch.cat([filler, x])
                 padded[k].append(x)
         return cls(*(torch.stack(xs) for xs in padded))
+
+
+def as_merged(meta: torch.Tensor) -> torch.Tensor:
+    """Meta rows [..., 6] of representatives turned into merged tokens' (a copy): real visual non-rater slots with
+    no input index, keeping the representative's position and decision flag."""
+    merged = meta.clone()
+    merged[..., VALID] = 1
+    merged[..., ORIG] = -1
+    merged[..., VIS] = 1
+    merged[..., RATER] = 0
+    return merged
 
 
 def prefill_mask(seq: TokenSeq) -> torch.Tensor | None:
