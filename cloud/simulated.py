@@ -121,41 +121,62 @@ class CallCounter(grpc.aio.ServerInterceptor):
 
 
 def _counted(handler, counter: CallCounter):
-    """The same handler, its behaviour bracketed by the counter."""
+    """The same handler, its behaviour bracketed by the counter: a call counts while the server works on it, not
+    while it waits for the client's next message or for its own message to be taken."""
 
-    def wrap_unary(fn):
-        async def run(request_or_iterator, context):
+    def unary(fn):
+        async def run(request, context):
             counter._add(1)
             try:
-                return await fn(request_or_iterator, context)
+                return await fn(request, context)
             finally:
                 counter._add(-1)
 
         return run
 
-    def wrap_stream(fn):
+    def client_stream(fn):
+        async def run(request_iterator, context):
+            counter._add(1)
+            try:
+                return await fn(_uncounted_reads(request_iterator, counter), context)
+            finally:
+                counter._add(-1)
+
+        return run
+
+    def server_stream(fn):
         async def run(request_or_iterator, context):
             counter._add(1)
             try:
                 async for item in fn(request_or_iterator, context):
-                    yield item
+                    counter._add(-1)
+                    try:
+                        yield item
+                    finally:
+                        counter._add(1)
             finally:
                 counter._add(-1)
 
         return run
 
+    ser, de = handler.response_serializer, handler.request_deserializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(client_stream(handler.stream_unary), de, ser)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-    )
+        return grpc.unary_stream_rpc_method_handler(server_stream(handler.unary_stream), de, ser)
+    return grpc.stream_stream_rpc_method_handler(server_stream(handler.stream_stream), de, ser)
+
+
+async def _uncounted_reads(iterator, counter: CallCounter):
+    """``iterator``'s messages; the wait for each is not counted as the server's work."""
+    while True:
+        counter._add(-1)
+        try:
+            item = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            counter._add(1)
+        yield item

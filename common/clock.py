@@ -143,10 +143,17 @@ class SharedClockFile:
         with self._lock:
             fields = list(self.read())
             fields[_NOW] = now
-            fields[_TICK] += 1
             if epoch_unix is not None:
                 fields[_EPOCH] = epoch_unix
             self._map[: _LAYOUT.size] = _LAYOUT.pack(*fields)
+
+    def request_tick(self) -> int:
+        """Ask the cloud for one loop turn at the current time; returns the tick to wait for."""
+        with self._lock:
+            fields = list(self.read())
+            fields[_TICK] += 1
+            self._map[: _LAYOUT.size] = _LAYOUT.pack(*fields)
+            return fields[_TICK]
 
     def ack(self, tick: int, barrier: float) -> None:
         """The cloud has run its scheduler at ``tick``; nothing it holds is due before ``barrier``."""
