@@ -84,6 +84,8 @@ class DeviceAgent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._apply_lock = asyncio.Lock()
+        self._applying = 0
+        """Updates being decoded and stored on this host right now (not counting the wait for a swap slot)."""
         self.clock = clocks.current()
         self._started = self.clock.monotonic()
         self.counts = {"requests": 0, "selected": 0, "swaps": 0, "rollbacks": 0}
@@ -123,7 +125,7 @@ class DeviceAgent:
     def host_busy(self) -> bool:
         """True while frames, samples or an update are still being worked on by this machine (the simulator
         lets virtual time pass only when no agent is busy)."""
-        return self.batcher.host_busy or self.writer.waiting > 0 or self.writer.writing or self._apply_lock.locked()
+        return self.batcher.host_busy or self.writer.waiting > 0 or self.writer.writing or self._applying > 0
 
     def _sample_written(self, seq: int, payload: bytes, metadata: dict[str, str]) -> None:
         self.events.sample_queued(seq, len(payload), metadata)
@@ -306,12 +308,15 @@ class DeviceAgent:
         """Fetcher callback: apply off the request path, store durably, swap between batches."""
         async with self._apply_lock:
             current = self.step.model.adapter
+            self._applying += 1
             try:
                 new = await asyncio.to_thread(apply_dwc, current, payload, header)
                 await asyncio.to_thread(self.store.commit, new)
             except Exception as exc:
                 log.warning("update %s rejected, %s keeps serving: %s", header.update_id, current.version, exc)
                 raise
+            finally:
+                self._applying -= 1
             await asyncio.wrap_future(self.batcher.between_batches(lambda: self._install(new, arm=True)))
             self.counts["swaps"] += 1
             self.events.applied(new.version, int(header.update_id))

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 fleet_app = typer.Typer(help="The fleet simulator: a real cloud and many real device agents behind emulated links.")
@@ -142,14 +143,14 @@ def profiles_command() -> None:
     for n in profile_names("devices"):
         p = load_device_profile(n)
         figures = "host-measured" if p.host else f"{p.fixed_ms:g} ms + {p.per_frame_ms:g} ms/frame"
-        t.add_row("device", n, figures, p.description)
+        t.add_row("device", n, figures, escape(p.description))
     for n in profile_names("clouds"):
         c = load_cloud_profile(n)
         figures = "host-measured" if c.host else (
             f"{c.gpus} GPU, {c.job_overhead_s:g} s/job, teacher {c.teacher_samples_per_s:g}/s, "
             f"learner {c.learner_samples_per_s:g}/s"
         )
-        t.add_row("cloud", n, figures, c.description)
+        t.add_row("cloud", n, figures, escape(c.description))
     console.print(t)
 
 

@@ -91,7 +91,8 @@ class Lockstep:
                 calm = 0
                 if time.perf_counter() - start > self.settle_limit_s:
                     self.stats.safety_timeouts += 1
-                    log.warning("host did not settle in %.0f s at t=%.2f; going on", self.settle_limit_s, self.now)
+                    limit, now = self.settle_limit_s, self.now
+                    log.warning("host did not settle in %.0f s at t=%.2f (%s busy); going on", limit, now, held)
                     break
             else:
                 calm += 1

@@ -51,8 +51,13 @@ class CloudProfile(StrictConfig):
         return {"clock_file": str(clock_file), **fields}
 
 
-def _load(kind: str, name: str, model: type[StrictConfig]):
+def _load(kind: str, name: str | dict[str, Any], model: type[StrictConfig]):
     path = PROFILE_DIR / f"{kind}.yaml"
+    if isinstance(name, dict):  # a scenario's own figures
+        try:
+            return model.model_validate({"name": "custom", **name})
+        except ValidationError as exc:
+            raise ConfigError(f"{kind[:-1]} profile: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
     table = read_yaml_mapping(path)
     if name not in table:
         raise ConfigError(f"unknown {kind[:-1]} profile {name!r} (known: {', '.join(sorted(table))})")
@@ -62,11 +67,11 @@ def _load(kind: str, name: str, model: type[StrictConfig]):
         raise ConfigError(f"{path}: profile {name}: {exc.errors()[0]['msg']}") from None
 
 
-def device_profile(name: str) -> DeviceProfile:
+def device_profile(name: str | dict[str, Any]) -> DeviceProfile:
     return _load("devices", name, DeviceProfile)
 
 
-def cloud_profile(name: str) -> CloudProfile:
+def cloud_profile(name: str | dict[str, Any]) -> CloudProfile:
     return _load("clouds", name, CloudProfile)
 
 

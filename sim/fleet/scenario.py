@@ -98,10 +98,10 @@ class Scenario(StrictConfig):
     """Overrides of the cloud service's config (checked against it when the run starts)."""
     agent: dict[str, Any] = Field(default_factory=dict)
     """Overrides of every device agent's config (checked against it when the run starts)."""
-    device_profile: str = DEFAULT_DEVICE_PROFILE
-    """The modelled device hardware (``sim/profiles/devices.yaml``; virtual time only)."""
-    cloud_profile: str = DEFAULT_CLOUD_PROFILE
-    """The modelled training cluster (``sim/profiles/clouds.yaml``; virtual time only)."""
+    device_profile: str | dict[str, Any] = DEFAULT_DEVICE_PROFILE
+    """The modelled device hardware: a name in ``sim/profiles/devices.yaml`` or the figures themselves."""
+    cloud_profile: str | dict[str, Any] = DEFAULT_CLOUD_PROFILE
+    """The modelled training cluster: a name in ``sim/profiles/clouds.yaml`` or the figures themselves."""
     groups: list[DeviceGroup] = Field(min_length=1)
 
     @model_validator(mode="after")
