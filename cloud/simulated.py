@@ -31,27 +31,42 @@ log = logging.getLogger("tandem.cloud.simulated")
 
 
 class ModelledExecutor(Executor):
-    """Wraps the real executor: at most ``gpus`` jobs at once, each finished at its modelled time."""
+    """Wraps the real executor: at most ``gpus`` jobs at once in virtual time, each finished at its modelled time.
+
+    The modelled cluster's concurrency does not depend on the host's: a job starts in virtual time when a modelled
+    GPU is free, and waits here until the real executor has a slot; while it is due but not finished, the
+    barrier holds virtual time.
+    """
 
     def __init__(self, inner: Executor, config: SimulationConfig, clock: SharedClock, epochs: int) -> None:
         self.inner, self.config, self.clock, self.epochs = inner, config, clock, epochs
         self.due: dict[int, float] = {}
         """job id -> virtual second its update becomes visible (running or held)."""
         self._held: list[Finished] = []
+        self._waiting: list = []
+        """Started in virtual time, not yet handed to the real executor (it has fewer slots than GPUs)."""
         self.started: dict[int, float] = {}
 
     def free_slots(self) -> int:
-        return max(0, min(self.inner.free_slots(), self.config.gpus - len(self.due)))
+        if self.config.host:
+            return self.inner.free_slots()
+        return max(0, self.config.gpus - len(self.due))
 
     def submit(self, spec) -> None:
         seconds = self.config.job_seconds(len(spec.rows), self.epochs)
         self.started[spec.job_id] = self.clock.monotonic()
         self.due[spec.job_id] = math.inf if self.config.host else self.started[spec.job_id] + seconds
         log.info("job %d: %d samples, modelled %.1f s", spec.job_id, len(spec.rows), seconds)
-        self.inner.submit(spec)
+        self._waiting.append(spec)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._waiting and self.inner.free_slots() > 0:
+            self.inner.submit(self._waiting.pop(0))
 
     def poll(self, timeout: float) -> list[Finished]:
         finished = self.inner.poll(timeout)
+        self._pump()
         if self.config.host:  # visible after what it took here (never before now: time already passed)
             for f in finished:
                 self.due[f.spec.job_id] = self.started.get(f.spec.job_id, 0.0) + f.seconds

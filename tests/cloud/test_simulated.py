@@ -70,3 +70,24 @@ def test_the_host_profile_publishes_after_what_it_took_here(tmp_path):
             break
     assert [f.result for f in finished] == ["result of 2"]
     ex.close()
+
+
+def test_modelled_gpus_run_at_once_whatever_the_host_runs(tmp_path):
+    """Two modelled GPUs, a host executor with one slot: both jobs start in virtual time at once."""
+    harness, worker, ex = _executor(
+        tmp_path, gpus=2, job_overhead_s=1, teacher_samples_per_s=10, learner_samples_per_s=10
+    )
+    ex.submit(_spec(1, samples=10))  # 1 + 1 + 2 = 4 s
+    assert ex.free_slots() == 1  # the host's one slot is taken; a modelled GPU is still free
+    ex.submit(_spec(2, samples=10))
+    assert ex.free_slots() == 0 and ex.barrier() == 4.0
+    worker.gate.set()
+    harness.advance_to(4.0)
+    done = []
+    for _ in range(100):
+        done += ex.poll(0.05)
+        if len(done) == 2:
+            break
+    assert sorted(f.result for f in done) == ["result of 1", "result of 2"]
+    assert all(f.seconds == 4.0 for f in done)
+    ex.close()
