@@ -39,6 +39,8 @@ log = logging.getLogger("tandem.sim.fleet")
 
 TICK_S = 0.25
 """How often the harness looks at every agent (versions, rollbacks, acks)."""
+EPSILON_S = 1e-6
+"""Virtual moments closer than this are the same moment (float sums of steps)."""
 
 
 @dataclass
@@ -255,7 +257,7 @@ class FleetRunner:
         last_progress = 0.0
         clock = self.clock
         await self._pace(max(0.0, epoch - clock.monotonic()))
-        while (t := clock.monotonic() - epoch) < sc.duration_s:
+        while (t := clock.monotonic() - epoch) < sc.duration_s - EPSILON_S:
             if t >= next_measure:
                 await asyncio.to_thread(self._measure_all, devices, evaluator, t)
                 while next_measure <= clock.monotonic() - epoch:  # a slow measurement skips the missed ones
@@ -263,7 +265,10 @@ class FleetRunner:
             if self.options.progress is not None and t - last_progress >= 1.0:
                 last_progress = t
                 self.options.progress(_snapshot(devices, t, sc.duration_s))
-            await self._pace(min(TICK_S, sc.duration_s - t, next_measure - t) if self.lockstep else TICK_S)
+            if self.lockstep is None:
+                await asyncio.sleep(TICK_S)
+            else:  # to the next tick, measurement or the end, whichever comes first (absolute: no rounding drift)
+                await self.lockstep.run_until(epoch + min(t + TICK_S, sc.duration_s, next_measure))
         for d in devices:  # the world stops at the scenario's end; the uplinks drain afterwards
             d.source.stop()
         t = clock.monotonic() - epoch
