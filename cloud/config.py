@@ -76,6 +76,28 @@ class StoreSettings(StrictConfig):
         return os.environ.get(POSTGRES_DSN_ENV, "")
 
 
+class SimulationConfig(StrictConfig):
+    """The modelled cluster (the simulator's cloud profile) and the clock file it shares."""
+
+    clock_file: Path
+    gpus: int = Field(1, ge=1)
+    """Training GPUs: at most this many jobs run at once in virtual time."""
+    job_overhead_s: float = Field(5.0, ge=0)
+    """Fixed seconds per job (scheduling, loading the learner state, signing, publishing)."""
+    teacher_samples_per_s: float = Field(50.0, gt=0)
+    """Samples the teacher labels per second on one GPU."""
+    learner_samples_per_s: float = Field(20.0, gt=0)
+    """Sample-epochs the learner trains per second on one GPU."""
+    host: bool = False
+    """Model nothing: a job's update is visible at its start + the seconds it took on this machine."""
+
+    def job_seconds(self, samples: int, epochs: int) -> float:
+        """Modelled wall time of one job on one GPU of the profiled cluster."""
+        return self.job_overhead_s + samples / self.teacher_samples_per_s + samples * epochs / (
+            self.learner_samples_per_s
+        )
+
+
 class GatewayConfig(StoreSettings):
     """Everything ``tandem-cloud serve`` needs."""
 
@@ -125,6 +147,9 @@ class GatewayConfig(StoreSettings):
     grace_s: float = Field(5.0, ge=0)
     adaptation: AdaptationConfig = AdaptationConfig()
     """The trainer (scheduler, jobs, learners, executor); see docs/cloud-service.md."""
+    simulation: SimulationConfig | None = None
+    """Set only by the fleet simulator: virtual time from its clock file and a modelled cluster
+    (cloud/simulated.py)."""
 
     @model_validator(mode="after")
     def _check_limits(self) -> GatewayConfig:

@@ -12,12 +12,12 @@ import hmac
 import json
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.db import open_sqlite
 from cloud.migrations import migrate_sqlite
+from common import clock as clocks
 from common.errors import TandemError
 
 _SCHEMA = """
@@ -92,7 +92,7 @@ def _hash(token: str) -> str:
 
 
 def _now_ms() -> int:
-    return int(time.time() * 1000)
+    return clocks.current().now_ms()
 
 
 class DeviceRegistry:

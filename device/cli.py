@@ -67,9 +67,8 @@ def register(
     timeout: float = TimeoutOpt,
 ) -> None:
     """Register with the gateway and save the token (re-registering rotates it)."""
-    from device.transport.client import GatewayClient
+    from device.transport.enroll import register_device
     from device.transport.identity import DeviceIdentity, NotRegisteredError
-    from device.transport.outbox import Outbox
 
     cfg = _config(
         config,
@@ -87,16 +86,7 @@ def register(
     if previous is not None and previous.device_id != cfg.device_id:
         previous = None
 
-    async def go():
-        async with GatewayClient(cfg, previous) as client:
-            ident = await client.register()
-            return ident, client.registered_acked_seq
-
-    identity, acked = _run(go(), timeout)
-    identity.save(cfg.state_dir)
-    box = Outbox(Path(cfg.state_dir) / "outbox.db")
-    box.ensure_seq_above(acked)
-    box.close()
+    identity = _run(register_device(cfg, previous), timeout)
     console.print(
         f"registered {identity.device_id} (cohort {identity.cohort or '-'}) at {identity.gateway}; "
         f"identity saved in {DeviceIdentity.path(cfg.state_dir)}"

@@ -8,12 +8,12 @@ job left ``running`` by a killed service is requeued at start (``recover``).
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from common import clock as clocks
 from common.errors import TandemError
 
 JobState = Literal["queued", "running", "done", "failed"]
@@ -28,7 +28,7 @@ JOB_COLUMNS = (
 
 def now_ms() -> int:
     """Wall-clock milliseconds, as jobs record their times."""
-    return int(time.time() * 1000)
+    return clocks.current().now_ms()
 
 
 class JobError(TandemError):

@@ -64,6 +64,13 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    sim = config.simulation
+    clock = None
+    if sim is not None:  # the fleet simulator drives time (cloud/simulated.py)
+        from common.clock import SharedClock, install
+
+        clock = SharedClock(sim.clock_file)
+        install(clock)
     gateway = None
     if role in ("all", "gateway"):
         from cloud.gateway import GatewayServer
@@ -71,6 +78,10 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
 
         pin_malloc_thresholds()  # keeps the gateway's resident memory near what uploads use (cloud/gateway/malloc.py)
         gateway = GatewayServer(config)
+        if clock is not None:
+            from cloud.simulated import CallCounter
+
+            gateway.interceptors.append(CallCounter(clock.file))
         await gateway.start()
     trainer_box: dict = {}
     halt = threading.Event()
@@ -95,7 +106,12 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
                 gateway.metrics.registry.register(_Forward(trainer.metrics.registry))
             elif config.metrics_port is not None:
                 trainer.metrics.serve_http(config.metrics_port, config.host)
-            trainer.run(halt)
+            if clock is not None:
+                from cloud.simulated import lockstep
+
+                lockstep(trainer, config, clock).run(halt)
+            else:
+                trainer.run(halt)
 
         thread = threading.Thread(target=run_trainer, name="tandem-trainer", daemon=True)
         thread.start()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from cloud.adaptation.config import AdaptationConfig, TriggerConfig
 from cloud.adaptation.jobs import JobStore, NewJob, SeqRange
 from cloud.devices import DeviceRecord
 from cloud.samples.base import SampleStore
+from common import clock as clocks
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Scheduler:
         self.config = config
         self.samples = samples
         self.jobs = jobs
-        self.started_ms = int(time.time() * 1000)
+        self.started_ms = clocks.current().now_ms()
 
     def subjects(self, devices: list[DeviceRecord]) -> dict[tuple[str, str], list[DeviceRecord]]:
         """``(kind, subject) -> devices``: cohorts when cohort training is on, else one subject per device."""
@@ -65,7 +65,7 @@ class Scheduler:
 
     def update(self, devices: list[DeviceRecord], now_ms: int | None = None) -> list[int]:
         """Create the jobs that are due; returns their ids."""
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = clocks.current().now_ms() if now_ms is None else now_ms
         created = []
         limit = self.config.max_samples_per_job
         for (kind, subject), members in sorted(self.subjects(devices).items()):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from cloud.gateway.handlers import MalformedMessage
 from cloud.samples.base import Sample
+from common import clock as clocks
 from common.sample_codec import FORMAT as SAMPLE_FORMAT
 from common.sample_codec import check_sample
 from common.tensor_pack import PayloadError
@@ -117,7 +117,7 @@ class SampleAssembler:
             payload=data,
             metadata=dict(partial.first.metadata),
             created_unix_ms=partial.first.created_unix_ms,
-            received_unix_ms=int(time.time() * 1000),
+            received_unix_ms=clocks.current().now_ms(),
         )
         return sample, partial.first.payload
 

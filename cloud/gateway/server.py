@@ -83,6 +83,8 @@ class GatewayServer:
         self.config = config
         self.metrics = GatewayMetrics()
         self.port = 0
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
+        """Added before ``start`` (the simulator's call counter, cloud/simulated.py)."""
         self._server: grpc.aio.Server | None = None
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,7 @@ class GatewayServer:
         )
         loop, servicer = asyncio.get_running_loop(), self.servicer
         self._unsubscribe = self.updates.subscribe(lambda: loop.call_soon_threadsafe(servicer.notify_published))
-        server = grpc.aio.server(options=server_options(self.config))
+        server = grpc.aio.server(interceptors=self.interceptors, options=server_options(self.config))
         add_gateway_handlers(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,7 +7,6 @@ import contextlib
 import hmac
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
@@ -22,6 +21,7 @@ from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.upload import StreamIdle, UploadSession
 from cloud.gateway.writer import GroupCommitWriter
 from cloud.updates.base import UpdateRecord, UpdateRegistry
+from common import clock as clocks
 from protocol.auth import token_from_metadata
 from protocol.limits import ACKED_SEQ_TRAILER, COHORT_RE, DEVICE_ID_RE, MAX_VERSION_CHARS, REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
@@ -321,7 +321,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
 
 
 def _now_ms() -> int:
-    return int(time.time() * 1000)
+    return clocks.current().now_ms()
 
 
 async def _receive(

@@ -3,9 +3,8 @@ sign and describe the payload. The backends differ only in where rows and bytes 
 
 from __future__ import annotations
 
-import time
-
 from cloud.updates.base import UpdateRecord
+from common import clock as clocks
 from common.codec import sha256_hex
 from common.errors import TandemError
 from common.signing import Ed25519PrivateKey
@@ -48,7 +47,7 @@ def prepare_update(
         digest,
         len(payload),
         meta,
-        int(time.time() * 1000),
+        clocks.current().now_ms(),
         signature,
         kid,
         describe_payload(payload).SerializeToString(),

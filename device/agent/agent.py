@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
+from common import clock as clocks
 from common.errors import TandemError
 from device.agent.applier import apply_dwc
-from device.agent.batcher import MicroBatcher, Request
+from device.agent.batcher import ComputeModel, MicroBatcher, Request
 from device.agent.config import AgentConfig
+from device.agent.events import AgentListener, Listeners
 from device.agent.guard import GuardDecision, RegressionGuard
 from device.agent.link import HeartbeatInfo, LinkLoops
 from device.agent.metrics import AgentMetrics
@@ -37,7 +38,13 @@ ADDRESS_FILE = "agent.address"
 class DeviceAgent:
     """One device: call ``start()``, then ``ask()``/the gRPC API, and ``stop()`` (or ``run_until``)."""
 
-    def __init__(self, config: AgentConfig, model: DeviceModel | None = None, connect: bool = True) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        model: DeviceModel | None = None,
+        connect: bool = True,
+        compute_model: ComputeModel | None = None,
+    ) -> None:
         self.config = config
         self.connect = connect
         self.state_dir = config.state_dir
@@ -54,14 +61,18 @@ class DeviceAgent:
         max_sample = self.identity.max_sample_bytes if self.identity else None
         self.outbox = Outbox(self.state_dir / "outbox.db", max_sample or None)
         self.uts = UncertaintyTokenSampler(config.uts) if config.uts.enabled else None
+        self.events = Listeners()
         self.writer = OutboxWriter(self.outbox)
+        self.writer.on_written = self._sample_written
         self.step = DeviceStep(self.model, self.uts, sink=self.writer.put)
         g = config.guard
         self.guard = RegressionGuard(g.window, g.margin, g.metric) if g.enabled else None
         self.metrics = AgentMetrics()
         self.metrics.set_version(self.step.version)
         api = config.api
-        self.batcher = MicroBatcher(self.step, api.max_batch, api.max_wait_ms / 1e3, api.max_queue, self._after_batch)
+        self.batcher = MicroBatcher(
+            self.step, api.max_batch, api.max_wait_ms / 1e3, api.max_queue, self._after_batch, compute_model
+        )
         self.notifier = SystemdNotifier()
         self.link: LinkLoops | None = None
         self.sources: list[tuple[Source, float]] = []
@@ -73,7 +84,10 @@ class DeviceAgent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._apply_lock = asyncio.Lock()
-        self._started = time.monotonic()
+        self._applying = 0
+        """Updates being decoded and stored on this host right now (not counting the wait for a swap slot)."""
+        self.clock = clocks.current()
+        self._started = self.clock.monotonic()
         self.counts = {"requests": 0, "selected": 0, "swaps": 0, "rollbacks": 0}
         self.last_rollback = ""
 
@@ -102,6 +116,19 @@ class DeviceAgent:
             held = self.store.current()
             self.model.install(held)
             log.info("serving adapter %s held before the restart (digest %s)", held.version, held.digest()[:12])
+
+    def subscribe(self, listener: AgentListener) -> None:
+        """Observe answers, queued samples, acks, applied updates and rollbacks (``device.agent.events``)."""
+        self.events.add(listener)
+
+    @property
+    def host_busy(self) -> bool:
+        """True while frames, samples or an update are still being worked on by this machine (the simulator
+        lets virtual time pass only when no agent is busy)."""
+        return self.batcher.host_busy or self.writer.waiting > 0 or self.writer.writing or self._applying > 0
+
+    def _sample_written(self, seq: int, payload: bytes, metadata: dict[str, str]) -> None:
+        self.events.sample_queued(seq, len(payload), metadata)
 
     def add_source(self, source: Source, interval_s: float) -> None:
         """Poll ``source`` every ``interval_s`` (before or after ``start``)."""
@@ -143,6 +170,7 @@ class DeviceAgent:
                 on_sent=self._heartbeat_sent,
                 outbox=self.outbox,
             )
+            self.link.uplink.on_acked = self.events.uploaded
             fetcher = self.link.fetcher
             if fetcher.state.current_version != self.step.version:  # killed between the store commit and this
                 fetcher.state.current_version = self.step.version
@@ -223,6 +251,7 @@ class DeviceAgent:
                 m.selected.inc()
                 self.counts["selected"] += 1
         self.counts["requests"] += len(answers)
+        self.events.answered(requests, answers)
         if self.guard is None:
             return
         armed = self.guard.armed_version
@@ -243,14 +272,12 @@ class DeviceAgent:
                         await fut
             except Exception:  # one bad poll never stops the source
                 log.exception("source %s failed", source.name)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            await self.clock.wait(self._stop, interval)
 
     async def _uts_periods(self) -> None:
         assert self.uts is not None
         while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.config.uts.period_s)
+            await self.clock.wait(self._stop, self.config.uts.period_s)
             gate = self.uts.gate
             await asyncio.wrap_future(self.batcher.between_batches(gate.start_period))
 
@@ -264,8 +291,7 @@ class DeviceAgent:
             thread = self.batcher._thread
             if thread is not None and thread.is_alive():
                 self.notifier.watchdog()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            await self.clock.wait(self._stop, interval)
 
     # -- updates -------------------------------------------------------------------------------------------
     def _install(self, adapter: AdapterState, arm: bool) -> None:
@@ -282,14 +308,18 @@ class DeviceAgent:
         """Fetcher callback: apply off the request path, store durably, swap between batches."""
         async with self._apply_lock:
             current = self.step.model.adapter
+            self._applying += 1
             try:
                 new = await asyncio.to_thread(apply_dwc, current, payload, header)
                 await asyncio.to_thread(self.store.commit, new)
             except Exception as exc:
                 log.warning("update %s rejected, %s keeps serving: %s", header.update_id, current.version, exc)
                 raise
+            finally:
+                self._applying -= 1
             await asyncio.wrap_future(self.batcher.between_batches(lambda: self._install(new, arm=True)))
             self.counts["swaps"] += 1
+            self.events.applied(new.version, int(header.update_id))
             self.metrics.swaps.inc()
             log.info("swapped adapter %s -> %s (digest %s)", current.version, new.version, new.digest()[:12])
 
@@ -308,6 +338,7 @@ class DeviceAgent:
             self.counts["rollbacks"] += 1
             self.metrics.rollbacks.inc()
             self.last_rollback = f"{version}: {decision.reason}"
+            self.events.rolled_back(version, previous.version, decision.reason)
             log.warning("rolled back %s -> %s: %s", version, previous.version, decision.reason)
         if self.link is not None:
             with contextlib.suppress(Exception):
@@ -363,7 +394,7 @@ class DeviceAgent:
             "updates_rejected": self.link.fetcher.stats.rejected if self.link else 0,
             "last_rejection": self._last_rejection(),
             "gateway_connected": bool(self.link and self.link.connected),
-            "uptime_s": time.monotonic() - self._started,
+            "uptime_s": self.clock.monotonic() - self._started,
             "heartbeats": self.link.heartbeats if self.link else 0,
             "queue_depth": self.batcher.depth,
             "sources": [s.name for s, _ in self.sources],

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from common import clock as clocks
 from common.errors import TandemError
 from device.agent.step import Answer, DeviceStep, Frame
 
@@ -35,11 +36,14 @@ class Request:
     frame: Frame
     source: str = "api"
     future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float = field(default_factory=lambda: clocks.current().monotonic())
 
 
 BatchCallback = Callable[[list[Request], list[Answer], float], None]
 """Called by the worker after each batch with the requests, their answers and the batch's forward time."""
+ComputeModel = Callable[[int, float], float]
+"""(frames in the batch, seconds the forward took here) -> seconds it takes on the modelled hardware (the
+simulator's device profile)."""
 
 
 class MicroBatcher:
@@ -52,11 +56,17 @@ class MicroBatcher:
         max_wait_s: float = 0.005,
         max_queue: int = 256,
         on_batch: BatchCallback | None = None,
+        compute_model: ComputeModel | None = None,
     ) -> None:
         self.step = step
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.on_batch = on_batch
+        self.compute_model = compute_model
+        """With a model, a batch's answers go out when the modelled compute has passed on the process's clock
+        (virtual time in the simulator), and latencies are that clock's; without one, as measured."""
+        self._in_batch = False
+        self._pacing = False
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._swaps: queue.Queue[tuple[Callable[[], None], Future]] = queue.Queue()
         self._stop = threading.Event()
@@ -86,6 +96,14 @@ class MicroBatcher:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def host_busy(self) -> bool:
+        """True while the host still has work queued or running here (not while a batch waits out its modelled
+        compute time): the simulator waits for this before it lets virtual time pass."""
+        if self._pacing:
+            return False
+        return self._in_batch or not self._queue.empty() or not self._swaps.empty()
 
     def submit(self, frame: Frame, source: str = "api") -> Future:
         """Queue one frame; the future resolves to its Answer."""
@@ -134,6 +152,7 @@ class MicroBatcher:
             first = self._queue.get(timeout=0.02)
         except queue.Empty:
             return []
+        self._in_batch = True  # before the queue looks empty to a watcher
         batch = [first]
         while len(batch) < self.max_batch:
             try:
@@ -159,27 +178,42 @@ class MicroBatcher:
             batch = self._collect()
             if not batch:
                 continue
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            t0 = time.perf_counter()
             try:
-                answers = self.step.run([r.frame for r in live])
-            except Exception as exc:  # one failing batch fails its requests, never the worker
-                log.exception("batch of %d failed", len(live))
-                for r in live:
-                    r.future.set_exception(exc)
-                continue
-            forward_s = time.perf_counter() - t0
-            self.batches += 1
-            done = time.perf_counter()
-            for r, a in zip(live, answers, strict=True):
-                a.latency_s = done - r.enqueued
-            if self.on_batch is not None:  # before the answers go out, so counters include them
-                try:
-                    self.on_batch(live, answers, forward_s)
-                except Exception:  # observers never stop serving
-                    log.exception("batch observer failed")
-            for r, a in zip(live, answers, strict=True):
-                r.future.set_result(a)
+                self._run_batch(batch)
+            finally:
+                self._in_batch = False
         self._run_swaps()
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        clock = clocks.current()
+        started = clock.monotonic()
+        t0 = time.perf_counter()
+        try:
+            answers = self.step.run([r.frame for r in live])
+        except Exception as exc:  # one failing batch fails its requests, never the worker
+            log.exception("batch of %d failed", len(live))
+            for r in live:
+                r.future.set_exception(exc)
+            return
+        forward_s = time.perf_counter() - t0
+        self.batches += 1
+        if self.compute_model is not None:
+            forward_s = self.compute_model(len(live), forward_s)
+            self._pacing = True
+            try:
+                clock.sleep_blocking(started + forward_s - clock.monotonic())
+            finally:
+                self._pacing = False
+        done = clock.monotonic()
+        for r, a in zip(live, answers, strict=True):
+            a.latency_s = done - r.enqueued
+        if self.on_batch is not None:  # before the answers go out, so counters include them
+            try:
+                self.on_batch(live, answers, forward_s)
+            except Exception:  # observers never stop serving
+                log.exception("batch observer failed")
+        for r, a in zip(live, answers, strict=True):
+            r.future.set_result(a)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import clock as clocks
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
 from device.transport.fetcher import ApplyCallback, UpdateFetcher
@@ -89,8 +90,7 @@ class LinkLoops:
                 if not is_transient(exc):
                     raise
                 log.info("heartbeat failed: %s", exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_interval_s)
+            await clocks.current().wait(stop, self.config.heartbeat_interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run uplink, fetcher and heartbeats until ``stop`` is set or one fails for good."""

@@ -21,6 +21,8 @@ class OutboxWriter:
         self.outbox = outbox
         self._queue: queue.Queue = queue.Queue(maxsize=max_waiting)
         self.written = 0
+        self.writing = False
+        """True while a sample is being written (with ``waiting``: the host still has work here)."""
         self.dropped = 0
         # Called on the writer thread with (seq, payload, metadata) once a sample is durably queued.
         self.on_written: Callable[[int, bytes, dict[str, str]], None] | None = None
@@ -44,14 +46,21 @@ class OutboxWriter:
             item = self._queue.get()
             if item is _STOP:
                 return
+            self.writing = True
             try:
-                seq = self.outbox.put(*item)
-                self.written += 1
-            except Exception:  # a sample the outbox refuses (too large, bad metadata) never stops the writer
-                log.exception("outbox refused a sample")
-                continue
-            if self.on_written is not None:
-                self.on_written(seq, *item)
+                self._write(item)
+            finally:
+                self.writing = False
+
+    def _write(self, item: tuple[bytes, dict[str, str]]) -> None:
+        try:
+            seq = self.outbox.put(*item)
+            self.written += 1
+        except Exception:  # a sample the outbox refuses (too large, bad metadata) never stops the writer
+            log.exception("outbox refused a sample")
+            return
+        if self.on_written is not None:
+            self.on_written(seq, *item)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything still waiting, then stop the thread."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import grpc
 
+from common import clock as clocks
 from common.codec import iter_chunks
 from common.errors import ConfigError
 from device.transport.config import DeviceClientConfig
@@ -178,5 +178,5 @@ def _chunks(items: Iterable[OutboxItem], chunk_size: int):
 
 
 def now_ms() -> int:
-    """Wall clock in milliseconds."""
-    return int(time.time() * 1000)
+    """The process's clock in milliseconds since the Unix epoch."""
+    return clocks.current().now_ms()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import clock as clocks
 from common.codec import sha256_digest
 from common.errors import TandemError
 from common.sample_codec import check_sample
@@ -126,7 +126,7 @@ class Outbox:
         with self._lock:
             cur = self._conn.execute(
                 "INSERT INTO outbox (payload, metadata, created_unix_ms, sha256) VALUES (?, ?, ?, ?)",
-                (bytes(payload), json.dumps(meta, sort_keys=True), int(time.time() * 1000), digest),
+                (bytes(payload), json.dumps(meta, sort_keys=True), clocks.current().now_ms(), digest),
             )
             seq = int(cur.lastrowid or 0)
         return seq
@@ -173,7 +173,7 @@ class Outbox:
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO rejected SELECT seq, payload, metadata, created_unix_ms, sha256, ?, ?"
                 " FROM outbox WHERE seq = ?",
-                (reason, int(time.time() * 1000), seq),
+                (reason, clocks.current().now_ms(), seq),
             )
             self._conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
             self._conn.execute("COMMIT")

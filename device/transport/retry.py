@@ -18,6 +18,8 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, before_sleep_log, stop_after_delay, stop_never
 from tenacity.wait import wait_exponential_jitter
 
+from common import clock as clocks
+
 log = logging.getLogger("tandem.device.transport")
 
 TRANSIENT_CODES = frozenset(
@@ -103,4 +105,5 @@ def retrying(
         stop=stop_never if give_up_after_s is None else stop_after_delay(give_up_after_s),
         before_sleep=before_sleep_log(log, logging.INFO),
         reraise=True,
+        sleep=clocks.current().sleep,
     )

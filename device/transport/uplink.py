@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
+from common import clock as clocks
 from device.transport.client import GatewayClient
 from device.transport.config import DeviceClientConfig
 from device.transport.outbox import Outbox, OutboxItem
@@ -52,6 +53,8 @@ class UplinkWorker:
         self.outbox = outbox
         self.config = config
         self.stats = UplinkStats()
+        self.on_acked: Callable[[int], None] | None = None
+        """Called with the new highest acked seq after each successful Upload."""
         self._isolate_through = 0  # seqs up to this one are sent one per call (a batch was refused as a whole)
 
     async def _upload(self, items: list[OutboxItem]) -> gateway_pb2.UploadResponse | None:
@@ -148,12 +151,14 @@ class UplinkWorker:
         self.stats.batches += 1
         self.stats.acked += deleted
         self.stats.duplicates += resp.duplicates
-        self.stats.acked_seq = max(self.stats.acked_seq, resp.acked_seq)
+        if resp.acked_seq > self.stats.acked_seq:
+            self.stats.acked_seq = resp.acked_seq
+            if self.on_acked is not None:
+                self.on_acked(resp.acked_seq)
         return deleted
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the outbox drained until ``stop`` is set."""
         while not stop.is_set():
             await self.push_all()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.config.poll_interval_s)
+            await clocks.current().wait(stop, self.config.poll_interval_s)

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 fleet_app = typer.Typer(help="The fleet simulator: a real cloud and many real device agents behind emulated links.")
@@ -55,6 +56,9 @@ def run_scenario(
     name: str | None = None,
     drain: float = 20.0,
     executor: str | None = None,
+    realtime: bool = False,
+    device_profile: str | None = None,
+    cloud_profile: str | None = None,
 ) -> Path:
     """Run a scenario with live progress, write its report, print the summary; returns the report directory."""
     from common.errors import ConfigError
@@ -66,7 +70,12 @@ def run_scenario(
             raise ConfigError(f"--executor must be ray or inprocess, not {executor!r}")
         adaptation = {**sc.cloud.get("adaptation", {}), "executor": executor}
         sc = sc.model_copy(update={"cloud": {**sc.cloud, "adaptation": adaptation}})
+    from sim.fleet.profiles import cloud_profile as load_cloud_profile
+    from sim.fleet.profiles import device_profile as load_device_profile
     from sim.fleet.zoo import resolve_zoo
+
+    dev = load_device_profile(device_profile or sc.device_profile)  # unknown names fail before the run
+    cl = load_cloud_profile(cloud_profile or sc.cloud_profile)
 
     resolve_zoo(sc.zoo, sc.seed)
     from sim.fleet.report import print_summary, write_report
@@ -75,9 +84,20 @@ def run_scenario(
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    console.print(f"fleet run [bold]{sc.name}[/]: {len(sc.devices())} devices, {sc.duration_s:g} s, zoo {sc.zoo}")
+    clock = "wall clock (--realtime)" if realtime else f"virtual time, devices {dev.name}, cloud {cl.name}"
+    console.print(
+        f"fleet run [bold]{sc.name}[/]: {len(sc.devices())} devices, {sc.duration_s:g} s, zoo {sc.zoo}, {clock}"
+    )
     with Live(console=console, refresh_per_second=2, transient=True) as live:
-        options = RunOptions(out_dir=out, run_name=name, drain_s=drain, progress=lambda s: live.update(_live_table(s)))
+        options = RunOptions(
+            out_dir=out,
+            run_name=name,
+            drain_s=drain,
+            progress=lambda s: live.update(_live_table(s)),
+            realtime=realtime,
+            device_profile=device_profile,
+            cloud_profile=cloud_profile,
+        )
         runner = FleetRunner(sc, options)
         live.update("starting the cloud service and the agents ...")
         result = runner.run()
@@ -97,9 +117,41 @@ def run_command(
     name: str = typer.Option(None, help="Run name (default: scenario name and UTC time)."),
     drain: float = typer.Option(20.0, help="Seconds the uplinks may drain after the scenario ends."),
     executor: str = typer.Option(None, help="The cloud trainer's executor: ray (default) or inprocess."),
+    realtime: bool = typer.Option(
+        False, "--realtime", help="Run on the wall clock (soak tests): figures then describe this host."
+    ),
+    device_profile: str = typer.Option(
+        None, "--device-profile", help="Modelled device hardware (sim/profiles/devices.yaml; `fleet profiles`)."
+    ),
+    cloud_profile: str = typer.Option(
+        None, "--cloud-profile", help="Modelled training cluster (sim/profiles/clouds.yaml; `fleet profiles`)."
+    ),
 ) -> None:
-    """Start the cloud service and the scenario's agents, run it, and write reports/<run>/."""
-    run_scenario(scenario, zoo, duration, out, name, drain, executor)
+    """Start the cloud service and the scenario's agents, run it on virtual time (default) or the wall clock,
+    and write reports/<run>/ (state and report in one directory)."""
+    run_scenario(scenario, zoo, duration, out, name, drain, executor, realtime, device_profile, cloud_profile)
+
+
+@fleet_app.command("profiles")
+def profiles_command() -> None:
+    """The device and cloud profiles virtual time can model."""
+    from sim.fleet.profiles import cloud_profile as load_cloud_profile
+    from sim.fleet.profiles import device_profile as load_device_profile
+    from sim.fleet.profiles import profile_names
+
+    t = Table("kind", "profile", "figures", "description")
+    for n in profile_names("devices"):
+        p = load_device_profile(n)
+        figures = "host-measured" if p.host else f"{p.fixed_ms:g} ms + {p.per_frame_ms:g} ms/frame"
+        t.add_row("device", n, figures, escape(p.description))
+    for n in profile_names("clouds"):
+        c = load_cloud_profile(n)
+        figures = "host-measured" if c.host else (
+            f"{c.gpus} GPU, {c.job_overhead_s:g} s/job, teacher {c.teacher_samples_per_s:g}/s, "
+            f"learner {c.learner_samples_per_s:g}/s"
+        )
+        t.add_row("cloud", n, figures, escape(c.description))
+    console.print(t)
 
 
 @fleet_app.command("report")

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from device.agent import AgentConfig, DeviceAgent, DeviceModel
-from device.transport.client import GatewayClient
-from device.transport.config import DeviceClientConfig
-from device.transport.outbox import Outbox
-from device.transport.retry import retrying
+from device.agent.batcher import ComputeModel
+from device.transport.enroll import register_device
 from sim.fleet.probe import DeviceProbe
 from sim.fleet.results import Point
 from sim.fleet.scenario import DeviceSpec
@@ -21,6 +19,7 @@ from sim.link import LinkConfig, LinkProxy
 from sim.world import World
 
 MODEL_FAMILY = "tandem-zoo"
+REGISTER_GIVE_UP_S = 300.0
 
 
 def _bytes_per_s(mbps: float | None) -> int:
@@ -68,22 +67,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-async def register(config: AgentConfig, give_up_after_s: float = 300.0) -> None:
-    """Register the device through its link (as ``tandem-device register`` does; transient failures, e.g. a slow
-    link's connect timing out, are retried with the transport's backoff) and save its identity."""
-    client_cfg: DeviceClientConfig = config.transport
-    async with GatewayClient(client_cfg) as client:
-        t = client_cfg
-        async for attempt in retrying(t.backoff_initial_s, t.backoff_max_s, t.backoff_jitter_s, give_up_after_s):
-            with attempt:
-                identity = await client.register()
-        acked = client.registered_acked_seq
-    identity.save(client_cfg.state_dir)
-    box = Outbox(Path(client_cfg.state_dir) / "outbox.db")
-    box.ensure_seq_above(acked)
-    box.close()
-
-
 @dataclass
 class SimDevice:
     """Everything the harness runs and records for one device."""
@@ -105,16 +88,19 @@ class SimDevice:
         processor,
         world: World,
         overrides: dict[str, Any],
+        compute_model: ComputeModel | None = None,
     ) -> SimDevice:
-        """Link up, register, and build the agent on a shared copy of ``base_model``."""
+        """Link up, register (as ``tandem-device register`` does, retrying a slow link's timeouts), and build
+        the agent on a shared copy of ``base_model``, its answers paced by ``compute_model``."""
         proxy = LinkProxy(gateway[0], gateway[1], spec.link)
         await proxy.start()
         cfg = agent_config(spec, run_dir / "devices" / spec.device_id, proxy.address, overrides)
-        await register(cfg)
+        await register_device(cfg.transport, give_up_after_s=REGISTER_GIVE_UP_S)
         model = DeviceModel(shared_copy(base_model), processor, cfg.adapter, cfg.sparse, cfg.model.prompt_template)
-        agent = DeviceAgent(cfg, model)
+        agent = DeviceAgent(cfg, model, compute_model=compute_model)
         source = WorldSource(spec, world)
-        probe = DeviceProbe(agent, source)
+        probe = DeviceProbe(source)
+        agent.subscribe(probe)
         agent.add_source(source, source.interval_s())
         return cls(spec, proxy, agent, source, probe)
 

@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sim.fleet.plots import write_plots
 from sim.fleet.results import DeviceResult, FleetResult
+from sim.fleet.run_facts import simulation_lines
 from sim.fleet.summary import percentile, summarize, targets
 
 
@@ -112,6 +114,10 @@ def print_summary(result: FleetResult, console: Console | None = None) -> dict:
     for k, v in fleet_lines(summary):
         agg.add_row(k, v)
     console.print(agg)
+    sim = Table(show_header=False, title="what was simulated")
+    for k, v in simulation_lines(result):
+        sim.add_row(k, escape(v))
+    console.print(sim)
     tt = Table(title="targets")
     for h in ("target", "measured", "met"):
         tt.add_column(h)
@@ -161,6 +167,8 @@ def render_html(result: FleetResult, summary: dict, plots: dict[str, Path]) -> s
         f"<h1>Tandem fleet run <code>{html.escape(result.run)}</code></h1>",
         f"<p>Scenario <b>{html.escape(str(sc.get('name')))}</b>: {html.escape(str(sc.get('description', '')))}; "
         f"{len(result.devices)} devices, {sc.get('duration_s')} s, zoo {html.escape(str(zoo))}.</p>",
+        "<h2>What was simulated</h2>",
+        _table_html(["", "value"], [list(x) for x in simulation_lines(result)]),
         "<h2>Targets</h2><table><thead><tr><th>target</th><th>measured</th><th>met</th></tr></thead>",
         f"<tbody>{trows}</tbody></table>",
         "<h2>Fleet</h2>",

@@ -1,5 +1,10 @@
 """``tandem-sim fleet run``: the real cloud service and N real device agents behind emulated links, driven by a
-scenario, measured over time, reported in ``reports/<run>/``."""
+scenario, measured over time, reported in ``reports/<run>/``.
+
+By default the run is on virtual time (``sim/clock.py``, ``sim/fleet/lockstep.py``): answers take what the device
+profile's hardware would take, jobs what the cloud profile's cluster would, links what their emulated figures
+say, and the host's speed only changes how long the run takes. ``realtime`` keeps the wall clock (soak tests of
+the real stack)."""
 
 from __future__ import annotations
 
@@ -16,10 +21,14 @@ from typing import Any
 
 import torch
 
+from common import clock as clocks
+from sim.clock import VirtualClock
 from sim.fleet.cloud_process import CloudProcess
 from sim.fleet.collect import collect_results
 from sim.fleet.devices import SimDevice
 from sim.fleet.evaluate import Evaluator
+from sim.fleet.lockstep import Lockstep
+from sim.fleet.profiles import CloudProfile, DeviceProfile, cloud_profile, device_profile
 from sim.fleet.results import FleetResult, Point
 from sim.fleet.scenario import Scenario
 from sim.fleet.shared_model import rss_bytes, shared_copy
@@ -30,6 +39,8 @@ log = logging.getLogger("tandem.sim.fleet")
 
 TICK_S = 0.25
 """How often the harness looks at every agent (versions, rollbacks, acks)."""
+EPSILON_S = 1e-6
+"""Virtual moments closer than this are the same moment (float sums of steps)."""
 
 
 @dataclass
@@ -43,6 +54,12 @@ class RunOptions:
     cloud_threads: int = 1
     progress: Callable[[dict], None] | None = None
     """Called about once a second with a live snapshot (the CLI shows it with rich)."""
+    realtime: bool = False
+    """Run on the wall clock (the host's speed shows in every figure) instead of virtual time."""
+    device_profile: str | None = None
+    """Overrides the scenario's device profile (``sim/profiles/devices.yaml``)."""
+    cloud_profile: str | None = None
+    """Overrides the scenario's cloud profile (``sim/profiles/clouds.yaml``)."""
 
 
 @dataclass
@@ -72,11 +89,15 @@ def load_models(zoo: FleetZoo) -> Models:
     return Models(zoo, dev.model, dev.processor, teacher.model, prompts, size)
 
 
-def cloud_overrides(scenario: Scenario, zoo: FleetZoo) -> dict[str, Any]:
-    """The cloud service's config for this run: the zoo's models, then the scenario's overrides."""
+def cloud_overrides(scenario: Scenario, zoo: FleetZoo, simulation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cloud service's config for this run: the zoo's models, then the scenario's overrides, then (on virtual
+    time) the clock file and the modelled cluster."""
     from sim.fleet.cloud_settings import cloud_settings
 
-    return cloud_settings(zoo, scenario.cloud)
+    settings = cloud_settings(zoo, scenario.cloud)
+    if simulation is not None:
+        settings["simulation"] = simulation
+    return settings
 
 
 @dataclass
@@ -85,17 +106,56 @@ class FleetRunner:
 
     scenario: Scenario
     options: RunOptions = field(default_factory=RunOptions)
+    clock: clocks.Clock = field(default=clocks.WALL, init=False)
+    lockstep: Lockstep | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        stamp = f"{self.scenario.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+        self._run_name = self.options.run_name or stamp
 
     def run_dir(self) -> Path:
-        name = self.options.run_name or f"{self.scenario.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-        return self.options.out_dir / name
+        """Where this run's state (``state/``) and report (``index.html``, ``results.json``) live."""
+        return self.options.out_dir / self._run_name
 
     def run(self) -> FleetResult:
         """Run the scenario; returns what was measured (the caller writes the report)."""
         return asyncio.run(self._run())
 
+    def profiles(self) -> tuple[DeviceProfile, CloudProfile]:
+        """The device and cloud profiles this run models (options first, then the scenario)."""
+        o, sc = self.options, self.scenario
+        return device_profile(o.device_profile or sc.device_profile), cloud_profile(o.cloud_profile or sc.cloud_profile)
+
+    async def _pace(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the run's clock."""
+        if self.lockstep is None:
+            await asyncio.sleep(seconds)
+        else:
+            await self.lockstep.run_for(seconds)
+
+    async def _while(self, work) -> Any:
+        """Await ``work`` while time keeps moving (virtual time needs the harness to move it)."""
+        task = asyncio.ensure_future(work)
+        if self.lockstep is not None:
+            await self.lockstep.run_while(task)
+        return await task
+
     async def _run(self) -> FleetResult:
+        run_dir = self.run_dir()
+        dev_profile, cl_profile = self.profiles()
+        self.clock = clocks.WALL if self.options.realtime else VirtualClock(run_dir / "state" / "clock.bin")
+        previous = clocks.install(self.clock)
+        try:
+            result = await self._run_on_clock(dev_profile, cl_profile)
+        finally:
+            clocks.install(previous)
+            if isinstance(self.clock, VirtualClock):
+                self.clock.close()
+        return result
+
+    async def _run_on_clock(self, dev_profile: DeviceProfile, cl_profile: CloudProfile) -> FleetResult:
         sc = self.scenario
+        clock = self.clock
         # Every agent polls its source, reads its outbox and stores adapters through asyncio.to_thread: with N
         # agents in one loop the default pool (cores + 4 threads) would queue them behind each other.
         asyncio.get_running_loop().set_default_executor(
@@ -107,26 +167,41 @@ class FleetRunner:
         zoo = resolve_zoo(sc.zoo, sc.seed)
         models = await asyncio.to_thread(load_models, zoo)
         world = World(sc.seed, models.image_size)
-        cloud = CloudProcess(state_dir / "cloud", cloud_overrides(sc, zoo), self.options.cloud_threads)
+        devices: list[SimDevice] = []
+        simulation = None
+        if isinstance(clock, VirtualClock):
+            assert clock.shared is not None
+            simulation = cl_profile.simulation(clock.shared.path)
+            self.lockstep = Lockstep(clock, lambda: _any_busy(devices), lambda: [d.proxy for d in devices])
+        cloud = CloudProcess(state_dir / "cloud", cloud_overrides(sc, zoo, simulation), self.options.cloud_threads)
         gateway = await cloud.start()
         host, _, port = gateway.rpartition(":")
-        devices: list[SimDevice] = []
-        facts: dict[str, Any] = {"zoo": zoo.name, "gateway": gateway}
+        facts: dict[str, Any] = {
+            "zoo": zoo.name,
+            "gateway": gateway,
+            "clock": "wall" if self.lockstep is None else "virtual",
+            "device_profile": dev_profile.model_dump(),
+            "cloud_profile": cl_profile.model_dump(),
+        }
         try:
             evaluator = await asyncio.to_thread(self._evaluator, models, world)
             facts.update(await asyncio.to_thread(_byte_references, evaluator, models, world))
             rss_before = rss_bytes()
-            await self._create_devices(devices, state_dir, (host, int(port)), models, world)
-            epoch = time.monotonic() + 1.0
-            facts["epoch_unix_ms"] = int((time.time() + 1.0) * 1000)
+            compute = None if self.lockstep is None else dev_profile.batch_seconds
+            await self._while(self._create_devices(devices, state_dir, (host, int(port)), models, world, compute))
+            epoch = clock.monotonic() + 1.0
+            facts["epoch_unix_ms"] = int((clock.time() + 1.0) * 1000)
             for d in devices:
                 d.start_clock(epoch)
                 await d.agent.start()
             facts["setup_s"] = time.perf_counter() - started
+            measured_from = time.perf_counter()
             await self._measure(devices, evaluator, epoch)
+            facts["measure_wall_s"] = time.perf_counter() - measured_from
             facts["memory_per_agent_mb"] = (rss_bytes() - rss_before) / len(devices) / 2**20
             facts["rss_shared_mb"] = rss_before / 2**20
             await self._drain(devices)
+            facts["virtual_s"] = clock.monotonic() - epoch
         finally:
             for d in devices:
                 with contextlib.suppress(Exception):
@@ -135,10 +210,19 @@ class FleetRunner:
                     await d.proxy.stop()
             facts["cloud_exit_code"] = await cloud.stop()
         facts["wall_s"] = time.perf_counter() - started
+        facts["slowdown"] = facts.get("measure_wall_s", 0.0) / sc.duration_s
+        if self.lockstep is not None:
+            facts["lockstep"] = vars(self.lockstep.stats)
         return collect_results(run_dir.name, sc, devices, cloud, facts)
 
     async def _create_devices(
-        self, devices: list[SimDevice], state_dir: Path, gateway: tuple[str, int], models: Models, world: World
+        self,
+        devices: list[SimDevice],
+        state_dir: Path,
+        gateway: tuple[str, int],
+        models: Models,
+        world: World,
+        compute_model=None,
     ) -> None:
         """Link up, register and build every agent into ``devices`` (in scenario order; the caller stops what was
         created if one fails); registrations overlap (a satellite link's round trips)."""
@@ -148,7 +232,7 @@ class FleetRunner:
         async def one(spec):
             async with gate:
                 return await SimDevice.create(
-                    spec, state_dir, gateway, models.device, models.processor, world, sc.agent
+                    spec, state_dir, gateway, models.device, models.processor, world, sc.agent, compute_model
                 )
 
         made = await asyncio.gather(*(one(spec) for spec in sc.devices()), return_exceptions=True)
@@ -171,22 +255,23 @@ class FleetRunner:
         sc = self.scenario
         next_measure = 0.0
         last_progress = 0.0
-        while (t := time.monotonic() - epoch) < sc.duration_s:
-            for d in devices:
-                d.probe.tick(t)
+        clock = self.clock
+        await self._pace(max(0.0, epoch - clock.monotonic()))
+        while (t := clock.monotonic() - epoch) < sc.duration_s - EPSILON_S:
             if t >= next_measure:
                 await asyncio.to_thread(self._measure_all, devices, evaluator, t)
-                while next_measure <= time.monotonic() - epoch:  # a slow measurement skips the missed ones
+                while next_measure <= clock.monotonic() - epoch:  # a slow measurement skips the missed ones
                     next_measure += sc.measure_every_s
             if self.options.progress is not None and t - last_progress >= 1.0:
                 last_progress = t
                 self.options.progress(_snapshot(devices, t, sc.duration_s))
-            await asyncio.sleep(TICK_S)
+            if self.lockstep is None:
+                await asyncio.sleep(TICK_S)
+            else:  # to the next tick, measurement or the end, whichever comes first (absolute: no rounding drift)
+                await self.lockstep.run_until(epoch + min(t + TICK_S, sc.duration_s, next_measure))
         for d in devices:  # the world stops at the scenario's end; the uplinks drain afterwards
             d.source.stop()
-        t = time.monotonic() - epoch
-        for d in devices:
-            d.probe.tick(t)
+        t = clock.monotonic() - epoch
         await asyncio.to_thread(self._measure_all, devices, evaluator, t)
 
     def _measure_all(self, devices: list[SimDevice], evaluator: Evaluator, t: float) -> None:
@@ -216,14 +301,17 @@ class FleetRunner:
     async def _drain(self, devices: list[SimDevice]) -> None:
         """Stop the world, then give the uplinks ``drain_s`` to empty the outboxes (nothing acked is lost, and
         what is still queued is reported as pending)."""
-        deadline = time.monotonic() + self.options.drain_s
-        while time.monotonic() < deadline:
+        clock = self.clock
+        deadline = clock.monotonic() + self.options.drain_s
+        while clock.monotonic() < deadline:
             pending = [await asyncio.to_thread(lambda a=d.agent: a.outbox.stats().pending) for d in devices]
-            for d in devices:
-                d.probe.tick(time.monotonic() - d.source.epoch)
             if not any(pending):
                 break
-            await asyncio.sleep(0.5)
+            await self._pace(0.5)
+
+
+def _any_busy(devices: list[SimDevice]) -> bool:
+    return any(d.agent.host_busy or d.source.polling for d in devices)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

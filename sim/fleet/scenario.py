@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from common.config import StrictConfig
 from common.errors import ConfigError
 from sim.fleet.drift import DriftSchedule, DriftStep
+from sim.fleet.profiles import DEFAULT_CLOUD_PROFILE, DEFAULT_DEVICE_PROFILE, cloud_profile, device_profile
 from sim.link import LinkConfig
 from sim.link.presets import preset_fields
 
@@ -97,6 +98,10 @@ class Scenario(StrictConfig):
     """Overrides of the cloud service's config (checked against it when the run starts)."""
     agent: dict[str, Any] = Field(default_factory=dict)
     """Overrides of every device agent's config (checked against it when the run starts)."""
+    device_profile: str | dict[str, Any] = DEFAULT_DEVICE_PROFILE
+    """The modelled device hardware: a name in ``sim/profiles/devices.yaml`` or the figures themselves."""
+    cloud_profile: str | dict[str, Any] = DEFAULT_CLOUD_PROFILE
+    """The modelled training cluster: a name in ``sim/profiles/clouds.yaml`` or the figures themselves."""
     groups: list[DeviceGroup] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -190,6 +195,8 @@ def load_scenario(name_or_path: str | Path, **overrides: Any) -> Scenario:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"scenario {path}: {_one_line(exc)}") from None
+    device_profile(scenario.device_profile)  # an unknown profile fails now, naming the known ones
+    cloud_profile(scenario.cloud_profile)
     for g in scenario.groups:
         if g.link.trace is not None:
             from sim.link.trace import LinkTrace

@@ -8,9 +8,9 @@ answers stay here (for scoring the live stream); a frame carries only its world 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
+from common import clock as clocks
 from device.agent import Frame
 from sim.fleet.scenario import DeviceSpec
 from sim.world import World
@@ -28,12 +28,14 @@ class WorldSource:
         self.spec = spec
         self.world = world
         self.name = "world"
-        self._clock = clock or time.monotonic
+        self._clock = clock or clocks.current().monotonic
         self._t0 = self._clock() if start is None else start
         """The run's time 0 on ``clock`` (every device of a run shares it, so drift steps line up)."""
         self.emitted = 0
         self.dropped = 0
         self.stopped = False
+        self.polling = False
+        """True while a poll renders frames (host work the simulator waits for)."""
         self._lock = threading.Lock()
         self.truth: dict[int, str] = {}
         """World index -> the right answer, for frames not yet scored."""
@@ -63,6 +65,13 @@ class WorldSource:
 
     def poll(self) -> list[Frame]:
         """Frames due now, in the domain of this moment."""
+        self.polling = True
+        try:
+            return self._poll()
+        finally:
+            self.polling = False
+
+    def _poll(self) -> list[Frame]:
         if self.stopped:
             return []
         t = self.elapsed_s()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
+
+from common import clock as clocks
 
 
 class TokenBucket:
@@ -17,7 +18,8 @@ class TokenBucket:
         self._auto_burst = burst_bytes is None
         self.burst = burst_bytes if burst_bytes is not None else max(1500.0, rate_bytes_per_s * 0.005)
         self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self._clock = clocks.current()
+        self._stamp = self._clock.monotonic()
         self._lock = asyncio.Lock()
 
     def set_rate(self, rate_bytes_per_s: float) -> None:
@@ -31,9 +33,9 @@ class TokenBucket:
     async def take(self, n: int) -> None:
         """Consume ``n`` tokens, sleeping while the bucket is in debt."""
         async with self._lock:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
             self._tokens -= n
             if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self.rate)
+                await self._clock.sleep(-self._tokens / self.rate)

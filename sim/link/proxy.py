@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from common import clock as clocks
 from sim.link.bucket import TokenBucket
 from sim.link.config import LinkConfig
 from sim.link.trace import LinkState, LinkTrace
@@ -61,26 +62,28 @@ class _Pipe:
             if bucket is not None:  # about 10 ms of data per piece keeps slow links smooth
                 size = max(1024, min(size, int(bucket.rate * 0.01)))
             data = await self.reader.read(size)
+            self.proxy.last_activity = time.perf_counter()
             if not data:
                 await self.queue.put((last_due, b""))
                 await asyncio.Event().wait()  # let the writer flush then finish the pipe
             if bucket is not None:
                 await bucket.take(len(data))
             delay = self.proxy.delay_s() + await self.proxy.loss_delay_s(len(data), self.up)
-            last_due = max(last_due, time.monotonic() + delay)
+            last_due = max(last_due, self.proxy.clock.monotonic() + delay)
             await self.queue.put((last_due, data))
 
     async def _write(self) -> None:
         while True:
             due, data = await self.queue.get()
-            wait = due - time.monotonic()
+            wait = due - self.proxy.clock.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                await self.proxy.clock.sleep(wait)
             if not data:
                 with contextlib.suppress(OSError):
                     self.writer.write_eof()
                 return
             self.writer.write(data)
+            self.proxy.last_activity = time.perf_counter()
             await self.writer.drain()
             if self.up:
                 self.proxy.stats.bytes_up += len(data)
@@ -104,6 +107,9 @@ class LinkProxy:
         self.listen = (listen_host, listen_port)
         self.port = 0
         self.stats = LinkStats()
+        self.clock = clocks.current()
+        self.last_activity = 0.0
+        """``time.perf_counter()`` when this proxy last moved bytes (the simulator's quiet check)."""
         self._rng = random.Random(self.config.seed)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -167,12 +173,12 @@ class LinkProxy:
         return max(0.0, s.latency_ms + jitter) / 1000.0
 
     def set_epoch(self, epoch: float) -> None:
-        """Move time 0 of outages, cuts and traces to ``epoch`` (a ``time.monotonic()`` value)."""
+        """Move time 0 of outages, cuts and traces to ``epoch`` (a ``clock.monotonic()`` value)."""
         self._started = epoch
 
     def elapsed_s(self) -> float:
         """Seconds since start."""
-        return time.monotonic() - self._started
+        return self.clock.monotonic() - self._started
 
     def is_down(self) -> bool:
         """True during a configured outage or after ``set_down(True)``."""
@@ -182,9 +188,9 @@ class LinkProxy:
         return any(o.start_s <= t < o.start_s + o.duration_s for o in self.config.outages)
 
     async def start(self, epoch: float | None = None) -> int:
-        """Start listening; returns the bound port. ``epoch`` (a ``time.monotonic()`` value) is the time 0 of
+        """Start listening; returns the bound port. ``epoch`` (a ``clock.monotonic()`` value) is the time 0 of
         outages, cuts and traces (default: now), so a fleet's links share one clock."""
-        self._started = time.monotonic() if epoch is None else epoch
+        self._started = self.clock.monotonic() if epoch is None else epoch
         self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
         self.port = self._server.sockets[0].getsockname()[1]
         c = self.config
@@ -197,7 +203,7 @@ class LinkProxy:
         schedule = list(c.cut_schedule_s)
         tick = 0.1
         while True:
-            await asyncio.sleep(tick)
+            await self.clock.sleep(tick)
             t = self.elapsed_s()
             if self._trace is not None:
                 self._set_state(self._trace.state(t, self._base))

@@ -56,12 +56,14 @@ def _check(result) -> None:
     assert {p.domain for p in slow.points} & {"clear", "cast"}
 
 
-def test_fleet_runs_two_agents_in_process(tmp_path):
-    """The fast variant (make test): the runner in this process, 8 s of scenario."""
+def test_fleet_runs_two_agents_in_process_on_the_wall_clock(tmp_path):
+    """The fast variant (make test): the runner in this process, 10 s of scenario, ``--realtime`` (virtual time
+    has its own test, tests/sim/test_fleet_virtual_time.py)."""
     sc = load_scenario(_scenario(tmp_path, duration=10, outage_at=2, executor="inprocess"))
-    runner = FleetRunner(sc, RunOptions(out_dir=tmp_path / "reports", run_name="r", drain_s=8))
+    runner = FleetRunner(sc, RunOptions(out_dir=tmp_path / "reports", run_name="r", drain_s=8, realtime=True))
     result = runner.run()
     _check(result)
+    assert result.facts["clock"] == "wall" and "lockstep" not in result.facts
     assert result.facts["cloud_jobs"] is not None  # the cloud's job store was read (jobs need a warm trainer)
     paths = write_report(result, runner.run_dir())
     assert paths["html"].stat().st_size > 10_000
