@@ -17,8 +17,9 @@ while it runs, so a test arms a point at the moment it wants. Its words say what
 
 Points: ``cloud.after_publish`` (cloud/adaptation/service.py: between publish and commit), ``cloud.job_round``
 (cloud/adaptation/worker.py: a job's labels are in, its training round starts), ``gateway.after_store``
-(cloud/gateway/servicer.py: between store and ack), ``agent.before_head_swap`` (device/agent/store.py: the new
-version is written, HEAD still names the old).
+(cloud/gateway/servicer.py: between store and ack), ``agent.before_head_swap`` and ``agent.after_head_swap``
+(device/agent/store.py: the new version is written and HEAD still names the old; HEAD names the new, the
+agent's update state and the cloud do not know yet).
 """
 
 from __future__ import annotations
