@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "cloud"
-        with gateway_process(data_dir) as (_, address):
+        # every device may hold an Upload stream at once (their warm-up calls start together)
+        settings = {"max_upload_streams": max(128, args.devices + 8)}
+        with gateway_process(data_dir, settings=settings) as (_, address):
             base_lat, base_acked = asyncio.run(
                 run_devices(address, Path(tmp), 1, base_seconds, args.size, "solo-", 0.1)
             )

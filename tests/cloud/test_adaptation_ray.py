@@ -103,6 +103,7 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
             assert trainer.metrics.actor_restarts._value.get() == 1
             assert job.result["gpu_bytes_after"] == 0  # CPU here; on a GPU the actor reports what it still holds
     finally:
+        ray_fault_file.unlink(missing_ok=True)  # never leave a point armed for the session's other Ray tests
         halt.set()
         await asyncio.to_thread(thread.join, 60)
         trainer.close()
