@@ -62,9 +62,10 @@ def run_one(name: str, full: bool) -> tuple[int, str]:
             code = importlib.import_module(f"bench.{name}").main([] if full else ["--quick"])
     except SystemExit as exc:  # argparse and friends
         code = exc.code if isinstance(exc.code, int) else 1
-    except Exception:
+    except Exception as exc:
         traceback.print_exc()
-        return 1, f"VERDICT {name}: FAIL crashed: {traceback.format_exc().strip().splitlines()[-1]}"
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        return 1, f"VERDICT {name}: FAIL crashed: {type(exc).__name__}: {first}"
     mine = [v for v in tee.verdicts if v.startswith(f"VERDICT {name}:")]
     if len(mine) != 1:
         return 1, f"VERDICT {name}: FAIL printed {len(mine)} verdict lines (exit code {code})"

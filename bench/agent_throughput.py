@@ -44,22 +44,23 @@ async def _burst(agent, stub, images: list[bytes], clients: int, seconds: float,
 async def measure(directory: Path, clients: int, seconds: float, settings: dict[str, int], rounds: int) -> dict:
     """Both agents up at once; ``rounds`` bursts each, alternating which goes first (A B, B A, ...)."""
     rows = {name: {"answers": 0, "wall": 0.0, "batches": 0, "latencies": []} for name in settings}
-    with contextlib.ExitStack() as dirs, contextlib.AsyncExitStack() as stack:
-        size = image_size(directory)
-        images = [png(i, size) for i in range(32)]
-        agents, stubs = {}, {}
-        for name, max_batch in settings.items():
-            state = Path(dirs.enter_context(tempfile.TemporaryDirectory()))
-            agent = offline_agent(directory, state, **{"api.max_batch": max_batch, "api.max_wait_ms": 5.0})
-            await agent.start()
-            stack.push_async_callback(agent.stop)
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(agent.api_address))
-            agents[name], stubs[name] = agent, stub_for(channel)
-            for i in range(4):  # warm-up
-                await ask(stubs[name], images[i], QUESTIONS[i % 4])
-        for r in range(rounds):
-            for name in list(settings) if r % 2 == 0 else list(settings)[::-1]:
-                await _burst(agents[name], stubs[name], images, clients, seconds / rounds, rows[name])
+    with contextlib.ExitStack() as dirs:
+        async with contextlib.AsyncExitStack() as stack:
+            size = image_size(directory)
+            images = [png(i, size) for i in range(32)]
+            agents, stubs = {}, {}
+            for name, max_batch in settings.items():
+                state = Path(dirs.enter_context(tempfile.TemporaryDirectory()))
+                agent = offline_agent(directory, state, **{"api.max_batch": max_batch, "api.max_wait_ms": 5.0})
+                await agent.start()
+                stack.push_async_callback(agent.stop)
+                channel = await stack.enter_async_context(grpc.aio.insecure_channel(agent.api_address))
+                agents[name], stubs[name] = agent, stub_for(channel)
+                for i in range(4):  # warm-up
+                    await ask(stubs[name], images[i], QUESTIONS[i % 4])
+            for r in range(rounds):
+                for name in list(settings) if r % 2 == 0 else list(settings)[::-1]:
+                    await _burst(agents[name], stubs[name], images, clients, seconds / rounds, rows[name])
     return {
         name: {"rate": row["answers"] / row["wall"], "answers": row["answers"], "batches": row["batches"],
                "p50": pct(row["latencies"], 50)}
