@@ -6,7 +6,9 @@ Layout under ``<state_dir>/learners/<kind>/<subject>/``:
   ``replay.safetensors`` and ``held_out.safetensors``: raw upload bytes and teacher labels; ``state.json``);
 - ``current.json``: which generation is live; ``pending.json``: a generation that waits for its update to be
   published (written before publishing, promoted after, so a crash in between neither loses nor repeats it).
-Every file is written to a temporary name, fsynced and renamed. Tensors are safetensors, never pickle.
+Every file is written to a temporary name, fsynced and renamed, and every new name (files and directories) is
+synced in its directory before ``pending.json`` or ``current.json`` refers to it, so a power cut leaves the old
+generation or the new one (tests/durable_support.py checks the order). Tensors are safetensors, never pickle.
 """
 
 from __future__ import annotations
