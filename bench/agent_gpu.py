@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from bench._verdict import skipped, verdict
 
 QUESTIONS = ["What colour is the car?", "How many people are there?", "Is there a dog?", "Where is the cup?"]
 
@@ -164,7 +167,7 @@ async def measure(model_dir: Path, quantization: str, requests: int, image: int,
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="tiny geometry (checks the script, CPU works)")
@@ -173,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("bench.agent_gpu needs a CUDA GPU (run it with --smoke to check the script on a CPU); skipped")
-        return
+        return skipped("agent_gpu", "needs a CUDA GPU (--smoke checks the script on a CPU)")
     g = geometry(args.smoke)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-agent-gpu-"))
@@ -215,7 +217,19 @@ def main(argv: list[str] | None = None) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "agent_gpu.json").write_text(json.dumps(result, indent=2))
         print(f"wrote {Path(out) / 'agent_gpu.json'}")
+    if args.smoke:
+        return skipped("agent_gpu", "smoke run at a tiny geometry: the script ran, nothing measured against a target")
+    fp16 = result["runs"]["fp16"]["settings"]
+    checks = [
+        (row["p50_vs_fp16_dense"] < 1, f"fp16 {name}: p50 {row['p50_vs_fp16_dense']:.3f}x dense (target < 1)")
+        for name, row in fp16.items()
+        if name != "dense"
+    ]
+    if "nf4" in result["runs"]:
+        peak = result["runs"]["nf4"]["settings"]["dense"]["peak_vs_fp16_dense"]
+        checks.append((peak < 1, f"nf4 dense peak memory {peak:.3f}x fp16 dense (target < 1)"))
+    return verdict("agent_gpu", checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

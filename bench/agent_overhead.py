@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
+from bench._verdict import verdict
 from device.agent.sources import decode_image
 
 
@@ -55,7 +57,7 @@ async def measure(directory: Path, requests: int) -> dict[str, list[float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 requests instead of 300")
     parser.add_argument("--requests", type=int, default=None)
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Ask / bare forward, CPU time (total): {cpu:.3f}x (overhead {100 * (cpu - 1):+.1f}%)  (target <= 1.10)")
     load = os.getloadavg()[0]
     print(f"machine load average during the run: {load:.1f} on {os.cpu_count()} cores")
+    return verdict(
+        "agent_overhead", [(cpu <= 1.10, f"Ask CPU time {cpu:.3f}x the bare forward, interleaved (target <= 1.10)")]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

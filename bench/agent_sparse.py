@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 from pathlib import Path
 
 import grpc
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
+from bench._verdict import verdict
 from device.sparse import SparseConfig
 
 
@@ -41,7 +43,7 @@ async def measure(directory: Path, requests: int, budgets: list[int]) -> dict[st
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 requests per setting instead of 100")
     parser.add_argument("--recipe", default="base576", help="model geometry (base576: 576 visual tokens)")
@@ -57,7 +59,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:24} visual tokens {row['kept']:4d}/{row['total']:<4d} p50 {ms(p50):>10}"
             f"  p99 {ms(pct(row['t'], 99)):>10}  p50 vs dense {p50 / dense:.3f}x"
         )
+    checks = [
+        (pct(row["t"], 50) < dense, f"{name}: p50 {pct(row['t'], 50) / dense:.3f}x dense, interleaved (target < 1)")
+        for name, row in r.items()
+        if name != "dense (SparseVLM off)"
+    ]
+    return verdict("agent_sparse", checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import grpc
 import torch
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
+from bench._verdict import verdict
 from cloud.dwc import CloudMirror, DWCConfig, compress
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 from protocol.updates import header_to_proto
@@ -80,7 +82,7 @@ async def measure(directory: Path, seconds: float, clients: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 s instead of 20 s")
     parser.add_argument("--recipe", default="base", help="model geometry when the reference zoo is absent")
@@ -94,7 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"largest request during apply + swap  {ms(r['max_during'])}")
     print(f"apply + commit + swap (off the path) {ms(r['apply_s'])}; worker paused for the swap {ms(r['pause_s'])}")
     print(f"spike over p50 / request time: {spike / r['p50']:.2f} (target <= 1.0)")
+    ratio = spike / r["p50"]
+    return verdict(
+        "agent_swap", [(ratio <= 1.0, f"swap spike {ratio:.2f} request times of the same run (target <= 1.0)")]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 
 import torch
@@ -235,7 +236,7 @@ def pack(n: int, tiny: bool, steps: int, batch: int) -> dict:
     return {"learners": n, "mode": mode, "wall_s": wall, "train_samples_per_s": train_rate, "jobs": results}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Tiny shapes on the CPU (smoke test).")
     parser.add_argument("--quick", action="store_true", help="Accepted for `python -m bench`; without a GPU: --tiny.")
@@ -284,7 +285,18 @@ def main(argv: list[str] | None = None) -> None:
         with open(os.path.join(out, "cloud_gpu.json"), "w") as fh:
             json.dump(report, fh, indent=2, default=str)
     print(f"total {report['total_s']:.0f} s")
+    if tiny:  # the verdict protocol of bench/__main__.py, written out: this file imports nothing of the project
+        print("VERDICT cloud_gpu: SKIP no GPU: the tiny smoke run completed, nothing measured against a target")
+        return 0
+    checks = [
+        (report["packing"]["ratio"] >= 1.0, f"4 packed learners {report['packing']['ratio']:.2f}x one (target >= 1)"),
+        (akd["allocated_after_release"] == 0, f"{akd['allocated_after_release']} B held after release (target 0)"),
+    ]
+    missed = [what for ok, what in checks if not ok]
+    status = "FAIL" if missed else "PASS"
+    print(f"VERDICT cloud_gpu: {status} {'; '.join(missed or [what for _, what in checks])}", flush=True)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,12 +10,14 @@ Prints jobs/s and samples/s for each N and the ratio to N = 1, and the summed ti
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
 import ray
 
 from bench._cloud_setup import add_zoo_option, config, spec, uploads, zoo_paths
+from bench._verdict import verdict
 from cloud.adaptation.ray_executor import RayExecutor
 
 
@@ -36,7 +38,7 @@ def _batch(executor: RayExecutor, specs) -> tuple[float, float]:
     return time.perf_counter() - start, label_s
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1 and 4 only.")
     parser.add_argument("--samples", type=int, default=60, help="Samples per device job.")
@@ -74,7 +76,12 @@ def main(argv: list[str] | None = None) -> None:
             f"  N={n:<3} {wall:7.2f} s  {n / wall:6.2f} jobs/s  {rate:7.1f} samples/s  "
             f"{rate / base:5.2f}x N=1   in label calls {label_s / wall:4.2f}x wall"
         )
+    checks = []
+    for n, wall, _ in rows[1:]:
+        ratio = n * args.samples / wall / base
+        checks.append((ratio >= 1.0, f"N={n} sharing one teacher: {ratio:.2f}x the samples/s of N=1 (target >= 1)"))
+    return verdict("cloud_teacher_sharing", checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

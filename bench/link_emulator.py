@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 
+from bench._verdict import verdict
 from bench.transport_common import print_table
 from sim.link import LinkConfig, LinkProxy
 
@@ -77,7 +79,7 @@ async def measure_rtt(config: LinkConfig, rounds: int = 20) -> float:
     return sorted(rtts)[len(rtts) // 2]
 
 
-async def run(seconds: float) -> None:
+async def run(seconds: float) -> float:
     """Measure and print."""
     rows = []
     unshaped = await measure_rate(LinkConfig(), seconds)
@@ -108,15 +110,19 @@ async def run(seconds: float) -> None:
         ],
     )
     print(f"worst rate error = {worst * 100:.2f}% (target <= 5%)")
+    return worst
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2 s transfers instead of 5 s")
     args = parser.parse_args(argv)
-    asyncio.run(run(2.0 if args.quick else 5.0))
+    worst = asyncio.run(run(2.0 if args.quick else 5.0))
+    return verdict(
+        "link_emulator", [(worst <= 0.05, f"worst achieved/configured rate error {100 * worst:.2f}% (target <= 5%)")]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

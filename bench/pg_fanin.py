@@ -10,7 +10,9 @@ The PostgreSQL case starts a throwaway server (``--dsn`` uses an existing, empty
 ``tandem-cloud serve`` processes with ``store: postgres`` and a shared blob directory; the baseline is one
 ``tandem-cloud serve`` on SQLite, durable too (``synchronous=FULL``). Lost: acked samples missing or
 different. Duplicated: stored rows beyond one per (device, seq), and samples the gateways reported as newly
-stored more than once. Targets: p99 ack <= 250 ms, 0 lost, 0 duplicated.
+stored more than once. Targets: the two PostgreSQL gateways' p99 ack at most 2x the SQLite gateway's measured in
+the same run (sharing a database across gateways may cost something, not an order of magnitude), and 0 lost and
+0 duplicated in both cases (counts).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -34,6 +37,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from bench._verdict import verdict
 from bench.transport_common import gateway_process, sample_payload
 from cloud.config import GatewayConfig
 from cloud.stores import open_sample_store
@@ -246,7 +250,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console(width=190).print(table)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Run the SQLite baseline, then two gateways on PostgreSQL, with the same fleet; print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 s per case instead of 60 s")
@@ -300,12 +304,21 @@ def main(argv: list[str] | None = None) -> None:
         [_row(base, base_p99), _row(pg, base_p99)],
     )
     p99 = _pct(pg.fleet.latencies, 99)
+    ratio = p99 / base_p99
     print(
-        f"two PostgreSQL gateways, {args.devices} devices: p99 ack = {p99 * 1000:.1f} ms (target <= 250 ms), "
-        f"lost = {pg.lost} (target 0), duplicated = {pg.duplicated} (target 0); "
-        f"one SQLite gateway p99 = {base_p99 * 1000:.1f} ms (ratio {p99 / base_p99:.2f})"
+        f"two PostgreSQL gateways, {args.devices} devices: p99 ack = {p99 * 1000:.1f} ms, "
+        f"{ratio:.2f}x one SQLite gateway's {base_p99 * 1000:.1f} ms (target <= 2x); "
+        f"lost = {pg.lost}, duplicated = {pg.duplicated} (targets 0, counts)"
+    )
+    return verdict(
+        "pg_fanin",
+        [
+            (ratio <= 2.0, f"PostgreSQL p99 {ratio:.2f}x the SQLite baseline's, same run (target <= 2)"),
+            (pg.lost == base.lost == 0, f"lost {pg.lost} PostgreSQL, {base.lost} SQLite (target 0)"),
+            (pg.duplicated == base.duplicated == 0, f"duplicated {pg.duplicated} / {base.duplicated} (target 0)"),
+        ],
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._sparsevlm_measure import count_flops, median, peak_tensor_bytes, prefill_breakdown, time_call
+from bench._verdict import verdict
 from common.errors import TandemError
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, sparse_stats
 from device.sparse.adapters import cache_bytes, output_cache
@@ -467,7 +468,7 @@ def run_model(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Run the benchmark on every model and write the tables to the console and to a markdown file."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -488,11 +489,13 @@ def main(argv: list[str] | None = None) -> None:
         "dense.\n\n" + "\n".join(sections)
     )
     console.print(f"report written to {out}")
+    targets = [ln[2:] for section in sections for ln in section.splitlines() if ln.startswith(("- PASS", "- MISS"))]
+    return verdict("sparsevlm", [(t.startswith("PASS"), t.split(": ", 1)[1]) for t in targets])
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except TandemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -3,7 +3,8 @@
 ``python -m bench.transport_latency [--quick] [--devices 200]``. Each device has its own channel and token
 and uploads one sample (default 64 KiB) at Poisson-distributed times (mean interval 1 s); latency runs from
 the Upload call to its ack (durably stored). Afterwards every acked sample is looked up in the store.
-Target: p99 <= 250 ms with 200 devices on this machine, zero lost.
+Target: the p99 with 200 devices (20x the arrival rate) at most 5x the p99 of one device at 10/s measured in the
+same run (queueing may cost something, not everything), and zero acked samples lost.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import argparse
 import asyncio
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench._verdict import verdict
 from bench.transport_common import gateway_process, print_table, sample_payload
 from cloud.samples import SqliteSampleStore
 from common.codec import sha256_digest
@@ -79,7 +82,7 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Run the baseline (1 device) and the loaded case (N devices); print p50/p99 and losses."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="8 s loaded phase instead of 30 s")
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "cloud"
-        with gateway_process(data_dir) as (_, address):
+        # every device may hold an Upload stream at once (their warm-up calls start together)
+        settings = {"max_upload_streams": max(128, args.devices + 8)}
+        with gateway_process(data_dir, settings=settings) as (_, address):
             base_lat, base_acked = asyncio.run(
                 run_devices(address, Path(tmp), 1, base_seconds, args.size, "solo-", 0.1)
             )
@@ -129,11 +134,19 @@ def main(argv: list[str] | None = None) -> None:
         ["case", "acked uploads", "p50 ms", "p99 ms", "p99 ratio vs baseline"],
         rows,
     )
+    ratio = p99 / base_p99
     print(
-        f"p99 with {args.devices} devices = {p99 * 1000:.1f} ms (target <= 250 ms); "
-        f"lost acked samples = {lost} (target 0); max = {max(lat) * 1000:.1f} ms"
+        f"p99 with {args.devices} devices = {p99 * 1000:.1f} ms = {ratio:.2f}x one device's (target <= 5x); "
+        f"lost acked samples = {lost} (target 0, a count); max = {max(lat) * 1000:.1f} ms"
+    )
+    return verdict(
+        "transport_latency",
+        [
+            (ratio <= 5.0, f"p99 with {args.devices} devices {ratio:.2f}x one device's, same run (target <= 5)"),
+            (lost == 0, f"{lost} acked samples lost (target 0)"),
+        ],
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._verdict import verdict
 from bench.transport_common import REPO_ROOT, gateway_process, print_table, sample_payload
 from common.codec import sha256_digest
 from device.transport.client import GatewayClient
@@ -156,7 +157,7 @@ async def gateway_upload(
         return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Run both paths and print MiB/s and the ratio."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64 MiB instead of 512 MiB")
@@ -192,8 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         ["path", "MiB", "seconds", "MiB/s", "ratio vs raw"],
         rows,
     )
-    print(f"gateway/raw ratio = {base / direct:.2f} (target >= 0.50)")
+    ratio = base / direct
+    print(f"gateway/raw ratio = {ratio:.2f} (target >= 0.50)")
+    return verdict(
+        "transport_throughput", [(ratio >= 0.5, f"gateway {ratio:.2f}x the raw loopback copy (target >= 0.50)")]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
+from bench._verdict import verdict
 from sim.world import World
 from sim.zoo.architecture import build_llava
 from sim.zoo.batching import BatchEncoder
@@ -33,7 +35,7 @@ def step_times(model, world: World, encoder: BatchEncoder, spec, cut: bool, shif
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 blocks of 12 steps per mode instead of 4 of 25")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder = BatchEncoder.from_processor(processor)
     print(f"base geometry: {v.num_patches} visual tokens, {v.num_layers}-layer tower read at layer -2; "
           f"{args.threads} thread(s); {blocks} blocks x {steps} steps per mode, alternating")  # fmt: skip
+    checks = []
     for member, text, stage, shifted in (
         ("teacher", recipe.teacher, recipe.teacher_stage, True),
         ("device", recipe.device, recipe.device_stage, False),
@@ -59,7 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         whole, cut = statistics.median(times[False]), statistics.median(times[True])
         print(f"{member:<8} step: whole tower {1000 * whole:6.1f} ms   cut tower {1000 * cut:6.1f} ms   "
               f"ratio cut/whole {cut / whole:.2f}")  # fmt: skip
+        checks.append(
+            (cut < whole, f"{member} step with the cut tower {cut / whole:.2f}x the whole tower (target < 1)")
+        )
+    return verdict("zoo_step", checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,3 +29,12 @@ def replace_atomically(path: Path, data: bytes) -> None:
     write_synced(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def make_dirs(path: str | Path) -> None:
+    """``mkdir -p`` whose new directories survive a crash: each created entry is flushed in its parent."""
+    path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.is_dir()][::-1]
+    for d in missing:
+        d.mkdir(exist_ok=True)
+        fsync_dir(d.parent)

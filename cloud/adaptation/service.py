@@ -26,6 +26,7 @@ from cloud.devices import DeviceRegistry
 from cloud.samples.base import SampleStore
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from common.errors import TandemError
+from common.faults import fault_point
 from common.update_header import header_from_json
 
 log = logging.getLogger("tandem.adaptation")
@@ -183,6 +184,7 @@ class TrainerService:
             self.metrics.bytes_published.inc(record.size)
             if self.on_publish is not None:
                 self.on_publish(record)
+        fault_point("cloud.after_publish")  # test-only: kill -9 between publish and commit (common/faults.py)
         if result.generation is not None:
             self.learners.promote(job.key, result.generation)
         return record

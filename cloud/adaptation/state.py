@@ -6,7 +6,9 @@ Layout under ``<state_dir>/learners/<kind>/<subject>/``:
   ``replay.safetensors`` and ``held_out.safetensors``: raw upload bytes and teacher labels; ``state.json``);
 - ``current.json``: which generation is live; ``pending.json``: a generation that waits for its update to be
   published (written before publishing, promoted after, so a crash in between neither loses nor repeats it).
-Every file is written to a temporary name, fsynced and renamed. Tensors are safetensors, never pickle.
+Every file is written to a temporary name, fsynced and renamed, and every new name (files and directories) is
+synced in its directory before ``pending.json`` or ``current.json`` refers to it, so a power cut leaves the old
+generation or the new one (tests/durable_support.py checks the order). Tensors are safetensors, never pickle.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from cloud.adaptation.learner import LabelledBuffer, Learner
 from cloud.akd import TeacherLabels
 from cloud.dwc import CloudMirror
-from common.durable import fsync_dir, replace_atomically
+from common.durable import fsync_dir, make_dirs, replace_atomically
 from common.errors import TandemError
 from common.sample_codec import decode_sample
 
@@ -113,11 +115,15 @@ class LearnerStore:
     def save(self, key: str, learner: Learner, job_id: int = 0) -> int:
         """Write a new generation (not yet live); returns its number."""
         base = self.dir(key)
-        (base / "mirror").mkdir(parents=True, exist_ok=True)
+        make_dirs(base / "mirror")
+        written = False
         for version, state in learner.history.items():
             path = base / "mirror" / f"{version}.safetensors"
             if not path.exists():
                 _save_tensors(path, state, {"version": version})
+                written = True
+        if written:  # the new mirror names are durable before any generation refers to them
+            fsync_dir(base / "mirror")
         gen = self._next_generation(base)
         gdir = base / f"gen-{gen:06d}"
         shutil.rmtree(gdir, ignore_errors=True)

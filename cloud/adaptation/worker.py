@@ -22,6 +22,7 @@ from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.teacher import Teacher, prompts_for, torch_device
 from cloud.adaptation.uploads import decode_uploads
 from cloud.akd import TeacherLabels
+from common.faults import fault_point
 from common.llava_tokens import unwrap_llava
 from common.modeling import load_mllm
 from common.sample_codec import UploadSample
@@ -171,6 +172,7 @@ class Worker:
         learner.add_held_out([u.payload for u in held], [u.sample for u in held], labels.subset(range(n)))
         if not train:
             return self._save_live(spec, learner, {**summary, "reason": "every new sample was held out"})
+        fault_point("cloud.job_round")  # test-only: hold or kill a job mid-way (common/faults.py)
         result = learner.run_round(
             [u.payload for u in train],
             [u.sample for u in train],

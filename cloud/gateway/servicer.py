@@ -22,6 +22,7 @@ from cloud.gateway.upload import StreamIdle, UploadSession
 from cloud.gateway.writer import GroupCommitWriter
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from common import clock as clocks
+from common.faults import fault_point
 from protocol.auth import token_from_metadata
 from protocol.limits import ACKED_SEQ_TRAILER, COHORT_RE, DEVICE_ID_RE, MAX_VERSION_CHARS, REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
@@ -195,6 +196,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             except Exception as exc:  # the store failed: nothing of this call is acked; the device resends
                 log.error("sample store failed: %s", exc)
                 await self._abort(context, m, grpc.StatusCode.UNAVAILABLE, f"sample store failed: {exc}")
+            fault_point("gateway.after_store")  # test-only: kill -9 between store and ack (common/faults.py)
             self.metrics.samples_stored.inc(stored)
             self.metrics.samples_duplicate.inc(duplicates)
             acked = await self.writer.high_water(device.device_id)

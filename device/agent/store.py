@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from common.delta_codec import state_digest
 from common.durable import fsync_dir, write_synced
 from common.errors import TandemError
+from common.faults import fault_point
 
 WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -158,8 +159,10 @@ class AdapterStore:
     def commit(self, adapter: AdapterState) -> None:
         """Make ``adapter`` current and the current version previous (atomically)."""
         name = self._write_version(adapter)
+        fault_point("agent.before_head_swap")  # test-only: kill -9 between apply and HEAD swap (common/faults.py)
         self._head = {**self._head, "previous": self._head["current"], "current": name}
         self._write_head()
+        fault_point("agent.after_head_swap")  # test-only: kill -9 after the swap, before it is reported
         self._collect_garbage()
 
     def rollback(self, reason: str) -> AdapterState:

@@ -18,11 +18,21 @@ def micro_zoo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def ray_fault_file(tmp_path_factory):
+    """The fault file (common/faults.py) every worker of the session's Ray honours: a test arms a point by writing
+    it and must remove it when done."""
+    return tmp_path_factory.mktemp("ray-faults") / "fault"
+
+
+@pytest.fixture(scope="session")
+def local_ray(ray_fault_file):
     """A local Ray with two CPUs for the whole session, shut down at its end (never ``ray stop``)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from common.faults import fault_env
+
+    env = {"env_vars": fault_env(ray_fault_file)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     yield ray
     ray.shutdown()
 

@@ -5,8 +5,10 @@ a learner actor killed mid-job -> the job is retried on a fresh actor and comple
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,14 +34,21 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.timeout(600)
-async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro_zoo, local_ray):
+async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro_zoo, local_ray, ray_fault_file):
     from cloud.gateway import GatewayServer
 
     adaptation = adaptation_config(
         micro_zoo, executor="ray", ray={"learners": 1, "teacher_num_cpus": 0.5, "learner_num_cpus": 0.5}
     )
-    adaptation.akd["epochs"] = 6  # long enough to be killed mid-job below
     gateway = GatewayServer(gateway_config(tmp_path / "data", adaptation=adaptation))
     await gateway.start()
     trainer = await asyncio.to_thread(build_trainer, gateway.config, gateway)
@@ -70,26 +79,21 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
             assert held["adapter"].version == mirror["mirror_version"] == "v1"
             assert held["adapter"].digest() == mirror["mirror_digest"]
 
-        # Device 2: its learner actor is killed mid-job; the job is retried on a fresh actor and completes.
+        # Device 2: its learner actor is killed mid-job; the job is retried on a fresh actor and completes. A test
+        # fault point holds the job at its training round until the kill (common/faults.py), however fast the job.
+        held = Path(f"{ray_fault_file}.held")
+        ray_fault_file.write_text("hold:cloud.job_round")
         async with registered_client(tmp_path / "dev2", gateway.address, "dev-2", model_family=FAMILY) as client:
             await client.upload([OutboxItem(i + 1, p) for i, p in enumerate(uploads[24:48])])
-
-            def running_actor():
-                jobs = trainer.jobs.list(subject="dev-2")
-                return trainer.executor.running_actor(jobs[0].job_id) if jobs else None
-
-            seen: list = []
-
-            def job_running() -> bool:
-                actor = running_actor()
-                if actor is not None:
-                    seen.append(actor)
-                return actor is not None
-
-            # Kill the handle as soon as it is seen running: on an idle machine the micro job can finish within a
-            # fraction of a second, after which the executor no longer lists its actor.
-            await asyncio.to_thread(_wait, job_running, 120, "dev-2's job to start")
-            local_ray.kill(seen[0], no_restart=True)
+            await asyncio.to_thread(_wait, held.exists, 120, "dev-2's job to reach its round")
+            (job,) = trainer.jobs.list(subject="dev-2")
+            actor = trainer.executor.running_actor(job.job_id)
+            assert job.state == "running" and actor is not None
+            point, pid = held.read_text().split()
+            assert point == "cloud.job_round" and _alive(int(pid))
+            local_ray.kill(actor, no_restart=True)
+            await asyncio.to_thread(_wait, lambda: not _alive(int(pid)), 60, "the held actor's process to die")
+            ray_fault_file.unlink()  # the retry runs through
             await asyncio.to_thread(
                 _wait, lambda: bool(gateway.updates.list(device_id="dev-2")), 300, "dev-2's update after the kill"
             )
@@ -99,6 +103,7 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
             assert trainer.metrics.actor_restarts._value.get() == 1
             assert job.result["gpu_bytes_after"] == 0  # CPU here; on a GPU the actor reports what it still holds
     finally:
+        ray_fault_file.unlink(missing_ok=True)  # never leave a point armed for the session's other Ray tests
         halt.set()
         await asyncio.to_thread(thread.join, 60)
         trainer.close()

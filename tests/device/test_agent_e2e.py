@@ -81,13 +81,11 @@ async def test_ask_uplinks_applies_dwc_update_bit_exact(zoo, tmp_path):
                 assert status.adapter_version == "v1" and status.previous_version == "v0" and status.swaps == 1
         finally:
             await agent.stop()
-        stored = gw.samples.count("dev-1")
 
     # a reference model built independently from the PEFT export of the agent's store answers identically
     export = agent.store.export_peft(tmp_path / "export")
     ref_model = PeftModel.from_pretrained(load_mllm(zoo.device).model, str(export))
     reference = DeviceModel(ref_model, agent.model.processor, sparse=cfg.sparse)
-    img = image_array(2)
     from device.agent.sources import decode_image
 
     pixels = decode_image(png_bytes(2), 1 << 20)
@@ -98,7 +96,6 @@ async def test_ask_uplinks_applies_dwc_update_bit_exact(zoo, tmp_path):
     confidence = torch.softmax(ref_out.logits, -1).max().item()
     assert confidence == pytest.approx(after.confidence, rel=0, abs=1e-7)
     assert reference.decode(int(ref_out.logits.argmax())) == after.answer
-    assert img.shape == (32, 32, 3) and stored >= 1
 
 
 async def test_bad_updates_are_rejected_and_old_version_keeps_serving(zoo, tmp_path):

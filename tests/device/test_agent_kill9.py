@@ -1,5 +1,5 @@
-"""kill -9 of a real `tandem-device run` process during an upload and during an update's apply, then restart:
-it serves the version it held, no sample it queued is lost, none is stored twice, the outbox drains."""
+"""kill -9 of a real `tandem-device run` process during an upload and on either side of an update's HEAD swap,
+then restart: it serves the version it held, no sample it queued is lost, none is stored twice, the outbox drains."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from transport_support import REPO_ROOT, running_gateway
 from cloud.akd import adapter_state
 from cloud.dwc import CloudMirror, DWCConfig, compress
 from common.delta_codec import state_digest
+from common.faults import fault_env
 from device.transport.client import GatewayClient
 from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
@@ -36,8 +37,9 @@ def zoo(tmp_path_factory):
 class AgentProcess:
     """`python -m device.cli run --config ...` with NOTIFY_SOCKET pointing at a socket this test reads."""
 
-    def __init__(self, config_path: Path, workdir: Path) -> None:
+    def __init__(self, config_path: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
+        self.env = env or {}
         self.sock_path = workdir / "notify.sock"
         self.log = workdir / "agent.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -48,7 +50,7 @@ class AgentProcess:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(self.sock_path))
         sock.setblocking(False)
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "PYTHONPATH": str(REPO_ROOT), **self.env}
         env.setdefault("OMP_NUM_THREADS", "1")
         with open(self.log, "a") as log:
             self.proc = await asyncio.create_subprocess_exec(
@@ -157,50 +159,58 @@ async def test_kill9_during_upload_loses_nothing_and_stores_nothing_twice(zoo, t
     assert len(seqs) == len(set(seqs)) and max(seqs) >= queued  # none stored twice
 
 
-async def test_kill9_during_apply_serves_a_consistent_version_after_restart(zoo, tmp_path):
+async def test_kill9_either_side_of_the_head_swap_serves_a_consistent_version_after_restart(zoo, tmp_path):
+    """Two real kills at test fault points (common/faults.py) of the update's apply: after the new version is
+    written but before HEAD names it (the agent restarts on the old version and fetches the update again), and
+    right after HEAD names it (the agent restarts on the new version, which its update state did not record)."""
+    fault = tmp_path / "fault"
     async with running_gateway(tmp_path / "cloud") as gw:
         config = await _setup(tmp_path, zoo, gw.address, images=0, **{"api.listen": "127.0.0.1:0"})
-        cfg = yaml.safe_load(config.read_text())
         student, _ = cloud_student(zoo.device)
         mirror = CloudMirror(adapter_state(student))
         digests = {"v0": state_digest(mirror.state)}
         state = tmp_path / "dev"
-        agent = AgentProcess(config, tmp_path)
+        agent = AgentProcess(config, tmp_path, env=fault_env(fault))
         await agent.start()
         torch.manual_seed(0)
-        phases = []
         try:
-            # kill while the update is being fetched, verified and applied (its .part file exists until the apply
-            # returned), then inside the store's commit (a version directory is being written)
-            for n, marker in enumerate(("updates/*.part", "adapters/versions/.tmp-*"), start=1):
+            for n, point, held_after_kill in ((1, "agent.before_head_swap", "v0"), (2, "agent.after_head_swap", "v2")):
                 base, target = f"v{n - 1}", f"v{n}"
+                fault.write_text(point)  # armed once the agent runs (its first start stores v0 through the same code)
                 update = compress(
                     mirror, {k: v + 0.05 * torch.randn_like(v) for k, v in mirror.state.items()}, DWCConfig()
                 )
                 mirror.commit(update)
                 digests[target] = state_digest(mirror.state)
                 gw.publish("dev-1", base, target, update.payload, dict(update.header.metadata))
-                await _until(
-                    lambda m=marker, t=target: any(state.glob(m)) or _head_version(state) == t,
-                    what=f"{marker} to appear", step=0.001,
-                )  # fmt: skip
-                agent.kill9()
-                await agent.wait()
-                held = _head_version(state)
-                phases.append((marker, held))
-                assert held in (base, target)
+                assert await asyncio.wait_for(agent.wait(), 120) == -signal.SIGKILL
+                assert Path(f"{fault}.fired").read_text() == point and not fault.exists()
+                assert _head_version(state) == held_after_kill
+                assert {base, target} <= _versions_on_disk(state)  # the new version was complete either way
+                assert _fetcher_version(state) == base  # the update state still names the old version
                 await agent.start()
-                assert agent.ready_message.endswith(f"serving adapter {held}")  # exactly what it held
-                for _ in range(3000):  # the restarted agent fetches the update again if it did not hold it
+                assert agent.ready_message.endswith(f"serving adapter {held_after_kill}")  # exactly what HEAD held
+                for _ in range(3000):  # after the first kill the restarted agent fetches the update again
                     status = await _status(state)
                     if status.adapter_version == target:
                         break
                     await asyncio.sleep(0.02)
+                assert status.adapter_version == target
                 assert status.adapter_digest == digests[target] == state_digest(mirror.state)
+                assert _fetcher_version(state) == target
         finally:
             await agent.terminate()
-    print("kill -9 points (marker, version held at the kill):", phases)
-    assert status.adapter_version == "v2" and cfg["api"]["listen"] == "127.0.0.1:0"
+
+
+def _versions_on_disk(state: Path) -> set[str]:
+    versions = (state / "adapters" / "versions").glob("*/tandem.json")
+    return {json.loads(p.read_text())["version"] for p in versions}
+
+
+def _fetcher_version(state: Path) -> str:
+    """The version the agent's update state records (the initial v0 until it first saves)."""
+    path = state / "updates" / "state.json"
+    return json.loads(path.read_text())["current_version"] if path.is_file() else "v0"
 
 
 def _head_version(state: Path) -> str:

@@ -58,8 +58,10 @@ def test_prefill_breakdown_attributes_time_to_the_engine_stages() -> None:
     assert engine.SparsePrefill._prune is original_prune  # patches are undone
     stages = ("setup", "scoring", "pruning", "layers")
     assert all(sparse[k] > 0 for k in stages)
-    parts = sum(sparse[k] for k in (*stages, "engine other", "outside"))
-    assert abs(parts - sparse["total"]) < 1e-6
+    # The stages are timed one by one inside the engine's own timer, which runs inside the call's: measured
+    # independently, they fit (the leftovers are positive, not clamped), so nothing is counted twice.
+    assert sparse["engine other"] > 0 and sparse["outside"] > 0
+    assert sum(sparse[k] for k in stages) < sparse["total"]
     disable_sparsevlm(model)
     dense = prefill_breakdown(model, call, 3)
     assert dense["layers"] > 0 and dense["setup"] == dense["scoring"] == dense["pruning"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -93,8 +94,29 @@ def test_console_summary(result):
     assert "cam-00" in text and "slow" in text and "targets" in text and "uplink <= 20%" in text
 
 
-def test_large_fleet_plots_by_group(tmp_path):
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[str, list[str]]:
+    """File name -> titles of the visible panels of each figure the report saves (read from the figure itself)."""
+    from matplotlib.figure import Figure
+
+    saved: dict[str, list[str]] = {}
+    real = Figure.savefig
+
+    def savefig(fig, fname, *args, **kwargs):
+        saved[Path(fname).stem] = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+        return real(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def test_small_fleet_plots_a_panel_per_device(result, tmp_path, saved_figures):
+    write_report(result, tmp_path)
+    assert saved_figures["accuracy"] == ["cam-00", "cam-01", "slow"]
+
+
+def test_large_fleet_plots_a_panel_per_group(tmp_path, saved_figures):
     devs = [_device(f"g{i % 3}-{i:02d}", "c", 0.8) for i in range(15)]
     res = FleetResult(run="big", scenario={"name": "big"}, devices=devs, facts={})
-    paths = write_report(res, tmp_path)
-    assert paths["accuracy"].stat().st_size > 1000
+    write_report(res, tmp_path)
+    assert saved_figures["accuracy"] == [f"g{g} (mean of 5)" for g in range(3)]
