@@ -9,6 +9,8 @@ samples. With a sample budget every upload uses ``rate``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from common.config import StrictConfig
@@ -21,6 +23,8 @@ from device.uts.budget import BudgetGate
 class RateConfig(StrictConfig):
     """The /2 rates UTS may use (``r<components>b<bits>``)."""
 
+    codec: Literal["auto", "int8"] = "auto"
+    """auto: format /2 whenever the cloud decodes it on the device's basis; int8: always format /1."""
     rate: str = "r8b4"
     """The rate with a sample budget (and the bench's default)."""
     ladder: list[str] = ["r16b4", "r8b4", "r8b3", "r4b3"]
@@ -54,7 +58,7 @@ class RateChooser:
 
     def encode(self, sample: UploadSample, gate: BudgetGate) -> bytes:
         """The payload of one sample that the gate is about to judge."""
-        if self.basis is None:
+        if self.basis is None or self.config.codec == "int8":
             self.last_rate = "int8"
             return encode_sample(sample)
         if gate.config.unit == "samples":

@@ -16,11 +16,10 @@ BOOK = BasisBook()
 BOOK.add(BASIS)
 
 
-def _send(budget: float, ladder: list[str], basis=BASIS) -> tuple[int, int, list[bytes]]:
+def _send(budget: float, ladder: list[str], basis=BASIS, codec="auto") -> tuple[int, int, list[bytes]]:
     gate = GateConfig(unit="bytes", budget=budget, expected_arrivals=64)
-    uts = UncertaintyTokenSampler(
-        UTSConfig(gate=gate, keep_ratio=0.5, rate=RateConfig(ladder=ladder, min_samples_per_period=32)), basis=basis
-    )
+    rate = RateConfig(ladder=ladder, min_samples_per_period=32, codec=codec)
+    uts = UncertaintyTokenSampler(UTSConfig(gate=gate, keep_ratio=0.5, rate=rate), basis=basis)
     logits = torch.zeros(64, 10)  # every sample maximally unsure: only the budget limits uploads
     results = uts.decide(FEATURES, ["q"] * 64, logits, [torch.rand(16, generator=GEN) for _ in range(64)])
     payloads = [r.payload for r in results if r.sent]
@@ -38,6 +37,7 @@ def test_a_tight_byte_budget_lowers_the_rate_and_keeps_the_sample_count():
     assert roomy_n == 64 and len(roomy[0]) == max(len(p) for p in payloads + roomy)  # room: the highest rate
 
 
-def test_without_a_basis_uts_sends_format_1():
-    _, _, payloads = _send(10**6, ["r8b4"], basis=None)
-    assert payloads[0][:4] != b"TUS2" and decode_sample(payloads[0]).features.shape == (8, 32)
+def test_without_a_basis_or_with_codec_int8_uts_sends_format_1():
+    for basis, codec in ((None, "auto"), (BASIS, "int8")):
+        _, _, payloads = _send(10**6, ["r8b4"], basis=basis, codec=codec)
+        assert payloads[0][:4] != b"TUS2" and decode_sample(payloads[0]).features.shape == (8, 32)
