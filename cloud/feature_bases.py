@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.feature_basis import KNOWN_BASES, BasisBook, FeatureBasis
-from common.sample_codec import FORMATS
+import torch
+
+from common.feature_basis import KNOWN_BASES, BasisBook, FeatureBasis, fit_basis
+from common.sample_codec import FORMATS, UploadSample
 from common.tensor_pack import PayloadError
 
 log = logging.getLogger("tandem.cloud.bases")
@@ -43,6 +45,19 @@ def keep_refit(basis: FeatureBasis, state_dir: Path, book: BasisBook = KNOWN_BAS
     tmp.replace(path)
     book.add(basis)
     return path
+
+
+def refit(samples: list[UploadSample], current: FeatureBasis, min_tokens: int = 256) -> FeatureBasis:
+    """A basis fitted on received tokens (its ``parent`` is ``current``), to ship down as a basis update.
+
+    Only format /1 uploads carry directions outside the current basis; /2 uploads are reconstructed inside it, so
+    a refit on them alone can reorder but not extend it.
+    """
+    tokens = [s.features for s in samples if s.features.shape[1] == current.dim]
+    count = sum(t.shape[0] for t in tokens)
+    if count < min_tokens:
+        raise ValueError(f"a refit needs at least {min_tokens} tokens of width {current.dim}, got {count}")
+    return fit_basis(torch.cat(tokens), rank=current.rank, parent=current.version)
 
 
 def accepted_formats(book: BasisBook = KNOWN_BASES) -> list[str]:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transport_support import registered_client, running_gateway
 
-from cloud.feature_bases import keep_refit
+from cloud.feature_bases import keep_refit, refit
 from common.feature_basis import BasisBook, basis_update_header, fit_basis, load_basis
 from common.feature_codec import FORMAT_V2
-from common.sample_codec import FORMAT
+from common.sample_codec import FORMAT, UploadSample
 from common.signing import generate_private_key
 from common.update_header import UpdateError
 from device.transport.identity import DeviceIdentity
@@ -48,6 +48,15 @@ async def test_registering_with_a_v2_cloud_enables_the_shipped_basis(tmp_path):
         saved = DeviceIdentity.load(tmp_path / "dev")
         assert saved.sample_formats == client.identity.sample_formats
         assert negotiated(shipped, CloudAccepts(saved.sample_formats, saved.feature_bases)) is shipped
+
+
+def test_the_cloud_refits_on_received_tokens_and_names_the_parent():
+    received = [UploadSample(torch.randn(40, 16, generator=GEN) * 3, torch.arange(40), 40, "q", torch.tensor([1]),
+                             torch.tensor([1.0])) for _ in range(8)]  # fmt: skip
+    new = refit(received, OLD)
+    assert new.parent == OLD.version and new.version != OLD.version and new.rank == OLD.rank
+    with pytest.raises(ValueError, match="at least 256 tokens"):
+        refit(received[:1], OLD)
 
 
 def test_a_signed_basis_update_installs_and_anything_off_changes_nothing(tmp_path):
