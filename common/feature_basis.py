@@ -30,7 +30,7 @@ BASIS_KIND = "feature_basis"
 MAX_BASIS_DIM = 65536
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FeatureBasis:
     """Mean, principal directions and coefficient scales of one feature space."""
 
@@ -54,6 +54,12 @@ class FeatureBasis:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:12]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeatureBasis) and (self.version, self.parent) == (other.version, other.parent)
+
+    def __hash__(self) -> int:
+        return hash((self.version, self.parent))
 
     def to_bytes(self) -> bytes:
         """Safetensors bytes (what ships in a model directory and in a basis update)."""
@@ -85,8 +91,11 @@ class FeatureBasis:
         return basis
 
     def save(self, model_dir: str | Path) -> Path:
-        """Write ``<model_dir>/feature_basis/basis.safetensors``; returns the path."""
+        """Write ``<model_dir>/feature_basis/basis.safetensors`` (kept as it is when it already holds this basis:
+        safetensors orders metadata arbitrarily, so equal bases need not be equal files); returns the path."""
         path = Path(model_dir) / BASIS_DIR / BASIS_FILE
+        if load_basis(model_dir) == self:
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         tmp.write_bytes(self.to_bytes())
