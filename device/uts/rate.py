@@ -25,9 +25,9 @@ class RateConfig(StrictConfig):
 
     codec: Literal["auto", "int8"] = "auto"
     """auto: format /2 whenever the cloud decodes it on the device's basis; int8: always format /1."""
-    rate: str = "r8b4"
+    rate: str = "r32b3"
     """The rate with a sample budget (and the bench's default)."""
-    ladder: list[str] = ["r16b4", "r8b4", "r8b3", "r4b3"]
+    ladder: list[str] = ["r32b4", "r32b3", "r16b4", "r8b4"]
     """Rates to choose from with a byte budget, highest first."""
     min_samples_per_period: int = Field(16, ge=1)
     """With a byte budget: how many samples a period should carry; the rate falls until they fit."""

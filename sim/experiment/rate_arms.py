@@ -34,7 +34,7 @@ from sim.experiment.data import FeatureSet
 from sim.experiment.micro import ModelPair, pixel_batch
 
 JPEG_ARMS = {"jpeg50": 50, "jpeg90": 90}
-DEFAULT_RATE_ARMS = ["jpeg50", "jpeg90", "all_int8", "r16b4", "r8b4", "r8b3", "r4b3"]
+DEFAULT_RATE_ARMS = ["jpeg50", "jpeg90", "all_int8", "r32b4", "r32b3", "r16b4", "r8b4"]
 
 
 def link_bytes(payload: bytes) -> int:

@@ -85,7 +85,7 @@ def test_unknown_basis_and_mismatched_width_are_refused():
         (3, 9, "bits"),
         (4, 7, "position mode"),
         (5, b"\x00", "bitmap"),
-        (6, b"\x01", "token scales"),
+        (6, b"\x01", "component scales"),
         (7, b"\x00", "codes"),
         (8, b"\x01\x00", "answer"),
         (10, {"confidence": float("nan")}, "finite"),
@@ -120,7 +120,7 @@ def test_an_inflating_body_is_bounded():
     many = _body(encode_sample(_sample(), SampleCoding(BASIS, Rate(1, 2))))
     many[1] = 2**20
     many[5] = b"\xff" * (2**20 // 8)
-    many[6] = b"\x00" * 2**20
+    many[6] = b"\x00"
     many[7] = b"\x00" * 2**20
     with pytest.raises(PayloadError, match="exceed"):
         check_sample(_rebuild(many), BOOK)

@@ -19,9 +19,9 @@ def test_rate_arms_report_bytes_in_rate_order(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "results.json").read_text())
     arms = data["rate_summary"]["arms"]
-    assert set(arms) == {"uts_int8", "jpeg50", "jpeg90", "all_int8", "r16b4", "r8b4", "r8b3", "r4b3"}
+    assert set(arms) == {"uts_int8", "jpeg50", "jpeg90", "all_int8", "r32b4", "r32b3", "r16b4", "r8b4"}
     b = {k: v["payload_bytes_per_sample"] for k, v in arms.items()}
-    assert b["r4b3"] < b["r8b3"] < b["r8b4"] < b["r16b4"] < b["uts_int8"] < b["all_int8"]
+    assert b["r8b4"] < b["r16b4"] < b["r32b3"] < b["r32b4"] < b["uts_int8"] < b["all_int8"]
     assert b["jpeg50"] < b["jpeg90"]
     assert abs(b["jpeg90"] - data["facts"]["uplink_per_sample"]["jpeg_q90_bytes"]) < 0.25 * b["jpeg90"]
     for name, a in arms.items():  # the link adds the chunk's framing (digest, description) to every payload
