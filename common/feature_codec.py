@@ -4,7 +4,8 @@ Per sample: the kept tokens' features are centred and projected on the top ``ran
 :class:`~common.feature_basis.FeatureBasis`, each coefficient divided by its component's standard deviation,
 then quantized to ``bits`` bits (symmetric, midtread) with one scale per component and sample (a block of the
 sample's tokens) stored as a one-byte exponent on a 2^(1/8) grid. Token positions are a bitmap over the
-patches (or the gaps between them, whichever is shorter). Everything, question and answer distribution included, is one msgpack array compressed by zstd:
+patches (or the gaps between them, whichever is shorter). Everything, question and answer distribution
+included, is one msgpack array compressed by zstd:
 
     b"TUS2" + zstd( msgpack [basis version, num_patches, rank, bits, position mode, positions, scale exponents,
                               codes, answer ids (int32 LE), answer probs (fp16 LE), uncertainty map, question] )
