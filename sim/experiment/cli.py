@@ -17,7 +17,9 @@ def _group() -> None:
 
 @experiment_app.command("offline")
 def offline(
-    size: str = typer.Option("quick", help="quick (a few minutes) or full (the complete drift, <= 15 min)"),
+    size: str = typer.Option(
+        "quick", help="quick (a few minutes), full (the complete drift, <= 15 min) or rates (the rate-recovery arms)"
+    ),
     recipe: str = typer.Option(None, help="zoo recipe: base (default), micro, or micro-random (untrained)"),
     seed: int = typer.Option(None, help="world and zoo seed"),
     zoo_dir: str = typer.Option(None, help="a built zoo directory (teacher/, device/) instead of the recipe's"),

@@ -73,6 +73,17 @@ def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig
             "calibration_size": 128,
             "uplink_samples_per_round": 120,
         },
+        # The rate-recovery benchmark (docs/learning-core.md): quick's shifts, two rounds each, every rate arm.
+        "rates": {
+            "shifts": ["night", "cast"],
+            "rounds_per_shift": 2,
+            "stream_per_round": 256,
+            "eval_size": 200,
+            "calibration_size": 128,
+            "uplink_samples_per_round": 80,
+            "rate_arms": ["jpeg50", "jpeg90", "all_int8", "r32b4", "r32b3", "r16b4", "r8b4"],
+            "baselines": [],
+        },
         "tiny": {
             "recipe": "micro-random",
             "shifts": ["night"],
