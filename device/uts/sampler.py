@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from common.config import StrictConfig
-from common.feature_basis import FeatureBasis
+from common.feature_basis import KNOWN_BASES, FeatureBasis
 from common.llava_tokens import PromptBuilder, answer_forward
 from common.sample_codec import UploadSample
 from device.uts.budget import BudgetGate, GateConfig
@@ -57,10 +57,13 @@ class UncertaintyTokenSampler:
         self.config = config or UTSConfig()
         self.gate = BudgetGate(self.config.gate)
         self.source_stats = source_stats
-        self.rates = RateChooser(self.config.rate, basis)
+        self.rates = RateChooser(self.config.rate)
+        self.set_basis(basis)
 
     def set_basis(self, basis: FeatureBasis | None) -> None:
         """Encode in format /2 on ``basis`` from now on (None: format /1, for a cloud that lacks the codec)."""
+        if basis is not None:
+            KNOWN_BASES.add(basis)  # the outbox checks each upload as the gateway will, on this basis
         self.rates.basis = basis
 
     def _relevance(self, i: int, out, rater: torch.Tensor | None) -> torch.Tensor | None:

@@ -41,3 +41,13 @@ def test_without_a_basis_or_with_codec_int8_uts_sends_format_1():
     for basis, codec in ((None, "auto"), (BASIS, "int8")):
         _, _, payloads = _send(10**6, ["r8b4"], basis=basis, codec=codec)
         assert payloads[0][:4] != b"TUS2" and decode_sample(payloads[0]).features.shape == (8, 32)
+
+
+def test_the_device_outbox_accepts_what_uts_encodes_on_its_basis(tmp_path):
+    from device.transport.outbox import Outbox
+
+    own = fit_basis(torch.randn(300, 32, generator=GEN))  # a basis no other code of this process has seen
+    uts = UncertaintyTokenSampler(UTSConfig(gate=GateConfig(budget=64)), basis=own)
+    results = uts.decide(FEATURES[:4], ["q"] * 4, torch.zeros(4, 10), [torch.rand(16, generator=GEN)] * 4)
+    payload = next(r.payload for r in results if r.sent)
+    assert payload[:4] == b"TUS2" and Outbox(tmp_path / "outbox.db").put(payload) == 1
