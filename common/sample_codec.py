@@ -1,9 +1,13 @@
-"""The uplinked sample: selected vision-tower features (int8, one scale per token), their patch indices, the
-question, the device's answer distribution (top-k) and its uncertainty, as safetensors bytes.
+"""The uplinked sample: selected vision-tower features, their patch indices, the question, the device's answer
+distribution (top-k) and its uncertainty. Two versioned formats, told apart by their first bytes:
 
-Tensors: ``q`` int8 codes [k, D], ``s`` fp16 scales [k], ``idx`` int16 patch indices [k], ``aid`` int32 /
-``ap`` fp16 the device's top-m answer tokens and probabilities; metadata: format, question, num_patches,
-uncertainty (JSON). Device encodes (``device.uts``), cloud decodes (``cloud.akd``), both through here.
+- ``tandem.uts.sample/1``: safetensors bytes. Tensors: ``q`` int8 codes [k, D], ``s`` fp16 scales [k], ``idx``
+  int16 patch indices [k], ``aid`` int32 / ``ap`` fp16 the device's top-m answer tokens and probabilities;
+  metadata: format, question, num_patches, uncertainty (JSON).
+- ``tandem.uts.sample/2``: few-bit coefficients on a shared feature basis, entropy-coded
+  (``common.feature_codec``); decoding needs the basis the sample names (a :class:`BasisBook`).
+
+Device encodes (``device.uts``), cloud decodes (``cloud.akd``), both through here.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.feature_basis import KNOWN_BASES, BasisBook, FeatureBasis
+from common.feature_codec import FORMAT_V2, Rate, encode_v2, is_v2, parse_v2, reconstruct
 from common.tensor_pack import PayloadError, pack, require, unpack
 
 FORMAT = "tandem.uts.sample/1"
+FORMATS = (FORMAT, FORMAT_V2)
+"""Every sample format this code reads (what a cloud announces it accepts)."""
 MAX_QUESTION_CHARS = 4096
 
 
@@ -47,9 +55,30 @@ def dequantize_tokens(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return codes.float() * scales.float().unsqueeze(1)
 
 
-def encode_sample(sample: UploadSample) -> bytes:
-    """Serialise a sample (features quantized to int8 here); PayloadError on inconsistent fields."""
+@dataclass(frozen=True)
+class SampleCoding:
+    """How to encode the features of a sample in format /2: on which basis, at which rate."""
+
+    basis: FeatureBasis
+    rate: Rate
+
+
+def encode_sample(sample: UploadSample, coding: SampleCoding | None = None) -> bytes:
+    """Serialise a sample: format /1 (int8 features) without ``coding``, else /2 on its basis and rate;
+    PayloadError on inconsistent fields."""
     _validate(sample)
+    if coding is not None:
+        return encode_v2(
+            sample.features,
+            sample.patch_indices,
+            sample.num_patches,
+            sample.question,
+            sample.answer_ids,
+            sample.answer_probs,
+            sample.uncertainty,
+            coding.basis,
+            coding.rate,
+        )
     codes, scales = quantize_tokens(sample.features)
     if not torch.isfinite(scales.float()).all():
         raise PayloadError("feature scale overflows fp16 (features too large)")
@@ -89,11 +118,15 @@ class _Parsed:
     uncertainty: dict[str, float]
 
 
-def check_sample(data: bytes) -> None:
+def check_sample(data: bytes, bases: BasisBook | None = None) -> None:
     """Raise PayloadError unless ``data`` is a sample :func:`decode_sample` accepts (the gateway's check).
 
-    The same checks as decoding, without dequantizing the features.
+    The same checks as decoding, without dequantizing /1 features (a /2 sample is reconstructed: its
+    features are only finite if the basis and codes make them so).
     """
+    if isinstance(data, bytes | bytearray) and is_v2(data):
+        _validate(_decode_v2(bytes(data), bases or KNOWN_BASES))
+        return
     p = _parse(data)
     t = p.tensors
     _check_fields(
@@ -108,8 +141,15 @@ def check_sample(data: bytes) -> None:
     )
 
 
-def decode_sample(data: bytes) -> UploadSample:
-    """Parse and validate an uploaded sample; PayloadError naming what is wrong."""
+def decode_sample(data: bytes, bases: BasisBook | None = None) -> UploadSample:
+    """Parse and validate an uploaded sample (either format; /2 needs its basis in ``bases``, by default the
+    process's ``KNOWN_BASES``); PayloadError naming what is wrong."""
+    if not isinstance(data, bytes | bytearray):
+        raise PayloadError("sample payload must be bytes")
+    if is_v2(data):
+        sample = _decode_v2(bytes(data), bases or KNOWN_BASES)
+        _validate(sample)
+        return sample
     p = _parse(data)
     t = p.tensors
     sample = UploadSample(
@@ -123,6 +163,23 @@ def decode_sample(data: bytes) -> UploadSample:
     )
     _validate(sample)
     return sample
+
+
+def _decode_v2(data: bytes, bases: BasisBook) -> UploadSample:
+    """A /2 sample with its features reconstructed on the basis it names."""
+    known = {v: (b.rank, b.dim) for v in bases.versions() if (b := bases.get(v)) is not None}
+    d = parse_v2(data, known)
+    basis = bases.get(d.basis_version)
+    assert basis is not None  # parse_v2 checked it is known
+    return UploadSample(
+        features=reconstruct(d.exps, d.codes, basis),
+        patch_indices=torch.from_numpy(d.patch_indices.astype("int64")),
+        num_patches=d.num_patches,
+        question=d.question,
+        answer_ids=torch.from_numpy(d.answer_ids.astype("int64")),
+        answer_probs=torch.from_numpy(d.answer_probs.astype("float32")),
+        uncertainty=d.uncertainty,
+    )
 
 
 def _parse(data: bytes) -> _Parsed:

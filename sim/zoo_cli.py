@@ -276,6 +276,25 @@ def ship_command(
     console.print(f"wrote {target / EVAL_FILE}")
 
 
+@zoo_app.command("basis")
+def basis_command(
+    recipe: str = RecipeOpt,
+    home: Path | None = HomeOpt,
+    samples: int = typer.Option(512, min=2, help="Clear-domain frames the PCA is fitted on."),
+) -> None:
+    """Build the device model's feature basis (PCA of its tower on the clear domain) into its directory: the
+    shipped zoo's when the recipe matches it, else the cache's build; says whether it equals the one there."""
+    from sim.zoo.basis import write_basis
+
+    rec = recipe_by_name(recipe)
+    paths = locate_zoo(rec, home)
+    if paths is None:
+        raise ConfigError(f"zoo {rec.name!r} is not built; run: tandem-sim zoo build --recipe {rec.name}")
+    basis, same = write_basis(paths.device, rec.seed, samples)
+    state = "identical to the one it replaces" if same else "new"
+    console.print(f"basis {basis.version} ({basis.rank} x {basis.dim}) of {paths.device}: {state}")
+
+
 def compare_with_shipped_figures(results: dict[str, dict[str, Accuracy]], shipped: dict) -> str:
     """One line: whether an evaluation reproduces the shipped figures exactly, or by how much it differs."""
     counts, gaps = accuracy_counts(results), []

@@ -21,6 +21,7 @@ from cloud.adaptation.executor import Executor, Finished, WorkerLost
 from cloud.adaptation.teacher import Teacher
 from cloud.adaptation.worker import JobSpec, Worker
 from cloud.akd import TeacherLabels
+from cloud.feature_bases import load_known_bases
 from common.sample_codec import UploadSample, decode_sample
 
 
@@ -35,6 +36,7 @@ class TeacherActor:
     def __init__(self, config_doc: dict, family: str, threads: int) -> None:
         torch.set_num_threads(threads)
         cfg = _config(config_doc)
+        load_known_bases(cfg)  # format /2 uploads decode on these
         self.teacher = Teacher.load(cfg.families[family].teacher_model, cfg.device, cfg.label_batch_size)
 
     def hidden_size(self) -> int:

@@ -22,6 +22,7 @@ from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.teacher import Teacher, prompts_for, torch_device
 from cloud.adaptation.uploads import decode_uploads
 from cloud.akd import TeacherLabels
+from cloud.feature_bases import load_known_bases
 from common.faults import fault_point
 from common.llava_tokens import unwrap_llava
 from common.modeling import load_mllm
@@ -96,6 +97,7 @@ class Worker:
         self.labeler = labeler
         self.device = torch_device(config.device)
         self._models: dict[str, tuple[torch.nn.Module, object]] = {}
+        load_known_bases(config)  # format /2 uploads decode on these
 
     def _device_model(self, family: ModelFamily) -> tuple[torch.nn.Module, object]:
         if family.device_model not in self._models:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from cloud.gateway.handlers import MalformedMessage
 from cloud.samples.base import Sample
 from common import clock as clocks
+from common.feature_codec import FORMAT_V2, is_v2
 from common.sample_codec import FORMAT as SAMPLE_FORMAT
 from common.sample_codec import check_sample
 from common.tensor_pack import PayloadError
 from protocol.limits import MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS
-from protocol.payload import FORMAT_SAFETENSORS, check_payload
+from protocol.payload import FORMAT_OPAQUE, FORMAT_SAFETENSORS, check_payload
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 
 MAX_SEQ = 2**63 - 1
@@ -137,13 +138,18 @@ class SampleAssembler:
 def verify(sample: Sample, info: tensors_pb2.PayloadInfo) -> None:
     """Raise ProtocolViolation unless the payload is what it claims and what the cloud can use.
 
-    Size, digest and tensor list must match the declaration, the format must be safetensors, and the bytes
+    Size, digest and tensor list must match the declaration, the format must be safetensors (/1) or opaque
+    (/2, on a basis this cloud knows), and the bytes
     must pass ``common.sample_codec.check_sample``: every check ``decode_sample`` makes, so nothing enters
     the store that the trainer would refuse.
     """
     problem = check_payload(sample.payload, info)
-    if problem is None and info.format != FORMAT_SAFETENSORS:
-        problem = f"payload format must be {FORMAT_SAFETENSORS!r} ({SAMPLE_FORMAT}), got {info.format[:40]!r}"
+    wanted = FORMAT_OPAQUE if is_v2(sample.payload) else FORMAT_SAFETENSORS
+    if problem is None and info.format != wanted:
+        problem = (
+            f"payload format must be {FORMAT_SAFETENSORS!r} ({SAMPLE_FORMAT}) or {FORMAT_OPAQUE!r} "
+            f"({FORMAT_V2}), got {info.format[:40]!r}"
+        )
     if problem is None:
         try:
             check_sample(sample.payload)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.config import GatewayConfig
+from cloud.feature_bases import load_known_bases
 from cloud.gateway.budget import MemoryBudget
 from cloud.gateway.handlers import add_gateway_handlers
 from cloud.gateway.metrics import GatewayMetrics
@@ -96,6 +97,7 @@ class GatewayServer:
         self.servicer: DeviceGatewayServicer | None = None
         self.budget: MemoryBudget | None = None
         self._validator: ThreadPoolExecutor | None = None
+        load_known_bases(config.adaptation)  # uploads in format /2 are checked on these
 
     @property
     def address(self) -> str:

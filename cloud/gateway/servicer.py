@@ -15,6 +15,7 @@ import grpc
 
 from cloud.config import GatewayConfig
 from cloud.devices import DeviceRecord, DeviceRegistry, DeviceStateError
+from cloud.feature_bases import accepted_formats
 from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation
 from cloud.gateway.budget import BudgetExhausted, MemoryBudget
 from cloud.gateway.metrics import GatewayMetrics
@@ -23,6 +24,7 @@ from cloud.gateway.writer import GroupCommitWriter
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from common import clock as clocks
 from common.faults import fault_point
+from common.feature_basis import KNOWN_BASES
 from protocol.auth import token_from_metadata
 from protocol.limits import ACKED_SEQ_TRAILER, COHORT_RE, DEVICE_ID_RE, MAX_VERSION_CHARS, REJECTED_SEQ_TRAILER
 from protocol.tandem.v1 import gateway_pb2, gateway_pb2_grpc
@@ -124,6 +126,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             max_message_bytes=self.config.max_message_bytes,
             max_sample_bytes=self.config.max_sample_bytes,
             acked_seq=await self.writer.high_water(record.device_id),
+            sample_formats=accepted_formats(),
+            feature_bases=KNOWN_BASES.versions(),
         )
 
     def _enrollment_refusal(
@@ -319,6 +323,8 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             latest_update_id=max(
                 (r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0
             ),
+            sample_formats=accepted_formats(),
+            feature_bases=KNOWN_BASES.versions(),
         )
 
 

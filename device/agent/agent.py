@@ -29,6 +29,7 @@ from device.agent.store import AdapterState, AdapterStore
 from device.transport.identity import DeviceIdentity, NotRegisteredError
 from device.transport.outbox import Outbox
 from device.uts import UncertaintyTokenSampler
+from device.uts.basis import CloudAccepts, held_basis, negotiated
 
 log = logging.getLogger("tandem.device.agent")
 ADDRESS_FILE = "agent.address"
@@ -62,6 +63,9 @@ class DeviceAgent:
         self.outbox = Outbox(self.state_dir / "outbox.db", max_sample or None)
         self.uts = UncertaintyTokenSampler(config.uts) if config.uts.enabled else None
         self.events = Listeners()
+        self.basis = held_basis(config.model.source, self.state_dir) if self.uts is not None else None
+        held = self.identity
+        self._negotiate(CloudAccepts(held.sample_formats, held.feature_bases) if held else CloudAccepts())
         self.writer = OutboxWriter(self.outbox)
         self.writer.on_written = self._sample_written
         self.step = DeviceStep(self.model, self.uts, sink=self.writer.put)
@@ -358,7 +362,14 @@ class DeviceAgent:
             uplink_bytes_per_s=self.config.link.uplink_bytes_per_s,
         )
 
+    def _negotiate(self, accepts: CloudAccepts) -> None:
+        """Encode uploads in format /2 when the cloud decodes it on our basis, else /1."""
+        if self.uts is not None:
+            self.uts.set_basis(negotiated(self.basis, accepts))
+
     def _heartbeat_sent(self, info: HeartbeatInfo) -> None:
+        if self.link is not None:
+            self._negotiate(self.link.cloud_accepts)
         if info.rolled_back_from:
             pending = self.store.pending_rollback()
             if pending is not None and pending.rolled_back_from == info.rolled_back_from:

@@ -21,6 +21,7 @@ from device.transport.identity import DeviceIdentity
 from device.transport.outbox import Outbox
 from device.transport.retry import is_transient
 from device.transport.uplink import UplinkWorker
+from device.uts.basis import CloudAccepts
 
 log = logging.getLogger("tandem.device.link")
 
@@ -64,6 +65,8 @@ class LinkLoops:
         self.on_sent = on_sent
         self.heartbeats = 0
         self.connected = False
+        self.cloud_accepts = CloudAccepts(self.identity.sample_formats, self.identity.feature_bases)
+        """What the cloud decodes, as Register said and every heartbeat since."""
 
     async def heartbeat_once(self) -> None:
         """Send one heartbeat now (raises on failure)."""
@@ -75,7 +78,10 @@ class LinkLoops:
         if info.rolled_back_from:
             extra.update(rolled_back_from=info.rolled_back_from, rollback_reason=info.rollback_reason[:512])
         depth = (await asyncio.to_thread(self.outbox.stats)).pending
-        await self.client.heartbeat(info.status, self.fetcher.current_version, info.metrics or {}, depth, **extra)
+        resp = await self.client.heartbeat(
+            info.status, self.fetcher.current_version, info.metrics or {}, depth, **extra
+        )
+        self.cloud_accepts = CloudAccepts(tuple(resp.sample_formats), tuple(resp.feature_bases))
         self.heartbeats += 1
         self.connected = True
         if self.on_sent is not None:

@@ -105,6 +105,8 @@ class GatewayClient:
             cloud_public_key_pem=resp.cloud_public_key_pem.decode(),
             chunk_size=resp.chunk_size,
             max_sample_bytes=resp.max_sample_bytes,
+            sample_formats=tuple(resp.sample_formats),
+            feature_bases=tuple(resp.feature_bases),
         )
         self.registered_acked_seq = resp.acked_seq
         return self.identity

@@ -25,6 +25,10 @@ class DeviceIdentity:
     cloud_public_key_pem: str
     chunk_size: int
     max_sample_bytes: int
+    sample_formats: tuple[str, ...] = ()
+    """Sample formats the cloud accepts (empty: an older cloud, format /1 only)."""
+    feature_bases: tuple[str, ...] = ()
+    """Feature basis versions the cloud decodes format /2 on."""
 
     @staticmethod
     def path(state_dir: str | Path) -> Path:
@@ -51,6 +55,8 @@ class DeviceIdentity:
         if not path.is_file():
             raise NotRegisteredError(f"no device identity at {path}; run `tandem-device register` first")
         try:
-            return cls(**json.loads(path.read_text()))
+            doc = json.loads(path.read_text())
+            doc.update({k: tuple(doc[k]) for k in ("sample_formats", "feature_bases") if k in doc})
+            return cls(**doc)
         except (json.JSONDecodeError, TypeError) as exc:
             raise TandemError(f"device identity {path} is unreadable: {exc}") from exc

@@ -11,9 +11,11 @@ import torch
 from pydantic import Field
 
 from common.config import StrictConfig
+from common.feature_basis import KNOWN_BASES, FeatureBasis
 from common.llava_tokens import PromptBuilder, answer_forward
-from common.sample_codec import UploadSample, encode_sample
+from common.sample_codec import UploadSample
 from device.uts.budget import BudgetGate, GateConfig
+from device.uts.rate import RateChooser, RateConfig
 from device.uts.tokens import SourceFeatureStats, select_tokens, token_priority
 from device.uts.uncertainty import ScoreKind, answer_uncertainty, uncertainty_score
 
@@ -28,6 +30,7 @@ class UTSConfig(StrictConfig):
     relevance_weight: float = Field(0.5, ge=0.0, le=1.0)
     relevance_source: Literal["auto", "attention", "similarity"] = "auto"
     top_answers: int = Field(5, ge=1)
+    rate: RateConfig = RateConfig()
 
 
 @dataclass
@@ -45,10 +48,23 @@ class UTSResult:
 class UncertaintyTokenSampler:
     """Stateful per device (the budget gate keeps its history between calls)."""
 
-    def __init__(self, config: UTSConfig | None = None, source_stats: SourceFeatureStats | None = None) -> None:
+    def __init__(
+        self,
+        config: UTSConfig | None = None,
+        source_stats: SourceFeatureStats | None = None,
+        basis: FeatureBasis | None = None,
+    ) -> None:
         self.config = config or UTSConfig()
         self.gate = BudgetGate(self.config.gate)
         self.source_stats = source_stats
+        self.rates = RateChooser(self.config.rate)
+        self.set_basis(basis)
+
+    def set_basis(self, basis: FeatureBasis | None) -> None:
+        """Encode in format /2 on ``basis`` from now on (None: format /1, for a cloud that lacks the codec)."""
+        if basis is not None:
+            KNOWN_BASES.add(basis)  # the outbox checks each upload as the gateway will, on this basis
+        self.rates.basis = basis
 
     def _relevance(self, i: int, out, rater: torch.Tensor | None) -> torch.Tensor | None:
         if rater is not None:
@@ -125,7 +141,7 @@ class UncertaintyTokenSampler:
                     answer_probs=top.values[i].cpu(),
                     uncertainty=unc.row(i),
                 )
-                payload = encode_sample(sample)
+                payload = self.rates.encode(sample, self.gate)
                 if self.gate.decide(score, len(payload)):
                     result.sent, result.payload, result.token_indices = True, payload, idx
             else:

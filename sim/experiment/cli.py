@@ -17,7 +17,9 @@ def _group() -> None:
 
 @experiment_app.command("offline")
 def offline(
-    size: str = typer.Option("quick", help="quick (a few minutes) or full (the complete drift, <= 15 min)"),
+    size: str = typer.Option(
+        "quick", help="quick (a few minutes), full (the complete drift, <= 15 min) or rates (the rate-recovery arms)"
+    ),
     recipe: str = typer.Option(None, help="zoo recipe: base (default), micro, or micro-random (untrained)"),
     seed: int = typer.Option(None, help="world and zoo seed"),
     zoo_dir: str = typer.Option(None, help="a built zoo directory (teacher/, device/) instead of the recipe's"),
@@ -26,19 +28,31 @@ def offline(
     dwc_selection: str = typer.Option(
         None, help="how DWC ranks adapter units: energy (default; delta energy) or impact (effect on the layer)"
     ),
+    rate_arms: str = typer.Option(
+        None, help="rate-recovery arms, comma-separated (jpeg50,jpeg90,all_int8,r8b4,...), or 'default'"
+    ),
+    baselines: str = typer.Option(None, help="baselines, comma-separated (send_all,fp32,ce_only), or 'none'"),
 ) -> None:
     """Device pretrained on clear, stream drifting through shifts; UTS + AKD + DWC against baselines."""
     from sim.experiment.config import sized
+    from sim.experiment.rate_arms import DEFAULT_RATE_ARMS
     from sim.experiment.report import print_report, write_reports
     from sim.experiment.runner import run_experiment
 
-    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir, dwc_selection=dwc_selection)
+    arms = None if rate_arms is None else DEFAULT_RATE_ARMS if rate_arms == "default" else _names(rate_arms)
+    base = None if baselines is None else [] if baselines == "none" else _names(baselines)
+    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir, dwc_selection=dwc_selection,
+                   rate_arms=arms, baselines=base)  # fmt: skip
     console = Console()
     with console.status("running the offline experiment") as status:
         result = run_experiment(config, progress=lambda line: (console.log(line), status.update(line)))
     print_report(result, console)
     paths = write_reports(result, out)
-    console.print(f"wrote {paths['table']}, {paths['plot']}, {paths['json']}")
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 if __name__ == "__main__":

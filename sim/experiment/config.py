@@ -45,6 +45,8 @@ class ExperimentConfig(StrictConfig):
     dwc_energy_share: float = Field(0.98, gt=0, le=1)
     dwc_selection: Literal["energy", "impact"] = "energy"
     baselines: list[Literal["send_all", "fp32", "ce_only"]] = ["send_all", "fp32", "ce_only"]
+    # Rate-recovery arms (sim/experiment/rate_arms.py): jpeg50, jpeg90, all_int8 and /2 rates such as r8b4.
+    rate_arms: list[str] = []
     threads: int = Field(1, ge=1)
 
     def check(self) -> ExperimentConfig:
@@ -53,6 +55,9 @@ class ExperimentConfig(StrictConfig):
             raise ConfigError("the stream needs at least one shift")
         for s in self.shifts:
             parse_domain(s)
+        from sim.experiment.rate_arms import check_rate_arms
+
+        check_rate_arms(self.rate_arms)
         return self
 
 
@@ -67,6 +72,17 @@ def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig
             "eval_size": 200,
             "calibration_size": 128,
             "uplink_samples_per_round": 120,
+        },
+        # The rate-recovery benchmark (docs/learning-core.md): quick's shifts, two rounds each, every rate arm.
+        "rates": {
+            "shifts": ["night", "cast"],
+            "rounds_per_shift": 2,
+            "stream_per_round": 256,
+            "eval_size": 200,
+            "calibration_size": 128,
+            "uplink_samples_per_round": 80,
+            "rate_arms": ["jpeg50", "jpeg90", "all_int8", "r32b4", "r32b3", "r16b4", "r8b4"],
+            "baselines": [],
         },
         "tiny": {
             "recipe": "micro-random",

@@ -286,5 +286,10 @@ def write_reports(result: ExperimentResult, out_dir: Path) -> dict[str, Path]:
     plot(result, paths["plot"])
     data = result.to_dict()
     data["summary"] = summarize(result)
+    from sim.experiment.rate_report import rate_summary, write_rate_report
+
+    paths.update(write_rate_report(result, out_dir))
+    if result.facts.get("rate_arms"):
+        data["rate_summary"] = rate_summary(result)
     paths["json"].write_text(json.dumps(data, indent=1, default=float))
     return paths

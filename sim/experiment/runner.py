@@ -16,6 +16,7 @@ from sim.experiment.arms import AdaptingArm, accuracy
 from sim.experiment.config import ExperimentConfig
 from sim.experiment.data import CALIBRATION_OFFSET, EVAL_OFFSET, feature_set
 from sim.experiment.micro import ModelPair, random_pair
+from sim.experiment.rate_arms import CountingArm, build_rate_arms, device_basis, rate_facts
 from sim.world import World
 
 ARM_LABELS = {
@@ -82,6 +83,19 @@ def load_pair(recipe: str, seed: int, zoo_dir: str | None = None) -> ModelPair:
     return ModelPair(teacher, device, processor, PromptBuilder(tok, tok.convert_tokens_to_ids(IMAGE_TOKEN)))
 
 
+def device_dir(config: ExperimentConfig) -> Path | None:
+    """The device model's directory of a zoo run (None for random micro models)."""
+    if config.zoo_dir is not None:
+        return Path(config.zoo_dir).expanduser() / "device"
+    if config.recipe == "micro-random":
+        return None
+    from sim.zoo.build import ensure_zoo
+    from sim.zoo.recipe import ZooRecipe, micro_recipe
+
+    recipe = micro_recipe(config.seed) if config.recipe == "micro" else ZooRecipe(seed=config.seed)
+    return ensure_zoo(recipe, progress=False).device
+
+
 def run_experiment(
     config: ExperimentConfig, progress: Callable[[str], None] | None = None, pair: ModelPair | None = None
 ) -> ExperimentResult:
@@ -127,16 +141,19 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
     replay = (config.replay_rounds - 1) * config.uplink_samples_per_round  # the current round is pooled too
     common = {"replay_samples": replay, "held_out_every": config.held_out_every, "gate_margin": config.gate_margin}
     kd_free = config.akd.model_copy(update={"w_kd": 0.0, "w_align": 0.0})
+    main_arm = CountingArm if config.rate_arms else AdaptingArm
     arms = [
-        AdaptingArm(
-            "tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common
-        )
+        main_arm("tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common)
     ]
     if "send_all" in config.baselines:
         arms.append(AdaptingArm("send_all", teacher, pair, config.akd, None, dwc, **common))
     if "ce_only" in config.baselines:
         arms.append(AdaptingArm("ce_only", teacher, pair, kd_free, make_uts(), dwc, **common))
 
+    if config.rate_arms:
+        basis = device_basis(device_dir(config), calib.features)
+        arm_args = {"teacher": teacher, "akd": config.akd, "dwc": dwc, **common}
+        arms += build_rate_arms(config.rate_arms, make_uts, basis, pair, arm_args)
     result = ExperimentResult(config=config.model_dump(mode="json"))
     result.facts["fp32_adapter_bytes"] = fp32_bytes
     result.facts["downlink_budget_bytes"] = dwc.budget_bytes
@@ -192,5 +209,8 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
         "raw_frame_bytes": float(np.mean(frame)) if frame else None,
         "jpeg_q90_bytes": float(np.mean(jpeg)) if jpeg else None,
     }
+    if config.rate_arms:
+        result.facts["rate_arms"] = rate_facts(arms)
+        result.facts["rate_arms"]["basis"] = basis.version
     result.facts["total_wall_s"] = time.perf_counter() - started
     return result

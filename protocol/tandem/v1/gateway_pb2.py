@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protocol.tandem.v1 import tensors_pb2 as protocol_dot_tandem_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protocol/tandem/v1/gateway.proto\x12\ttandem.v1\x1a protocol/tandem/v1/tensors.proto\"\xb9\x01\n\x0c\x43\x61pabilities\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x01 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14quantization_schemes\x18\x03 \x03(\t\x12\x31\n\x05\x65xtra\x18\x04 \x03(\x0b\x32\".tandem.v1.Capabilities.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_family\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x17.tandem.v1.Capabilities\x12\x0e\n\x06\x63ohort\x18\x05 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x06 \x01(\t\"\xc5\x01\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x03 \x01(\t\x12\x1c\n\x14\x63loud_public_key_pem\x18\x04 \x01(\x0c\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_sample_bytes\x18\x07 \x01(\x04\x12\x11\n\tacked_seq\x18\x08 \x01(\x04\"\xe3\x01\n\x0bSampleChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.tandem.v1.PayloadInfo\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.tandem.v1.SampleChunk.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x0eUploadResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"\xc1\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\t\x12\'\n\x07payload\x18\x06 \x01(\x0b\x32\x16.tandem.v1.PayloadInfo\x12\x37\n\x08metadata\x18\x07 \x03(\x0b\x32%.tandem.v1.UpdateHeader.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x11\n\tsignature\x18\t \x01(\x0c\x12\x0e\n\x06key_id\x18\n \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x12\x46\x65tchUpdateRequest\x12\x11\n\tupdate_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"T\n\x0bUpdateChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.UpdateHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x13WatchUpdatesRequest\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x66ter_update_id\x18\x02 \x01(\x04\"7\n\x0cUpdateNotice\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.UpdateHeader\"\xa9\x02\n\x10HeartbeatRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\t\x12\x39\n\x07metrics\x18\x03 \x03(\x0b\x32(.tandem.v1.HeartbeatRequest.MetricsEntry\x12\x14\n\x0coutbox_depth\x18\x04 \x01(\x04\x12\x18\n\x10rolled_back_from\x18\x05 \x01(\t\x12\x17\n\x0frollback_reason\x18\x06 \x01(\t\x12\x1c\n\x14\x64ownlink_bytes_per_s\x18\x07 \x01(\x04\x12\x1a\n\x12uplink_bytes_per_s\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"X\n\x11HeartbeatResponse\x12\x16\n\x0eserver_unix_ms\x18\x01 \x01(\x03\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\x12\x18\n\x10latest_update_id\x18\x03 \x01(\x04\x32\xee\x02\n\rDeviceGateway\x12\x43\n\x08Register\x12\x1a.tandem.v1.RegisterRequest\x1a\x1b.tandem.v1.RegisterResponse\x12=\n\x06Upload\x12\x16.tandem.v1.SampleChunk\x1a\x19.tandem.v1.UploadResponse(\x01\x12\x46\n\x0b\x46\x65tchUpdate\x12\x1d.tandem.v1.FetchUpdateRequest\x1a\x16.tandem.v1.UpdateChunk0\x01\x12I\n\x0cWatchUpdates\x12\x1e.tandem.v1.WatchUpdatesRequest\x1a\x17.tandem.v1.UpdateNotice0\x01\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protocol/tandem/v1/gateway.proto\x12\ttandem.v1\x1a protocol/tandem/v1/tensors.proto\"\xb9\x01\n\x0c\x43\x61pabilities\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x01 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14quantization_schemes\x18\x03 \x03(\t\x12\x31\n\x05\x65xtra\x18\x04 \x03(\x0b\x32\".tandem.v1.Capabilities.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_family\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x17.tandem.v1.Capabilities\x12\x0e\n\x06\x63ohort\x18\x05 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x06 \x01(\t\"\xf4\x01\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x03 \x01(\t\x12\x1c\n\x14\x63loud_public_key_pem\x18\x04 \x01(\x0c\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_sample_bytes\x18\x07 \x01(\x04\x12\x11\n\tacked_seq\x18\x08 \x01(\x04\x12\x16\n\x0esample_formats\x18\t \x03(\t\x12\x15\n\rfeature_bases\x18\n \x03(\t\"\xe3\x01\n\x0bSampleChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.tandem.v1.PayloadInfo\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.tandem.v1.SampleChunk.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x0eUploadResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\"\xc1\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\x04\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12\x16\n\x0etarget_version\x18\x05 \x01(\t\x12\'\n\x07payload\x18\x06 \x01(\x0b\x32\x16.tandem.v1.PayloadInfo\x12\x37\n\x08metadata\x18\x07 \x03(\x0b\x32%.tandem.v1.UpdateHeader.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x11\n\tsignature\x18\t \x01(\x0c\x12\x0e\n\x06key_id\x18\n \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x12\x46\x65tchUpdateRequest\x12\x11\n\tupdate_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"T\n\x0bUpdateChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.UpdateHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x13WatchUpdatesRequest\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x66ter_update_id\x18\x02 \x01(\x04\"7\n\x0cUpdateNotice\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.UpdateHeader\"\xa9\x02\n\x10HeartbeatRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\t\x12\x39\n\x07metrics\x18\x03 \x03(\x0b\x32(.tandem.v1.HeartbeatRequest.MetricsEntry\x12\x14\n\x0coutbox_depth\x18\x04 \x01(\x04\x12\x18\n\x10rolled_back_from\x18\x05 \x01(\t\x12\x17\n\x0frollback_reason\x18\x06 \x01(\t\x12\x1c\n\x14\x64ownlink_bytes_per_s\x18\x07 \x01(\x04\x12\x1a\n\x12uplink_bytes_per_s\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\x11HeartbeatResponse\x12\x16\n\x0eserver_unix_ms\x18\x01 \x01(\x03\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\x12\x18\n\x10latest_update_id\x18\x03 \x01(\x04\x12\x16\n\x0esample_formats\x18\x04 \x03(\t\x12\x15\n\rfeature_bases\x18\x05 \x03(\t2\xee\x02\n\rDeviceGateway\x12\x43\n\x08Register\x12\x1a.tandem.v1.RegisterRequest\x1a\x1b.tandem.v1.RegisterResponse\x12=\n\x06Upload\x12\x16.tandem.v1.SampleChunk\x1a\x19.tandem.v1.UploadResponse(\x01\x12\x46\n\x0b\x46\x65tchUpdate\x12\x1d.tandem.v1.FetchUpdateRequest\x1a\x16.tandem.v1.UpdateChunk0\x01\x12I\n\x0cWatchUpdates\x12\x1e.tandem.v1.WatchUpdatesRequest\x1a\x17.tandem.v1.UpdateNotice0\x01\x12\x46\n\tHeartbeat\x12\x1b.tandem.v1.HeartbeatRequest\x1a\x1c.tandem.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=270
   _globals['_REGISTERREQUEST']._serialized_end=441
   _globals['_REGISTERRESPONSE']._serialized_start=444
-  _globals['_REGISTERRESPONSE']._serialized_end=641
-  _globals['_SAMPLECHUNK']._serialized_start=644
-  _globals['_SAMPLECHUNK']._serialized_end=871
-  _globals['_SAMPLECHUNK_METADATAENTRY']._serialized_start=824
-  _globals['_SAMPLECHUNK_METADATAENTRY']._serialized_end=871
-  _globals['_UPLOADRESPONSE']._serialized_start=873
-  _globals['_UPLOADRESPONSE']._serialized_end=944
-  _globals['_UPDATEHEADER']._serialized_start=947
-  _globals['_UPDATEHEADER']._serialized_end=1268
-  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_start=824
-  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_end=871
-  _globals['_FETCHUPDATEREQUEST']._serialized_start=1270
-  _globals['_FETCHUPDATEREQUEST']._serialized_end=1325
-  _globals['_UPDATECHUNK']._serialized_start=1327
-  _globals['_UPDATECHUNK']._serialized_end=1411
-  _globals['_WATCHUPDATESREQUEST']._serialized_start=1413
-  _globals['_WATCHUPDATESREQUEST']._serialized_end=1484
-  _globals['_UPDATENOTICE']._serialized_start=1486
-  _globals['_UPDATENOTICE']._serialized_end=1541
-  _globals['_HEARTBEATREQUEST']._serialized_start=1544
-  _globals['_HEARTBEATREQUEST']._serialized_end=1841
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=1795
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=1841
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1843
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1931
-  _globals['_DEVICEGATEWAY']._serialized_start=1934
-  _globals['_DEVICEGATEWAY']._serialized_end=2300
+  _globals['_REGISTERRESPONSE']._serialized_end=688
+  _globals['_SAMPLECHUNK']._serialized_start=691
+  _globals['_SAMPLECHUNK']._serialized_end=918
+  _globals['_SAMPLECHUNK_METADATAENTRY']._serialized_start=871
+  _globals['_SAMPLECHUNK_METADATAENTRY']._serialized_end=918
+  _globals['_UPLOADRESPONSE']._serialized_start=920
+  _globals['_UPLOADRESPONSE']._serialized_end=991
+  _globals['_UPDATEHEADER']._serialized_start=994
+  _globals['_UPDATEHEADER']._serialized_end=1315
+  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_start=871
+  _globals['_UPDATEHEADER_METADATAENTRY']._serialized_end=918
+  _globals['_FETCHUPDATEREQUEST']._serialized_start=1317
+  _globals['_FETCHUPDATEREQUEST']._serialized_end=1372
+  _globals['_UPDATECHUNK']._serialized_start=1374
+  _globals['_UPDATECHUNK']._serialized_end=1458
+  _globals['_WATCHUPDATESREQUEST']._serialized_start=1460
+  _globals['_WATCHUPDATESREQUEST']._serialized_end=1531
+  _globals['_UPDATENOTICE']._serialized_start=1533
+  _globals['_UPDATENOTICE']._serialized_end=1588
+  _globals['_HEARTBEATREQUEST']._serialized_start=1591
+  _globals['_HEARTBEATREQUEST']._serialized_end=1888
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=1842
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=1888
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1891
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2026
+  _globals['_DEVICEGATEWAY']._serialized_start=2029
+  _globals['_DEVICEGATEWAY']._serialized_end=2395
 # @@protoc_insertion_point(module_scope)

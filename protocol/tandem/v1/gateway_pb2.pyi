@@ -120,6 +120,8 @@ class RegisterResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_SAMPLE_BYTES_FIELD_NUMBER: _builtins.int
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    SAMPLE_FORMATS_FIELD_NUMBER: _builtins.int
+    FEATURE_BASES_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_token: _builtins.str
     cohort: _builtins.str
@@ -130,6 +132,14 @@ class RegisterResponse(_message.Message):
     max_sample_bytes: _builtins.int
     acked_seq: _builtins.int
     """highest seq already stored for this device"""
+    @_builtins.property
+    def sample_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the cloud accepts (see common/sample_codec.py). A cloud that leaves these empty knows only
+        "tandem.uts.sample/1"; a device sends "tandem.uts.sample/2" only on a basis version listed here.
+        """
+
+    @_builtins.property
+    def feature_bases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -141,10 +151,12 @@ class RegisterResponse(_message.Message):
         max_message_bytes: _builtins.int = ...,
         max_sample_bytes: _builtins.int = ...,
         acked_seq: _builtins.int = ...,
+        sample_formats: _abc.Iterable[_builtins.str] | None = ...,
+        feature_bases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "chunk_size", b"chunk_size", "cloud_public_key_pem", b"cloud_public_key_pem", "cohort", b"cohort", "device_id", b"device_id", "device_token", b"device_token", "max_message_bytes", b"max_message_bytes", "max_sample_bytes", b"max_sample_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "chunk_size", b"chunk_size", "cloud_public_key_pem", b"cloud_public_key_pem", "cohort", b"cohort", "device_id", b"device_id", "device_token", b"device_token", "feature_bases", b"feature_bases", "max_message_bytes", b"max_message_bytes", "max_sample_bytes", b"max_sample_bytes", "sample_formats", b"sample_formats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -479,19 +491,29 @@ class HeartbeatResponse(_message.Message):
     SERVER_UNIX_MS_FIELD_NUMBER: _builtins.int
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     LATEST_UPDATE_ID_FIELD_NUMBER: _builtins.int
+    SAMPLE_FORMATS_FIELD_NUMBER: _builtins.int
+    FEATURE_BASES_FIELD_NUMBER: _builtins.int
     server_unix_ms: _builtins.int
     acked_seq: _builtins.int
     latest_update_id: _builtins.int
+    @_builtins.property
+    def sample_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """as in RegisterResponse (a refitted basis appears here first)"""
+
+    @_builtins.property
+    def feature_bases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         server_unix_ms: _builtins.int = ...,
         acked_seq: _builtins.int = ...,
         latest_update_id: _builtins.int = ...,
+        sample_formats: _abc.Iterable[_builtins.str] | None = ...,
+        feature_bases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "latest_update_id", b"latest_update_id", "server_unix_ms", b"server_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "feature_bases", b"feature_bases", "latest_update_id", b"latest_update_id", "sample_formats", b"sample_formats", "server_unix_ms", b"server_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
