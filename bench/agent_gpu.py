@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from device.agent.service import AgentService
+
 QUESTIONS = ["What colour is the car?", "How many people are there?", "Is there a dog?", "Where is the cup?"]
 
 
@@ -146,17 +148,18 @@ async def measure(model_dir: Path, quantization: str, requests: int, image: int,
         load_s = time.perf_counter() - t0
         weights = torch.cuda.memory_allocated() if cuda else 0
         agent = DeviceAgent(cfg, model=model, connect=False)
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         images = [png(i, image) for i in range(8)]
         rows = {"load_s": load_s, "weights_bytes": int(weights), "settings": {}}
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = agent_pb2_grpc.DeviceAgentStub(channel)
                 settings = {"dense": None, **{f"sparsevlm_{b}": SparseConfig(budget=b) for b in budgets}}
                 for name, sparse in settings.items():
                     rows["settings"][name] = await run_setting(agent, stub, images, requests, sparse, cuda)
         finally:
-            await agent.stop()
+            await service.stop()
         del agent, model
         gc.collect()
         if cuda:

@@ -15,17 +15,19 @@ from pathlib import Path
 import grpc
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
+from device.agent.service import AgentService
 
 
 async def measure(directory: Path, clients: int, seconds: float, max_batch: int) -> dict:
     with tempfile.TemporaryDirectory() as state:
         agent = offline_agent(directory, Path(state), **{"api.max_batch": max_batch, "api.max_wait_ms": 5.0})
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         size = image_size(directory)
         images = [png(i, size) for i in range(32)]
         latencies: list[float] = []
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = stub_for(channel)
                 for i in range(4):  # warm-up
                     await ask(stub, images[i], QUESTIONS[i % 4])
@@ -45,7 +47,7 @@ async def measure(directory: Path, clients: int, seconds: float, max_batch: int)
                 wall = time.perf_counter() - t0
                 batches = agent.batcher.batches - batches0
         finally:
-            await agent.stop()
+            await service.stop()
     total = sum(counts)
     return {"rate": total / wall, "answers": total, "batches": batches, "p50": pct(latencies, 50)}
 

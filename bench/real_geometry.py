@@ -130,7 +130,6 @@ def section_uplink(root: Path) -> dict:
     from common.sample_codec import UploadSample, encode_sample
     from device.agent.config import load_agent_config
     from device.uts import jpeg_bytes, select_tokens
-
     from sim.world import World
 
     keep = load_agent_config(None, {}).uts.keep_ratio

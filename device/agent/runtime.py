@@ -28,12 +28,20 @@ from device.update_apply import VersionedAdapter, load_adapter_state
 @dataclass
 class ForwardOut:
     """One batch's answer pass: first-answer-token logits [B, V], per-sample token relevance [N_i], and how many
-    visual tokens the language model's last layer still held."""
+    visual tokens the language model's last layer still held.
+
+    After ``generate``: ``sequences[i]`` the answer's token ids (greedy; a final end-of-sequence id included),
+    ``token_logits`` [B, T, V] the logits that chose each token and ``mask`` [B, T] each row's scored tokens (its
+    tokens without the end-of-sequence one, unless that is all it has).
+    """
 
     logits: torch.Tensor
     relevance: list[torch.Tensor | None]
     kept: list[int]
     total: list[int]
+    sequences: list[list[int]] | None = None
+    token_logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class DeviceModel:
@@ -46,6 +54,7 @@ class DeviceModel:
         adapter: AdapterConfig | None = None,
         sparse: SparseConfig | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        max_new_tokens: int | None = None,
     ) -> None:
         if not isinstance(model, PeftModel):
             model.requires_grad_(False)
@@ -58,6 +67,10 @@ class DeviceModel:
         self.sparse: SparseConfig | None = None
         self.set_sparse(sparse)
         self.adapter = AdapterState(INITIAL_VERSION, self.adapter_weights())
+        stored = getattr(getattr(llava, "generation_config", None), "max_new_tokens", None)
+        self.max_new_tokens = int(max_new_tokens or stored or 1)
+        """Answer tokens when a frame names none: the config's, else the checkpoint's generation config's, else 1."""
+        self.eos_id = self.tokenizer.eos_token_id
 
     @classmethod
     def load(
@@ -71,6 +84,7 @@ class DeviceModel:
         adapter_init: Path | None = None,
         sparse: SparseConfig | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        max_new_tokens: int | None = None,
     ) -> DeviceModel:
         """Load with ``common.modeling.load_mllm``; LoRA from ``adapter_init`` (PEFT directory) or fresh."""
         loaded = load_mllm(source, quantization=quantization, device_map=device_map, dtype=dtype)  # type: ignore[arg-type]
@@ -82,7 +96,7 @@ class DeviceModel:
             if not (Path(adapter_init) / "adapter_config.json").is_file():
                 raise ModelLoadError(f"{adapter_init} is not a PEFT adapter directory (no adapter_config.json)")
             model = PeftModel.from_pretrained(model, str(adapter_init))
-        return cls(model, loaded.processor, adapter, sparse, prompt_template)
+        return cls(model, loaded.processor, adapter, sparse, prompt_template, max_new_tokens)
 
     # -- configuration -------------------------------------------------------------------------------------
     def set_sparse(self, sparse: SparseConfig | None) -> None:
@@ -151,5 +165,44 @@ class DeviceModel:
             kept.append(stats.samples[i].final_count if stats is not None and i < len(stats.samples) else n[i])
         return ForwardOut(out.logits.float(), relevance, kept, n)
 
+    @torch.no_grad()
+    def generate(
+        self, features: torch.Tensor | list[torch.Tensor], questions: list[str], limits: list[int]
+    ) -> ForwardOut:
+        """Greedy answers of up to ``limits[i]`` tokens, stopping a row at end-of-sequence.
+
+        The first step is ``forward`` (SparseVLM's pruning, relevance and token counts come from it); each further
+        step feeds the tokens chosen so far after the prompt (the pruning of that pass is deterministic, so the
+        visual tokens the answer reads are the first step's).
+        """
+        first = self.forward(features, questions)
+        feats = list(features)
+        seqs = [[int(t)] for t in first.logits.argmax(-1).tolist()]
+        steps = [first.logits]
+        done = [lim <= 1 or s[-1] == self.eos_id for s, lim in zip(seqs, limits, strict=True)]
+        llava = unwrap_llava(self.model)
+        hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
+        while not all(done):
+            out = answer_forward(self.model, self.prompts, feats, questions, before_lm=hook, continuation=seqs)
+            steps.append(out.logits.float())
+            for i, token in enumerate(out.logits.argmax(-1).tolist()):
+                if not done[i]:
+                    seqs[i].append(int(token))
+                    done[i] = len(seqs[i]) >= limits[i] or token == self.eos_id
+        token_logits = torch.stack(steps, dim=1)
+        mask = torch.zeros(token_logits.shape[:2], dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            mask[i, : max(1, len(s) - (s[-1] == self.eos_id))] = True
+        first.sequences, first.token_logits, first.mask = seqs, token_logits, mask
+        return first
+
     def decode(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)]).strip()
+
+    def decode_answer(self, ids: list[int]) -> str:
+        """An answer's text: its tokens without end-of-sequence (a lone token decodes as ``decode`` does)."""
+        if len(ids) == 1:
+            return self.decode(ids[0])
+        if ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
