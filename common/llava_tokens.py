@@ -169,3 +169,36 @@ def answer_forward(
             stacked = torch.stack([att.mean(dim=1) for att in out.attentions]).mean(dim=0)  # [B, T, T]
             result.attention = [stacked[i, int(lengths[i]) - 1, a:b] for i, (a, b) in enumerate(spans)]
     return result
+
+
+def greedy_continuations(
+    model: torch.nn.Module,
+    prompts: PromptBuilder,
+    features: Sequence[torch.Tensor],
+    questions: Sequence[str],
+    first_logits: torch.Tensor,
+    limits: Sequence[int],
+    eos_id: int | None,
+    before_lm: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Greedy answers after a first step whose logits [B, V] are ``first_logits``: each row grows by its argmax
+    until ``limits[i]`` tokens or ``eos_id``. Every further step feeds the tokens so far (``continuation``).
+
+    Returns the sequences (a final ``eos_id`` included), the logits that chose each token [B, T, V] and the mask
+    [B, T] of each row's answer tokens (without the end-of-sequence one, unless that is all it has).
+    """
+    seqs = [[int(t)] for t in first_logits.argmax(-1).tolist()]
+    steps = [first_logits.float()]
+    done = [lim <= 1 or s[-1] == eos_id for s, lim in zip(seqs, limits, strict=True)]
+    while not all(done):
+        out = answer_forward(model, prompts, features, questions, before_lm=before_lm, continuation=seqs)
+        steps.append(out.logits.float())
+        for i, token in enumerate(out.logits.argmax(-1).tolist()):
+            if not done[i]:
+                seqs[i].append(int(token))
+                done[i] = len(seqs[i]) >= limits[i] or token == eos_id
+    logits = torch.stack(steps, dim=1)
+    mask = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        mask[i, : max(1, len(s) - (s[-1] == eos_id))] = True
+    return seqs, logits, mask

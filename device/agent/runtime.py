@@ -17,7 +17,14 @@ from peft import PeftModel, get_peft_model_state_dict
 
 from common.adapters import AdapterConfig, add_lora
 from common.errors import ModelLoadError
-from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, answer_forward, unwrap_llava, vision_features
+from common.llava_tokens import (
+    DEFAULT_PROMPT_TEMPLATE,
+    PromptBuilder,
+    answer_forward,
+    greedy_continuations,
+    unwrap_llava,
+    vision_features,
+)
 from common.modeling import load_mllm
 from common.update_header import INITIAL_VERSION
 from device.agent.store import AdapterState
@@ -176,23 +183,11 @@ class DeviceModel:
         visual tokens the answer reads are the first step's).
         """
         first = self.forward(features, questions)
-        feats = list(features)
-        seqs = [[int(t)] for t in first.logits.argmax(-1).tolist()]
-        steps = [first.logits]
-        done = [lim <= 1 or s[-1] == self.eos_id for s, lim in zip(seqs, limits, strict=True)]
         llava = unwrap_llava(self.model)
         hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
-        while not all(done):
-            out = answer_forward(self.model, self.prompts, feats, questions, before_lm=hook, continuation=seqs)
-            steps.append(out.logits.float())
-            for i, token in enumerate(out.logits.argmax(-1).tolist()):
-                if not done[i]:
-                    seqs[i].append(int(token))
-                    done[i] = len(seqs[i]) >= limits[i] or token == self.eos_id
-        token_logits = torch.stack(steps, dim=1)
-        mask = torch.zeros(token_logits.shape[:2], dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            mask[i, : max(1, len(s) - (s[-1] == self.eos_id))] = True
+        seqs, token_logits, mask = greedy_continuations(
+            self.model, self.prompts, list(features), questions, first.logits, limits, self.eos_id, hook
+        )
         first.sequences, first.token_logits, first.mask = seqs, token_logits, mask
         return first
 
