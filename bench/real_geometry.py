@@ -297,8 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.quick:
+    if args.quick:  # `python -m bench`: batch 1 once, no agent or trainer process (minutes, not a quarter hour)
         args.batches, args.repeats = "1", 1
+        if args.sections == ",".join(SECTIONS):
+            args.sections = "prefill,memory,uplink"
     if args.child:
         print("RESULT " + json.dumps(run_section(args.child, args)), flush=True)
         return

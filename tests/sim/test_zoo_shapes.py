@@ -94,3 +94,17 @@ def test_qwen2_vl_shape_builds_deterministically_and_loads(tmp_path):
     loaded = load_mllm(first / "device")
     assert isinstance(loaded.processor, ImageTextProcessor)
     assert loaded.model.config.text_config.hidden_size == 1536
+
+
+def test_the_shape_fleet_scenario_configures_its_agents(tmp_path):
+    from sim.fleet.devices import agent_config
+    from sim.fleet.scenario import load_scenario
+    from sim.fleet.zoo import resolve_zoo
+
+    scenario = load_scenario("llava-7b-shape")
+    assert scenario.zoo == "llava-1.5-7b-shape" and len(scenario.devices()) == 2
+    cfg = agent_config(scenario.devices()[0], tmp_path, "127.0.0.1:1", scenario.agent)
+    assert cfg.model.quantization == "4bit" and cfg.model.max_new_tokens == 4
+    assert cfg.sparse.budget_kind == "layer_average" and cfg.sparse.budget_reference == 576
+    with pytest.raises(ConfigError, match="has no teacher"):
+        resolve_zoo("qwen2-vl-2b-shape")
