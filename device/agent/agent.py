@@ -119,8 +119,9 @@ class DeviceAgent:
             self.sources.append((CameraSource(s.camera.device, s.camera.questions), s.camera.interval_s))
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start serving: batcher, metrics, sources, link loops, watchdog."""
+    async def start(self, announce: bool = True) -> None:
+        """Start serving: batcher, metrics, sources, link loops, watchdog; then tell systemd it is ready (unless
+        ``announce`` is False: a composer that starts a front end after the core calls ``announce_ready``)."""
         self._loop = asyncio.get_running_loop()
         self._configured_sources()
         self.batcher.start()
@@ -146,8 +147,13 @@ class DeviceAgent:
         if self.uts is not None:
             self._tasks.append(asyncio.create_task(self._uts_periods(), name="uts-periods"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-        self.notifier.ready(f"serving adapter {self.step.version}")
+        if announce:
+            self.announce_ready()
         log.info("agent started: adapter %s", self.step.version)
+
+    def announce_ready(self) -> None:
+        """Tell systemd the agent serves (``READY=1``, with the adapter version held)."""
+        self.notifier.ready(f"serving adapter {self.step.version}")
 
     async def stop(self) -> None:
         """Stop everything; queued samples stay in the outbox."""

@@ -29,13 +29,16 @@ class AgentService:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        """Start the agent, then its API (so no request arrives before the batcher runs)."""
-        await self.agent.start()
+        """Start the agent, then its API (so no request arrives before the batcher runs), then tell systemd the
+        agent is ready: whoever waits for READY finds the new address written."""
+        (self.agent.state_dir / ADDRESS_FILE).unlink(missing_ok=True)  # a killed predecessor's address is stale
+        await self.agent.start(announce=False)
         try:
             await self._start_api()
         except BaseException:
             await self.agent.stop()
             raise
+        self.agent.announce_ready()
 
     async def _start_api(self) -> None:
         if not self.listen:

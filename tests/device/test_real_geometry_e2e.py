@@ -30,7 +30,7 @@ from device.sparse import SparseConfig
 from device.transport.client import GatewayClient
 from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 QUESTION = "what color is the circle ?"
 
 
