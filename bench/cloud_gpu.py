@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     rate, t_logits, t_hidden = time_labelling(teacher, feats, questions, 2 if dry else 16, device)
     report["teacher_label_samples_per_s"] = rate
     name = "tiny" if tiny else "13B"
-    print(f"teacher {name} ({report['teacher_params'] / 1e9:.2f} B params) labels {rate:.1f} samples/s")
+    print(f"teacher {name} ({report['teacher_params'] / 1e9:.2f} B params) labels {rate:.3g} samples/s")
     del teacher
     report["allocated_after_teacher_release"] = release(device)
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     akd["allocated_after_release"] = release(device)
     report["akd_7b"] = akd
     print(
-        f"AKD {'tiny' if tiny else '7B'}: {akd['samples_per_s']:.1f} samples/s, "
+        f"AKD {'tiny' if tiny else '7B'}: {akd['samples_per_s']:.3g} samples/s, "
         f"peak {akd['peak_bytes'] / 2**30:.1f} GiB, {akd['trainable_params'] / 1e6:.2f} M trainable; "
         f"{akd['allocated_after_release'] / 2**20:.0f} MiB held after release"
     )
