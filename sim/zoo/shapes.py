@@ -26,7 +26,7 @@ from common.config import StrictConfig
 from common.errors import ConfigError
 from common.modeling import ImageTextProcessor
 
-SHAPE_CODE_VERSION = 1
+SHAPE_CODE_VERSION = 2  # 2: generation_config.max_new_tokens = the family default
 FAMILY_DEFAULT_MAX_NEW_TOKENS = {"llava": 16, "qwen2_vl": 16}
 
 
@@ -314,6 +314,7 @@ def build_shape_member(recipe: ShapeRecipe, root: Path) -> dict:
         else:  # the teacher shares the device's frozen vision tower, as LLaVA-1.5 7B and 13B do
             _tower(model).load_state_dict(tower_state)
         out = root / member
+        model.generation_config.max_new_tokens = FAMILY_DEFAULT_MAX_NEW_TOKENS[shape.family]  # the agent's default
         model.save_pretrained(out)
         processor_for(shape).save_pretrained(out)
         parameters[member] = sum(p.numel() for p in model.parameters())

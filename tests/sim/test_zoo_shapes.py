@@ -94,6 +94,7 @@ def test_qwen2_vl_shape_builds_deterministically_and_loads(tmp_path):
     loaded = load_mllm(first / "device")
     assert isinstance(loaded.processor, ImageTextProcessor)
     assert loaded.model.config.text_config.hidden_size == 1536
+    assert loaded.model.generation_config.max_new_tokens == 16  # the agent's answer length for this member
 
 
 def test_the_shape_fleet_scenario_configures_its_agents(tmp_path):
