@@ -5,7 +5,9 @@
 ``common.modeling.load_mllm`` in fp16 and in 4-bit NF4 (bitsandbytes, fp16 compute), and runs real ``DeviceAgent``s
 (offline, local gRPC API on 127.0.0.1, micro-batcher, UTS) at batch 1: Ask latency p50/p99 and peak GPU memory
 per setting, with every ratio against fp16 dense measured in the same run. Writes ``$OUT/agent_gpu.json`` when OUT
-is set. ``--smoke`` runs the same code at a tiny geometry (CPU works) to check the script itself.
+is set. ``--smoke`` runs the same code at a tiny geometry (CPU works) to check the script itself;
+``--cpu-dry-run`` runs it on the CPU on the zoo's ``llava-1.5-7b-shape`` member (real widths, 2 LM and 2 tower
+layers; fp32 and NF4, SparseVLM 64 / 192), one request per setting.
 Needs CUDA (and bitsandbytes' CUDA build) for the real run; finishes in a few minutes on one H200.
 """
 
@@ -28,6 +30,7 @@ import torch
 from PIL import Image
 
 from bench._verdict import skipped, verdict
+from device.agent.service import AgentService
 
 QUESTIONS = ["What colour is the car?", "How many people are there?", "Is there a dog?", "Where is the cup?"]
 
@@ -102,11 +105,11 @@ def png(seed: int, size: int) -> bytes:
     return buf.getvalue()
 
 
-async def run_setting(agent, stub, images, requests: int, sparse, cuda: bool) -> dict:
+async def run_setting(agent, stub, images, requests: int, sparse, cuda: bool, warmup: int = 3) -> dict:
     from protocol.tandem.v1 import agent_pb2
 
     agent.batcher.between_batches(lambda: agent.model.set_sparse(sparse)).result(60)
-    for i in range(3):  # warm-up
+    for i in range(warmup):
         await stub.Ask(agent_pb2.AskRequest(image=images[i], question=QUESTIONS[i % 4]))
     if cuda:
         torch.cuda.synchronize()
@@ -127,7 +130,9 @@ async def run_setting(agent, stub, images, requests: int, sparse, cuda: bool) ->
     }
 
 
-async def measure(model_dir: Path, quantization: str, requests: int, image: int, cuda: bool, budgets) -> dict:
+async def measure(
+    model_dir: Path, quantization: str, requests: int, image: int, cuda: bool, budgets, warmup: int = 3
+) -> dict:
     import grpc
 
     from device.agent import DeviceAgent, DeviceModel, load_agent_config
@@ -137,7 +142,7 @@ async def measure(model_dir: Path, quantization: str, requests: int, image: int,
     with tempfile.TemporaryDirectory() as state:
         cfg = load_agent_config(None, {
             "transport.state_dir": state, "model.source": str(model_dir), "api.listen": "127.0.0.1:0",
-            "metrics.port": None, "log_json": False, "guard.enabled": False,
+            "metrics.port": None, "log_json": False, "guard.enabled": False, "api.request_timeout_s": 600.0,
         })  # fmt: skip
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -149,17 +154,18 @@ async def measure(model_dir: Path, quantization: str, requests: int, image: int,
         load_s = time.perf_counter() - t0
         weights = torch.cuda.memory_allocated() if cuda else 0
         agent = DeviceAgent(cfg, model=model, connect=False)
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         images = [png(i, image) for i in range(8)]
         rows = {"load_s": load_s, "weights_bytes": int(weights), "settings": {}}
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = agent_pb2_grpc.DeviceAgentStub(channel)
                 settings = {"dense": None, **{f"sparsevlm_{b}": SparseConfig(budget=b) for b in budgets}}
                 for name, sparse in settings.items():
-                    rows["settings"][name] = await run_setting(agent, stub, images, requests, sparse, cuda)
+                    rows["settings"][name] = await run_setting(agent, stub, images, requests, sparse, cuda, warmup)
         finally:
-            await agent.stop()
+            await service.stop()
         del agent, model
         gc.collect()
         if cuda:
@@ -173,11 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny geometry (checks the script, CPU works)")
     parser.add_argument("--quick", action="store_true", help="(from `python -m bench`) same as the default")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a saved model directory")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="CPU, the zoo's llava-1.5-7b-shape member")
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        return skipped("agent_gpu", "needs a CUDA GPU (--smoke checks the script on a CPU)")
+    cuda = torch.cuda.is_available() and not args.cpu_dry_run
+    if not cuda and not (args.smoke or args.cpu_dry_run):
+        return skipped("agent_gpu", "needs a CUDA GPU (--smoke or --cpu-dry-run check the script on a CPU)")
     g = geometry(args.smoke)
+    warmup = 3
+    if args.cpu_dry_run:
+        from sim.zoo.shapes import SHAPES, ensure_shape
+
+        args.model_dir = ensure_shape(SHAPES["llava-1.5-7b-shape"]()) / "device"
+        args.requests, warmup = min(args.requests, 1), 0
+        g = {**geometry(False), "layers": 2, "v_layers": 2}
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="tandem-agent-gpu-"))
     model_dir = args.model_dir or tmp / "llava-1.5-7b-random"
@@ -187,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             build_model_dir(model_dir, g, "cuda" if cuda else "cpu")
             print(f"built and saved a random LLaVA-1.5-7B-shaped model in {time.perf_counter() - t0:.0f} s", flush=True)
         budgets = [64, 192] if not args.smoke else [2, 6]
-        quants = ["none", "4bit"] if cuda else ["none"]
+        quants = ["none", "4bit"] if cuda or args.cpu_dry_run else ["none"]
         result = {"geometry": g, "device": torch.cuda.get_device_name(0) if cuda else "cpu", "runs": {}}
         for q in quants:
             name = "fp16" if q == "none" else "nf4"
-            result["runs"][name] = asyncio.run(measure(model_dir, q, args.requests, g["image"], cuda, budgets))
+            result["runs"][name] = asyncio.run(measure(model_dir, q, args.requests, g["image"], cuda, budgets, warmup))
             print(f"{name}: loaded in {result['runs'][name]['load_s']:.0f} s", flush=True)
     finally:
         if args.model_dir is None:

@@ -22,18 +22,20 @@ import grpc
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
 from bench._verdict import verdict
+from device.agent.service import AgentService
 from device.agent.sources import decode_image
 
 
 async def measure(directory: Path, requests: int) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as state:
         agent = offline_agent(directory, Path(state))
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         size = image_size(directory)
         images = [png(i, size) for i in range(16)]
         out: dict[str, list[float]] = {"ask": [], "bare": [], "inside": [], "ask_cpu": [], "bare_cpu": []}
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = stub_for(channel)
                 model = agent.model
                 for i in range(requests + 8):
@@ -53,7 +55,7 @@ async def measure(directory: Path, requests: int) -> dict[str, list[float]]:
                         out["ask_cpu"].append(c1 - c0)
                         out["bare_cpu"].append(c2 - c1)
         finally:
-            await agent.stop()
+            await service.stop()
     return out
 
 

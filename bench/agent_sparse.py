@@ -16,6 +16,7 @@ import grpc
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
 from bench._verdict import verdict
+from device.agent.service import AgentService
 from device.sparse import SparseConfig
 
 
@@ -25,11 +26,12 @@ async def measure(directory: Path, requests: int, budgets: list[int]) -> dict[st
     out = {name: {"t": [], "kept": 0, "total": 0} for name in settings}
     with tempfile.TemporaryDirectory() as state:
         agent = offline_agent(directory, Path(state), **{"uts.enabled": False})
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         size = image_size(directory)
         images = [png(i, size) for i in range(16)]
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = stub_for(channel)
                 for i in range(requests + 4):
                     for name, cfg in settings.items():
@@ -39,7 +41,7 @@ async def measure(directory: Path, requests: int, budgets: list[int]) -> dict[st
                             out[name]["t"].append(t)
                             out[name]["kept"], out[name]["total"] = reply.visual_tokens_kept, reply.visual_tokens_total
         finally:
-            await agent.stop()
+            await service.stop()
     return out
 
 

@@ -21,6 +21,7 @@ import torch
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
 from bench._verdict import verdict
 from cloud.dwc import CloudMirror, DWCConfig, compress
+from device.agent.service import AgentService
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 from protocol.updates import header_to_proto
 
@@ -35,7 +36,8 @@ def _header(update) -> gateway_pb2.UpdateHeader:
 async def measure(directory: Path, seconds: float, clients: int) -> dict:
     with tempfile.TemporaryDirectory() as state:
         agent = offline_agent(directory, Path(state), **{"guard.enabled": False})
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         size = image_size(directory)
         images = [png(i, size) for i in range(32)]
         mirror = CloudMirror(agent.model.adapter.state)
@@ -44,7 +46,7 @@ async def measure(directory: Path, seconds: float, clients: int) -> dict:
         samples: list[tuple[float, float]] = []  # (start, end) of every request
         window: dict[str, float] = {}
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = stub_for(channel)
                 for i in range(8):
                     await ask(stub, images[i], QUESTIONS[i % 4])
@@ -67,7 +69,7 @@ async def measure(directory: Path, seconds: float, clients: int) -> dict:
                 await asyncio.gather(swapper(), *(client(c) for c in range(clients)))
                 pause = agent.batcher.swap_pauses_s[-1]
         finally:
-            await agent.stop()
+            await service.stop()
     durations = [e - s for s, e in samples]
     during = [e - s for s, e in samples if s <= window["end"] and e >= window["start"]]
     before = [e - s for s, e in samples if e < window["start"]]

@@ -19,6 +19,7 @@ import grpc
 
 from bench._agent_common import QUESTIONS, ask, image_size, model_dir, ms, offline_agent, pct, png, stub_for
 from bench._verdict import verdict
+from device.agent.service import AgentService
 
 
 async def _burst(agent, stub, images: list[bytes], clients: int, seconds: float, row: dict) -> None:
@@ -52,9 +53,10 @@ async def measure(directory: Path, clients: int, seconds: float, settings: dict[
             for name, max_batch in settings.items():
                 state = Path(dirs.enter_context(tempfile.TemporaryDirectory()))
                 agent = offline_agent(directory, state, **{"api.max_batch": max_batch, "api.max_wait_ms": 5.0})
-                await agent.start()
-                stack.push_async_callback(agent.stop)
-                channel = await stack.enter_async_context(grpc.aio.insecure_channel(agent.api_address))
+                service = AgentService(agent)
+                await service.start()
+                stack.push_async_callback(service.stop)
+                channel = await stack.enter_async_context(grpc.aio.insecure_channel(service.address))
                 agents[name], stubs[name] = agent, stub_for(channel)
                 for i in range(4):  # warm-up
                     await ask(stubs[name], images[i], QUESTIONS[i % 4])

@@ -5,6 +5,8 @@ Self-contained (torch, transformers, peft only; no project imports), so it runs 
 
     python -m bench.cloud_gpu            # one GPU, under 5 minutes on an H200; JSON to $OUT/cloud_gpu.json if set
     python -m bench.cloud_gpu --tiny     # the same code on tiny shapes on the CPU (a smoke test)
+    python -m bench.cloud_gpu --cpu-dry-run  # real widths (13B teacher, 7B student, ViT-L) at 2 LM and 2 tower
+                                             # layers on the CPU: the zoo's shape members' geometry (minutes)
 
 1. Teacher labelling: LLaVA-1.5-13B shapes (Llama 5120 x 40 layers, CLIP ViT-L/336 tower), bf16; an upload is
    half of the 576 visual tokens (tower features, as a device uplinks them) plus a question; the teacher projects
@@ -44,14 +46,19 @@ LORA_TARGETS = (
 )
 
 
-def build_llava(text: str, tiny: bool, device: torch.device, layers: int | None = None):
-    """A randomly initialised LLaVA of the named text shape, bf16 on ``device``."""
+def build_llava(
+    text: str, tiny: bool, device: torch.device, layers: int | None = None, vision_layers: int | None = None
+):
+    """A randomly initialised LLaVA of the named text shape, bf16 on ``device`` (fp32 on the CPU)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     shape = dict(SHAPES[text])
     if layers is not None:
         shape["num_hidden_layers"] = layers
-    vision = CLIPVisionConfig(**(VISION_TINY if tiny else VISION), patch_size=14)
+    vision_shape = dict(VISION_TINY if tiny else VISION)
+    if vision_layers is not None:
+        vision_shape["num_hidden_layers"] = vision_layers
+    vision = CLIPVisionConfig(**vision_shape, patch_size=14)
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **shape),
@@ -241,39 +248,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="Tiny shapes on the CPU (smoke test).")
     parser.add_argument("--quick", action="store_true", help="Accepted for `python -m bench`; without a GPU: --tiny.")
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument(
+        "--cpu-dry-run", action="store_true",
+        help="Real widths at 2 LM / 2 tower layers on the CPU (labelling and AKD; packing as --tiny), few samples.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    tiny = args.tiny or not torch.cuda.is_available()
-    device = torch.device("cpu" if tiny else "cuda")
-    report: dict = {"device": torch.cuda.get_device_name() if not tiny else "cpu", "tiny": tiny}
+    dry = args.cpu_dry_run
+    tiny = (args.tiny or not torch.cuda.is_available()) and not dry
+    device = torch.device("cpu" if tiny or dry else "cuda")
+    depth = {"layers": 2, "vision_layers": 2} if dry else {}
+    if dry:
+        args.samples = min(args.samples, 4)
+    report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tiny": tiny}
+    report["cpu_dry_run"] = dry
     t0 = time.perf_counter()
-    teacher = build_llava("tiny-t" if tiny else "13b", tiny, device)
+    teacher = build_llava("tiny-t" if tiny else "13b", tiny, device, **depth)
     report["teacher_build_s"] = time.perf_counter() - t0
     report["teacher_params"] = sum(p.numel() for p in teacher.parameters())
     tokens = 8 if tiny else 288  # half of 576 visual tokens
     feats, questions = uploads(args.samples, tokens, teacher.config.vision_config.hidden_size, device)
-    rate, t_logits, t_hidden = time_labelling(teacher, feats, questions, 16, device)
+    rate, t_logits, t_hidden = time_labelling(teacher, feats, questions, 2 if dry else 16, device)
     report["teacher_label_samples_per_s"] = rate
     name = "tiny" if tiny else "13B"
-    print(f"teacher {name} ({report['teacher_params'] / 1e9:.2f} B params) labels {rate:.1f} samples/s")
+    print(f"teacher {name} ({report['teacher_params'] / 1e9:.2f} B params) labels {rate:.3g} samples/s")
     del teacher
     report["allocated_after_teacher_release"] = release(device)
 
-    student = build_llava("tiny" if tiny else "7b", tiny, device)
+    student = build_llava("tiny" if tiny else "7b", tiny, device, **depth)
     report["student_params"] = sum(p.numel() for p in student.parameters())
-    akd = akd_steps(student, t_logits, t_hidden, feats, questions, 8, 4 if tiny else 12, device)
+    batch, steps = (1, 2) if dry else (8, 4 if tiny else 12)
+    akd = akd_steps(student, t_logits, t_hidden, feats, questions, batch, steps, device)
     del student
     akd["allocated_after_release"] = release(device)
     report["akd_7b"] = akd
     print(
-        f"AKD {'tiny' if tiny else '7B'}: {akd['samples_per_s']:.1f} samples/s, "
+        f"AKD {'tiny' if tiny else '7B'}: {akd['samples_per_s']:.3g} samples/s, "
         f"peak {akd['peak_bytes'] / 2**30:.1f} GiB, {akd['trainable_params'] / 1e6:.2f} M trainable; "
         f"{akd['allocated_after_release'] / 2**20:.0f} MiB held after release"
     )
     print(f"  teacher labelling / AKD throughput: {rate / akd['samples_per_s']:.2f}x")
 
-    steps = 3 if tiny else 10
-    one = pack(1, tiny, steps, 8)
-    four = pack(4, tiny, steps, 8)
+    steps = 3 if tiny or dry else 10
+    one = pack(1, tiny or dry, steps, 8)  # a dry run packs tiny learners (four 7B-wide ones exceed a small host)
+    four = pack(4, tiny or dry, steps, 8)
     report["packing"] = {"one": one, "four": four, "ratio": four["train_samples_per_s"] / one["train_samples_per_s"]}
     print(
         f"packing ({four['mode']}): 1 learner {one['train_samples_per_s']:.1f} samples/s, 4 at once "

@@ -30,12 +30,18 @@ class AnswerOutput:
     With ``with_relevance``: ``similarity[i]`` [k_i] is the cosine between each image token's last-layer
     state and the answer position's state; ``attention[i]`` [k_i] is the answer position's attention to
     each image token averaged over layers and heads (None unless the model runs eager attention).
+
+    With a ``continuation`` (answer tokens fed after the prompt, teacher forcing): ``step_logits`` [B, T+1, V] and
+    ``step_hidden`` [B, T+1, H] at the last prompt position and each continuation position (row ``i``'s entries
+    past its own ``len(continuation[i])`` repeat its last one); ``logits``/``hidden`` are those of the last fed token.
     """
 
     logits: torch.Tensor
     hidden: torch.Tensor
     similarity: list[torch.Tensor] | None = None
     attention: list[torch.Tensor] | None = None
+    step_logits: torch.Tensor | None = None
+    step_hidden: torch.Tensor | None = None
 
 
 def unwrap_llava(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,18 +96,22 @@ def answer_forward(
     questions: Sequence[str],
     with_relevance: bool = False,
     before_lm: Callable[[torch.Tensor], None] | None = None,
+    continuation: Sequence[Sequence[int]] | None = None,
 ) -> AnswerOutput:
     """Run projector + language model on each sample's selected features and question.
 
     ``features[i]`` is [k_i, D] (k_i may differ; right padding). Returns logits and last hidden state at the
     last prompt position, i.e. the distribution of the first answer token. ``before_lm``, if given, is called
     with the [B, T] boolean mask of the image positions right before the language model runs (a token-pruning
-    language model such as SparseVLM's needs to know where the visual tokens are).
+    language model such as SparseVLM's needs to know where the visual tokens are). ``continuation[i]``: answer
+    token ids appended after sample ``i``'s prompt (generation's next step, or the teacher's answer to force).
     """
     if len(features) == 0:
         raise TokenPathError("empty batch")
     if len(features) != len(questions):
         raise TokenPathError(f"{len(features)} feature sets for {len(questions)} questions")
+    if continuation is not None and len(continuation) != len(questions):
+        raise TokenPathError(f"{len(continuation)} continuations for {len(questions)} questions")
     llava = unwrap_llava(model)
     embed = llava.get_input_embeddings()
     projector = llava.model.multi_modal_projector
@@ -109,10 +119,14 @@ def answer_forward(
     param = next(projector.parameters())
     seqs: list[torch.Tensor] = []
     spans: list[tuple[int, int]] = []
-    for feats, question in zip(features, questions, strict=True):
+    fed: list[int] = []
+    for i, (feats, question) in enumerate(zip(features, questions, strict=True)):
         if feats.dim() != 2 or feats.shape[1] != in_dim or feats.shape[0] == 0:
             raise TokenPathError(f"features must be [k>0, {in_dim}], got {tuple(feats.shape)}")
         before, after = prompts.split(question)
+        extra = [int(t) for t in continuation[i]] if continuation is not None else []
+        fed.append(len(extra))
+        after = after + extra
         ids_b = torch.tensor(before, dtype=torch.long, device=param.device)
         ids_a = torch.tensor(after, dtype=torch.long, device=param.device)
         vis = projector(feats.to(param.device, param.dtype))
@@ -138,6 +152,14 @@ def answer_forward(
     last = out.last_hidden_state[torch.arange(len(seqs), device=param.device), lengths - 1]
     logits = llava.lm_head(last)
     result = AnswerOutput(logits=logits, hidden=last)
+    if continuation is not None:
+        steps = max(fed) + 1
+        offsets = torch.arange(steps, device=param.device)[None]
+        fed_t = torch.tensor(fed, device=param.device)[:, None]
+        cols = (lengths[:, None] - 1 - fed_t + torch.minimum(offsets, fed_t)).clamp(min=0)
+        rows = torch.arange(len(seqs), device=param.device)[:, None]
+        result.step_hidden = out.last_hidden_state[rows, cols]
+        result.step_logits = llava.lm_head(result.step_hidden)
     if with_relevance:
         result.similarity = [
             torch.nn.functional.cosine_similarity(out.last_hidden_state[i, a:b], last[i : i + 1], dim=-1)
@@ -147,3 +169,36 @@ def answer_forward(
             stacked = torch.stack([att.mean(dim=1) for att in out.attentions]).mean(dim=0)  # [B, T, T]
             result.attention = [stacked[i, int(lengths[i]) - 1, a:b] for i, (a, b) in enumerate(spans)]
     return result
+
+
+def greedy_continuations(
+    model: torch.nn.Module,
+    prompts: PromptBuilder,
+    features: Sequence[torch.Tensor],
+    questions: Sequence[str],
+    first_logits: torch.Tensor,
+    limits: Sequence[int],
+    eos_id: int | None,
+    before_lm: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Greedy answers after a first step whose logits [B, V] are ``first_logits``: each row grows by its argmax
+    until ``limits[i]`` tokens or ``eos_id``. Every further step feeds the tokens so far (``continuation``).
+
+    Returns the sequences (a final ``eos_id`` included), the logits that chose each token [B, T, V] and the mask
+    [B, T] of each row's answer tokens (without the end-of-sequence one, unless that is all it has).
+    """
+    seqs = [[int(t)] for t in first_logits.argmax(-1).tolist()]
+    steps = [first_logits.float()]
+    done = [lim <= 1 or s[-1] == eos_id for s, lim in zip(seqs, limits, strict=True)]
+    while not all(done):
+        out = answer_forward(model, prompts, features, questions, before_lm=before_lm, continuation=seqs)
+        steps.append(out.logits.float())
+        for i, token in enumerate(out.logits.argmax(-1).tolist()):
+            if not done[i]:
+                seqs[i].append(int(token))
+                done[i] = len(seqs[i]) >= limits[i] or token == eos_id
+    logits = torch.stack(steps, dim=1)
+    mask = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        mask[i, : max(1, len(s) - (s[-1] == eos_id))] = True
+    return seqs, logits, mask

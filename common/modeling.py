@@ -80,6 +80,38 @@ class LoadedMLLM:
     source: str
 
 
+@dataclass
+class ImageTextProcessor:
+    """An image processor and a tokenizer, for checkpoints whose ``AutoProcessor`` cannot be built here.
+
+    Qwen2-VL's processor also holds a video processor, and transformers' video processors need torchvision,
+    which these machines cannot install (stack notes). The agent needs only the two parts below.
+    """
+
+    image_processor: Any
+    tokenizer: Any
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def load_processor(src: str, local_only: bool):
+    """``AutoProcessor``; where it needs a part this machine lacks (a video processor without torchvision),
+    the checkpoint's image processor and tokenizer as an ``ImageTextProcessor``."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(src, local_files_only=local_only)
+    except (AttributeError, ImportError, TypeError, ValueError) as exc:
+        try:
+            images = AutoImageProcessor.from_pretrained(src, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+        except Exception:
+            raise exc from None
+        return ImageTextProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1 or Path(source).exists()
 
@@ -201,7 +233,7 @@ def load_mllm(
 
     Raises ModelLoadError with a one-line reason for a missing or corrupt directory or an unknown id.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     src = str(source)
     if _looks_like_path(src):
@@ -231,7 +263,7 @@ def load_mllm(
             kwargs["device_map"] = device_map  # straight onto the accelerator, without a CPU copy first
         with _quiet_local_load(local_only):
             model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
-        processor = AutoProcessor.from_pretrained(src, local_files_only=local_only)
+        processor = load_processor(src, local_only)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors...

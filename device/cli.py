@@ -63,6 +63,9 @@ def register(
     cohort: str | None = typer.Option(None, help="Cohort (devices sharing updates)."),
     model_family: str | None = typer.Option(None, "--model-family"),
     model_version: str | None = typer.Option(None, "--model-version"),
+    enrollment_code: str | None = typer.Option(
+        None, "--enrollment-code", help="The enrollment code the cloud operator gave (transport.enrollment_secret)."
+    ),
     state_dir: Path | None = StateOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
@@ -77,8 +80,11 @@ def register(
         cohort=cohort,
         model_family=model_family,
         model_version=model_version,
+        enrollment_secret=enrollment_code,
         state_dir=state_dir,
     )
+    if enrollment_code is not None and not enrollment_code.strip():
+        raise ConfigError("--enrollment-code is empty")
     try:
         previous = DeviceIdentity.load(cfg.state_dir)
     except NotRegisteredError:
@@ -343,12 +349,14 @@ def run(
     async def serve() -> None:
         import signal
 
-        agent = DeviceAgent(cfg, connect=not offline)
+        from device.agent.service import AgentService
+
+        service = AgentService(DeviceAgent(cfg, connect=not offline))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await agent.run_until(stop)
+        await service.run_until(stop)
 
     asyncio.run(serve())
 
@@ -361,32 +369,9 @@ def status(
     timeout: float = typer.Option(5.0, "--timeout", help="Give up after this many seconds."),
 ) -> None:
     """Show what the running agent holds and has done."""
-    import grpc
+    from protocol.tandem.v1 import agent_pb2
 
-    from device.agent.config import load_agent_config, parse_assignments
-    from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
-
-    flags = {"api.listen": listen} if listen else {}
-    cfg = load_agent_config(config, {**flags, **parse_assignments(settings)})
-    from device.agent.agent import ADDRESS_FILE
-
-    address = cfg.api.listen
-    written = cfg.state_dir / ADDRESS_FILE
-    if not listen and written.is_file():
-        address = written.read_text().strip()  # what the running agent bound (port 0 picks one)
-    if not address:
-        raise ConfigError("api.listen is empty: the agent has no local API to ask")
-
-    async def ask() -> agent_pb2.AgentStatusResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = agent_pb2_grpc.DeviceAgentStub(channel)
-            return await stub.Status(agent_pb2.AgentStatusRequest(), timeout=timeout)
-
-    try:
-        s = asyncio.run(ask())
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code().name
-        raise TandemError(f"no agent answers on {address} ({code}); is `tandem-device run` up?") from None
+    s = _call_agent(config, settings, listen, timeout, "Status", agent_pb2.AgentStatusRequest())
     table = Table("", "", show_header=False, box=None)
     rows = [
         ("device", s.device_id or "-"),
@@ -406,6 +391,77 @@ def status(
     for k, v in rows:
         table.add_row(f"[bold]{k}[/]", v)
     console.print(table)
+
+
+def _agent_address(config: Path | None, settings: list[str], listen: str | None) -> str:
+    """The running agent's local API: ``--listen``, else what it wrote to its state directory, else api.listen."""
+    from device.agent.config import load_agent_config, parse_assignments
+    from device.agent.service import ADDRESS_FILE
+
+    flags = {"api.listen": listen} if listen else {}
+    cfg = load_agent_config(config, {**flags, **parse_assignments(settings)})
+    address = cfg.api.listen
+    written = cfg.state_dir / ADDRESS_FILE
+    if not listen and written.is_file():
+        address = written.read_text().strip()  # what the running agent bound (port 0 picks one)
+    if not address:
+        raise ConfigError("api.listen is empty: the agent has no local API to ask")
+    return address
+
+
+def _call_agent(config: Path | None, settings: list[str], listen: str | None, timeout: float, method: str, request):
+    """One call to the running agent's local API; gRPC failures become one-line errors."""
+    import grpc
+
+    from protocol.tandem.v1 import agent_pb2_grpc
+
+    address = _agent_address(config, settings, listen)
+
+    async def call():
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await getattr(agent_pb2_grpc.DeviceAgentStub(channel), method)(request, timeout=timeout)
+
+    try:
+        return asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise TandemError(f"no agent answers on {address} ({code.name}); is `tandem-device run` up?") from None
+        raise TandemError(f"agent said {code.name}: {exc.details()}") from None
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question about the image."),
+    image: Path = typer.Option(..., "--image", "-i", help="A JPEG or PNG file."),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="Answer tokens at most (0: model default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON."),
+    config: Path | None = ConfigOpt,
+    settings: list[str] = SetOpt,
+    listen: str | None = typer.Option(None, "--listen", help="The agent's local API address (api.listen)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Give up after this many seconds."),
+) -> None:
+    """Ask the running agent a question about an image and print its answer."""
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from protocol.tandem.v1 import agent_pb2
+
+    if not image.is_file():
+        raise ConfigError(f"image file not found: {image}")
+    request = agent_pb2.AskRequest(image=image.read_bytes(), question=question, max_new_tokens=max_new_tokens)
+    reply = _call_agent(config, settings, listen, timeout, "Ask", request)
+    if as_json:
+        fields = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        typer.echo(json.dumps(fields))
+        return
+    console.print(reply.answer, markup=False, highlight=False)
+    console.print(
+        f"[dim]confidence {reply.confidence:.3f} over {len(reply.tokens)} token(s); adapter {reply.adapter_version}; "
+        f"visual tokens {reply.visual_tokens_kept}/{reply.visual_tokens_total}; {reply.latency_ms:.0f} ms"
+        f"{'; sent to the cloud' if reply.uplinked else ''}[/]"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

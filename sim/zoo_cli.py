@@ -22,6 +22,7 @@ from sim.zoo.evaluate import Accuracy, evaluate
 from sim.zoo.recipe import RECIPES, ZooRecipe
 from sim.zoo.reference import EVAL_FILE, compare_zoos, ship, shipped_evaluation
 from sim.zoo.report import domain_rows, markdown_table, qtype_rows, rich_table, sampling_error_note
+from sim.zoo.shapes import SHAPES, ensure_shape, shape_by_name
 
 zoo_app = typer.Typer(help="Build and evaluate the tiny LLaVA model zoo.", no_args_is_help=True)
 console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes: wide enough for the tables
@@ -53,7 +54,7 @@ def recipe_by_name(name: str, seed: int | None = None, settings: list[str] | Non
         raise ConfigError(f"invalid recipe setting {where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
-RecipeOpt = typer.Option("base", "--recipe", help=f"Zoo recipe: {', '.join(RECIPES)}.")
+RecipeOpt = typer.Option("base", "--recipe", help=f"Zoo recipe: {', '.join([*RECIPES, *SHAPES])}.")
 HomeOpt = typer.Option(None, "--home", help="Zoo cache directory (default $TANDEM_HOME/zoo or ~/.cache/tandem/zoo).")
 SetOpt = typer.Option(
     [], "--set", help="Override a recipe field, FIELD=JSON (repeatable), e.g. vision_colour_rolls='{\"night\": 2}'."
@@ -89,8 +90,12 @@ def build_command(
     """Pretrain the vision tower, then the teacher (all domains) and the device model (clear only).
 
     Always trains from the recipe into the cache (the shipped reference zoo is never overwritten), then says
-    whether the result equals the shipped zoo bit for bit and, if not, how far its evaluation is.
+    whether the result equals the shipped zoo bit for bit and, if not, how far its evaluation is. Shape recipes
+    (``*-shape``) are not trained: real geometry, random weights from the seed (``--set lm_layers=4``).
     """
+    if recipe in SHAPES:
+        build_shape_command(recipe, home, force, settings)
+        return
     rec = recipe_by_name(recipe, settings=settings)
     root = zoo_dir(rec, home)
     if is_built(ZooPaths.at(root), rec) and not force:
@@ -110,6 +115,16 @@ def build_command(
         console.print(f"no shipped zoo for recipe {rec.name!r} (digest {rec.digest()}) to compare with")
         return
     report_against_shipped(paths, shipped, compare_samples)
+
+
+def build_shape_command(name: str, home: Path | None, force: bool, settings: list[str]) -> None:
+    """Build (or find) a shape member and print where it is and what it holds."""
+    rec = shape_by_name(name, settings)
+    start = time.perf_counter()
+    root = ensure_shape(rec, home=home, force=force)
+    manifest = json.loads((root / "zoo.json").read_text())
+    console.print(f"shape member [bold]{rec.name}[/] at {root} ({time.perf_counter() - start:.0f} s)")
+    console.print(f"build seconds: {manifest['seconds']}  parameters: {manifest['parameters']}")
 
 
 def report_against_shipped(built: ZooPaths, shipped: ZooPaths, samples: int) -> bool:
@@ -142,6 +157,12 @@ def report_against_shipped(built: ZooPaths, shipped: ZooPaths, samples: int) -> 
 @zoo_app.command("path")
 def path_command(recipe: str = RecipeOpt, home: Path | None = HomeOpt, settings: list[str] = SetOpt) -> None:
     """Print where the zoo of a recipe is read from: shipped with the project, a cached build, or not built."""
+    if recipe in SHAPES:
+        from sim.zoo.shapes import shape_root
+
+        root = shape_root(shape_by_name(recipe, settings), home)
+        console.print(f"{root} ({'built' if (root / 'zoo.json').is_file() else 'not built'})")
+        return
     rec = recipe_by_name(recipe, settings=settings)
     shipped = shipped_zoo(rec)
     if shipped is not None:

@@ -1,8 +1,9 @@
 """The validation gate: is a candidate adapter state at least as good as the one the device holds?
 
 Both states are scored on the subject's held-out uploads (never trained on) against the teacher's labels:
-agreement = share of samples whose first answer token equals the teacher's. A candidate whose agreement is
-below the current state's by more than ``margin`` is refused.
+agreement = share of samples whose answer equals the teacher's (its first token; for sequence labels every token
+of the teacher's answer, read with teacher forcing: the student's greedy choice at each position). A candidate
+whose agreement is below the current state's by more than ``margin`` is refused.
 """
 
 from __future__ import annotations
@@ -42,9 +43,25 @@ def agreement(
     bs = trainer.config.batch_size
     for i in range(0, len(samples), bs):
         chunk = samples[i : i + bs]
-        out = answer_forward(trainer.student, trainer.prompts, [s.features for s in chunk], [s.question for s in chunk])
+        feats, questions = [s.features for s in chunk], [s.question for s in chunk]
+        if labels.is_sequence:
+            part = labels.subset(range(i, i + len(chunk)))
+            forced = [seq[:-1] for seq in part.sequences]  # type: ignore[union-attr]
+            out = answer_forward(trainer.student, trainer.prompts, feats, questions, continuation=forced)
+            hits += int(sequences_agree(out.step_logits, part).sum())  # type: ignore[arg-type]
+            continue
+        out = answer_forward(trainer.student, trainer.prompts, feats, questions)
         hits += int((out.logits.argmax(-1).cpu() == labels.answer_ids[i : i + bs].cpu()).sum())
     return hits / len(samples)
+
+
+def sequences_agree(step_logits: torch.Tensor, labels: TeacherLabels) -> torch.Tensor:
+    """[B] whether the student's choice at every teacher-forced position is the teacher's token there."""
+    mask = labels.forced_mask
+    width = step_logits.shape[1]
+    targets = torch.tensor([s + [-1] * (width - len(s)) for s in labels.sequences])  # type: ignore[union-attr]
+    same = step_logits.argmax(-1).cpu() == targets
+    return (same | ~mask).all(dim=1)
 
 
 def validate(

@@ -1,5 +1,10 @@
 """Teacher soft labels for uploaded samples: the teacher projects the device's selected tower features with
-its own projector (the tower is shared) and answers from those tokens only."""
+its own projector (the tower is shared) and answers from those tokens only.
+
+With ``max_new_tokens`` > 1 the teacher answers greedily in full (``common.llava_tokens.greedy_continuations``)
+and the labels carry its answer sequence and the logits of every step, for teacher-forced distillation; with 1
+(the zoo's one-word answers) they hold the first answer token's logits only.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
-from common.llava_tokens import PromptBuilder, answer_forward
+from common.llava_tokens import PromptBuilder, answer_forward, greedy_continuations, unwrap_llava
 from common.sample_codec import UploadSample
 
 
 @dataclass
 class TeacherLabels:
-    """Teacher outputs at the answer position: logits [B, V], last hidden state [B, H], pseudo-answers [B]."""
+    """Teacher outputs at the answer position: logits [B, V], last hidden state [B, H], pseudo-answers [B].
+
+    Sequence labels add ``sequences[i]`` (the teacher's answer ids, end-of-sequence included when emitted),
+    ``step_logits`` [B, T, V] (the logits that chose each of them) and ``step_mask`` [B, T] (each row's tokens).
+    """
 
     logits: torch.Tensor
     hidden: torch.Tensor
+    sequences: list[list[int]] | None = None
+    step_logits: torch.Tensor | None = None
+    step_mask: torch.Tensor | None = None
 
     @property
     def answer_ids(self) -> torch.Tensor:
@@ -25,24 +37,66 @@ class TeacherLabels:
 
     @property
     def confidence(self) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), dim=-1).amax(dim=-1)
+        """The teacher's sequence confidence (product of its tokens' top-1 probabilities)."""
+        if self.step_logits is None:
+            return torch.softmax(self.logits.float(), dim=-1).amax(dim=-1)
+        top = torch.softmax(self.step_logits.float(), dim=-1).amax(dim=-1)
+        return top.masked_fill(~self.forced_mask, 1.0).prod(dim=1)
+
+    @property
+    def forced_mask(self) -> torch.Tensor:
+        """[B, T]: every token of each row's sequence, end-of-sequence included (what teacher forcing predicts)."""
+        assert self.sequences is not None and self.step_logits is not None
+        lengths = torch.tensor([len(s) for s in self.sequences])
+        return torch.arange(self.step_logits.shape[1])[None] < lengths[:, None]
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.sequences is not None and any(len(s) > 1 for s in self.sequences)
 
     def subset(self, index: torch.Tensor | Sequence[int]) -> TeacherLabels:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return TeacherLabels(self.logits[idx], self.hidden[idx])
+        if self.sequences is None:
+            return TeacherLabels(self.logits[idx], self.hidden[idx])
+        seqs = [self.sequences[i] for i in idx.tolist()]
+        width = max(len(s) for s in seqs)
+        return TeacherLabels(
+            self.logits[idx], self.hidden[idx], seqs, self.step_logits[idx, :width], self.step_mask[idx, :width]
+        )
 
 
 @torch.no_grad()
 def teacher_labels(
-    teacher: torch.nn.Module, prompts: PromptBuilder, samples: Sequence[UploadSample], batch_size: int = 64
+    teacher: torch.nn.Module,
+    prompts: PromptBuilder,
+    samples: Sequence[UploadSample],
+    batch_size: int = 64,
+    max_new_tokens: int = 1,
 ) -> TeacherLabels:
-    """Soft labels for every sample (batched); ValueError on an empty batch."""
+    """Soft labels for every sample (batched); with ``max_new_tokens`` > 1 the teacher's greedy answer sequences
+    too. ValueError on an empty batch."""
     if len(samples) == 0:
         raise ValueError("no samples to label (empty batch)")
-    logits, hidden = [], []
+    eos = getattr(prompts.tokenizer, "eos_token_id", None)
+    logits, hidden, seqs, steps, masks = [], [], [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        out = answer_forward(teacher, prompts, [s.features for s in chunk], [s.question for s in chunk])
+        feats, questions = [s.features for s in chunk], [s.question for s in chunk]
+        out = answer_forward(teacher, prompts, feats, questions)
         logits.append(out.logits.float().cpu())
         hidden.append(out.hidden.float().cpu())
-    return TeacherLabels(torch.cat(logits), torch.cat(hidden))
+        if max_new_tokens > 1:
+            s, step, mask = greedy_continuations(
+                teacher, prompts, feats, questions, out.logits, [max_new_tokens] * len(chunk), eos
+            )
+            seqs += s
+            steps.append(step.cpu())
+            masks.append(mask)
+    if max_new_tokens <= 1:
+        return TeacherLabels(torch.cat(logits), torch.cat(hidden))
+    width = max(x.shape[1] for x in steps)
+    vocab = unwrap_llava(teacher).lm_head.out_features
+    step_logits = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1])) for x in steps])
+    step_mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+    assert step_logits.shape[-1] == vocab
+    return TeacherLabels(torch.cat(logits), torch.cat(hidden), seqs, step_logits, step_mask)

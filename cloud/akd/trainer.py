@@ -4,6 +4,10 @@ loss = w_ce * CE(student, teacher's pseudo-answer)
      + w_kd * T^2 * KL(teacher_T || student_T) on the answer token
      + w_align * MSE(align(student last hidden), teacher last hidden)
 
+With sequence labels (the teacher answered in several tokens) the student reads the teacher's answer (teacher
+forcing): CE and KL are averaged over every token of it, end-of-sequence included; the alignment stays on the
+first answer position.
+
 ``align`` is a learned linear map student-hidden -> teacher-hidden that lives on the cloud only and is never
 exported. Only the LoRA adapters and the map train. A step that yields a non-finite loss aborts the run and
 restores the adapters and optimiser to their state before ``train`` (nothing half-trained is kept).
@@ -89,18 +93,44 @@ class AKDTrainer:
     ) -> dict[str, torch.Tensor]:
         """The three loss terms and their weighted total for one batch (graph kept for backward)."""
         cfg = weights or self.config
-        out = answer_forward(self.student, self.prompts, [s.features for s in samples], [s.question for s in samples])
+        feats, questions = [s.features for s in samples], [s.question for s in samples]
         t = cfg.temperature
-        ce = F.cross_entropy(out.logits, labels.answer_ids)
+        if labels.is_sequence:
+            forced = [seq[:-1] for seq in labels.sequences]  # type: ignore[union-attr]
+            out = answer_forward(self.student, self.prompts, feats, questions, continuation=forced)
+            ce, kd = self._sequence_terms(out.step_logits, labels, t)  # type: ignore[arg-type]
+            first_hidden = out.step_hidden[:, 0]  # type: ignore[index]
+        else:
+            out = answer_forward(self.student, self.prompts, feats, questions)
+            ce = F.cross_entropy(out.logits, labels.answer_ids)
+            kd = (t * t) * F.kl_div(
+                F.log_softmax(out.logits / t, dim=-1),
+                F.log_softmax(labels.logits / t, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            first_hidden = out.hidden
+        align = F.mse_loss(self.align(first_hidden), labels.hidden)
+        total = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_align * align
+        return {"total": total, "ce": ce, "kd": kd, "align": align}
+
+    @staticmethod
+    def _sequence_terms(
+        step_logits: torch.Tensor, labels: TeacherLabels, t: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE on the teacher's tokens and T^2 * KL to its step distributions, over each row's forced tokens."""
+        mask = labels.forced_mask
+        width = step_logits.shape[1]
+        targets = torch.tensor([s + [0] * (width - len(s)) for s in labels.sequences])  # type: ignore[union-attr]
+        logits, teacher = step_logits[mask], labels.step_logits[:, :width][mask]  # type: ignore[index]
+        ce = F.cross_entropy(logits, targets[mask])
         kd = (t * t) * F.kl_div(
-            F.log_softmax(out.logits / t, dim=-1),
-            F.log_softmax(labels.logits / t, dim=-1),
+            F.log_softmax(logits / t, dim=-1),
+            F.log_softmax(teacher / t, dim=-1),
             log_target=True,
             reduction="batchmean",
         )
-        align = F.mse_loss(self.align(out.hidden), labels.hidden)
-        total = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_align * align
-        return {"total": total, "ce": ce, "kd": kd, "align": align}
+        return ce, kd
 
     @torch.no_grad()
     def evaluate(self, samples: Sequence[UploadSample], labels: TeacherLabels) -> dict[str, float]:

@@ -1,7 +1,8 @@
-"""The device agent: model + adapters + UTS + micro-batcher + local API + sources + link + guard + metrics.
+"""The device agent: model + adapters + UTS + micro-batcher + sources + link + guard + metrics.
 
-``DeviceAgent`` is the long-running service behind ``tandem-device run``; the fleet simulator runs it unchanged
-(adding its world as one more ``Source``). Updates are applied off the request path and swapped between batches;
+``DeviceAgent`` is the long-running core behind ``tandem-device run``; its local gRPC API is wired by the composer
+(``device.agent.service.AgentService``). The fleet simulator runs it unchanged (adding its world as one more
+``Source``). Updates are applied off the request path and swapped between batches;
 the regression guard rolls a swap back when the answers after it are less confident.
 """
 
@@ -21,23 +22,23 @@ from device.agent.guard import GuardDecision, RegressionGuard
 from device.agent.link import HeartbeatInfo, LinkLoops
 from device.agent.metrics import AgentMetrics
 from device.agent.outbox_writer import OutboxWriter
+from device.agent.requests import check_ask
 from device.agent.runtime import DeviceModel
 from device.agent.sdnotify import SystemdNotifier
-from device.agent.sources import CameraSource, DirectorySource, Source
+from device.agent.sources import CameraSource, DirectorySource, Source, decode_image
 from device.agent.step import Answer, DeviceStep, Frame
 from device.agent.store import AdapterState, AdapterStore
 from device.transport.identity import DeviceIdentity, NotRegisteredError
 from device.transport.outbox import Outbox
 from device.uts import UncertaintyTokenSampler
 from device.uts.basis import CloudAccepts, held_basis, negotiated
+from protocol.tandem.v1 import agent_pb2
 
 log = logging.getLogger("tandem.device.agent")
-ADDRESS_FILE = "agent.address"
-"""Where a running agent writes its local API address (for `tandem-device status`)."""
 
 
 class DeviceAgent:
-    """One device: call ``start()``, then ``ask()``/the gRPC API, and ``stop()`` (or ``run_until``)."""
+    """One device: call ``start()``, then ``ask()`` (or serve it with ``AgentService``), and ``stop()``."""
 
     def __init__(
         self,
@@ -80,8 +81,6 @@ class DeviceAgent:
         self.notifier = SystemdNotifier()
         self.link: LinkLoops | None = None
         self.sources: list[tuple[Source, float]] = []
-        self.api_address: str | None = None
-        self._server = None
         self._metrics_server = None
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,6 +106,7 @@ class DeviceAgent:
             adapter_init=a.init,
             sparse=self.config.sparse,
             prompt_template=m.prompt_template,
+            max_new_tokens=m.max_new_tokens,
         )
 
     def _restore_adapter(self) -> None:
@@ -150,18 +150,12 @@ class DeviceAgent:
             self.sources.append((CameraSource(s.camera.device, s.camera.questions), s.camera.interval_s))
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start serving: batcher, API, metrics, sources, link loops, watchdog."""
-        from device.agent.api import start_api
-
+    async def start(self, announce: bool = True) -> None:
+        """Start serving: batcher, metrics, sources, link loops, watchdog; then tell systemd it is ready (unless
+        ``announce`` is False: a composer that starts a front end after the core calls ``announce_ready``)."""
         self._loop = asyncio.get_running_loop()
         self._configured_sources()
         self.batcher.start()
-        if self.config.api.listen:
-            self._server, self.api_address = await start_api(self, self.config.api.listen)
-            address_file = self.state_dir / ADDRESS_FILE
-            address_file.with_suffix(".tmp").write_text(self.api_address + "\n")
-            address_file.with_suffix(".tmp").replace(address_file)
         if self.config.metrics.port is not None:
             self._metrics_server = self.metrics.serve(self.config.metrics.port, self.config.metrics.host)
             self.metrics_port = self._metrics_server[0].server_port
@@ -185,15 +179,18 @@ class DeviceAgent:
         if self.uts is not None:
             self._tasks.append(asyncio.create_task(self._uts_periods(), name="uts-periods"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if announce:
+            self.announce_ready()
+        log.info("agent started: adapter %s", self.step.version)
+
+    def announce_ready(self) -> None:
+        """Tell systemd the agent serves (``READY=1``, with the adapter version held)."""
         self.notifier.ready(f"serving adapter {self.step.version}")
-        log.info("agent started: adapter %s, api %s", self.step.version, self.api_address or "off")
 
     async def stop(self) -> None:
         """Stop everything; queued samples stay in the outbox."""
         self.notifier.stopping()
         self._stop.set()
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -215,6 +212,13 @@ class DeviceAgent:
     async def run_until(self, stop: asyncio.Event) -> None:
         """``start``, serve until ``stop`` is set or a loop fails for good, then ``stop``."""
         await self.start()
+        try:
+            await self.wait_until(stop)
+        finally:
+            await self.stop()
+
+    async def wait_until(self, stop: asyncio.Event) -> None:
+        """Return when ``stop`` is set; raise what a loop that failed for good (the link) raised."""
         waiter = asyncio.create_task(stop.wait())
         watched = [waiter, *[t for t in self._tasks if t.get_name() == "link"]]
         try:
@@ -224,7 +228,6 @@ class DeviceAgent:
                     raise t.exception()  # type: ignore[misc]
         finally:
             waiter.cancel()
-            await self.stop()
 
     # -- answering -----------------------------------------------------------------------------------------
     async def answer(self, frame: Frame, source: str = "api") -> Answer:
@@ -232,15 +235,12 @@ class DeviceAgent:
         fut = self.batcher.submit(frame, source)
         return await asyncio.wait_for(asyncio.wrap_future(fut), self.config.api.request_timeout_s)
 
-    async def ask(self, image: bytes, question: str) -> Answer:
+    async def ask(self, image: bytes, question: str, max_new_tokens: int | None = None) -> Answer:
         """The Python API: JPEG/PNG bytes + question -> Answer (validated like the gRPC API)."""
-        from device.agent.api import check_ask
-        from device.agent.sources import decode_image
-        from protocol.tandem.v1 import agent_pb2
-
-        check_ask(agent_pb2.AskRequest(image=image, question=question), self.config.api)
+        request = agent_pb2.AskRequest(image=image, question=question, max_new_tokens=max_new_tokens or 0)
+        check_ask(request, self.config.api)
         pixels = await asyncio.to_thread(decode_image, image, self.config.api.max_image_pixels)
-        return await self.answer(Frame(question.strip(), image=pixels), "python")
+        return await self.answer(Frame(question.strip(), image=pixels, max_new_tokens=max_new_tokens), "python")
 
     def _after_batch(self, requests: list[Request], answers: list[Answer], forward_s: float) -> None:
         """Worker thread, after each batch: metrics, and the guard's verdict once K answers followed a swap."""

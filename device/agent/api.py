@@ -1,53 +1,43 @@
 """The local gRPC API (``tandem.v1.DeviceAgent``): Ask and Status, on a unix socket or 127.0.0.1.
 
 Every request is checked before it is queued: an image that is not a JPEG/PNG, truncated, too many bytes or
-pixels, an empty or overlong question, or fields this agent does not know get INVALID_ARGUMENT with a message;
-the agent keeps serving.
+pixels, an empty or overlong question, too many answer tokens, or fields this agent does not know get
+INVALID_ARGUMENT with a message; the agent keeps serving. The API depends only on ``AnswerBackend`` (what it
+needs of an agent); the composer (``device.agent.service``) hands it the ``DeviceAgent``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import grpc
-from google.protobuf import unknown_fields
 
 from common.errors import TandemError
 from device.agent.batcher import BatcherBusy, BatcherStopped
-from device.agent.config import ApiSettings
+from device.agent.config import AgentConfig
+from device.agent.requests import RequestError, check_ask
 from device.agent.sources import decode_image
 from device.agent.step import Answer, Frame
 from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
-if TYPE_CHECKING:
-    from device.agent.agent import DeviceAgent
+__all__ = ["AnswerBackend", "DeviceAgentServicer", "RequestError", "check_ask", "start_api", "to_response"]
 
 log = logging.getLogger("tandem.device.api")
 _SLACK = 64 * 1024  # room for the question and framing above the image limit
 INLINE_DECODE_BYTES = 64 * 1024
 
 
-class RequestError(TandemError):
-    """A request is malformed (answered with INVALID_ARGUMENT)."""
+class AnswerBackend(Protocol):
+    """What the local API needs of an agent: its settings, its request counter, answers and status."""
 
+    config: AgentConfig
+    metrics: Any  # device.agent.metrics.AgentMetrics (``requests`` counter)
 
-def check_ask(request: agent_pb2.AskRequest, api: ApiSettings) -> None:
-    """Raise RequestError naming the first problem of an Ask request (before any decoding work)."""
-    unknown = unknown_fields.UnknownFieldSet(request)
-    if len(unknown):
-        numbers = sorted({f.field_number for f in unknown})
-        raise RequestError(f"unknown fields in AskRequest: {numbers}")
-    question = request.question.strip()
-    if not question:
-        raise RequestError("question is empty")
-    if len(request.question) > api.max_question_chars:
-        raise RequestError(f"question of {len(request.question)} chars exceeds {api.max_question_chars}")
-    if not request.image:
-        raise RequestError("image is empty")
-    if len(request.image) > api.max_image_bytes:
-        raise RequestError(f"image of {len(request.image)} bytes exceeds {api.max_image_bytes}")
+    async def answer(self, frame: Frame, source: str = "api") -> Answer: ...
+
+    def status(self) -> dict: ...
 
 
 def to_response(answer: Answer) -> agent_pb2.AskResponse:
@@ -60,13 +50,17 @@ def to_response(answer: Answer) -> agent_pb2.AskResponse:
         latency_ms=answer.latency_s * 1e3,
         uplinked=answer.sent,
         uncertainty=answer.score,
+        tokens=answer.tokens,
+        token_confidences=answer.token_confidences,
+        mean_token_entropy=answer.uncertainty.get("entropy", 0.0),
+        min_token_margin=answer.uncertainty.get("margin", 0.0),
     )
 
 
 class DeviceAgentServicer(agent_pb2_grpc.DeviceAgentServicer):
-    """gRPC front of a DeviceAgent."""
+    """gRPC front of an ``AnswerBackend``."""
 
-    def __init__(self, agent: DeviceAgent) -> None:
+    def __init__(self, agent: AnswerBackend) -> None:
         self.agent = agent
 
     async def Ask(self, request: agent_pb2.AskRequest, context) -> agent_pb2.AskResponse:  # noqa: N802
@@ -80,8 +74,9 @@ class DeviceAgentServicer(agent_pb2_grpc.DeviceAgentServicer):
         except TandemError as exc:
             self.agent.metrics.requests.labels("api", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        frame = Frame(request.question.strip(), image=pixels, max_new_tokens=request.max_new_tokens or None)
         try:
-            answer = await self.agent.answer(Frame(request.question.strip(), image=pixels), source="api")
+            answer = await self.agent.answer(frame, source="api")
         except BatcherBusy as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except BatcherStopped as exc:
@@ -94,7 +89,7 @@ class DeviceAgentServicer(agent_pb2_grpc.DeviceAgentServicer):
         return agent_pb2.AgentStatusResponse(**self.agent.status())
 
 
-async def start_api(agent: DeviceAgent, listen: str) -> tuple[grpc.aio.Server, str]:
+async def start_api(agent: AnswerBackend, listen: str) -> tuple[grpc.aio.Server, str]:
     """Start the API server on ``listen`` (``host:port``, port 0 picks one, or ``unix://path``)."""
     limit = agent.config.api.max_image_bytes + _SLACK
     server = grpc.aio.server(

@@ -35,6 +35,10 @@ class ModelSettings(StrictConfig):
     dtype: DType = "auto"
     """Weights (and NF4 compute) dtype: ``float16`` on a Jetson or GPU, ``auto`` keeps the stored dtype."""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Answer tokens at most when an Ask names none (greedy, stops at end-of-sequence). ``None``: the
+    checkpoint's ``generation_config.max_new_tokens`` (the shape members set their family's default), else 1:
+    the zoo's one-word answers."""
 
 
 class AdapterSettings(AdapterConfig):
@@ -64,6 +68,8 @@ class ApiSettings(StrictConfig):
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     max_question_chars: int = Field(512, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
+    max_new_tokens_limit: int = Field(256, ge=1)
+    """The most answer tokens one Ask may ask for."""
 
 
 class DirectorySourceSettings(StrictConfig):

@@ -17,7 +17,14 @@ from peft import PeftModel, get_peft_model_state_dict
 
 from common.adapters import AdapterConfig, add_lora
 from common.errors import ModelLoadError
-from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, answer_forward, unwrap_llava, vision_features
+from common.llava_tokens import (
+    DEFAULT_PROMPT_TEMPLATE,
+    PromptBuilder,
+    answer_forward,
+    greedy_continuations,
+    unwrap_llava,
+    vision_features,
+)
 from common.modeling import load_mllm
 from common.update_header import INITIAL_VERSION
 from device.agent.store import AdapterState
@@ -28,12 +35,20 @@ from device.update_apply import VersionedAdapter, load_adapter_state
 @dataclass
 class ForwardOut:
     """One batch's answer pass: first-answer-token logits [B, V], per-sample token relevance [N_i], and how many
-    visual tokens the language model's last layer still held."""
+    visual tokens the language model's last layer still held.
+
+    After ``generate``: ``sequences[i]`` the answer's token ids (greedy; a final end-of-sequence id included),
+    ``token_logits`` [B, T, V] the logits that chose each token and ``mask`` [B, T] each row's scored tokens (its
+    tokens without the end-of-sequence one, unless that is all it has).
+    """
 
     logits: torch.Tensor
     relevance: list[torch.Tensor | None]
     kept: list[int]
     total: list[int]
+    sequences: list[list[int]] | None = None
+    token_logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class DeviceModel:
@@ -46,6 +61,7 @@ class DeviceModel:
         adapter: AdapterConfig | None = None,
         sparse: SparseConfig | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        max_new_tokens: int | None = None,
     ) -> None:
         if not isinstance(model, PeftModel):
             model.requires_grad_(False)
@@ -58,6 +74,10 @@ class DeviceModel:
         self.sparse: SparseConfig | None = None
         self.set_sparse(sparse)
         self.adapter = AdapterState(INITIAL_VERSION, self.adapter_weights())
+        stored = getattr(getattr(llava, "generation_config", None), "max_new_tokens", None)
+        self.max_new_tokens = int(max_new_tokens or stored or 1)
+        """Answer tokens when a frame names none: the config's, else the checkpoint's generation config's, else 1."""
+        self.eos_id = self.tokenizer.eos_token_id
 
     @classmethod
     def load(
@@ -71,6 +91,7 @@ class DeviceModel:
         adapter_init: Path | None = None,
         sparse: SparseConfig | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        max_new_tokens: int | None = None,
     ) -> DeviceModel:
         """Load with ``common.modeling.load_mllm``; LoRA from ``adapter_init`` (PEFT directory) or fresh."""
         loaded = load_mllm(source, quantization=quantization, device_map=device_map, dtype=dtype)  # type: ignore[arg-type]
@@ -82,7 +103,7 @@ class DeviceModel:
             if not (Path(adapter_init) / "adapter_config.json").is_file():
                 raise ModelLoadError(f"{adapter_init} is not a PEFT adapter directory (no adapter_config.json)")
             model = PeftModel.from_pretrained(model, str(adapter_init))
-        return cls(model, loaded.processor, adapter, sparse, prompt_template)
+        return cls(model, loaded.processor, adapter, sparse, prompt_template, max_new_tokens)
 
     # -- configuration -------------------------------------------------------------------------------------
     def set_sparse(self, sparse: SparseConfig | None) -> None:
@@ -151,5 +172,32 @@ class DeviceModel:
             kept.append(stats.samples[i].final_count if stats is not None and i < len(stats.samples) else n[i])
         return ForwardOut(out.logits.float(), relevance, kept, n)
 
+    @torch.no_grad()
+    def generate(
+        self, features: torch.Tensor | list[torch.Tensor], questions: list[str], limits: list[int]
+    ) -> ForwardOut:
+        """Greedy answers of up to ``limits[i]`` tokens, stopping a row at end-of-sequence.
+
+        The first step is ``forward`` (SparseVLM's pruning, relevance and token counts come from it); each further
+        step feeds the tokens chosen so far after the prompt (the pruning of that pass is deterministic, so the
+        visual tokens the answer reads are the first step's).
+        """
+        first = self.forward(features, questions)
+        llava = unwrap_llava(self.model)
+        hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
+        seqs, token_logits, mask = greedy_continuations(
+            self.model, self.prompts, list(features), questions, first.logits, limits, self.eos_id, hook
+        )
+        first.sequences, first.token_logits, first.mask = seqs, token_logits, mask
+        return first
+
     def decode(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)]).strip()
+
+    def decode_answer(self, ids: list[int]) -> str:
+        """An answer's text: its tokens without end-of-sequence (a lone token decodes as ``decode`` does)."""
+        if len(ids) == 1:
+            return self.decode(ids[0])
+        if ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()

@@ -28,11 +28,13 @@ class Frame:
     image: Any = None
     features: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+    """Answer tokens at most (None: the model's default, ``DeviceModel.max_new_tokens``)."""
 
 
 @dataclass
 class Answer:
-    """The device's answer to one frame and what UTS decided."""
+    """The device's answer to one frame and what UTS decided (``answer_id``: its first token)."""
 
     answer: str
     answer_id: int
@@ -46,6 +48,9 @@ class Answer:
     payload: bytes | None = None
     seq: Any = None
     latency_s: float = 0.0
+    tokens: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    token_confidences: list[float] = field(default_factory=list)
 
 
 class DeviceStep:
@@ -81,26 +86,40 @@ class DeviceStep:
             for j, i in enumerate(need):
                 feats[i] = computed[j]
         stacked = torch.stack([f.to(self.model.device) for f in feats])  # type: ignore[union-attr]
-        return self.run_features(stacked, [f.question for f in frames], [f.metadata for f in frames])
+        limits = [f.max_new_tokens for f in frames]
+        return self.run_features(stacked, [f.question for f in frames], [f.metadata for f in frames], limits)
 
     @torch.no_grad()
     def run_features(
-        self, features: torch.Tensor, questions: list[str], metadata: list[dict[str, str]] | None = None
+        self,
+        features: torch.Tensor,
+        questions: list[str],
+        metadata: list[dict[str, str]] | None = None,
+        max_new_tokens: list[int | None] | None = None,
     ) -> list[Answer]:
-        """Answer from vision features [B, N, D] (the offline experiment's path)."""
+        """Answer from vision features [B, N, D] (the offline experiment's path); ``max_new_tokens[i]`` caps
+        sample ``i``'s answer (None: the model's default)."""
         t0 = time.perf_counter()
         version = self.version
-        out = self.model.forward(features, questions)
-        decided = self.uts.decide(features, questions, out.logits, out.relevance) if self.uts else None
-        unc = answer_uncertainty(out.logits)
-        answer_ids = out.logits.argmax(-1).tolist()
+        default = self.model.max_new_tokens
+        limits = [m or default for m in (max_new_tokens or [None] * len(questions))]
+        if max(limits) > 1:
+            out = self.model.generate(features, questions, limits)
+            logits, mask, seqs = out.token_logits, out.mask, out.sequences
+        else:
+            out = self.model.forward(features, questions)
+            logits, mask, seqs = out.logits, None, [[int(t)] for t in out.logits.argmax(-1).tolist()]
+        decided = self.uts.decide(features, questions, logits, out.relevance, mask) if self.uts else None
+        unc = answer_uncertainty(logits, mask=mask)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - t0
         answers = []
         for i, q in enumerate(questions):
             row = unc.row(i)
+            ids = seqs[i]  # type: ignore[index]
+            scored = int(mask[i].sum()) if mask is not None else 1
             a = Answer(
-                answer=self.model.decode(answer_ids[i]),
-                answer_id=int(answer_ids[i]),
+                answer=self.model.decode_answer(ids),
+                answer_id=int(ids[0]),
                 confidence=row["confidence"],
                 uncertainty=row,
                 score=decided[i].score if decided else 1.0 - row["confidence"],
@@ -108,6 +127,9 @@ class DeviceStep:
                 kept_tokens=out.kept[i],
                 total_tokens=out.total[i],
                 latency_s=elapsed,
+                tokens=[self.model.decode(t) for t in ids[:scored]],
+                token_ids=ids[:scored],
+                token_confidences=[float(c) for c in unc.token_confidence[i, :scored]],
             )
             if decided and decided[i].sent:
                 a.sent, a.payload = True, decided[i].payload

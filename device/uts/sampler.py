@@ -116,15 +116,18 @@ class UncertaintyTokenSampler:
         questions: list[str],
         logits: torch.Tensor,
         relevance: list[torch.Tensor | None],
+        mask: torch.Tensor | None = None,
     ) -> list[UTSResult]:
         """Score, gate, pick tokens and encode, from an answer pass that already ran (no second forward).
 
-        ``logits`` [B, V] are the first answer token's; ``relevance[i]`` [N] ranks sample ``i``'s visual tokens
-        (SparseVLM's rater scores of that pass, or the model's own attention/similarity).
+        ``logits`` [B, V] are the first answer token's, or [B, T, V] a generated answer's (``mask`` [B, T] marks
+        each row's tokens): the sequence is scored, the upload's top answers are its first token's.
+        ``relevance[i]`` [N] ranks sample ``i``'s visual tokens (SparseVLM's rater scores of that pass, or the
+        model's own attention/similarity).
         """
-        unc = answer_uncertainty(logits)
+        unc = answer_uncertainty(logits, mask=mask)
         scores = uncertainty_score(unc, self.config.score)
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax((logits[:, 0] if logits.dim() == 3 else logits).float(), dim=-1)
         top = torch.topk(probs, min(self.config.top_answers, probs.shape[-1]), dim=-1)
         results = []
         for i in range(features.shape[0]):

@@ -87,7 +87,8 @@ class Scenario(StrictConfig):
     duration_s: float = Field(gt=0)
     seed: int = 0
     zoo: str = "reference"
-    """``reference`` (the shipped zoo), ``micro`` (built in seconds; tests) or a directory with teacher/, device/."""
+    """``reference`` (the shipped zoo), ``micro`` (built in seconds; tests), ``llava-1.5-7b-shape`` (real geometry,
+    random weights) or a directory with teacher/, device/."""
     measure_every_s: float = Field(10.0, gt=0)
     """How often each device's accuracy, version and bytes are sampled."""
     eval_samples: int = Field(200, ge=4)

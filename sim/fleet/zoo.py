@@ -21,8 +21,20 @@ class FleetZoo:
 
 
 def resolve_zoo(zoo: str, seed: int = 0) -> FleetZoo:
-    """``reference`` (``sim/zoo/reference/base``), ``micro`` (built and cached on first use) or a directory
-    holding ``teacher/`` and ``device/``."""
+    """``reference`` (``sim/zoo/reference/base``), ``micro`` (built and cached on first use), a shape member with
+    a teacher (``llava-1.5-7b-shape``: built in a minute on first use, ``sim.zoo.shapes``) or a directory holding
+    ``teacher/`` and ``device/``."""
+    from sim.zoo.shapes import SHAPES
+
+    if zoo in SHAPES:
+        from sim.zoo.shapes import ensure_shape, shape_by_name
+
+        recipe = shape_by_name(zoo, [f"seed={seed}"])
+        if not recipe.with_teacher:
+            with_teacher = ", ".join(name for name, make in SHAPES.items() if make().with_teacher)
+            raise ConfigError(f"shape member {zoo} has no teacher for the cloud; use {with_teacher}")
+        root = ensure_shape(recipe)
+        return FleetZoo(zoo, root / "teacher", root / "device")
     if zoo == "micro":
         from sim.zoo.build import ensure_zoo
         from sim.zoo.recipe import micro_recipe

@@ -11,6 +11,7 @@ from agent_support import QUESTIONS, agent_config, jpeg_bytes, micro_zoo, png_by
 
 from common.errors import TandemError
 from device.agent import DeviceAgent
+from device.agent.service import AgentService
 from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
 
 
@@ -27,9 +28,10 @@ def _unknown_field_request() -> bytes:
 async def test_bad_requests_are_invalid_argument_and_the_agent_keeps_serving(zoo, tmp_path):
     cfg = agent_config(tmp_path / "dev", zoo.device, **{"api.max_image_bytes": 50_000, "api.max_question_chars": 64})
     agent = DeviceAgent(cfg, connect=False)
-    await agent.start()
+    service = AgentService(agent)
+    await service.start()
     try:
-        async with grpc.aio.insecure_channel(agent.api_address) as channel:
+        async with grpc.aio.insecure_channel(service.address) as channel:
             stub = agent_pb2_grpc.DeviceAgentStub(channel)
             truncated = jpeg_bytes(3)[:-200]
             cases = {
@@ -54,15 +56,16 @@ async def test_bad_requests_are_invalid_argument_and_the_agent_keeps_serving(zoo
         with pytest.raises(TandemError, match="question is empty"):
             await agent.ask(png_bytes(1), "")
     finally:
-        await agent.stop()
+        await service.stop()
 
 
 async def test_concurrent_requests_share_batches_and_metrics_count_them(zoo, tmp_path):
     cfg = agent_config(tmp_path / "dev", zoo.device, **{"api.max_batch": 8, "api.max_wait_ms": 50.0, "metrics.port": 0})
     agent = DeviceAgent(cfg, connect=False)
-    await agent.start()
+    service = AgentService(agent)
+    await service.start()
     try:
-        async with grpc.aio.insecure_channel(agent.api_address) as channel:
+        async with grpc.aio.insecure_channel(service.address) as channel:
             stub = agent_pb2_grpc.DeviceAgentStub(channel)
             replies = await asyncio.gather(
                 *(stub.Ask(agent_pb2.AskRequest(image=png_bytes(i), question=QUESTIONS[i % 3])) for i in range(16))
@@ -72,7 +75,7 @@ async def test_concurrent_requests_share_batches_and_metrics_count_them(zoo, tmp
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics").read().decode()
         )
     finally:
-        await agent.stop()
+        await service.stop()
     assert len(replies) == 16 and all(r.adapter_version == "v0" for r in replies)
     assert agent.batcher.batches < 16  # requests shared forwards
     assert status.requests == 16 and status.samples_selected == sum(r.uplinked for r in replies)

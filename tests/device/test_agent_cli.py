@@ -8,6 +8,7 @@ import pytest
 from agent_support import agent_config, micro_zoo, png_bytes
 
 from device.agent import DeviceAgent
+from device.agent.service import AgentService
 from device.cli import main as device_main
 
 
@@ -26,13 +27,14 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 async def test_status_shows_the_running_agent(zoo, tmp_path, capsys):
     cfg = agent_config(tmp_path / "dev", zoo.device)
     agent = DeviceAgent(cfg, connect=False)
-    await agent.start()
+    service = AgentService(agent)
+    await service.start()
     try:
         await agent.ask(png_bytes(1), "what colour is the circle?")
         argv = ["status", "--set", f"transport.state_dir={tmp_path / 'dev'}"]
         code, out, err = await asyncio.to_thread(_run, argv, capsys)
     finally:
-        await agent.stop()
+        await service.stop()
     assert code == 0, err
     assert "adapter" in out and "v0" in out and agent.step.model.adapter.digest()[:12] in out
     assert "SparseVLM on" in out and "answers" in out and "1 (" in out

@@ -19,6 +19,7 @@ from common.delta_codec import state_digest
 from common.modeling import load_mllm
 from common.signing import generate_private_key
 from device.agent import DeviceAgent, DeviceModel
+from device.agent.service import AgentService
 from device.agent.step import Frame
 from device.transport.client import GatewayClient
 from protocol.tandem.v1 import agent_pb2, agent_pb2_grpc
@@ -53,9 +54,10 @@ async def test_ask_uplinks_applies_dwc_update_bit_exact(zoo, tmp_path):
         cfg = agent_config(tmp_path / "dev", zoo.device, gw.address)
         await _register(cfg)
         agent = DeviceAgent(cfg)
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         try:
-            async with grpc.aio.insecure_channel(agent.api_address) as channel:
+            async with grpc.aio.insecure_channel(service.address) as channel:
                 stub = agent_pb2_grpc.DeviceAgentStub(channel)
                 first = await stub.Ask(agent_pb2.AskRequest(image=png_bytes(1), question=QUESTIONS[0]))
                 assert first.adapter_version == "v0" and first.answer
@@ -80,7 +82,7 @@ async def test_ask_uplinks_applies_dwc_update_bit_exact(zoo, tmp_path):
                 status = await stub.Status(agent_pb2.AgentStatusRequest())
                 assert status.adapter_version == "v1" and status.previous_version == "v0" and status.swaps == 1
         finally:
-            await agent.stop()
+            await service.stop()
 
     # a reference model built independently from the PEFT export of the agent's store answers identically
     export = agent.store.export_peft(tmp_path / "export")
@@ -103,7 +105,8 @@ async def test_bad_updates_are_rejected_and_old_version_keeps_serving(zoo, tmp_p
         cfg = agent_config(tmp_path / "dev", zoo.device, gw.address)
         await _register(cfg)
         agent = DeviceAgent(cfg)
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         try:
             v0_digest = agent.step.model.adapter.digest()
             student, _ = cloud_student(zoo.device)
@@ -150,7 +153,7 @@ async def test_bad_updates_are_rejected_and_old_version_keeps_serving(zoo, tmp_p
             asker.cancel()
             reasons = [o.reason for o in agent.link.fetcher.outcomes]
         finally:
-            await agent.stop()
+            await service.stop()
     assert not failures and len(answers) >= 10
     assert {a.version for a in answers} == {"v0"} and agent.step.model.adapter.digest() == v0_digest
     joined = " | ".join(reasons)
@@ -173,7 +176,8 @@ async def test_guard_keeps_a_good_update_and_rolls_back_a_damaging_one(zoo, tmp_
         cfg = agent_config(tmp_path / "dev", zoo.device, gw.address, **{"guard.window": 8, "guard.margin": 0.01})
         await _register(cfg)
         agent = DeviceAgent(cfg)
-        await agent.start()
+        service = AgentService(agent)
+        await service.start()
         try:
             feats, questions = _stream_features(agent)
             frames = [Frame(q, features=f) for f, q in zip(feats, questions, strict=True)]
@@ -207,7 +211,7 @@ async def test_guard_keeps_a_good_update_and_rolls_back_a_damaging_one(zoo, tmp_
             stop.set()
             await streamer
         finally:
-            await agent.stop()
+            await service.stop()
         events = [e for e in gw.devices.rollbacks() if e.device_id == "dev-1"]
     assert [(e.from_version, e.to_version) for e in events][:1] == [("v2", "v1")]  # the cloud recorded it
     told = next(h for h in heartbeats if h.rolled_back_from == "v2")

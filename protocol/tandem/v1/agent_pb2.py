@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotocol/tandem/v1/agent.proto\x12\ttandem.v1\"-\n\nAskRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08question\x18\x02 \x01(\t\"\xbe\x01\n\x0b\x41skResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x1a\n\x12visual_tokens_kept\x18\x04 \x01(\r\x12\x1b\n\x13visual_tokens_total\x18\x05 \x01(\r\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\x12\x10\n\x08uplinked\x18\x07 \x01(\x08\x12\x13\n\x0buncertainty\x18\x08 \x01(\x02\"\x14\n\x12\x41gentStatusRequest\"\xcb\x03\n\x13\x41gentStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12\x14\n\x0cmodel_source\x18\x05 \x01(\t\x12\x16\n\x0esparse_enabled\x18\x06 \x01(\x08\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x18\n\x10samples_selected\x18\x08 \x01(\x04\x12\x14\n\x0coutbox_depth\x18\t \x01(\x04\x12\x14\n\x0coutbox_bytes\x18\n \x01(\x04\x12\r\n\x05swaps\x18\x0b \x01(\x04\x12\x11\n\trollbacks\x18\x0c \x01(\x04\x12\x15\n\rlast_rollback\x18\r \x01(\t\x12\x18\n\x10updates_rejected\x18\x0e \x01(\x04\x12\x16\n\x0elast_rejection\x18\x0f \x01(\t\x12\x19\n\x11gateway_connected\x18\x10 \x01(\x08\x12\x10\n\x08uptime_s\x18\x11 \x01(\x01\x12\x12\n\nheartbeats\x18\x12 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x13 \x01(\x04\x12\x0f\n\x07sources\x18\x14 \x03(\t2\x8c\x01\n\x0b\x44\x65viceAgent\x12\x34\n\x03\x41sk\x12\x15.tandem.v1.AskRequest\x1a\x16.tandem.v1.AskResponse\x12G\n\x06Status\x12\x1d.tandem.v1.AgentStatusRequest\x1a\x1e.tandem.v1.AgentStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotocol/tandem/v1/agent.proto\x12\ttandem.v1\"E\n\nAskRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"\x9f\x02\n\x0b\x41skResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x1a\n\x12visual_tokens_kept\x18\x04 \x01(\r\x12\x1b\n\x13visual_tokens_total\x18\x05 \x01(\r\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\x12\x10\n\x08uplinked\x18\x07 \x01(\x08\x12\x13\n\x0buncertainty\x18\x08 \x01(\x02\x12\x0e\n\x06tokens\x18\t \x03(\t\x12\x19\n\x11token_confidences\x18\n \x03(\x02\x12\x1a\n\x12mean_token_entropy\x18\x0b \x01(\x02\x12\x18\n\x10min_token_margin\x18\x0c \x01(\x02\"\x14\n\x12\x41gentStatusRequest\"\xcb\x03\n\x13\x41gentStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x03 \x01(\t\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12\x14\n\x0cmodel_source\x18\x05 \x01(\t\x12\x16\n\x0esparse_enabled\x18\x06 \x01(\x08\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x18\n\x10samples_selected\x18\x08 \x01(\x04\x12\x14\n\x0coutbox_depth\x18\t \x01(\x04\x12\x14\n\x0coutbox_bytes\x18\n \x01(\x04\x12\r\n\x05swaps\x18\x0b \x01(\x04\x12\x11\n\trollbacks\x18\x0c \x01(\x04\x12\x15\n\rlast_rollback\x18\r \x01(\t\x12\x18\n\x10updates_rejected\x18\x0e \x01(\x04\x12\x16\n\x0elast_rejection\x18\x0f \x01(\t\x12\x19\n\x11gateway_connected\x18\x10 \x01(\x08\x12\x10\n\x08uptime_s\x18\x11 \x01(\x01\x12\x12\n\nheartbeats\x18\x12 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x13 \x01(\x04\x12\x0f\n\x07sources\x18\x14 \x03(\t2\x8c\x01\n\x0b\x44\x65viceAgent\x12\x34\n\x03\x41sk\x12\x15.tandem.v1.AskRequest\x1a\x16.tandem.v1.AskResponse\x12G\n\x06Status\x12\x1d.tandem.v1.AgentStatusRequest\x1a\x1e.tandem.v1.AgentStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.tandem.v1.agent_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASKREQUEST']._serialized_start=45
-  _globals['_ASKREQUEST']._serialized_end=90
-  _globals['_ASKRESPONSE']._serialized_start=93
-  _globals['_ASKRESPONSE']._serialized_end=283
-  _globals['_AGENTSTATUSREQUEST']._serialized_start=285
-  _globals['_AGENTSTATUSREQUEST']._serialized_end=305
-  _globals['_AGENTSTATUSRESPONSE']._serialized_start=308
-  _globals['_AGENTSTATUSRESPONSE']._serialized_end=767
-  _globals['_DEVICEAGENT']._serialized_start=770
-  _globals['_DEVICEAGENT']._serialized_end=910
+  _globals['_ASKREQUEST']._serialized_end=114
+  _globals['_ASKRESPONSE']._serialized_start=117
+  _globals['_ASKRESPONSE']._serialized_end=404
+  _globals['_AGENTSTATUSREQUEST']._serialized_start=406
+  _globals['_AGENTSTATUSREQUEST']._serialized_end=426
+  _globals['_AGENTSTATUSRESPONSE']._serialized_start=429
+  _globals['_AGENTSTATUSRESPONSE']._serialized_end=888
+  _globals['_DEVICEAGENT']._serialized_start=891
+  _globals['_DEVICEAGENT']._serialized_end=1031
 # @@protoc_insertion_point(module_scope)

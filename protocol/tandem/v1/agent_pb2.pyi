@@ -28,19 +28,23 @@ class AskRequest(_message.Message):
 
     IMAGE_FIELD_NUMBER: _builtins.int
     QUESTION_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """JPEG or PNG"""
     question: _builtins.str
     """1..api.max_question_chars characters"""
+    max_new_tokens: _builtins.int
+    """answer tokens at most (greedy, stops at end-of-sequence); 0: model.max_new_tokens"""
     def __init__(
         self,
         *,
         image: _builtins.bytes = ...,
         question: _builtins.str = ...,
+        max_new_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "question", b"question"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "max_new_tokens", b"max_new_tokens", "question", b"question"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -58,10 +62,14 @@ class AskResponse(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     UPLINKED_FIELD_NUMBER: _builtins.int
     UNCERTAINTY_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_CONFIDENCES_FIELD_NUMBER: _builtins.int
+    MEAN_TOKEN_ENTROPY_FIELD_NUMBER: _builtins.int
+    MIN_TOKEN_MARGIN_FIELD_NUMBER: _builtins.int
     answer: _builtins.str
-    """decoded first answer token"""
+    """the decoded answer (every generated token up to end-of-sequence)"""
     confidence: _builtins.float
-    """top-1 probability of that token"""
+    """sequence confidence: product of the tokens' top-1 probabilities"""
     adapter_version: _builtins.str
     """the adapter version this answer was computed with"""
     visual_tokens_kept: _builtins.int
@@ -74,6 +82,18 @@ class AskResponse(_message.Message):
     """UTS chose this sample for the cloud"""
     uncertainty: _builtins.float
     """the UTS score (higher = less sure)"""
+    mean_token_entropy: _builtins.float
+    """mean predictive entropy over the tokens / log(V), in [0, 1]"""
+    min_token_margin: _builtins.float
+    """lowest top-1 minus top-2 probability over the tokens"""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the answer's tokens, decoded one by one"""
+
+    @_builtins.property
+    def token_confidences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """top-1 probability of each of those tokens"""
+
     def __init__(
         self,
         *,
@@ -85,10 +105,14 @@ class AskResponse(_message.Message):
         latency_ms: _builtins.float = ...,
         uplinked: _builtins.bool = ...,
         uncertainty: _builtins.float = ...,
+        tokens: _abc.Iterable[_builtins.str] | None = ...,
+        token_confidences: _abc.Iterable[_builtins.float] | None = ...,
+        mean_token_entropy: _builtins.float = ...,
+        min_token_margin: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "answer", b"answer", "confidence", b"confidence", "latency_ms", b"latency_ms", "uncertainty", b"uncertainty", "uplinked", b"uplinked", "visual_tokens_kept", b"visual_tokens_kept", "visual_tokens_total", b"visual_tokens_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_version", b"adapter_version", "answer", b"answer", "confidence", b"confidence", "latency_ms", b"latency_ms", "mean_token_entropy", b"mean_token_entropy", "min_token_margin", b"min_token_margin", "token_confidences", b"token_confidences", "tokens", b"tokens", "uncertainty", b"uncertainty", "uplinked", b"uplinked", "visual_tokens_kept", b"visual_tokens_kept", "visual_tokens_total", b"visual_tokens_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
