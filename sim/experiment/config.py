@@ -44,7 +44,8 @@ class ExperimentConfig(StrictConfig):
     dwc_bits: Literal[2, 4, 8, "auto"] = "auto"
     dwc_energy_share: float = Field(0.98, gt=0, le=1)
     dwc_selection: Literal["energy", "impact"] = "energy"
-    baselines: list[Literal["send_all", "fp32", "ce_only"]] = ["send_all", "fp32", "ce_only"]
+    # ceiling: Tandem's uploads (same seqs, same tokens) labelled with the world's answers, same recipe and budgets.
+    baselines: list[Literal["send_all", "fp32", "ce_only", "ceiling"]] = ["ceiling", "send_all", "fp32", "ce_only"]
     threads: int = Field(1, ge=1)
 
     def check(self) -> ExperimentConfig:

@@ -12,7 +12,7 @@ import torch
 
 from cloud.dwc import DWCConfig, full_state_bytes
 from device.uts import GateConfig, SourceFeatureStats, UncertaintyTokenSampler, UTSConfig, jpeg_bytes
-from sim.experiment.arms import AdaptingArm, accuracy
+from sim.experiment.arms import AdaptingArm, CeilingArm, accuracy
 from sim.experiment.config import ExperimentConfig
 from sim.experiment.data import CALIBRATION_OFFSET, EVAL_OFFSET, feature_set
 from sim.experiment.micro import ModelPair, random_pair
@@ -25,6 +25,7 @@ ARM_LABELS = {
     "tandem_fp32": "fp32 adapter downlink",
     "send_all": "send-everything uplink",
     "ce_only": "CE on pseudo-labels only",
+    "ceiling": "ceiling (Tandem's uploads, true labels)",
 }
 
 
@@ -113,6 +114,7 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
         )
         return UncertaintyTokenSampler(cfg, stats)
 
+    from cloud.adaptation.recipe import JobSettings
     from cloud.adaptation.teacher import Teacher
     from cloud.akd import adapter_state, build_student
 
@@ -125,13 +127,15 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
     )
     teacher = Teacher(pair.teacher, pair.prompts)
     replay = (config.replay_rounds - 1) * config.uplink_samples_per_round  # the current round is pooled too
-    common = {"replay_samples": replay, "held_out_every": config.held_out_every, "gate_margin": config.gate_margin}
+    settings = JobSettings(held_out_every=config.held_out_every, margin=config.gate_margin)
+    common = {"replay_samples": replay, "settings": settings}
     kd_free = config.akd.model_copy(update={"w_kd": 0.0, "w_align": 0.0})
-    arms = [
-        AdaptingArm(
-            "tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common
-        )
-    ]
+    tandem = AdaptingArm(
+        "tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common
+    )
+    arms = [tandem]
+    if "ceiling" in config.baselines:
+        arms.append(CeilingArm("ceiling", tandem, teacher, pair, config.akd, None, dwc, **common))
     if "send_all" in config.baselines:
         arms.append(AdaptingArm("send_all", teacher, pair, config.akd, None, dwc, **common))
     if "ce_only" in config.baselines:
