@@ -48,6 +48,8 @@ class AKDConfig(StrictConfig):
     batch_size: int = Field(32, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     min_teacher_confidence: float = Field(0.0, ge=0, le=1)
+    confidence_weighting: bool = False
+    """Weight each sample's CE and KD terms by the teacher's confidence (normalised to mean 1 per batch)."""
     seed: int = 0
 
 
@@ -91,16 +93,23 @@ class AKDTrainer:
         cfg = weights or self.config
         out = answer_forward(self.student, self.prompts, [s.features for s in samples], [s.question for s in samples])
         t = cfg.temperature
-        ce = F.cross_entropy(out.logits, labels.answer_ids)
-        kd = (t * t) * F.kl_div(
-            F.log_softmax(out.logits / t, dim=-1),
-            F.log_softmax(labels.logits / t, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
+        log_p, log_q = F.log_softmax(out.logits / t, dim=-1), F.log_softmax(labels.logits / t, dim=-1)
+        if cfg.confidence_weighting:
+            w = self._confidence_weights(labels)
+            ce = (w * F.cross_entropy(out.logits, labels.answer_ids, reduction="none")).mean()
+            kd = (t * t) * (w * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)).mean()
+        else:
+            ce = F.cross_entropy(out.logits, labels.answer_ids)
+            kd = (t * t) * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
         align = F.mse_loss(self.align(out.hidden), labels.hidden)
         total = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_align * align
         return {"total": total, "ce": ce, "kd": kd, "align": align}
+
+    @staticmethod
+    def _confidence_weights(labels: TeacherLabels) -> torch.Tensor:
+        """Per-sample loss weights: the teacher's confidence normalised to mean 1 over the batch."""
+        conf = labels.confidence.to(labels.logits.device)
+        return conf / conf.mean().clamp_min(1e-8)
 
     @torch.no_grad()
     def evaluate(self, samples: Sequence[UploadSample], labels: TeacherLabels) -> dict[str, float]:

@@ -26,13 +26,27 @@ def offline(
     dwc_selection: str = typer.Option(
         None, help="how DWC ranks adapter units: energy (default; delta energy) or impact (effect on the layer)"
     ),
+    setting: list[str] = typer.Option(
+        [],
+        "--set",
+        help="override one setting, KEY=VALUE (YAML value; dotted keys reach into akd, e.g. akd.lr=6e-3, "
+        "replay_rounds=1, baselines=[ceiling]); repeatable",
+    ),
 ) -> None:
     """Device pretrained on clear, stream drifting through shifts; UTS + AKD + DWC against baselines."""
-    from sim.experiment.config import sized
+    from sim.experiment.config import parse_overrides, sized
     from sim.experiment.report import print_report, write_reports
     from sim.experiment.runner import run_experiment
 
-    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir, dwc_selection=dwc_selection)
+    config = sized(
+        size,
+        recipe,
+        seed=seed,
+        threads=threads,
+        zoo_dir=zoo_dir,
+        dwc_selection=dwc_selection,
+        **parse_overrides(setting),
+    )
     console = Console()
     with console.status("running the offline experiment") as status:
         result = run_experiment(config, progress=lambda line: (console.log(line), status.update(line)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import yaml
 from pydantic import Field, ValidationError
 
 from cloud.akd import AKDConfig
@@ -57,6 +58,27 @@ class ExperimentConfig(StrictConfig):
         return self
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings (YAML values; ``akd.x`` keys merge into the AKD settings) as ``sized`` overrides."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"setting {item!r} is not KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"setting {key!r}: value {raw!r} is not YAML ({exc.__class__.__name__})") from None
+        head, _, rest = key.partition(".")
+        if rest:
+            if head != "akd":
+                raise ConfigError(f"setting {key!r}: only akd.* settings are nested")
+            out.setdefault("akd_overrides", {})[rest] = value
+        else:
+            out[key] = value
+    return out
+
+
 def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig:
     """The ``quick`` or ``full`` experiment (``tiny`` is for tests), with overrides applied."""
     presets: dict[str, dict] = {
@@ -86,8 +108,12 @@ def sized(size: str, recipe: str | None = None, **overrides) -> ExperimentConfig
     data = dict(presets[size])
     if recipe is not None:
         data["recipe"] = recipe
+    akd_overrides = overrides.pop("akd_overrides", None)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
+        if akd_overrides:
+            akd = data.get("akd", ExperimentConfig.model_fields["akd"].default)
+            data["akd"] = {**akd.model_dump(), **akd_overrides}
         return ExperimentConfig(**data).check()
     except ValidationError as exc:
         raise ConfigError(f"invalid experiment settings: {short_validation_message(exc)}") from None

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from common.errors import ConfigError
 from sim.experiment.cli import experiment_app
-from sim.experiment.config import sized
+from sim.experiment.config import parse_overrides, sized
 
 
 def test_tiny_offline_run_writes_reports_with_consistent_bytes(tmp_path):
@@ -62,3 +62,15 @@ def test_sizes_and_bad_settings():
         sized("tiny", keep_ratio=0.0)
     with pytest.raises(ConfigError, match="dwc_selection: Input should be 'energy' or 'impact'$"):
         sized("tiny", dwc_selection="bogus")
+
+
+def test_set_overrides_reach_the_config_and_bad_ones_are_refused():
+    cfg = sized("tiny", **parse_overrides(["replay_rounds=1", "akd.lr=6e-3", "baselines=[ceiling]"]))
+    assert (cfg.replay_rounds, cfg.akd.lr, cfg.baselines) == (1, 6e-3, ["ceiling"])
+    assert cfg.akd.epochs == 1  # the size's other AKD settings stay
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        parse_overrides(["replay_rounds"])
+    with pytest.raises(ConfigError, match="only akd"):
+        parse_overrides(["uts.keep=1"])
+    with pytest.raises(ConfigError, match="invalid experiment settings: akd.lr"):
+        sized("tiny", **parse_overrides(["akd.lr=-1"]))
