@@ -1,5 +1,5 @@
 """One adaptation job, top to bottom: decoded uploads (``uploads.decode_uploads``) -> hold out (by seq) -> label
--> learner round; ``commit`` once the update is published.
+-> learner round; ``commit_update`` once the update is published.
 
 The trainer's worker, the offline experiment and (through the service) the fleet simulator all run a job
 through ``run_job``; only what labels the uploads differs (the family's teacher, or, for the experiment's
@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from cloud.adaptation.learner import Learner, RoundResult
 from cloud.adaptation.uploads import JobUploads, Upload
 from cloud.akd import TeacherLabels
 from cloud.dwc import DWCUpdate
+from common.llava_tokens import unwrap_llava
 
 LabelFn = Callable[[Sequence[Upload]], TeacherLabels]
 """Labels uploads (one label per upload, in order)."""
@@ -61,6 +64,12 @@ class JobRound:
         return self.result.update if self.result is not None and self.result.outcome == "published" else None
 
 
+def feature_dim(model: torch.nn.Module) -> int:
+    """Width of the tower features a LLaVA model's projector takes (what ``decode_uploads`` checks uploads
+    against); a plain model or a learner's PeftModel student."""
+    return int(unwrap_llava(model).model.multi_modal_projector.linear_1.in_features)
+
+
 def split_held_out(uploads: Sequence[Upload], every: int) -> tuple[list[Upload], list[Upload]]:
     """Uploads whose seq is a multiple of ``every`` (held out for the gate) and the rest (trained on)."""
     return [u for u in uploads if u.seq % every == 0], [u for u in uploads if u.seq % every != 0]
@@ -68,7 +77,7 @@ def split_held_out(uploads: Sequence[Upload], every: int) -> tuple[list[Upload],
 
 def run_job(learner: Learner, decoded: JobUploads, label: LabelFn, settings: JobSettings) -> JobRound:
     """Hold out, label (held-out and training uploads in one call), add the held-out ones to the gate's set,
-    and run the learner's round on the rest. The caller publishes ``job.update`` and then calls ``commit``."""
+    and run the learner's round on the rest. The caller publishes ``job.update`` and then calls ``commit_update``."""
     job = JobRound(decoded)
     if not decoded.uploads:
         return job
@@ -92,7 +101,7 @@ def run_job(learner: Learner, decoded: JobUploads, label: LabelFn, settings: Job
     return job
 
 
-def commit(learner: Learner, update: DWCUpdate) -> str:
+def commit_update(learner: Learner, update: DWCUpdate) -> str:
     """The update is published: advance the learner's mirror; returns the digest of what the device will hold."""
     learner.commit(update)
     return learner.mirror_digest()

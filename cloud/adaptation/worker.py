@@ -18,12 +18,11 @@ import torch
 
 from cloud.adaptation.config import AdaptationConfig, ModelFamily
 from cloud.adaptation.learner import Learner
-from cloud.adaptation.recipe import JobSettings, commit, run_job
+from cloud.adaptation.recipe import JobSettings, commit_update, feature_dim, run_job
 from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.teacher import Teacher, prompts_for, torch_device
 from cloud.adaptation.uploads import decode_uploads
 from cloud.akd import TeacherLabels
-from common.llava_tokens import unwrap_llava
 from common.modeling import load_mllm
 from common.sample_codec import UploadSample
 from common.update_header import header_to_json
@@ -146,8 +145,7 @@ class Worker:
         t0 = time.perf_counter()
         family = self.config.families[spec.family]
         model, _ = self._device_model(family)
-        dim = unwrap_llava(model).model.multi_modal_projector.linear_1.in_features
-        decoded = decode_uploads(spec.rows, spec.family, dim)
+        decoded = decode_uploads(spec.rows, spec.family, feature_dim(model))
         summary: dict = {
             "samples": len(decoded.uploads),
             "skipped": decoded.skipped[:SKIPPED_KEPT],
@@ -175,7 +173,7 @@ class Worker:
         header = result.update.header
         header = header.addressed(*((spec.subject, "") if spec.subject_kind == "device" else ("", spec.subject)))
         header = dataclasses.replace(header, metadata={**header.metadata, "job_id": str(spec.job_id)})
-        summary["mirror_digest"] = commit(learner, result.update)
+        summary["mirror_digest"] = commit_update(learner, result.update)
         pending = self.store.save_pending(spec.key, learner, spec.job_id, result.update.payload, header_to_json(header))
         return JobResult("published", summary, pending.payload, pending.header_json, pending.generation)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cloud.adaptation.learner import Learner
-from cloud.adaptation.recipe import JobRound, JobSettings, commit, run_job
+from cloud.adaptation.recipe import JobRound, JobSettings, commit_update, run_job
 from cloud.adaptation.teacher import Teacher
 from cloud.adaptation.uploads import Upload, decode_uploads
 from cloud.akd import AKDConfig, TeacherLabels
@@ -32,6 +32,7 @@ from device.update_apply import VersionedAdapter, apply_adapter_update
 from device.uts import UncertaintyTokenSampler
 from sim.experiment.data import FeatureSet
 from sim.experiment.micro import ModelPair
+from sim.experiment.truth import true_labels
 from sim.fleet.shared_model import shared_copy
 
 OFFLINE_FAMILY = "offline"
@@ -80,10 +81,6 @@ class ArmRound:
     downlink_bytes: int
     wall_s: float
     extra: dict
-
-
-TRUE_LOGIT = 30.0
-"""Logit of the right answer in a true label (all others 0): at the distillation temperature it is one-hot."""
 
 
 @dataclass
@@ -197,7 +194,9 @@ class AdaptingArm:
         downlink = 0
         if job is not None and job.update is not None:
             self.device.apply(job.update.payload, job.update.header)
-            if commit(self.learner, job.update) != self.device.adapter.digest():  # pragma: no cover - apply checks it
+            if (
+                commit_update(self.learner, job.update) != self.device.adapter.digest()
+            ):  # pragma: no cover - apply checks it
                 raise RuntimeError("device state diverged from the cloud mirror")
             downlink = job.update.header.size
         wall = time.perf_counter() - t0
@@ -229,14 +228,6 @@ class AdaptingArm:
                 {"device_s": t_device, "cloud_s": t_cloud},
             )
         return rows
-
-
-def true_labels(teacher_labels: TeacherLabels, answer_ids: torch.Tensor) -> TeacherLabels:
-    """The world's answers as labels: one-hot logits on the right answer (so CE and KD both train towards it),
-    the teacher's hidden state on the same tokens kept as the alignment target."""
-    logits = torch.zeros_like(teacher_labels.logits)
-    logits[torch.arange(len(answer_ids)), answer_ids] = TRUE_LOGIT
-    return TeacherLabels(logits, teacher_labels.hidden)
 
 
 class CeilingArm(AdaptingArm):

@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 MIN_GAP = 0.05
-"""A shift whose teacher-minus-no-adaptation gap is below this is reported but not scored."""
+"""A shift whose teacher-minus-no-adaptation gap is below this is reported but not scored (the offline experiment
+and the fleet report alike)."""
 
 
-def gap_share(value: float | None, base: float, top: float) -> float | None:
-    """Share of the way from ``base`` to ``top`` that ``value`` went (None without a value or a positive gap)."""
-    if value is None or top - base <= 0:
+def gap_share(value: float | None, base: float, top: float | None) -> float | None:
+    """Share of the way from ``base`` to ``top`` that ``value`` went (None without both or a positive gap)."""
+    if value is None or top is None or top - base <= 0:
         return None
     return (value - base) / (top - base)
 

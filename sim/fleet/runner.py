@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sim.fleet.ceiling import measure_ceiling
 from sim.fleet.cloud_process import CloudProcess
 from sim.fleet.collect import collect_results
 from sim.fleet.devices import SimDevice
@@ -43,6 +44,8 @@ class RunOptions:
     cloud_threads: int = 1
     progress: Callable[[dict], None] | None = None
     """Called about once a second with a live snapshot (the CLI shows it with rich)."""
+    ceiling: bool = True
+    """After the run, replay the cloud's jobs with true labels (``sim.fleet.ceiling``) for the ceiling column."""
 
 
 @dataclass
@@ -135,7 +138,11 @@ class FleetRunner:
                     await d.proxy.stop()
             facts["cloud_exit_code"] = await cloud.stop()
         facts["wall_s"] = time.perf_counter() - started
-        return collect_results(run_dir.name, sc, devices, cloud, facts)
+        result = collect_results(run_dir.name, sc, devices, cloud, facts)
+        if self.options.ceiling:
+            args = (result, devices, cloud, models.teacher, models.teacher_prompts, world, evaluator)
+            await asyncio.to_thread(measure_ceiling, *args)
+        return result
 
     async def _create_devices(
         self, devices: list[SimDevice], state_dir: Path, gateway: tuple[str, int], models: Models, world: World

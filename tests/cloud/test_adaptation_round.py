@@ -108,7 +108,7 @@ def test_learner_state_survives_a_restart_and_rebases_on_rollback(setup, tmp_pat
 
 
 def test_job_recipe_holds_out_by_seq_and_labels_held_out_first(setup):
-    from cloud.adaptation.recipe import JobSettings, commit, run_job
+    from cloud.adaptation.recipe import JobSettings, commit_update, run_job
     from cloud.adaptation.uploads import decode_uploads
 
     cfg, worker, payloads, *_ = setup
@@ -127,7 +127,7 @@ def test_job_recipe_holds_out_by_seq_and_labels_held_out_first(setup):
     assert seen == [[10, 15, 20, 25, 30] + [s for s in range(7, 31) if s % 5]]
     assert len(learner.held_out) == 5 and job.result is not None and job.result.trained_on == 19
     assert job.outcome == "published" and job.update is not None
-    assert commit(learner, job.update) == learner.mirror_digest() and learner.mirror.version == "v1"
+    assert commit_update(learner, job.update) == learner.mirror_digest() and learner.mirror.version == "v1"
     # Only held-out seqs: nothing to train on, the gate's set grows.
     only = decode_uploads([("dev", 35, payloads[30], {}), ("dev", 40, payloads[31], {})], FAMILY, dim)
     again = run_job(learner, only, label, JobSettings(held_out_every=5))

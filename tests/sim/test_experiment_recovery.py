@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cloud.akd import TeacherLabels
-from sim.experiment.arms import true_labels
 from sim.experiment.recovery import MIN_GAP, per_shift, targets
 from sim.experiment.runner import Row
+from sim.experiment.truth import true_labels
 
 
 def _rows(shift: str, first: int, none: float, teacher: float, tandem: list[float], ceiling: list[float]):
