@@ -41,9 +41,12 @@ def test_replay_runs_the_clouds_jobs_in_order_with_true_labels(micro_zoo, tmp_pa
     replay = CeilingReplay(cfg, teacher, world, loaded.processor.tokenizer)
     seen = []
     label = replay._label
-    replay._label = lambda ups, truth: seen.append([(u.seq, truth[(u.device_id, u.seq)]) for u in ups]) or label(
-        ups, truth
-    )
+
+    def spy(ups, truth):
+        seen.append([(u.seq, truth[(u.device_id, u.seq)]) for u in ups])
+        return label(ups, truth)
+
+    replay._label = spy
     # Job 3 is listed first but runs last; a skipped job and a job still queued are not replayed.
     jobs = [_job(3, 20, 40, 9), _job(1, 0, 20, 7), _job(2, 20, 40, 0, "skipped")]
     jobs.append(Job(4, "device", "cam", FAMILY, (SeqRange("cam", 0, 40),), 40, 0, "test", "queued", 0))
