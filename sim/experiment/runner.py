@@ -45,6 +45,8 @@ class Row:
     # The teacher's pseudo-answers to this round's uploads: share right, and (UTS) right with every visual token.
     label_accuracy: float | None = None
     label_accuracy_all_tokens: float | None = None
+    cloud_s: float | None = None
+    """Seconds the cloud side took this round (labels, training, gate, DWC); not seeded, machine-dependent."""
 
 
 @dataclass
@@ -177,6 +179,7 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
                             fig.wall_s,
                             fig.extra.get("label_accuracy"),
                             fig.extra.get("label_accuracy_all_tokens"),
+                            fig.extra.get("cloud_s"),
                         )
                     )
                     if name == "tandem":
