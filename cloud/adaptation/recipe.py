@@ -1,9 +1,9 @@
 """One adaptation job, top to bottom: decoded uploads (``uploads.decode_uploads``) -> hold out (by seq) -> label
 -> learner round; ``commit_update`` once the update is published.
 
-The trainer's worker, the offline experiment and (through the service) the fleet simulator all run a job
-through ``run_job``; only what labels the uploads differs (the family's teacher, or, for the experiment's
-true-label ceiling, the world's answers).
+The trainer's worker (and so the service the fleet simulator runs), the offline experiment and the fleet report's
+ceiling replay all run a job through ``run_job``; only what labels the uploads differs (the family's teacher, or,
+for the true-label ceilings, the world's answers).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ LabelFn = Callable[[Sequence[Upload]], TeacherLabels]
 
 @dataclass(frozen=True)
 class JobSettings:
-    """The gate's part of a job: which seqs are held out and how a candidate is judged."""
+    """A job's settings beside the learner's: which seqs are held out, how the gate judges, the DWC byte budget
+    (None: the learner's DWC default)."""
 
     held_out_every: int = 5
     margin: float = 0.02
