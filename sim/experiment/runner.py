@@ -47,6 +47,8 @@ class Row:
     label_accuracy_all_tokens: float | None = None
     cloud_s: float | None = None
     """Seconds the cloud side took this round (labels, training, gate, DWC); not seeded, machine-dependent."""
+    outcome: str | None = None
+    """The round's job: published, refused (by the gate), unchanged, held out, no uploads."""
 
 
 @dataclass
@@ -180,6 +182,7 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
                             fig.extra.get("label_accuracy"),
                             fig.extra.get("label_accuracy_all_tokens"),
                             fig.extra.get("cloud_s"),
+                            fig.extra.get("outcome"),
                         )
                     )
                     if name == "tandem":
