@@ -1,7 +1,8 @@
 """The cloud trainer: scheduler, durable jobs, per-device / per-cohort learner state, validation gate, executors.
 
 Public classes (see docs/cloud-service.md): ``Learner`` (one subject's round: AKD -> gate -> DWC, no network
-or Ray), ``Teacher``, ``LearnerStore``, ``Worker``, ``TrainerService``, ``SqliteJobStore``, the executors.
+or Ray), the job recipe around it (``run_job``: hold out by seq, label, round; ``commit_update``), ``Teacher``,
+``LearnerStore``, ``Worker``, ``TrainerService``, ``SqliteJobStore``, the executors.
 Heavy modules (torch, Ray) are imported on first use of their names.
 """
 
@@ -19,6 +20,14 @@ _EXPORTS = {
     "Learner": "cloud.adaptation.learner",
     "RoundResult": "cloud.adaptation.learner",
     "GateReport": "cloud.adaptation.gate",
+    "JobSettings": "cloud.adaptation.recipe",
+    "JobRound": "cloud.adaptation.recipe",
+    "run_job": "cloud.adaptation.recipe",
+    "commit_update": "cloud.adaptation.recipe",
+    "feature_dim": "cloud.adaptation.recipe",
+    "Upload": "cloud.adaptation.uploads",
+    "decode_uploads": "cloud.adaptation.uploads",
+    "read_raw": "cloud.adaptation.uploads",
     "Teacher": "cloud.adaptation.teacher",
     "LearnerStore": "cloud.adaptation.state",
     "Worker": "cloud.adaptation.worker",

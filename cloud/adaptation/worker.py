@@ -18,13 +18,13 @@ import torch
 
 from cloud.adaptation.config import AdaptationConfig, ModelFamily
 from cloud.adaptation.learner import Learner
+from cloud.adaptation.recipe import JobSettings, commit_update, feature_dim, run_job
 from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.teacher import Teacher, prompts_for, torch_device
 from cloud.adaptation.uploads import decode_uploads
 from cloud.akd import TeacherLabels
 from cloud.feature_bases import load_known_bases
 from common.faults import fault_point
-from common.llava_tokens import unwrap_llava
 from common.modeling import load_mllm
 from common.sample_codec import UploadSample
 from common.update_header import header_to_json
@@ -148,8 +148,7 @@ class Worker:
         t0 = time.perf_counter()
         family = self.config.families[spec.family]
         model, _ = self._device_model(family)
-        dim = unwrap_llava(model).model.multi_modal_projector.linear_1.in_features
-        decoded = decode_uploads(spec.rows, spec.family, dim)
+        decoded = decode_uploads(spec.rows, spec.family, feature_dim(model))
         summary: dict = {
             "samples": len(decoded.uploads),
             "skipped": decoded.skipped[:SKIPPED_KEPT],
@@ -160,29 +159,17 @@ class Worker:
             reason = "no usable samples" if decoded.skipped else "no samples in the job's ranges"
             return JobResult("skipped", {**summary, "reason": reason})
         learner = self.load_learner(spec.key, spec.family)
+        gate = self.config.gate
         if spec.rebase_to is not None and spec.rebase_to != learner.mirror.version:
             learner.rebase(spec.rebase_to)
             summary["rebased_to"] = spec.rebase_to
-        every = self.config.gate.held_out_every
-        held = [u for u in decoded.uploads if u.seq % every == 0]
-        train = [u for u in decoded.uploads if u.seq % every != 0]
-        ups = held + train
-        t1 = time.perf_counter()
-        labels = self.labeler.label(spec.family, [u.payload for u in ups], [u.sample for u in ups])
-        summary["label_s"] = time.perf_counter() - t1
-        n = len(held)
-        learner.add_held_out([u.payload for u in held], [u.sample for u in held], labels.subset(range(n)))
-        if not train:
-            return self._save_live(spec, learner, {**summary, "reason": "every new sample was held out"})
+        settings = JobSettings(gate.held_out_every, gate.margin, gate.min_held_out, spec.budget_bytes)
         fault_point("cloud.job_round")  # test-only: hold or kill a job mid-way (common/faults.py)
-        result = learner.run_round(
-            [u.payload for u in train],
-            [u.sample for u in train],
-            labels.subset(range(n, len(ups))),
-            margin=self.config.gate.margin,
-            min_held_out=self.config.gate.min_held_out,
-            budget_bytes=spec.budget_bytes,
-        )
+        job = run_job(learner, decoded, self._label_fn(spec.family), settings)
+        summary["label_s"] = job.label_s
+        if job.result is None:
+            return self._save_live(spec, learner, {**summary, "reason": "every new sample was held out"})
+        result = job.result
         summary.update(result.summary())
         summary["job_s"] = time.perf_counter() - t0
         if result.outcome != "published" or result.update is None:
@@ -190,10 +177,12 @@ class Worker:
         header = result.update.header
         header = header.addressed(*((spec.subject, "") if spec.subject_kind == "device" else ("", spec.subject)))
         header = dataclasses.replace(header, metadata={**header.metadata, "job_id": str(spec.job_id)})
-        learner.commit(result.update)
-        summary["mirror_digest"] = learner.mirror_digest()
+        summary["mirror_digest"] = commit_update(learner, result.update)
         pending = self.store.save_pending(spec.key, learner, spec.job_id, result.update.payload, header_to_json(header))
         return JobResult("published", summary, pending.payload, pending.header_json, pending.generation)
+
+    def _label_fn(self, family: str):
+        return lambda ups: self.labeler.label(family, [u.payload for u in ups], [u.sample for u in ups])
 
     def _save_live(self, spec: JobSpec, learner: Learner, summary: dict, outcome: str = "unchanged") -> JobResult:
         gen = self.store.save(spec.key, learner, spec.job_id)

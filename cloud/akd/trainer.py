@@ -52,6 +52,8 @@ class AKDConfig(StrictConfig):
     batch_size: int = Field(32, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     min_teacher_confidence: float = Field(0.0, ge=0, le=1)
+    confidence_weighting: bool = False
+    """Weight each sample's CE and KD terms by the teacher's confidence (normalised to mean 1 per batch)."""
     seed: int = 0
 
 
@@ -102,17 +104,25 @@ class AKDTrainer:
             first_hidden = out.step_hidden[:, 0]  # type: ignore[index]
         else:
             out = answer_forward(self.student, self.prompts, feats, questions)
-            ce = F.cross_entropy(out.logits, labels.answer_ids)
-            kd = (t * t) * F.kl_div(
-                F.log_softmax(out.logits / t, dim=-1),
-                F.log_softmax(labels.logits / t, dim=-1),
-                log_target=True,
-                reduction="batchmean",
-            )
+            ce, kd = self._first_token_terms(out.logits, labels, t, cfg.confidence_weighting)
             first_hidden = out.hidden
         align = F.mse_loss(self.align(first_hidden), labels.hidden)
         total = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_align * align
         return {"total": total, "ce": ce, "kd": kd, "align": align}
+
+    def _first_token_terms(
+        self, logits: torch.Tensor, labels: TeacherLabels, t: float, weighted: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE on the teacher's answer and T^2 * KL to its distribution, optionally weighted by its confidence."""
+        log_p, log_q = F.log_softmax(logits / t, dim=-1), F.log_softmax(labels.logits / t, dim=-1)
+        if weighted:
+            w = self._confidence_weights(labels)
+            ce = (w * F.cross_entropy(logits, labels.answer_ids, reduction="none")).mean()
+            kd = (t * t) * (w * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)).mean()
+        else:
+            ce = F.cross_entropy(logits, labels.answer_ids)
+            kd = (t * t) * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+        return ce, kd
 
     @staticmethod
     def _sequence_terms(
@@ -131,6 +141,12 @@ class AKDTrainer:
             reduction="batchmean",
         )
         return ce, kd
+
+    @staticmethod
+    def _confidence_weights(labels: TeacherLabels) -> torch.Tensor:
+        """Per-sample loss weights: the teacher's confidence normalised to mean 1 over the batch."""
+        conf = labels.confidence.to(labels.logits.device)
+        return conf / conf.mean().clamp_min(1e-8)
 
     @torch.no_grad()
     def evaluate(self, samples: Sequence[UploadSample], labels: TeacherLabels) -> dict[str, float]:

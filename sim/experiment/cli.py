@@ -31,18 +31,36 @@ def offline(
     rate_arms: str = typer.Option(
         None, help="rate-recovery arms, comma-separated (jpeg50,jpeg90,all_int8,r8b4,...), or 'default'"
     ),
-    baselines: str = typer.Option(None, help="baselines, comma-separated (send_all,fp32,ce_only), or 'none'"),
+    baselines: str = typer.Option(
+        None, help="baselines, comma-separated (ceiling,send_all,fp32,ce_only), or 'none'"
+    ),
+    setting: list[str] = typer.Option(
+        [],
+        "--set",
+        help="override one setting, KEY=VALUE (YAML value; dotted keys reach into akd, e.g. akd.lr=6e-3, "
+        "replay_rounds=1, baselines=[ceiling]); repeatable",
+    ),
 ) -> None:
     """Device pretrained on clear, stream drifting through shifts; UTS + AKD + DWC against baselines."""
-    from sim.experiment.config import sized
+    from sim.experiment.config import parse_overrides, sized
     from sim.experiment.rate_arms import DEFAULT_RATE_ARMS
     from sim.experiment.report import print_report, write_reports
     from sim.experiment.runner import run_experiment
 
-    arms = None if rate_arms is None else DEFAULT_RATE_ARMS if rate_arms == "default" else _names(rate_arms)
-    base = None if baselines is None else [] if baselines == "none" else _names(baselines)
-    config = sized(size, recipe, seed=seed, threads=threads, zoo_dir=zoo_dir, dwc_selection=dwc_selection,
-                   rate_arms=arms, baselines=base)  # fmt: skip
+    overrides = parse_overrides(setting)
+    if rate_arms is not None:
+        overrides["rate_arms"] = DEFAULT_RATE_ARMS if rate_arms == "default" else _names(rate_arms)
+    if baselines is not None:
+        overrides["baselines"] = [] if baselines == "none" else _names(baselines)
+    config = sized(
+        size,
+        recipe,
+        seed=seed,
+        threads=threads,
+        zoo_dir=zoo_dir,
+        dwc_selection=dwc_selection,
+        **overrides,
+    )
     console = Console()
     with console.status("running the offline experiment") as status:
         result = run_experiment(config, progress=lambda line: (console.log(line), status.update(line)))

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from sim.experiment import recovery
 from sim.experiment.runner import ARM_LABELS, ExperimentResult
 
-ARM_ORDER = ("none", "tandem", "tandem_fp32", "send_all", "ce_only", "teacher")
+ARM_ORDER = ("none", "tandem", "ceiling", "tandem_fp32", "send_all", "ce_only", "teacher")
 SHORT = {
     "none": "none",
     "tandem": "Tandem",
+    "ceiling": "ceiling",
     "tandem_fp32": "fp32 dl",
     "send_all": "send all",
     "ce_only": "CE only",
@@ -39,24 +40,10 @@ def summarize(result: ExperimentResult) -> dict:
     by = _by(result)
     rounds = sorted({r.round for r in result.rows})
     arms = _arms(result)
-    out: dict = {"per_shift": []}
-    shifts = defaultdict(list)
-    for r in result.rows:
-        if r.arm == "tandem":
-            shifts[r.shift].append(r.round)
-    for shift, rs in shifts.items():
-        none, teacher = by[(rs[0], "none")]["accuracy"], by[(rs[0], "teacher")]["accuracy"]
-        gap = teacher - none
-        rec = [(by[(x, "tandem")]["accuracy"] - none) / gap if gap > 0 else float("nan") for x in rs]
-        out["per_shift"].append(
-            {
-                "shift": shift,
-                "none": none,
-                "teacher": teacher,
-                "recovery_by_round": rec,
-                "recovery_within_3": max(rec[:3]) if rec else float("nan"),
-            }
-        )
+    out: dict = {"per_shift": recovery.per_shift(result.rows)}
+    out["recovery_worst"] = recovery.worst(out["per_shift"], "recovery_end")
+    out["share_of_ceiling_worst"] = recovery.worst(out["per_shift"], "share_of_ceiling_end")
+    out["margin_vs_none_min"] = min((p["margin_vs_none_min"] for p in out["per_shift"]), default=None)
 
     def total(arm: str, key: str) -> float:
         return float(sum(by[(x, arm)][key] for x in rounds if (x, arm) in by))
@@ -79,10 +66,8 @@ def summarize(result: ExperimentResult) -> dict:
     return out
 
 
-def _targets(s: dict) -> list[tuple[str, str, bool]]:
-    rows = []
-    worst = min((p["recovery_within_3"] for p in s["per_shift"]), default=float("nan"))
-    rows.append(("gap recovered within 3 rounds (worst shift) >= 80%", f"{100 * worst:.0f}%", worst >= 0.8))
+def _targets(s: dict) -> list[tuple[str, str, bool | None]]:
+    rows = recovery.targets(s["per_shift"])
     if "uplink_ratio" in s:
         rows.append(
             (
@@ -151,7 +136,7 @@ def print_report(result: ExperimentResult, console: Console | None = None) -> No
     for h in ("target", "measured", "met"):
         checks.add_column(h)
     for name, value, ok in _targets(summarize(result)):
-        checks.add_row(name, value, "[green]yes[/]" if ok else "[red]no[/]")
+        checks.add_row(name, value, "n/a" if ok is None else "[green]yes[/]" if ok else "[red]no[/]")
     console.print(checks)
 
 
@@ -211,17 +196,8 @@ def markdown(result: ExperimentResult) -> str:
     md.append("|" + "---|" * len(head))
     md += ["| " + " | ".join(line) + " |" for line in lines]
     md += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    md += [f"| {n} | {v} | {'yes' if ok else 'no'} |" for n, v, ok in _targets(s)]
-    md += [
-        "",
-        "## Gap recovery per shift",
-        "",
-        "| shift | no adaptation | teacher | recovered by round |",
-        "|---|---|---|---|",
-    ]
-    for p in s["per_shift"]:
-        rec = ", ".join(f"{100 * v:.0f}%" for v in p["recovery_by_round"])
-        md.append(f"| {p['shift']} | {100 * p['none']:.1f} | {100 * p['teacher']:.1f} | {rec} |")
+    md += [f"| {n} | {v} | {'n/a' if ok is None else 'yes' if ok else 'no'} |" for n, v, ok in _targets(s)]
+    md += recovery.markdown_lines(s["per_shift"])
     md += _label_lines(result)
     up = f["uplink_per_sample"]
     md += ["", "## Bytes", ""]

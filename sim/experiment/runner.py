@@ -12,7 +12,7 @@ import torch
 
 from cloud.dwc import DWCConfig, full_state_bytes
 from device.uts import GateConfig, SourceFeatureStats, UncertaintyTokenSampler, UTSConfig, jpeg_bytes
-from sim.experiment.arms import AdaptingArm, accuracy
+from sim.experiment.arms import AdaptingArm, CeilingArm, accuracy
 from sim.experiment.config import ExperimentConfig
 from sim.experiment.data import CALIBRATION_OFFSET, EVAL_OFFSET, feature_set
 from sim.experiment.micro import ModelPair, random_pair
@@ -26,6 +26,7 @@ ARM_LABELS = {
     "tandem_fp32": "fp32 adapter downlink",
     "send_all": "send-everything uplink",
     "ce_only": "CE on pseudo-labels only",
+    "ceiling": "ceiling (Tandem's uploads, true labels)",
 }
 
 
@@ -45,6 +46,10 @@ class Row:
     # The teacher's pseudo-answers to this round's uploads: share right, and (UTS) right with every visual token.
     label_accuracy: float | None = None
     label_accuracy_all_tokens: float | None = None
+    cloud_s: float | None = None
+    """Seconds the cloud side took this round (labels, training, gate, DWC); not seeded, machine-dependent."""
+    outcome: str | None = None
+    """The round's job: published, refused (by the gate), unchanged, held out, no uploads."""
 
 
 @dataclass
@@ -127,6 +132,7 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
         )
         return UncertaintyTokenSampler(cfg, stats)
 
+    from cloud.adaptation.recipe import JobSettings
     from cloud.adaptation.teacher import Teacher
     from cloud.akd import adapter_state, build_student
 
@@ -139,12 +145,16 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
     )
     teacher = Teacher(pair.teacher, pair.prompts)
     replay = (config.replay_rounds - 1) * config.uplink_samples_per_round  # the current round is pooled too
-    common = {"replay_samples": replay, "held_out_every": config.held_out_every, "gate_margin": config.gate_margin}
+    settings = JobSettings(held_out_every=config.held_out_every, margin=config.gate_margin)
+    common = {"replay_samples": replay, "settings": settings}
     kd_free = config.akd.model_copy(update={"w_kd": 0.0, "w_align": 0.0})
     main_arm = CountingArm if config.rate_arms else AdaptingArm
-    arms = [
-        main_arm("tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common)
-    ]
+    tandem = main_arm(
+        "tandem", teacher, pair, config.akd, make_uts(), dwc, track_fp32="fp32" in config.baselines, **common
+    )
+    arms = [tandem]
+    if "ceiling" in config.baselines:
+        arms.append(CeilingArm("ceiling", tandem, teacher, pair, config.akd, None, dwc, **common))
     if "send_all" in config.baselines:
         arms.append(AdaptingArm("send_all", teacher, pair, config.akd, None, dwc, **common))
     if "ce_only" in config.baselines:
@@ -190,6 +200,8 @@ def _run(config: ExperimentConfig, progress: Callable[[str], None] | None, pair:
                             fig.wall_s,
                             fig.extra.get("label_accuracy"),
                             fig.extra.get("label_accuracy_all_tokens"),
+                            fig.extra.get("cloud_s"),
+                            fig.extra.get("outcome"),
                         )
                     )
                     if name == "tandem":

@@ -37,7 +37,7 @@ def _s(v: float | None) -> str:
 def device_rows(result: FleetResult) -> tuple[list[str], list[list[str]]]:
     """One row per device: link, versions, bytes, latency, end accuracy against the references."""
     head = ["device", "cohort", "link", "version", "updates", "rollbacks", "refused", "up KB", "down KB",
-            "latency p50 s", "acc", "none", "teacher", "lost"]  # fmt: skip
+            "latency p50 s", "acc", "none", "ceiling", "teacher", "lost"]  # fmt: skip
     rows = []
     for d in result.devices:
         last = d.points[-1] if d.points else None
@@ -55,6 +55,7 @@ def device_rows(result: FleetResult) -> tuple[list[str], list[list[str]]]:
                 _s(percentile(d.latencies_s(), 50)),
                 _pct(last.accuracy if last else None),
                 _pct(last.none if last else None),
+                _pct(last.ceiling if last else None),
                 _pct(last.teacher if last else None),
                 str(d.samples.lost),
             ]
@@ -96,6 +97,7 @@ def fleet_lines(summary: dict) -> list[tuple[str, str]]:
         ("Ask latency p50 / p99 (ms)", f"{_ms(ask['p50'])} / {_ms(ask['p99'])}"),
         ("upload-ack latency p50 / p99 (ms)", f"{_ms(ack['p50'])} / {_ms(ack['p99'])}"),
         ("recovery of the gap: worst / mean", f"{_pct(summary['recovery_min'])}% / {_pct(summary['recovery_mean'])}%"),
+        ("share of the true-label ceiling's gain: worst", f"{_pct(summary.get('share_of_ceiling_min'))}%"),
     ]  # fmt: skip
 
 
@@ -147,6 +149,15 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}.yes{color:#080}.no{color:#b00}"""
 
 
+SHARES = ("recovery", "ceiling_recovery", "share_of_ceiling")
+"""Per drift step: Tandem's and the ceiling's share of the gap to the teacher, Tandem's share of the ceiling's gain
+(n/a where the gap is below ``summary.MIN_GAP``)."""
+
+
+def _share_text(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
 def render_html(result: FleetResult, summary: dict, plots: dict[str, Path]) -> str:
     """One self-contained page: the plots inline (base64), the tables, the scenario."""
     sc = result.scenario
@@ -157,8 +168,8 @@ def render_html(result: FleetResult, summary: dict, plots: dict[str, Path]) -> s
         for t in targets(summary)
     )
     phases = [
-        [r["device"], r["domain"], f"{r['end_s']:.0f}", _pct(r["accuracy"]), _pct(r["none"]), _pct(r["teacher"]),
-         "n/a" if r["recovery"] is None else f"{100 * r['recovery']:.0f}%"]
+        [r["device"], r["domain"], f"{r['end_s']:.0f}", _pct(r["accuracy"]), _pct(r["none"]),
+         _pct(r.get("ceiling")), _pct(r["teacher"])] + [_share_text(r.get(k)) for k in SHARES]
         for r in summary["phases"]
     ]  # fmt: skip
     parts = [
@@ -181,7 +192,8 @@ def render_html(result: FleetResult, summary: dict, plots: dict[str, Path]) -> s
         "<h2>Devices</h2>",
         _table_html(*device_rows(result)),
         "<h2>Drift steps: recovery of the gap to the teacher</h2>",
-        _table_html(["device", "domain", "end (s)", "acc", "none", "teacher", "recovery"], phases),
+        _table_html(["device", "domain", "end (s)", "acc", "none", "ceiling", "teacher", "recovery",
+                     "ceiling recovery", "share of ceiling"], phases),
         "<h2>Run facts</h2>",
         f"<pre>{html.escape(json.dumps(result.facts, indent=2, default=str))}</pre>",
         "<h2>Scenario</h2>",

@@ -17,6 +17,8 @@ class Point(BaseModel):
     """The same samples with no adaptation (the base device model)."""
     teacher: float
     """The same samples answered by the teacher."""
+    ceiling: float | None = None
+    """The same samples with the true-label ceiling's adapters for the version served (``sim.fleet.ceiling``)."""
     up_bytes: int
     """Bytes the device's link carried up so far (everything: uploads, heartbeats, gRPC framing)."""
     down_bytes: int

@@ -23,6 +23,7 @@ import torch
 
 from common import clock as clocks
 from sim.clock import VirtualClock
+from sim.fleet.ceiling import measure_ceiling
 from sim.fleet.cloud_process import CloudProcess
 from sim.fleet.collect import collect_results
 from sim.fleet.devices import SimDevice
@@ -60,6 +61,8 @@ class RunOptions:
     """Overrides the scenario's device profile (``sim/profiles/devices.yaml``)."""
     cloud_profile: str | None = None
     """Overrides the scenario's cloud profile (``sim/profiles/clouds.yaml``)."""
+    ceiling: bool = True
+    """After the run, replay the cloud's jobs with true labels (``sim.fleet.ceiling``) for the ceiling column."""
 
 
 @dataclass
@@ -213,7 +216,11 @@ class FleetRunner:
         facts["slowdown"] = facts.get("measure_wall_s", 0.0) / sc.duration_s
         if self.lockstep is not None:
             facts["lockstep"] = vars(self.lockstep.stats)
-        return collect_results(run_dir.name, sc, devices, cloud, facts)
+        result = collect_results(run_dir.name, sc, devices, cloud, facts)
+        if self.options.ceiling:
+            args = (result, devices, cloud, models.teacher, models.teacher_prompts, world, evaluator)
+            await asyncio.to_thread(measure_ceiling, *args)
+        return result
 
     async def _create_devices(
         self,

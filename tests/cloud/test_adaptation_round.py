@@ -105,3 +105,30 @@ def test_learner_state_survives_a_restart_and_rebases_on_rollback(setup, tmp_pat
     save_file(tensors, str(mirror_file))
     with pytest.raises(StateError, match="digest"):
         store.restore("device:d1", worker.build_learner(FAMILY))
+
+
+def test_job_recipe_holds_out_by_seq_and_labels_held_out_first(setup):
+    from cloud.adaptation.recipe import JobSettings, commit_update, run_job
+    from cloud.adaptation.uploads import decode_uploads
+
+    cfg, worker, payloads, *_ = setup
+    learner = worker.build_learner(FAMILY)
+    dim = decode_sample(payloads[0]).features.shape[1]
+    # Seqs 7..30 (not starting at 1): held out are the multiples of 5, whatever their position in the job.
+    decoded = decode_uploads([("dev", 7 + i, p, {}) for i, p in enumerate(payloads[:24])], FAMILY, dim)
+    seen: list[list[int]] = []
+
+    def label(ups):
+        seen.append([u.seq for u in ups])
+        return worker.labeler.label(FAMILY, [u.payload for u in ups], [u.sample for u in ups])
+
+    job = run_job(learner, decoded, label, JobSettings(held_out_every=5, margin=0.05, min_held_out=2))
+    assert [u.seq for u in job.held] == [10, 15, 20, 25, 30]
+    assert seen == [[10, 15, 20, 25, 30] + [s for s in range(7, 31) if s % 5]]
+    assert len(learner.held_out) == 5 and job.result is not None and job.result.trained_on == 19
+    assert job.outcome == "published" and job.update is not None
+    assert commit_update(learner, job.update) == learner.mirror_digest() and learner.mirror.version == "v1"
+    # Only held-out seqs: nothing to train on, the gate's set grows.
+    only = decode_uploads([("dev", 35, payloads[30], {}), ("dev", 40, payloads[31], {})], FAMILY, dim)
+    again = run_job(learner, only, label, JobSettings(held_out_every=5))
+    assert again.outcome == "held out" and again.result is None and len(learner.held_out) == 7

@@ -99,3 +99,25 @@ def test_diverging_loss_restores_adapters(setup):
     with pytest.raises(AKDError, match="NaN or inf"):
         trainer.train(uploads, huge)
     assert state_digest(trainer.adapter_state()) == before
+
+
+def test_confidence_weighting_weighs_each_sample_by_the_teachers_confidence(setup):
+    pair, uploads, labels = setup
+    plain, weighted = _trainer(pair), _trainer(pair, confidence_weighting=True)
+    batch, sub = uploads[:6], labels.subset(range(6))
+    # Uniform confidence: the weighted loss is the plain loss.
+    flat = TeacherLabels(torch.zeros_like(sub.logits), sub.hidden)
+    flat.logits[:, 3] = 1.0
+    same_p, same_w = plain.losses(batch, flat), weighted.losses(batch, flat)
+    assert torch.allclose(same_p["ce"], same_w["ce"]) and torch.allclose(same_p["kd"], same_w["kd"])
+    # One confident sample among near-uniform ones: the weighted CE is dominated by that sample's CE.
+    peaked = TeacherLabels(torch.zeros_like(sub.logits), sub.hidden)
+    peaked.logits[0, 3] = 40.0
+    peaked.logits[1:, 3] = 1e-3
+    with torch.no_grad():
+        out = answer_forward(weighted.student, pair.prompts, [s.features for s in batch], [s.question for s in batch])
+        per = torch.nn.functional.cross_entropy(out.logits, peaked.answer_ids, reduction="none")
+        conf = peaked.confidence
+        expected = (conf / conf.mean() * per).mean()
+        assert torch.allclose(weighted.losses(batch, peaked)["ce"], expected, atol=1e-6)
+        assert not torch.allclose(plain.losses(batch, peaked)["ce"], expected, atol=1e-4)

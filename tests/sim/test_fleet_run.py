@@ -51,6 +51,9 @@ def _check(result) -> None:
         assert len(d.points) >= 2 and all(0 <= p.accuracy <= 1 for p in d.points)
         assert d.samples.acked + d.samples.pending == d.samples.selected
         assert d.samples.stored >= d.samples.acked
+    # The true-label ceiling was replayed from the cloud's jobs and scored on every point.
+    assert "ceiling_error" not in result.facts and result.facts["ceiling_s"] > 0
+    assert all(p.ceiling is not None and 0 <= p.ceiling <= 1 for d in result.devices for p in d.points)
     slow = next(d for d in result.devices if d.device_id == "slow")
     assert slow.link_stats["cuts"] + slow.link_stats["refused"] >= 1  # the outage happened on its link
     assert {p.domain for p in slow.points} & {"clear", "cast"}

@@ -38,7 +38,7 @@ def _error(tmp_path: Path, data: dict) -> str:
 
 def test_library_scenarios_load():
     names = {p.stem for p in SCENARIO_DIR.glob("*.yaml")}
-    assert {"single-three-shifts", "mixed-fleet", "scale-100", "demo"} <= names
+    assert {"single-three-shifts", "mixed-fleet", "scale-100", "demo", "composite-shift"} <= names
     counts = {n: len(load_scenario(n).devices()) for n in names}
     assert counts["single-three-shifts"] == 1 and counts["mixed-fleet"] == 20 and counts["scale-100"] == 100
     assert counts["demo"] == 3
