@@ -31,8 +31,12 @@ from pathlib import Path
 
 import torch
 
+from bench._verdict import verdict
+
 CDCCA_DOWNLINK_BYTES = 791_000  # CD-CCA's DWC update (paper: 14.48 GB -> 0.791 MB), docs/../cdcca.md
 SECTIONS = ("prefill", "memory", "uplink", "agent", "trainer")
+PREFILL_TARGET = 0.35
+"""SparseVLM LM prefill at 64 of 576 visual tokens, as a share of dense (issue: real geometry)."""
 
 
 def peak_rss_mib() -> float:
@@ -294,7 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:  # `python -m bench`: batch 1 once, no agent or trainer process (minutes, not a quarter hour)
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             args.sections = "prefill,memory,uplink"
     if args.child:
         print("RESULT " + json.dumps(run_section(args.child, args)), flush=True)
-        return
+        return 0
     member_root(args.set)  # build once, before the sections start
     results = {"threads": args.threads}
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -323,7 +327,28 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
+    return verdict("real_geometry", checks(results))
+
+
+def checks(results: dict) -> list[tuple[bool, str]]:
+    """The issue's targets that the sections run measured (same-run ratios)."""
+    out = []
+    prefill = results.get("prefill", {}).get("settings", {}).get("tandem-64", {})
+    for key in ("ratio_b1", "ratio_b8"):
+        if key in prefill:
+            out.append((prefill[key] <= PREFILL_TARGET, f"Tandem at 64: LM prefill {prefill[key]:.3f} of dense "
+                        f"({key[-2:]}; target <= {PREFILL_TARGET})"))  # fmt: skip
+    memory = results.get("memory", {})
+    for name in ("nf4", "int8"):
+        if name in memory:
+            ratio = memory[name]["at_32_layers_vs_fp16"]
+            out.append((ratio < 1.0, f"{name} model at 32 layers {ratio:.3f} of fp16"))
+    uplink = results.get("uplink")
+    if uplink:
+        ratio = uplink["sample_vs_all_tokens"]
+        out.append((ratio < 1.0, f"uploaded sample {ratio:.3f} of all tokens"))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -350,6 +350,9 @@ class DeviceAgent:
 
     def _heartbeat_info(self) -> HeartbeatInfo:
         pending = self.store.pending_rollback()
+        held = self.link.fetcher.current_version if self.link is not None else None
+        if pending is not None and held == pending.rolled_back_from:
+            pending = None  # mid-rollback (the store moved, the held version not yet): the next heartbeat says it
         c = self.counts
         metrics = {k: float(v) for k, v in c.items()}
         metrics["queue_depth"] = float(self.batcher.depth)
