@@ -67,8 +67,8 @@ class CountingArm(AdaptingArm):
         self.link_bytes += sum(link_bytes(p) for p in sent)
         self.samples += len(sent)
 
-    def _uploads(self, stream: FeatureSet, batch: int = 64) -> tuple[list[bytes], list[int]]:
-        payloads, picked = super()._uploads(stream, batch)
+    def _payloads(self, stream: FeatureSet, batch: int = 64) -> tuple[list[bytes], list[int]]:
+        payloads, picked = super()._payloads(stream, batch)
         self._count(payloads)
         return payloads, picked
 
@@ -82,8 +82,8 @@ class JpegArm(CountingArm):
         self.quality = quality
 
     @torch.no_grad()
-    def _uploads(self, stream: FeatureSet, batch: int = 64) -> tuple[list[bytes], list[int]]:
-        _, picked = AdaptingArm._uploads(self, stream, batch)
+    def _payloads(self, stream: FeatureSet, batch: int = 64) -> tuple[list[bytes], list[int]]:
+        _, picked = AdaptingArm._payloads(self, stream, batch)
         from PIL import Image
 
         frames = [jpeg(stream.images[i], self.quality) for i in picked]
