@@ -65,7 +65,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         token = token_from_metadata(context.invocation_metadata())
         if token is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-        device = self.devices.authenticate(token)
+        device = await asyncio.to_thread(self.devices.authenticate, token)
         if device is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token")
         await self._check_cert_binding(context, method, device.device_id)  # type: ignore[union-attr]
@@ -98,13 +98,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if problem:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self._check_cert_binding(context, m, request.device_id)
-        existing = self.devices.get(request.device_id)
-        code, msg = self._enrollment_refusal(request, existing, context)
+        existing = await asyncio.to_thread(self.devices.get, request.device_id)
+        code, msg = await self._enrollment_refusal(request, existing, context)
         if code is not None:
             await self._abort(context, m, code, msg)
         cohort = request.cohort if self.config.open_enrollment else (existing.cohort if existing else "")
         try:
-            record, token = self.devices.register(
+            record, token = await asyncio.to_thread(
+                self.devices.register,
                 request.device_id,
                 cohort=cohort,
                 model_family=request.model_family,
@@ -125,7 +126,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             acked_seq=await self.writer.high_water(record.device_id),
         )
 
-    def _enrollment_refusal(
+    async def _enrollment_refusal(
         self, request: gateway_pb2.RegisterRequest, existing: DeviceRecord | None, context
     ) -> tuple[grpc.StatusCode | None, str]:
         """Why this Register may not proceed (status and message), or ``(None, "")``."""
@@ -137,12 +138,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 f"device {device_id} was revoked; an operator must re-admit it (tandem-cloud devices add {device_id})"
             )
         if existing is not None and existing.provisioned:
-            if has_secret or self.devices.check_enrollment_code(device_id, request.enrollment_secret):
+            if has_secret or await asyncio.to_thread(
+                self.devices.check_enrollment_code, device_id, request.enrollment_secret
+            ):
                 return None, ""
             return grpc.StatusCode.UNAUTHENTICATED, f"wrong or missing enrollment code for device {device_id}"
         if existing is not None:
             token = token_from_metadata(context.invocation_metadata())
-            holder = self.devices.authenticate(token) if token else None
+            holder = await asyncio.to_thread(self.devices.authenticate, token) if token else None
             if holder is None or holder.device_id != device_id:
                 return grpc.StatusCode.PERMISSION_DENIED, (
                     f"device {device_id} is already registered; re-register with its token"
@@ -197,7 +200,9 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 await self._abort(context, m, grpc.StatusCode.UNAVAILABLE, f"sample store failed: {exc}")
             self.metrics.samples_stored.inc(stored)
             self.metrics.samples_duplicate.inc(duplicates)
-            acked = await self.writer.high_water(device.device_id)
+            acked = session.high_water  # from the commit itself; a stream that stored nothing asks the store
+            if acked is None:
+                acked = await self.writer.high_water(device.device_id)
             if refusal is not None:
                 code, msg, seq = refusal
                 trailers = [(ACKED_SEQ_TRAILER, str(acked))]
@@ -219,7 +224,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"update_id must be between 1 and {MAX_SEQ}",
             )
-        record = self.updates.get(update_id)
+        record = await asyncio.to_thread(self.updates.get, update_id)
         if record is None:
             await self._abort(context, method, grpc.StatusCode.NOT_FOUND, f"no update {update_id}")
         assert record is not None
@@ -272,7 +277,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if request.after_update_id > MAX_SEQ:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}")
         if request.current_version:
-            self.devices.touch(device.device_id, request.current_version)
+            await asyncio.to_thread(self.devices.touch, device.device_id, request.current_version)
         cursor = request.after_update_id
         self.metrics.active_streams.labels(m).inc()
         try:
@@ -297,6 +302,16 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             metrics["uplink_bytes_per_s"] = float(request.uplink_bytes_per_s)
         if len(json.dumps(metrics)) > 64 * 1024:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat metrics exceed 64 KiB")
+        latest = await asyncio.to_thread(self._record_heartbeat, device, request, metrics)
+        self._ok(m)
+        return gateway_pb2.HeartbeatResponse(
+            server_unix_ms=_now_ms(),
+            acked_seq=await self.writer.high_water(device.device_id),
+            latest_update_id=latest,
+        )
+
+    def _record_heartbeat(self, device: DeviceRecord, request: gateway_pb2.HeartbeatRequest, metrics: dict) -> int:
+        """The heartbeat's writes (on a worker thread); returns the latest update id addressed to the device."""
         self.devices.heartbeat(
             device.device_id,
             status=request.status[:256],
@@ -310,14 +325,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 request.applied_version[:128],
                 request.rollback_reason[:256],
             )
-        self._ok(m)
-        return gateway_pb2.HeartbeatResponse(
-            server_unix_ms=_now_ms(),
-            acked_seq=await self.writer.high_water(device.device_id),
-            latest_update_id=max(
-                (r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0
-            ),
-        )
+        return max((r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0)
 
 
 def _now_ms() -> int:
