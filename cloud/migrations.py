@@ -127,6 +127,15 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         "devices: one-time enrollment codes of provisioned devices",
         "ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT",
     ),
+    Migration(
+        4,
+        "updates: the job that published each one, indexed (publishing a job twice is a no-op)",
+        """
+        ALTER TABLE updates ADD COLUMN job_id BIGINT NOT NULL DEFAULT 0;
+        UPDATE updates SET job_id = (metadata->>'job_id')::bigint WHERE metadata ? 'job_id';
+        CREATE UNIQUE INDEX updates_job ON updates (job_id) WHERE job_id > 0;
+        """,
+    ),
 )
 
 

@@ -17,7 +17,6 @@ from psycopg.types.json import Jsonb
 from cloud.blobs import BlobStore
 from cloud.db import PostgresDatabase, connect_postgres
 from cloud.updates.base import UPDATE_COLUMNS, UpdateRecord, UpdateRegistry, record_from_row
-from cloud.updates.publishing import prepare_update
 from common.signing import Ed25519PrivateKey
 
 log = logging.getLogger("tandem.updates")
@@ -34,10 +33,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
         self._key = signing_key
         self._listeners: list[_Listener] = []
 
-    def _publish(
-        self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
-    ) -> UpdateRecord:
-        up = prepare_update(self._key, device_id, cohort, base, target, payload, metadata)
+    def _store(self, up: UpdateRecord, payload: bytes, job_id: int) -> UpdateRecord:
         blob_key = f"updates/{up.sha256_hex}"
         if not (self.blobs.exists(blob_key) and self.blobs.size(blob_key) == up.size):
             self.blobs.put(blob_key, payload)
@@ -45,8 +41,8 @@ class PostgresUpdateRegistry(UpdateRegistry):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PUBLISH_LOCK,))
             cur.execute(
                 "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size, metadata,"
-                " created_unix_ms, signature, key_id, payload_info, blob_key)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING update_id",
+                " created_unix_ms, signature, key_id, payload_info, blob_key, job_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING update_id",
                 (
                     up.device_id,
                     up.cohort,
@@ -60,6 +56,7 @@ class PostgresUpdateRegistry(UpdateRegistry):
                     up.key_id,
                     up.payload_info,
                     blob_key,
+                    job_id,
                 ),
             )
             row = cur.fetchone()
@@ -74,6 +71,10 @@ class PostgresUpdateRegistry(UpdateRegistry):
 
     def get(self, update_id: int) -> UpdateRecord | None:
         rows = self._select("update_id = %s", (update_id,))
+        return rows[0] if rows else None
+
+    def by_job(self, job_id: int) -> UpdateRecord | None:
+        rows = self._select("job_id = %s AND job_id > 0", (job_id,))
         return rows[0] if rows else None
 
     def list(self, device_id=None, cohort=None, after_id=0) -> list[UpdateRecord]:

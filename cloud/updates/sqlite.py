@@ -11,7 +11,7 @@ from cloud.blobs import DirectoryBlobStore
 from cloud.db import open_sqlite
 from cloud.migrations import migrate_sqlite
 from cloud.updates.base import UPDATE_COLUMNS, UpdateRecord, UpdateRegistry, record_from_row
-from cloud.updates.publishing import PublishError, prepare_update
+from cloud.updates.publishing import PublishError
 from common.signing import Ed25519PrivateKey
 
 __all__ = ["PublishError", "SqliteUpdateRegistry"]
@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE INDEX IF NOT EXISTS updates_device ON updates (device_id, update_id);
 CREATE INDEX IF NOT EXISTS updates_cohort ON updates (cohort, update_id)
 """,
+    """
+ALTER TABLE updates ADD COLUMN job_id INTEGER NOT NULL DEFAULT 0;
+UPDATE updates SET job_id = CAST(json_extract(metadata, '$.job_id') AS INTEGER)
+    WHERE json_extract(metadata, '$.job_id') IS NOT NULL;
+CREATE UNIQUE INDEX updates_job ON updates (job_id) WHERE job_id > 0
+""",
 )
 
 
@@ -53,17 +59,14 @@ class SqliteUpdateRegistry(UpdateRegistry):
         self.blobs = DirectoryBlobStore(self.data_dir / "blobs")
         self._lock = threading.Lock()
 
-    def _publish(
-        self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
-    ) -> UpdateRecord:
-        up = prepare_update(self._key, device_id, cohort, base, target, payload, metadata)
+    def _store(self, up: UpdateRecord, payload: bytes, job_id: int) -> UpdateRecord:
         if not (self.blobs.exists(up.sha256_hex) and self.blobs.size(up.sha256_hex) == up.size):
             self.blobs.put(up.sha256_hex, payload)
         with self._lock:
             cur = self._conn.execute(
                 "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size,"
-                " metadata, created_unix_ms, signature, key_id, payload_info)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " metadata, created_unix_ms, signature, key_id, payload_info, job_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     up.device_id,
                     up.cohort,
@@ -76,6 +79,7 @@ class SqliteUpdateRegistry(UpdateRegistry):
                     up.signature,
                     up.key_id,
                     up.payload_info,
+                    job_id,
                 ),
             )
             update_id = int(cur.lastrowid or 0)
@@ -91,6 +95,11 @@ class SqliteUpdateRegistry(UpdateRegistry):
                 f"SELECT {UPDATE_COLUMNS} FROM updates WHERE update_id = ?", (update_id,)
             ).fetchone()
         return _record(row) if row else None
+
+    def by_job(self, job_id: int) -> UpdateRecord | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {UPDATE_COLUMNS} FROM updates WHERE job_id = ?", (job_id,)).fetchone()
+        return _record(row) if row and job_id > 0 else None
 
     def list(self, device_id=None, cohort=None, after_id=0) -> list[UpdateRecord]:
         sql = f"SELECT {UPDATE_COLUMNS} FROM updates WHERE update_id > ?"
