@@ -107,6 +107,10 @@ class JobStore(ABC):
         """Record a failed attempt: back to queued while attempts remain (and not ``permanent``), else failed."""
 
     @abstractmethod
+    def requeue(self, job_id: int, reason: str) -> bool:
+        """Put a running job back in the queue (the attempt is not counted as failed); False if not running."""
+
+    @abstractmethod
     def recover(self) -> list[int]:
         """Requeue jobs left running by a stopped service; returns their ids."""
 

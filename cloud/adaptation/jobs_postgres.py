@@ -90,6 +90,15 @@ class PostgresJobStore(JobStore):
         assert out is not None
         return _job(out)
 
+    def requeue(self, job_id: int, reason: str) -> bool:
+        with self.db.cursor() as cur:
+            cur.execute(
+                "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0), error = %s"
+                " WHERE job_id = %s AND state = 'running'",
+                (reason, job_id),
+            )
+            return cur.rowcount == 1
+
     def recover(self) -> list[int]:
         with self.db.cursor() as cur:
             cur.execute(

@@ -125,6 +125,15 @@ class SqliteJobStore(JobStore):
             )
         return self._get(job_id)
 
+    def requeue(self, job_id: int, reason: str) -> bool:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), error = ?"
+                " WHERE job_id = ? AND state = 'running'",
+                (reason, job_id),
+            )
+            return cur.rowcount == 1
+
     def recover(self) -> list[int]:
         with self._tx() as cur:
             ids = [int(r[0]) for r in cur.execute("SELECT job_id FROM jobs WHERE state = 'running'").fetchall()]
