@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.config import StoreSettings
+from cloud.devices import Devices
 from cloud.samples.base import SampleStore
 from cloud.updates.base import UpdateRegistry
 from common.signing import Ed25519PrivateKey
@@ -36,14 +37,15 @@ def open_sample_store(settings: StoreSettings, data_dir: Path, synchronous: str 
     return SqliteSampleStore(Path(data_dir) / "samples.db", synchronous=synchronous)
 
 
-def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL"):
-    """The device registry of the configured backend (``DeviceRegistry`` or its PostgreSQL twin)."""
-    if settings.store == "postgres":
-        from cloud.devices_postgres import PostgresDeviceRegistry
-
-        return PostgresDeviceRegistry(_database(settings, "devices"))
+def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL") -> Devices:
+    """The device registry on the configured backend."""
     from cloud.devices import DeviceRegistry
 
+    if settings.store == "postgres":
+        from cloud.sql import postgres_engine
+
+        _database(settings, "devices").close()  # migrates the shared database first
+        return DeviceRegistry(postgres_engine(settings.dsn(), "tandem-devices"))
     return DeviceRegistry(Path(data_dir) / "devices.db", synchronous)
 
 
@@ -78,13 +80,13 @@ class CloudStores:
     """The three stores a gateway serves from."""
 
     samples: SampleStore
-    devices: object
+    devices: Devices
     updates: UpdateRegistry
 
     def close(self) -> None:
         """Close every store."""
         self.samples.close()
-        self.devices.close()  # type: ignore[attr-defined]
+        self.devices.close()
         self.updates.close()
 
 

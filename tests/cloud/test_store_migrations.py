@@ -158,7 +158,53 @@ def test_sqlite_file_from_before_versioning_is_adopted_with_its_rows(tmp_path):
     assert [d.device_id for d in reg.list()] == ["old"]
     reg.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # the devices steps: schema, enrollment codes
     conn.close()
     store = SqliteSampleStore(tmp_path / "samples.db")
     store.close()
+
+
+def test_a_devices_file_made_by_the_code_before_the_sql_layer_migrates_in_place(tmp_path):
+    """devices.db as main's code left it (schema step 1, then an unversioned ALTER for enrollment codes): the
+    versioned step 2 adopts it with every row, token and code intact."""
+    path = tmp_path / "devices.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    from cloud.devices import _SCHEMA
+
+    conn.executescript(_SCHEMA)
+    conn.execute("ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT")
+    conn.execute("PRAGMA user_version = 1")
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    conn.execute(
+        "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+        " registered_unix_ms, applied_version, metrics, revoked) VALUES"
+        " ('live', ?, 'north', 'f', '1', '{\"memory_bytes\": 8}', 5, 'v3', '{\"acc\": 0.5}', 0),"
+        " ('gone', ?, '', 'f', '1', '{}', 6, '', '{}', 1)",
+        (sha("live-token"), sha("gone-token")),
+    )
+    conn.execute(
+        "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+        " registered_unix_ms, enrollment_sha256) VALUES ('new', 'x', 'south', '', '', '{}', 7, ?)",
+        (sha("one-time"),),
+    )
+    conn.execute("INSERT INTO rollbacks (device_id, from_version, to_version, reason, unix_ms) VALUES"
+                 " ('live', 'v3', 'v2', 'guard', 8)")  # fmt: skip
+    conn.close()
+    reg = DeviceRegistry(path)
+    try:
+        live = reg.authenticate("live-token")
+        assert (live.device_id, live.cohort, live.capabilities, live.metrics) == ("live", "north", {"memory_bytes": 8},
+                                                                                 {"acc": 0.5})  # fmt: skip
+        assert reg.authenticate("gone-token") is None and reg.get("gone").state == "revoked"
+        assert reg.get("new").state == "provisioned" and reg.check_enrollment_code("new", "one-time")
+        assert [(e.device_id, e.to_version) for e in reg.rollbacks()] == [("live", "v2")]
+        reg.record_rollback("live", "v2", "v1", "again")
+        assert [e.event_id for e in reg.rollbacks()] == [1, 2]
+    finally:
+        reg.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
