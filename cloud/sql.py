@@ -4,8 +4,9 @@ databases, the engines for SQLite and PostgreSQL, and the hooks where the two re
 Hooks: SQLite opens every transaction with ``BEGIN IMMEDIATE`` (the writer lock is taken at once, so a
 read-then-write transaction never fails to upgrade; WAL, ``synchronous`` and a busy timeout on every
 connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped advisory lock
-(:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and upserts use each dialect's
-``insert`` (:func:`upsert`). The schema itself is created and changed by ``cloud.migrations`` only.
+(:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and wakes other processes with
+``NOTIFY`` (:func:`notify`; ``cloud.updates.listen`` LISTENs); upserts use each dialect's ``insert``
+(:func:`upsert`). The schema itself is created and changed by ``cloud.migrations`` only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -64,6 +66,26 @@ rollbacks = Table(
 )
 
 
+updates = Table(
+    "updates",
+    metadata,
+    Column("update_id", _Id, primary_key=True, autoincrement=True),
+    Column("device_id", Text, nullable=False),
+    Column("cohort", Text, nullable=False),
+    Column("base_version", Text, nullable=False),
+    Column("target_version", Text, nullable=False),
+    Column("sha256", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("metadata", _Json, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("payload_info", LargeBinary, nullable=False),
+    Column("blob_key", Text, nullable=False),
+    Column("job_id", BigInteger, nullable=False, server_default="0"),
+)
+
+
 def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
     """An engine on a WAL-mode SQLite file whose transactions begin with ``BEGIN IMMEDIATE``."""
     if synchronous not in ("FULL", "NORMAL"):
@@ -103,6 +125,12 @@ def xact_lock(conn: Connection, key: int) -> None:
     """PostgreSQL: hold advisory lock ``key`` until the transaction ends (no-op on SQLite)."""
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_advisory_xact_lock(key)))
+
+
+def notify(conn: Connection, channel: str, payload: str) -> None:
+    """PostgreSQL: ``NOTIFY channel`` when the transaction commits (no-op on SQLite: one process serves it)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(channel, payload)))
 
 
 def upsert(conn: Connection, table: Table):

@@ -19,6 +19,14 @@ def _database(settings: StoreSettings, role: str):
     return PostgresDatabase(settings.dsn(), application_name=f"tandem-{role}")
 
 
+def _engine(settings: StoreSettings, role: str):
+    """A SQLAlchemy engine on the shared database, migrated first."""
+    from cloud.sql import postgres_engine
+
+    _database(settings, role).close()  # applies cloud.migrations (once, under its advisory lock)
+    return postgres_engine(settings.dsn(), f"tandem-{role}")
+
+
 def _blobs(settings: StoreSettings, data_dir: Path, synchronous: str):
     from cloud.blobs import open_blob_store
 
@@ -42,10 +50,7 @@ def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: s
     from cloud.devices import DeviceRegistry
 
     if settings.store == "postgres":
-        from cloud.sql import postgres_engine
-
-        _database(settings, "devices").close()  # migrates the shared database first
-        return DeviceRegistry(postgres_engine(settings.dsn(), "tandem-devices"))
+        return DeviceRegistry(_engine(settings, "devices"))
     return DeviceRegistry(Path(data_dir) / "devices.db", synchronous)
 
 
@@ -53,13 +58,12 @@ def open_update_registry(
     settings: StoreSettings, data_dir: Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL"
 ) -> UpdateRegistry:
     """The update registry of the configured backend."""
+    from cloud.updates.registry import SqliteUpdateRegistry, SqlUpdateRegistry
+
     if settings.store == "postgres":
-        from cloud.updates.postgres import PostgresUpdateRegistry
-
-        db = _database(settings, "updates")
-        return PostgresUpdateRegistry(db, _blobs(settings, data_dir, synchronous), signing_key)
-    from cloud.updates.sqlite import SqliteUpdateRegistry
-
+        engine = _engine(settings, "updates")
+        blobs = _blobs(settings, data_dir, synchronous)
+        return SqlUpdateRegistry(engine, blobs, signing_key, blob_prefix="updates/", dsn=settings.dsn())
     return SqliteUpdateRegistry(Path(data_dir) / "updates", signing_key, synchronous)
 
 

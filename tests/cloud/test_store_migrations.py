@@ -208,3 +208,38 @@ def test_a_devices_file_made_by_the_code_before_the_sql_layer_migrates_in_place(
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()
+
+
+def test_an_updates_file_made_by_the_code_before_the_sql_layer_migrates_in_place(tmp_path):
+    """updates.db at main's step 1 with an update a job published: its payload is served, the job id is found by
+    the indexed lookup, and the next update numbers after it."""
+    from cloud.updates import SqliteUpdateRegistry
+    from cloud.updates.registry import SQLITE_MIGRATIONS
+
+    key = generate_private_key()
+    old = tmp_path / "old"
+    (old / "blobs").mkdir(parents=True)
+    payload = b"weights of job 7"
+    sha = hashlib.sha256(payload).hexdigest()
+    (old / "blobs" / sha).write_bytes(payload)
+    conn = sqlite3.connect(old / "updates.db", isolation_level=None)
+    conn.executescript(SQLITE_MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size, metadata,"
+        " created_unix_ms, signature, key_id, payload_info)"
+        " VALUES ('dev-1', '', 'v0', 'v1', ?, ?, ?, 1, x'00', 'k', x'')",
+        (sha, len(payload), '{"job_id": "7"}'),
+    )
+    conn.close()
+    reg = SqliteUpdateRegistry(old, key)
+    try:
+        (record,) = reg.list(device_id="dev-1")
+        assert reg.read_payload(record.update_id, 0, record.size) == payload
+        assert reg.by_job(7) == record and reg.by_job(8) is None
+        assert reg.publish("dev-1", "v1", "v2", b"next").update_id == record.update_id + 1
+    finally:
+        reg.close()
+    conn = sqlite3.connect(old / "updates.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS) == 3
+    conn.close()
