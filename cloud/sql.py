@@ -86,6 +86,39 @@ updates = Table(
 )
 
 
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", _Id, primary_key=True, autoincrement=True),
+    Column("subject_kind", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("family", Text, nullable=False),
+    Column("ranges", _Json, nullable=False),
+    Column("samples", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=False, server_default=""),
+    Column("outcome", Text, nullable=False, server_default=""),
+    Column("update_id", BigInteger, nullable=False, server_default="0"),
+    Column("result", _Json, nullable=False, server_default="{}"),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("started_unix_ms", BigInteger, nullable=False, server_default="0"),
+    Column("finished_unix_ms", BigInteger, nullable=False, server_default="0"),
+)
+
+job_cursors = Table(
+    "job_cursors",
+    metadata,
+    Column("device_id", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("unix_ms", BigInteger, nullable=False),
+)
+
+job_meta = Table("job_meta", metadata, Column("key", Text, primary_key=True), Column("value", Text, nullable=False))
+
+
 def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
     """An engine on a WAL-mode SQLite file whose transactions begin with ``BEGIN IMMEDIATE``."""
     if synchronous not in ("FULL", "NORMAL"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud.adaptation.jobs import JobStore
 from cloud.config import StoreSettings
 from cloud.devices import Devices
 from cloud.samples.base import SampleStore
@@ -67,14 +68,12 @@ def open_update_registry(
     return SqliteUpdateRegistry(Path(data_dir) / "updates", signing_key, synchronous)
 
 
-def open_job_store(settings: StoreSettings, state_dir: Path, synchronous: str = "FULL"):
-    """The trainer's job store of the configured backend (``SqliteJobStore`` under ``state_dir``)."""
+def open_job_store(settings: StoreSettings, state_dir: Path, synchronous: str = "FULL") -> JobStore:
+    """The trainer's job store on the configured backend (``jobs.db`` under ``state_dir`` on SQLite)."""
+    from cloud.adaptation.job_store import SqliteJobStore, SqlJobStore
+
     if settings.store == "postgres":
-        from cloud.adaptation.jobs_postgres import PostgresJobStore
-
-        return PostgresJobStore(_database(settings, "jobs"))
-    from cloud.adaptation.jobs_sqlite import SqliteJobStore
-
+        return SqlJobStore(_engine(settings, "jobs"))
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return SqliteJobStore(Path(state_dir) / "jobs.db", synchronous)
 

@@ -5,18 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cloud.updates.publishing import prepare_update
 from common.signing import Ed25519PrivateKey
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 from protocol.updates import UpdateHeader, header_to_proto
-
-# The update row's columns, in the order both registries select them.
-UPDATE_COLUMNS = (
-    "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
-    " signature, key_id, payload_info"
-)
 
 
 @dataclass(frozen=True)
@@ -150,10 +143,10 @@ def _unsigned(device_id: str, cohort: str, base: str, target: str, metadata: dic
     return UpdateHeader(device_id, cohort, base, target, "", -1, meta)
 
 
-def record_from_row(row: tuple, json_value: Callable[[Any], Any]) -> UpdateRecord:
-    """An update from a row selected as ``UPDATE_COLUMNS``; ``json_value`` reads the JSON metadata column as the
-    driver returns it (SQLite: text, PostgreSQL: already parsed)."""
-    header = UpdateHeader(row[1], row[2], row[3], row[4], row[5], int(row[6]), dict(json_value(row[7])))
+def record_from_row(row: tuple) -> UpdateRecord:
+    """An update from a row of ``cloud.sql.updates`` (update_id, device_id, cohort, base_version, target_version,
+    sha256, size, metadata parsed, created_unix_ms, signature, key_id, payload_info)."""
+    header = UpdateHeader(row[1], row[2], row[3], row[4], row[5], int(row[6]), dict(row[7]))
     return UpdateRecord(
         update_id=int(row[0]),
         header=header,

@@ -94,7 +94,7 @@ class SqlUpdateRegistry(UpdateRegistry):
     def _select(self, *where) -> list[UpdateRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(*_COLUMNS).where(*where).order_by(_U.update_id)).all()
-        return [record_from_row(tuple(r), lambda value: value) for r in rows]
+        return [record_from_row(tuple(r)) for r in rows]
 
     def get(self, update_id: int) -> UpdateRecord | None:
         rows = self._select(_U.update_id == update_id)

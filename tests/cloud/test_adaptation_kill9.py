@@ -11,7 +11,7 @@ import time
 
 import yaml
 
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
+from cloud.adaptation.job_store import SqliteJobStore
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore
 from cloud.updates import SqliteUpdateRegistry

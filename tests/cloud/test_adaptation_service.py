@@ -8,8 +8,8 @@ import time
 import pytest
 
 from cloud.adaptation.executor import InProcessExecutor
+from cloud.adaptation.job_store import SqliteJobStore
 from cloud.adaptation.jobs import NewJob, SeqRange
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
 from cloud.adaptation.service import TrainerService
 from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.worker import LocalLabeler, Worker

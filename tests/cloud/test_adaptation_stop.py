@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
+from cloud.adaptation.job_store import SqliteJobStore
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore
 from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, store_samples

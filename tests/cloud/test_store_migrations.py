@@ -243,3 +243,34 @@ def test_an_updates_file_made_by_the_code_before_the_sql_layer_migrates_in_place
     conn = sqlite3.connect(old / "updates.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS) == 3
     conn.close()
+
+
+def test_a_jobs_file_made_by_the_code_before_the_sql_layer_migrates_in_place(tmp_path):
+    """jobs.db as main's code made it (an unversioned script; tables ``cursors`` and ``meta``): its jobs, cursors
+    and metadata are adopted under PostgreSQL's table names, and the one-active-job rule still holds."""
+    from cloud.adaptation.job_store import SQLITE_MIGRATIONS, SqliteJobStore
+    from cloud.adaptation.jobs import NewJob, SeqRange
+
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SQLITE_MIGRATIONS[0])  # main's script, user_version 0
+    conn.execute(
+        "INSERT INTO jobs (subject_kind, subject, family, ranges, samples, bytes, reason, state, created_unix_ms)"
+        " VALUES ('device', 'dev-1', 'f', '[[\"dev-1\", 0, 9]]', 9, 90, 'r', 'queued', 1)"
+    )
+    conn.execute("INSERT INTO cursors VALUES ('dev-1', 9, 1)")
+    conn.execute("INSERT INTO meta VALUES ('rollback_cursor', '4')")
+    conn.close()
+    store = SqliteJobStore(path)
+    try:
+        (job,) = store.list()
+        assert (job.subject, job.state, job.ranges) == ("dev-1", "queued", (SeqRange("dev-1", 0, 9),))
+        assert store.cursor("dev-1") == (9, 1) and store.get_meta("rollback_cursor") == "4"
+        assert store.create(NewJob("device", "dev-1", "f", (SeqRange("dev-1", 9, 12),), 3, 30, "r")) is None
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"jobs", "job_cursors", "job_meta"} <= tables and not {"cursors", "meta"} & tables
+    conn.close()
