@@ -24,7 +24,7 @@ from cloud.adaptation.scheduler import Scheduler
 from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.uploads import read_raw
 from cloud.adaptation.worker import JobResult, JobSpec
-from cloud.devices import DeviceRegistry, RollbackEvent
+from cloud.devices import Devices, RollbackEvent
 from cloud.samples.base import SampleStore
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from common.errors import TandemError
@@ -41,7 +41,7 @@ class TrainerService:
         config: AdaptationConfig,
         state_dir: str | Path,
         samples: SampleStore,
-        devices: DeviceRegistry,
+        devices: Devices,
         updates: UpdateRegistry,
         jobs: JobStore,
         executor: Executor,

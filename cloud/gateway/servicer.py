@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from cloud.config import GatewayConfig
-from cloud.devices import DeviceRecord, DeviceRegistry, DeviceStateError
+from cloud.devices import DeviceRecord, Devices, DeviceStateError
 from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation
 from cloud.gateway.budget import BudgetExhausted, MemoryBudget
 from cloud.gateway.metrics import GatewayMetrics
@@ -37,7 +37,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
     def __init__(
         self,
         config: GatewayConfig,
-        devices: DeviceRegistry,
+        devices: Devices,
         writer: GroupCommitWriter,
         updates: UpdateRegistry,
         public_key_pem: bytes,
