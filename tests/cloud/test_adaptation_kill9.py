@@ -11,12 +11,11 @@ import time
 
 import yaml
 
-from cloud.adaptation.job_store import SqliteJobStore
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore
 from cloud.updates import SqliteUpdateRegistry
 from common.signing import generate_private_key
-from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, store_samples
+from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, newest_job, store_samples
 from tests.transport_support import REPO_ROOT
 
 
@@ -39,15 +38,6 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _job(jobs_db):
-    store = SqliteJobStore(jobs_db, "NORMAL")
-    try:
-        found = store.list()
-        return found[0] if found else None
-    finally:
-        store.close()
-
-
 def test_kill9_mid_job_then_restart_publishes_exactly_once(tmp_path, micro_zoo):
     data_dir = tmp_path / "data"
     adaptation = adaptation_config(micro_zoo, max_attempts=3)
@@ -65,7 +55,7 @@ def test_kill9_mid_job_then_restart_publishes_exactly_once(tmp_path, micro_zoo):
 
     proc = _trainer(data_dir, config_path)
     try:
-        _wait(lambda: (j := _job(jobs_db)) is not None and j.state == "running", proc, 120, "the job to run")
+        _wait(lambda: (j := newest_job(jobs_db)) is not None and j.state == "running", proc, 120, "the job to run")
         time.sleep(1.0)
         assert not (data_dir / "adaptation" / "learners" / "device" / "dev-1" / "pending.json").exists()
         proc.send_signal(signal.SIGKILL)
@@ -73,12 +63,12 @@ def test_kill9_mid_job_then_restart_publishes_exactly_once(tmp_path, micro_zoo):
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed = _job(jobs_db)
+    killed = newest_job(jobs_db)
     assert killed.state == "running" and killed.attempts == 1  # it died mid-job
 
     proc = _trainer(data_dir, config_path)
     try:
-        done = _wait(lambda: (j := _job(jobs_db)) is not None and j.state == "done" and j, proc, 300, "the rerun")
+        done = _wait(lambda: (j := newest_job(jobs_db)) is not None and j.state == "done" and j, proc, 300, "the rerun")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

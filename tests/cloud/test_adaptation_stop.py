@@ -15,22 +15,12 @@ import psutil
 import pytest
 import yaml
 
-from cloud.adaptation.job_store import SqliteJobStore
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore
-from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, store_samples
+from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, newest_job, store_samples
 from tests.transport_support import REPO_ROOT
 
 _RAY = {"learners": 1, "num_cpus": 2, "teacher_num_cpus": 0.5, "learner_num_cpus": 0.5, "include_dashboard": False}
-
-
-def _job(jobs_db):
-    store = SqliteJobStore(jobs_db, "NORMAL")
-    try:
-        found = store.list()
-        return found[0] if found else None
-    finally:
-        store.close()
 
 
 def _serve(tmp_path, micro_zoo, epochs: int, grace_s: float) -> tuple[subprocess.Popen, object]:
@@ -57,7 +47,7 @@ def _serve(tmp_path, micro_zoo, epochs: int, grace_s: float) -> tuple[subprocess
 def _wait_job(proc: subprocess.Popen, jobs_db, states: tuple[str, ...], timeout: float = 240.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = _job(jobs_db) if jobs_db.exists() else None
+        job = newest_job(jobs_db) if jobs_db.exists() else None
         if job is not None and job.state in states:
             return job
         if proc.poll() is not None:
@@ -66,14 +56,20 @@ def _wait_job(proc: subprocess.Popen, jobs_db, states: tuple[str, ...], timeout:
     raise AssertionError(f"timed out waiting for a job {states}")
 
 
-def _ray_children(proc: subprocess.Popen, timeout: float = 120.0) -> list[psutil.Process]:
+def _cmdline(p: psutil.Process) -> str:
+    """The process's command line ('' for one that exited or is a zombie)."""
+    with contextlib.suppress(psutil.Error):
+        return " ".join(p.cmdline())
+    return ""
+
+
+def _ray_children(proc: subprocess.Popen, timeout: float = 240.0) -> list[psutil.Process]:
     """Ray's processes under ``serve`` once its raylet runs (Ray starts with the first job)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         kids = psutil.Process(proc.pid).children(recursive=True)
-        with contextlib.suppress(psutil.Error):
-            if any("raylet" in " ".join(k.cmdline()) for k in kids):
-                return kids
+        if any("raylet" in _cmdline(k) for k in kids):
+            return kids
         time.sleep(0.2)
     raise AssertionError("no raylet under serve")
 
@@ -102,11 +98,11 @@ def test_a_signal_stops_serve_gracefully_under_ray(tmp_path, micro_zoo, sig, epo
     assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
     ours = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts"')]  # common/logs.py: JSON
     assert any(d["logger"] == "tandem.adaptation" and d["msg"] == "serving role all" for d in ours), ours[:3]
-    job = _job(jobs_db)
+    job = newest_job(jobs_db)
     assert job.job_id == seen.job_id and job.state == state, job
     if state == "queued":  # requeued for the next start, the interrupted attempt not counted against it
         assert job.attempts == 0 and job.error == "service stopped mid-job"
     else:
         assert job.outcome in ("published", "unchanged", "refused")
     _, alive = psutil.wait_procs([k for k in kids if k.is_running()], timeout=30)
-    assert not alive, [" ".join(k.cmdline())[:120] for k in alive]
+    assert not alive, [_cmdline(k)[:120] for k in alive]
