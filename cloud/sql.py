@@ -146,9 +146,8 @@ def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int =
     engine = create_engine(
         "postgresql+psycopg://",
         creator=lambda: connect_postgres(dsn, application_name, autocommit=False),
-        pool_size=pool_size,
-        pool_pre_ping=True,  # a connection the server dropped is replaced, not handed out
-    )
+        pool_size=pool_size,  # no pre-ping (a round trip per checkout): a dropped connection fails its one
+    )  # statement, SQLAlchemy discards it and the next checkout connects afresh
     with engine.connect():
         pass
     return engine
