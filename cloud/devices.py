@@ -157,7 +157,7 @@ class DeviceRegistry:
         return _record(row) if row else None
 
     def _set(self, device_id: str, **values) -> bool:
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             return conn.execute(update(sql.devices).where(_D.device_id == device_id).values(**values)).rowcount == 1
 
     def register(
@@ -175,7 +175,7 @@ class DeviceRegistry:
         """
         token = secrets.token_urlsafe(32)
         fields = dict(cohort=cohort, model_family=model_family, model_version=model_version)
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             revoked = conn.execute(select(_D.revoked).where(_D.device_id == device_id).with_for_update()).scalar()
             if revoked:
                 raise DeviceStateError(f"device {device_id} is revoked; an operator must provision it again")
@@ -206,7 +206,7 @@ class DeviceRegistry:
 
     def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None:
         """Remember a rollback the device reported (the trainer rebases the device's mirror on it)."""
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             sql.xact_lock(conn, _ROLLBACK_LOCK)  # event ids commit in id order, like update ids
             conn.execute(
                 sql.rollbacks.insert().values(
@@ -239,7 +239,7 @@ class DeviceRegistry:
         token of the id stops working. An active device raises DeviceStateError (revoke it first).
         """
         code = secrets.token_urlsafe(24)
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             query = select(_D.revoked, _D.enrollment_sha256).where(_D.device_id == device_id).with_for_update()
             row = conn.execute(query).first()
             if row is not None and not row[0] and row[1] is None:

@@ -1,7 +1,7 @@
 """The cloud's SQL layer on SQLAlchemy Core: one ``MetaData`` naming the tables the stores query on both
 databases, the engines for SQLite and PostgreSQL, and the hooks where the two really differ.
 
-Hooks: SQLite opens every transaction with ``BEGIN IMMEDIATE`` (the writer lock is taken at once, so a
+Hooks: SQLite opens every write transaction (:func:`write`) with ``BEGIN IMMEDIATE`` (the writer lock at once, so a
 read-then-write transaction never fails to upgrade; WAL, ``synchronous`` and a busy timeout on every
 connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped advisory lock
 (:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and wakes other processes with
@@ -120,7 +120,7 @@ job_meta = Table("job_meta", metadata, Column("key", Text, primary_key=True), Co
 
 
 def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
-    """An engine on a WAL-mode SQLite file whose transactions begin with ``BEGIN IMMEDIATE``."""
+    """An engine on a WAL-mode SQLite file whose write transactions (:func:`write`) begin with ``BEGIN IMMEDIATE``."""
     if synchronous not in ("FULL", "NORMAL"):
         raise ValueError("synchronous must be FULL or NORMAL")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +133,8 @@ def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
             dbapi_conn.execute(f"PRAGMA {pragma}")
 
     @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _begin(conn: Connection) -> None:  # reads take no lock (WAL snapshot); writes take the writer lock at once
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
     return engine
 
@@ -151,6 +151,12 @@ def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int =
     with engine.connect():
         pass
     return engine
+
+
+def write(engine: Engine):
+    """``with write(engine) as conn:`` one write transaction (SQLite: ``BEGIN IMMEDIATE``); reads use
+    ``engine.connect()`` and lock nothing."""
+    return engine.execution_options(write=True).begin()
 
 
 def xact_lock(conn: Connection, key: int) -> None:

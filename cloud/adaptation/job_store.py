@@ -76,7 +76,7 @@ class SqlJobStore(JobStore):
             created_unix_ms=now,
         )
         try:
-            with self.engine.begin() as conn:
+            with sql.write(self.engine) as conn:
                 row = conn.execute(sql.jobs.insert().values(**values).returning(*_COLUMNS)).one()
                 for r in job.ranges:
                     stmt = sql.upsert(conn, sql.job_cursors).values(device_id=r.device_id, seq=r.upto_seq, unix_ms=now)
@@ -92,7 +92,7 @@ class SqlJobStore(JobStore):
         return _job(row)
 
     def claim(self, limit: int, max_attempts: int) -> list[Job]:
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             due = select(_J.job_id).where(_J.state == "queued", _J.attempts < max_attempts)
             ids = conn.execute(due.order_by(_J.job_id).limit(limit).with_for_update(skip_locked=True)).scalars().all()
             if not ids:
@@ -103,7 +103,7 @@ class SqlJobStore(JobStore):
 
     def _running(self, job_id: int, **values) -> Job | None:
         """Set ``values`` on a running job in one statement; the job after, or None if it was not running."""
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             stmt = update(sql.jobs).where(_J.job_id == job_id, _J.state == "running").values(**values)
             row = conn.execute(stmt.returning(*_COLUMNS)).first()
         return _job(row) if row else None
@@ -127,13 +127,13 @@ class SqlJobStore(JobStore):
         return self._running(job_id, state="queued", attempts=attempts, error=reason) is not None
 
     def recover(self) -> list[int]:
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             stmt = update(sql.jobs).where(_J.state == "running").values(state="queued", error="service stopped mid-job")
             return sorted(int(i) for i in conn.execute(stmt.returning(_J.job_id)).scalars())
 
     def retry(self, job_id: int) -> Job:
         try:
-            with self.engine.begin() as conn:
+            with sql.write(self.engine) as conn:
                 state = conn.execute(select(_J.state).where(_J.job_id == job_id).with_for_update()).scalar()
                 if state is None:
                     raise JobError(f"no job {job_id}")
@@ -178,7 +178,7 @@ class SqlJobStore(JobStore):
         return default if value is None else str(value)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             stmt = sql.upsert(conn, sql.job_meta).values(key=key, value=value)
             conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": stmt.excluded.value}))
 

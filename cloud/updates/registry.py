@@ -85,7 +85,7 @@ class SqlUpdateRegistry(UpdateRegistry):
             sha256=h.sha256_hex, size=h.size, metadata=h.metadata, created_unix_ms=up.created_unix_ms,
             signature=up.signature, key_id=up.key_id, payload_info=up.payload_info, blob_key=blob_key, job_id=job_id,
         )  # fmt: skip
-        with self.engine.begin() as conn:
+        with sql.write(self.engine) as conn:
             sql.xact_lock(conn, _PUBLISH_LOCK)
             update_id = conn.execute(sql.updates.insert().values(**row).returning(_U.update_id)).scalar_one()
             sql.notify(conn, CHANNEL, str(update_id))
