@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.cli import run_app
-from common.config import load_config
+from common.config import load_config, parse_assignments
 from common.errors import ConfigError, TandemError
 
 app = typer.Typer(name="tandem-cloud", help="Tandem cloud role.", no_args_is_help=True, add_completion=False)
@@ -28,6 +27,7 @@ console = Console()
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="GatewayConfig YAML (e.g. deploy/configs/cloud.yaml).")
 DataDirOpt = typer.Option(None, "--data-dir", help="Gateway data directory (overrides the config).")
+SetOpt = typer.Option([], "--set", help="Override any config field: section.field=value (repeatable).")
 
 
 @app.callback()
@@ -35,15 +35,16 @@ def _root() -> None:
     """Tandem cloud role."""
 
 
-def _gateway_config(config: Path | None, **overrides):
+def _gateway_config(config: Path | None, settings: list[str] | None = None, **overrides):
     from cloud.config import GatewayConfig
 
-    return load_config(GatewayConfig, config, **overrides)
+    return load_config(GatewayConfig, config, parse_assignments(settings or []), **overrides)
 
 
 @app.command()
 def serve(
     config: Path | None = ConfigOpt,
+    settings: list[str] = SetOpt,
     role: str = typer.Option("all", help="all (gateway + trainer), gateway, or trainer."),
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)."
@@ -58,17 +59,18 @@ def serve(
 ) -> None:
     """Run the gateway, the scheduler and the trainer (or one role) until interrupted."""
     from cloud.adaptation.runtime import serve as serve_roles
+    from common.logs import setup_logging
 
     if role not in ("all", "gateway", "trainer"):
         raise ConfigError(f"--role must be all, gateway or trainer, not {role!r}")
     if executor not in (None, "ray", "inprocess"):
         raise ConfigError(f"--executor must be ray or inprocess, not {executor!r}")
-    cfg = _gateway_config(config, host=host, port=port, data_dir=data_dir, metrics_port=metrics_port)
+    cfg = _gateway_config(config, settings, host=host, port=port, data_dir=data_dir, metrics_port=metrics_port)
     if ray_address is not None:
         cfg.adaptation.ray.address = ray_address
     if executor is not None:
         cfg.adaptation.executor = executor  # type: ignore[assignment]
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(log_level, cfg.log_json)
     asyncio.run(serve_roles(cfg, role, ready_file))  # type: ignore[arg-type]
 
 

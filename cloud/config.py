@@ -145,6 +145,8 @@ class GatewayConfig(StoreSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Prometheus /metrics port; None keeps it off."""
     grace_s: float = Field(5.0, ge=0)
+    log_json: bool = True
+    """``serve`` logs one JSON object per line (``common.logs``, as the agent); False: plain text."""
     adaptation: AdaptationConfig = AdaptationConfig()
     """The trainer (scheduler, jobs, learners, executor); see docs/cloud-service.md."""
     simulation: SimulationConfig | None = None

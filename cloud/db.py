@@ -27,8 +27,8 @@ def open_sqlite(path: str | Path, synchronous: str = "FULL") -> sqlite3.Connecti
     return conn
 
 
-def connect_postgres(dsn: str, application_name: str = "tandem") -> psycopg.Connection:
-    """An autocommit psycopg connection (transactions are opened explicitly); ConfigError if unreachable."""
+def connect_postgres(dsn: str, application_name: str = "tandem", autocommit: bool = True) -> psycopg.Connection:
+    """A psycopg connection (autocommit: transactions are opened explicitly); ConfigError if unreachable."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -38,7 +38,7 @@ def connect_postgres(dsn: str, application_name: str = "tandem") -> psycopg.Conn
         raise ConfigError(f"invalid PostgreSQL DSN: {exc}") from None
     extra = {k: v for k, v in (("connect_timeout", 10), ("application_name", application_name)) if k not in params}
     try:
-        return psycopg.connect(dsn, autocommit=True, **extra)
+        return psycopg.connect(dsn, autocommit=autocommit, **extra)
     except psycopg.OperationalError as exc:
         where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
         raise ConfigError(f"cannot connect to PostgreSQL at {where}: {str(exc).strip()}") from None

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
-import threading
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from sqlalchemy import Engine, Row, select, update
+
+from cloud import sql
 from cloud.db import open_sqlite
 from cloud.migrations import migrate_sqlite
 from common import clock as clocks
@@ -44,7 +47,17 @@ CREATE TABLE IF NOT EXISTS rollbacks (
     unix_ms INTEGER NOT NULL
 );
 """
-_MIGRATIONS = {"enrollment_sha256": "ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT"}
+
+
+def _add_enrollment_column(conn: sqlite3.Connection) -> None:
+    """Version 2: enrollment codes (a file of the code before versioned steps may have the column already)."""
+    if "enrollment_sha256" not in {row[1] for row in conn.execute("PRAGMA table_info(devices)")}:
+        conn.execute("ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT")
+
+
+SQLITE_MIGRATIONS = (_SCHEMA, _add_enrollment_column)
+"""``devices.db``'s steps (PostgreSQL: the same tables in ``cloud.migrations.POSTGRES_MIGRATIONS``)."""
+_ROLLBACK_LOCK = 0x726F6C6C  # "roll": rollback event ids commit in id order (PostgreSQL)
 
 
 class DeviceStateError(TandemError):
@@ -95,17 +108,57 @@ def _now_ms() -> int:
     return clocks.current().now_ms()
 
 
-class DeviceRegistry:
-    """SQLite table of devices; issues tokens at registration and resolves tokens to devices."""
+class Devices(Protocol):
+    """The device registry's interface (one SQL implementation, ``DeviceRegistry``, on SQLite or PostgreSQL)."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
-        self._conn = open_sqlite(path, synchronous)
-        self._lock = threading.Lock()
-        migrate_sqlite(self._conn, (_SCHEMA,), f"device registry {path}")
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
-        for column, ddl in _MIGRATIONS.items():
-            if column not in columns:
-                self._conn.execute(ddl)
+    def register(
+        self, device_id: str, *, cohort: str, model_family: str, model_version: str, capabilities: dict
+    ) -> tuple[DeviceRecord, str]: ...
+    def get(self, device_id: str) -> DeviceRecord | None: ...
+    def authenticate(self, token: str) -> DeviceRecord | None: ...
+    def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None: ...
+    def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None: ...
+    def rollbacks(self, after_id: int = 0) -> list[RollbackEvent]: ...
+    def touch(self, device_id: str, applied_version: str | None = None) -> None: ...
+    def revoke(self, device_id: str) -> bool: ...
+    def provision(self, device_id: str, cohort: str) -> str: ...
+    def check_enrollment_code(self, device_id: str, code: str) -> bool: ...
+    def set_cohort(self, device_id: str, cohort: str) -> bool: ...
+    def list(self) -> list[DeviceRecord]: ...
+    def close(self) -> None: ...
+
+
+_D = sql.devices.c
+_COLUMNS = (
+    _D.device_id, _D.cohort, _D.model_family, _D.model_version, _D.capabilities, _D.registered_unix_ms,
+    _D.applied_version, _D.status, _D.metrics, _D.last_seen_unix_ms, _D.revoked,
+    _D.enrollment_sha256.is_not(None),
+)  # fmt: skip
+
+
+class DeviceRegistry:
+    """Devices and their token hashes in SQL: a SQLite file (``path``) for one gateway, or the PostgreSQL
+    database every gateway shares (an ``Engine``, see ``cloud.stores``)."""
+
+    def __init__(self, where: str | Path | Engine, synchronous: str = "FULL") -> None:
+        if isinstance(where, Engine):
+            self.engine = where
+        else:
+            conn = open_sqlite(where, synchronous)
+            try:
+                migrate_sqlite(conn, SQLITE_MIGRATIONS, f"device registry {where}")
+            finally:
+                conn.close()
+            self.engine = sql.sqlite_engine(where, synchronous)
+
+    def _one(self, *where) -> DeviceRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*_COLUMNS).where(*where)).first()
+        return _record(row) if row else None
+
+    def _set(self, device_id: str, **values) -> bool:
+        with sql.write(self.engine) as conn:
+            return conn.execute(update(sql.devices).where(_D.device_id == device_id).values(**values)).rowcount == 1
 
     def register(
         self,
@@ -121,88 +174,63 @@ class DeviceRegistry:
         A revoked id raises DeviceStateError: only ``provision`` (an operator command) re-admits it.
         """
         token = secrets.token_urlsafe(32)
-        with self._lock:
-            row = self._conn.execute("SELECT revoked FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-            if row is not None and row[0]:
+        fields = dict(cohort=cohort, model_family=model_family, model_version=model_version)
+        with sql.write(self.engine) as conn:
+            revoked = conn.execute(select(_D.revoked).where(_D.device_id == device_id).with_for_update()).scalar()
+            if revoked:
                 raise DeviceStateError(f"device {device_id} is revoked; an operator must provision it again")
-            self._conn.execute(
-                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version,"
-                " capabilities, registered_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(device_id) DO UPDATE SET token_sha256=excluded.token_sha256,"
-                " cohort=excluded.cohort, model_family=excluded.model_family,"
-                " model_version=excluded.model_version, capabilities=excluded.capabilities, enrollment_sha256=NULL",
-                (
-                    device_id,
-                    _hash(token),
-                    cohort,
-                    model_family,
-                    model_version,
-                    json.dumps(capabilities, sort_keys=True),
-                    _now_ms(),
-                ),
+            stmt = sql.upsert(conn, sql.devices).values(
+                device_id=device_id, token_sha256=_hash(token), capabilities=capabilities,
+                registered_unix_ms=_now_ms(), **fields,
+            )  # fmt: skip
+            changed = dict(token_sha256=stmt.excluded.token_sha256, capabilities=stmt.excluded.capabilities, **fields)
+            conn.execute(
+                stmt.on_conflict_do_update(index_elements=[_D.device_id], set_=dict(changed, enrollment_sha256=None))
             )
-        record = self.get(device_id)
-        assert record is not None
-        return record, token
+            row = conn.execute(select(*_COLUMNS).where(_D.device_id == device_id)).one()
+        return _record(row), token
 
     def get(self, device_id: str) -> DeviceRecord | None:
         """The device's record, or None."""
-        with self._lock:
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-        return _record(row) if row else None
+        return self._one(_D.device_id == device_id)
 
     def authenticate(self, token: str) -> DeviceRecord | None:
         """The live (not revoked) device holding ``token``, or None."""
-        with self._lock:
-            row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM devices WHERE token_sha256 = ? AND revoked = 0", (_hash(token),)
-            ).fetchone()
-        return _record(row) if row else None
+        return self._one(_D.token_sha256 == _hash(token), _D.revoked.is_(False))
 
     def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None:
         """Record the device's latest status, applied version and metrics."""
-        with self._lock:
-            self._conn.execute(
-                "UPDATE devices SET status=?, applied_version=?, metrics=?, last_seen_unix_ms=? WHERE device_id=?",
-                (status, applied_version, json.dumps(metrics, sort_keys=True), _now_ms(), device_id),
-            )
+        self._set(
+            device_id, status=status, applied_version=applied_version, metrics=metrics, last_seen_unix_ms=_now_ms()
+        )
 
     def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None:
         """Remember a rollback the device reported (the trainer rebases the device's mirror on it)."""
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO rollbacks (device_id, from_version, to_version, reason, unix_ms) VALUES (?, ?, ?, ?, ?)",
-                (device_id, from_version, to_version, reason, _now_ms()),
-            )
+        with sql.write(self.engine) as conn:
+            sql.xact_lock(conn, _ROLLBACK_LOCK)  # event ids commit in id order, like update ids
+            conn.execute(
+                sql.rollbacks.insert().values(
+                    device_id=device_id, from_version=from_version, to_version=to_version, reason=reason,
+                    unix_ms=_now_ms(),
+                )
+            )  # fmt: skip
 
     def rollbacks(self, after_id: int = 0) -> list[RollbackEvent]:
         """Rollback events with id > ``after_id``, oldest first."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT event_id, device_id, from_version, to_version, reason, unix_ms FROM rollbacks"
-                " WHERE event_id > ? ORDER BY event_id",
-                (after_id,),
-            ).fetchall()
-        return [RollbackEvent(int(r[0]), r[1], r[2], r[3], r[4], int(r[5])) for r in rows]
+        r = sql.rollbacks.c
+        query = select(r.event_id, r.device_id, r.from_version, r.to_version, r.reason, r.unix_ms)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.where(r.event_id > after_id).order_by(r.event_id)).all()
+        return [RollbackEvent(int(e), d, f, t, why, int(ms)) for e, d, f, t, why, ms in rows]
 
     def touch(self, device_id: str, applied_version: str | None = None) -> None:
         """Mark the device as seen now (and optionally record its applied version)."""
-        with self._lock:
-            if applied_version:
-                self._conn.execute(
-                    "UPDATE devices SET last_seen_unix_ms=?, applied_version=? WHERE device_id=?",
-                    (_now_ms(), applied_version, device_id),
-                )
-            else:
-                self._conn.execute("UPDATE devices SET last_seen_unix_ms=? WHERE device_id=?", (_now_ms(), device_id))
+        extra = {"applied_version": applied_version} if applied_version else {}
+        self._set(device_id, last_seen_unix_ms=_now_ms(), **extra)
 
     def revoke(self, device_id: str) -> bool:
         """Invalidate the device's token (and any enrollment code); True if the device exists."""
-        with self._lock:
-            cur = self._conn.execute(
-                "UPDATE devices SET revoked=1, enrollment_sha256=NULL WHERE device_id=?", (device_id,)
-            )
-        return cur.rowcount == 1
+        return self._set(device_id, revoked=True, enrollment_sha256=None)
 
     def provision(self, device_id: str, cohort: str) -> str:
         """Admit ``device_id`` (new, revoked or still provisioned) in ``cohort``; returns its one-time code.
@@ -211,64 +239,55 @@ class DeviceRegistry:
         token of the id stops working. An active device raises DeviceStateError (revoke it first).
         """
         code = secrets.token_urlsafe(24)
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT revoked, enrollment_sha256 FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone()
+        with sql.write(self.engine) as conn:
+            query = select(_D.revoked, _D.enrollment_sha256).where(_D.device_id == device_id).with_for_update()
+            row = conn.execute(query).first()
             if row is not None and not row[0] and row[1] is None:
                 raise DeviceStateError(f"device {device_id} is registered and active; revoke it first")
-            self._conn.execute(
-                "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
-                " registered_unix_ms, enrollment_sha256) VALUES (?, ?, ?, '', '', '{}', ?, ?)"
-                " ON CONFLICT(device_id) DO UPDATE SET token_sha256=excluded.token_sha256, cohort=excluded.cohort,"
-                " revoked=0, enrollment_sha256=excluded.enrollment_sha256",
-                (device_id, _hash(secrets.token_urlsafe(32)), cohort, _now_ms(), _hash(code)),
+            stmt = sql.upsert(conn, sql.devices).values(
+                device_id=device_id, token_sha256=_hash(secrets.token_urlsafe(32)), cohort=cohort, model_family="",
+                model_version="", capabilities={}, registered_unix_ms=_now_ms(), enrollment_sha256=_hash(code),
+            )  # fmt: skip
+            x = stmt.excluded
+            changed = dict(
+                token_sha256=x.token_sha256, cohort=x.cohort, revoked=False, enrollment_sha256=x.enrollment_sha256
             )
+            conn.execute(stmt.on_conflict_do_update(index_elements=[_D.device_id], set_=changed))
         return code
 
     def check_enrollment_code(self, device_id: str, code: str) -> bool:
         """True if ``device_id`` is provisioned and ``code`` is its enrollment code."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT enrollment_sha256 FROM devices WHERE device_id = ? AND revoked = 0", (device_id,)
-            ).fetchone()
-        return bool(code) and row is not None and row[0] is not None and hmac.compare_digest(row[0], _hash(code))
+        query = select(_D.enrollment_sha256).where(_D.device_id == device_id, _D.revoked.is_(False))
+        with self.engine.connect() as conn:
+            stored = conn.execute(query).scalar()
+        return bool(code) and stored is not None and hmac.compare_digest(stored, _hash(code))
 
     def set_cohort(self, device_id: str, cohort: str) -> bool:
         """Move a device to ``cohort`` (the operator's decision); True if the device exists."""
-        with self._lock:
-            cur = self._conn.execute("UPDATE devices SET cohort=? WHERE device_id=?", (cohort, device_id))
-        return cur.rowcount == 1
+        return self._set(device_id, cohort=cohort)
 
     def list(self) -> list[DeviceRecord]:
         """Every registered device."""
-        with self._lock:
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY device_id").fetchall()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*_COLUMNS).order_by(_D.device_id)).all()
         return [_record(r) for r in rows]
 
     def close(self) -> None:
         """Release the database."""
-        with self._lock:
-            self._conn.close()
+        self.engine.dispose()
 
 
-_COLUMNS = (
-    "device_id, cohort, model_family, model_version, capabilities, registered_unix_ms, applied_version,"
-    " status, metrics, last_seen_unix_ms, revoked, enrollment_sha256 IS NOT NULL"
-)
-
-
-def _record(row: tuple) -> DeviceRecord:
+def _record(row: Row) -> DeviceRecord:
     return DeviceRecord(
         device_id=row[0],
         cohort=row[1],
         model_family=row[2],
         model_version=row[3],
-        capabilities=json.loads(row[4]),
+        capabilities=dict(row[4]),
         registered_unix_ms=int(row[5]),
         applied_version=row[6],
         status=row[7],
-        metrics=json.loads(row[8]),
+        metrics=dict(row[8]),
         last_seen_unix_ms=int(row[9]),
         revoked=bool(row[10]),
         provisioned=bool(row[11]) and not row[10],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -127,6 +127,15 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         "devices: one-time enrollment codes of provisioned devices",
         "ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT",
     ),
+    Migration(
+        4,
+        "updates: the job that published each one, indexed (publishing a job twice is a no-op)",
+        """
+        ALTER TABLE updates ADD COLUMN job_id BIGINT NOT NULL DEFAULT 0;
+        UPDATE updates SET job_id = (metadata->>'job_id')::bigint WHERE metadata ? 'job_id';
+        CREATE UNIQUE INDEX updates_job ON updates (job_id) WHERE job_id > 0;
+        """,
+    ),
 )
 
 
@@ -180,10 +189,14 @@ def migrate_postgres(conn: psycopg.Connection, migrations: Sequence[Migration] =
     return known
 
 
-def migrate_sqlite(conn: sqlite3.Connection, migrations: Sequence[str], where: str) -> int:
+def migrate_sqlite(
+    conn: sqlite3.Connection, migrations: Sequence[str | Callable[[sqlite3.Connection], None]], where: str
+) -> int:
     """Apply ``migrations[n:]`` to a SQLite file at ``user_version`` n, in one transaction; returns the version.
 
-    ``migrations[0]`` is version 1. A file at a higher version than ``len(migrations)`` raises SchemaError.
+    ``migrations[0]`` is version 1; a step is SQL (statements separated by ``;``) or a function of the
+    connection (for a step that depends on what the file holds). A file at a higher version than
+    ``len(migrations)`` raises SchemaError.
     """
     known = len(migrations)
     current = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -196,8 +209,11 @@ def migrate_sqlite(conn: sqlite3.Connection, migrations: Sequence[str], where: s
         current = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if current > known:
             raise _too_new(current, known, where)
-        for sql in migrations[current:]:
-            for statement in (s for s in sql.split(";") if s.strip()):
+        for step in migrations[current:]:
+            if callable(step):
+                step(conn)
+                continue
+            for statement in (s for s in step.split(";") if s.strip()):
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {known}")
         conn.execute("COMMIT")

@@ -79,6 +79,10 @@ class ModelledExecutor(Executor):
             f.seconds = now - self.started.pop(f.spec.job_id, now)
         return ready
 
+    def running(self) -> list[int]:
+        """Jobs started in virtual time and not yet returned (running here, waiting for a slot, or held)."""
+        return list(self.due)
+
     def barrier(self) -> float:
         """The earliest virtual second at which a job falls due (inf: none running)."""
         return min((d for d in self.due.values() if not self.config.host), default=math.inf)

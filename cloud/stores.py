@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud.adaptation.jobs import JobStore
 from cloud.config import StoreSettings
+from cloud.devices import Devices
 from cloud.samples.base import SampleStore
 from cloud.updates.base import UpdateRegistry
 from common.signing import Ed25519PrivateKey
@@ -16,6 +18,14 @@ def _database(settings: StoreSettings, role: str):
     from cloud.db import PostgresDatabase
 
     return PostgresDatabase(settings.dsn(), application_name=f"tandem-{role}")
+
+
+def _engine(settings: StoreSettings, role: str):
+    """A SQLAlchemy engine on the shared database, migrated first."""
+    from cloud.sql import postgres_engine
+
+    _database(settings, role).close()  # applies cloud.migrations (once, under its advisory lock)
+    return postgres_engine(settings.dsn(), f"tandem-{role}")
 
 
 def _blobs(settings: StoreSettings, data_dir: Path, synchronous: str):
@@ -36,14 +46,12 @@ def open_sample_store(settings: StoreSettings, data_dir: Path, synchronous: str 
     return SqliteSampleStore(Path(data_dir) / "samples.db", synchronous=synchronous)
 
 
-def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL"):
-    """The device registry of the configured backend (``DeviceRegistry`` or its PostgreSQL twin)."""
-    if settings.store == "postgres":
-        from cloud.devices_postgres import PostgresDeviceRegistry
-
-        return PostgresDeviceRegistry(_database(settings, "devices"))
+def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL") -> Devices:
+    """The device registry on the configured backend."""
     from cloud.devices import DeviceRegistry
 
+    if settings.store == "postgres":
+        return DeviceRegistry(_engine(settings, "devices"))
     return DeviceRegistry(Path(data_dir) / "devices.db", synchronous)
 
 
@@ -51,24 +59,21 @@ def open_update_registry(
     settings: StoreSettings, data_dir: Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL"
 ) -> UpdateRegistry:
     """The update registry of the configured backend."""
+    from cloud.updates.registry import SqliteUpdateRegistry, SqlUpdateRegistry
+
     if settings.store == "postgres":
-        from cloud.updates.postgres import PostgresUpdateRegistry
-
-        db = _database(settings, "updates")
-        return PostgresUpdateRegistry(db, _blobs(settings, data_dir, synchronous), signing_key)
-    from cloud.updates.sqlite import SqliteUpdateRegistry
-
+        engine = _engine(settings, "updates")
+        blobs = _blobs(settings, data_dir, synchronous)
+        return SqlUpdateRegistry(engine, blobs, signing_key, blob_prefix="updates/", dsn=settings.dsn())
     return SqliteUpdateRegistry(Path(data_dir) / "updates", signing_key, synchronous)
 
 
-def open_job_store(settings: StoreSettings, state_dir: Path, synchronous: str = "FULL"):
-    """The trainer's job store of the configured backend (``SqliteJobStore`` under ``state_dir``)."""
+def open_job_store(settings: StoreSettings, state_dir: Path, synchronous: str = "FULL") -> JobStore:
+    """The trainer's job store on the configured backend (``jobs.db`` under ``state_dir`` on SQLite)."""
+    from cloud.adaptation.job_store import SqliteJobStore, SqlJobStore
+
     if settings.store == "postgres":
-        from cloud.adaptation.jobs_postgres import PostgresJobStore
-
-        return PostgresJobStore(_database(settings, "jobs"))
-    from cloud.adaptation.jobs_sqlite import SqliteJobStore
-
+        return SqlJobStore(_engine(settings, "jobs"))
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return SqliteJobStore(Path(state_dir) / "jobs.db", synchronous)
 
@@ -78,13 +83,13 @@ class CloudStores:
     """The three stores a gateway serves from."""
 
     samples: SampleStore
-    devices: object
+    devices: Devices
     updates: UpdateRegistry
 
     def close(self) -> None:
         """Close every store."""
         self.samples.close()
-        self.devices.close()  # type: ignore[attr-defined]
+        self.devices.close()
         self.updates.close()
 
 

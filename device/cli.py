@@ -331,9 +331,9 @@ def run(
     offline: bool = typer.Option(False, "--offline", help="Serve without the cloud (samples wait in the outbox)."),
 ) -> None:
     """Run the device agent: answer, uplink what it is unsure of, take updates live."""
+    from common.logs import setup_logging
     from device.agent.agent import DeviceAgent
     from device.agent.config import load_agent_config, parse_assignments
-    from device.agent.logs import setup_logging
 
     flags = {
         "transport.gateway": gateway,

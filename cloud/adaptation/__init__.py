@@ -16,7 +16,7 @@ _EXPORTS = {
     "Job": "cloud.adaptation.jobs",
     "JobError": "cloud.adaptation.jobs",
     "JobStore": "cloud.adaptation.jobs",
-    "SqliteJobStore": "cloud.adaptation.jobs_sqlite",
+    "SqliteJobStore": "cloud.adaptation.job_store",
     "Learner": "cloud.adaptation.learner",
     "RoundResult": "cloud.adaptation.learner",
     "GateReport": "cloud.adaptation.gate",

@@ -107,6 +107,8 @@ class AdaptationConfig(StrictConfig):
     max_attempts: int = Field(3, ge=1)
     """A job that fails this many times stays failed (``tandem-cloud jobs retry`` requeues it)."""
     poll_interval_s: float = Field(2.0, gt=0)
+    stop_grace_s: float = Field(15.0, ge=0)
+    """On SIGTERM/SIGINT, how long running jobs may go on to finish; jobs still running then are requeued."""
     executor: Literal["inprocess", "ray"] = "ray"
     ray: RayConfig = RayConfig()
     state_dir: Path | None = None

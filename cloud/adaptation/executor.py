@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ class Finished:
 class Executor(ABC):
     """Runs JobSpecs; the service submits up to ``free_slots()`` and collects with ``poll``."""
 
+    on_start: Callable[[], None] | None = None
+    """Called (on the submitting thread) once the backend has started: Ray's driver installs its own signal
+    handlers in ``ray.init``, so the process puts its own back here."""
+
     @abstractmethod
     def free_slots(self) -> int:
         """How many more jobs can start now."""
@@ -41,6 +46,10 @@ class Executor(ABC):
     @abstractmethod
     def poll(self, timeout: float) -> list[Finished]:
         """Jobs that finished (waits up to ``timeout`` seconds for the first)."""
+
+    @abstractmethod
+    def running(self) -> list[int]:
+        """Ids of the jobs submitted and not yet returned by ``poll``."""
 
     @abstractmethod
     def close(self) -> None:
@@ -72,5 +81,8 @@ class InProcessExecutor(Executor):
             out.append(Finished(spec, None if exc else fut.result(), exc, time.perf_counter() - start))
         return out
 
+    def running(self) -> list[int]:
+        return [spec.job_id for spec, _ in self._running.values()]
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=not self._running, cancel_futures=True)  # a requeued job's thread is not awaited

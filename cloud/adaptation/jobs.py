@@ -1,4 +1,5 @@
-"""Durable adaptation jobs: the interface (a PostgreSQL twin implements it too) and the job record.
+"""Durable adaptation jobs: the interface (``job_store.SqlJobStore`` implements it on SQLite and PostgreSQL)
+and the job record.
 
 A job trains one *subject* (a device, or a cohort on its devices' pooled uploads) on the samples of given seq
 ranges. States: ``queued -> running -> done | failed``; a failed attempt goes back to ``queued`` until
@@ -9,9 +10,8 @@ job left ``running`` by a killed service is requeued at start (``recover``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from common import clock as clocks
 from common.errors import TandemError
@@ -19,11 +19,6 @@ from common.errors import TandemError
 JobState = Literal["queued", "running", "done", "failed"]
 SubjectKind = Literal["device", "cohort"]
 STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
-# The job row's columns, in the order both stores select them.
-JOB_COLUMNS = (
-    "job_id, subject_kind, subject, family, ranges, samples, bytes, reason, state, attempts, error, outcome,"
-    " update_id, result, created_unix_ms, started_unix_ms, finished_unix_ms"
-)
 
 
 def now_ms() -> int:
@@ -107,6 +102,10 @@ class JobStore(ABC):
         """Record a failed attempt: back to queued while attempts remain (and not ``permanent``), else failed."""
 
     @abstractmethod
+    def requeue(self, job_id: int, reason: str) -> bool:
+        """Put a running job back in the queue (the attempt is not counted as failed); False if not running."""
+
+    @abstractmethod
     def recover(self) -> list[int]:
         """Requeue jobs left running by a stopped service; returns their ids."""
 
@@ -143,15 +142,14 @@ class JobStore(ABC):
         """Release resources."""
 
 
-def job_from_row(row: tuple, json_value: Callable[[Any], Any]) -> Job:
-    """A job from a row selected as ``JOB_COLUMNS``; ``json_value`` reads a JSON column as the driver returns it
-    (SQLite: text, PostgreSQL: already parsed)."""
+def job_from_row(row: tuple) -> Job:
+    """A job from a row of ``cloud.sql.jobs`` (all columns in table order; the JSON columns parsed)."""
     return Job(
         job_id=int(row[0]),
         subject_kind=row[1],
         subject=row[2],
         family=row[3],
-        ranges=tuple(SeqRange(d, int(a), int(b)) for d, a, b in json_value(row[4])),
+        ranges=tuple(SeqRange(d, int(a), int(b)) for d, a, b in row[4]),
         samples=int(row[5]),
         bytes=int(row[6]),
         reason=row[7],
@@ -160,7 +158,7 @@ def job_from_row(row: tuple, json_value: Callable[[Any], Any]) -> Job:
         error=row[10],
         outcome=row[11],
         update_id=int(row[12]),
-        result=dict(json_value(row[13])),
+        result=dict(row[13]),
         created_unix_ms=int(row[14]),
         started_unix_ms=int(row[15]),
         finished_unix_ms=int(row[16]),

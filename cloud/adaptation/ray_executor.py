@@ -120,6 +120,8 @@ class RayExecutor(Executor):
         self.actors = [self._new_actor() for _ in range(rc.learners)]
         self.idle = list(self.actors)
         self.started = True
+        if self.on_start is not None:
+            self.on_start()
 
     def _new_actor(self):
         rc = self.config.ray
@@ -134,6 +136,9 @@ class RayExecutor(Executor):
         self.start()
         actor = self.idle.pop(0)
         self._running[actor.run.remote(spec)] = (spec, actor, time.perf_counter())
+
+    def running(self) -> list[int]:
+        return [spec.job_id for spec, _, _ in self._running.values()]
 
     def running_actor(self, job_id: int):
         """The actor handle running ``job_id`` (None when it is not running)."""

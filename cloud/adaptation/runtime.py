@@ -58,12 +58,18 @@ def build_trainer(config: GatewayConfig, gateway=None, on_publish=None):
     )
 
 
-async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | None = None) -> None:
-    """Run ``role`` until SIGINT/SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (call on the loop's thread; again after Ray replaced the handlers)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | None = None) -> None:
+    """Run ``role`` until SIGINT/SIGTERM; then running jobs get ``adaptation.stop_grace_s`` to finish (the rest
+    are requeued), Ray shuts down and the gateway stops."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _stop_on_signals(loop, stop)
     sim = config.simulation
     clock = None
     if sim is not None:  # the fleet simulator drives time (cloud/simulated.py)
@@ -102,6 +108,7 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
                 loop.call_soon_threadsafe(stop.set)
                 return
             trainer_box["trainer"] = trainer
+            trainer.executor.on_start = lambda: loop.call_soon_threadsafe(_stop_on_signals, loop, stop)
             if gateway is not None:
                 gateway.metrics.registry.register(_Forward(trainer.metrics.registry))
             elif config.metrics_port is not None:
@@ -112,6 +119,7 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
                 lockstep(trainer, config, clock).run(halt)
             else:
                 trainer.run(halt)
+            trainer.drain(config.adaptation.stop_grace_s)
 
         thread = threading.Thread(target=run_trainer, name="tandem-trainer", daemon=True)
         thread.start()
@@ -123,7 +131,7 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
     await stop.wait()
     halt.set()
     if thread is not None:
-        await asyncio.to_thread(thread.join, 60)
+        await asyncio.to_thread(thread.join, config.adaptation.stop_grace_s + 60)
     if "trainer" in trainer_box:
         trainer_box["trainer"].close()
         trainer_box["trainer"].metrics.close()

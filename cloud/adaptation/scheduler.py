@@ -25,10 +25,8 @@ class Pending:
 
 def _pending(store: SampleStore, jobs: JobStore, device_id: str, limit: int) -> Pending | None:
     after, last_ms = jobs.cursor(device_id)
-    count = total = upto = 0
-    for s in store.iter_samples(device_id, after_seq=after, limit=limit):
-        count, total, upto = count + 1, total + len(s.payload), s.seq
-    return Pending(device_id, after, upto, count, total, last_ms) if count else None
+    stats = store.pending_stats(device_id, after, limit)
+    return Pending(device_id, after, stats.upto_seq, stats.count, stats.bytes, last_ms) if stats.count else None
 
 
 def _due(trigger: TriggerConfig, parts: list[Pending], now_ms: int) -> str | None:

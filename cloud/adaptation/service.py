@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cloud.adaptation.catchup import publish_catch_up
 from cloud.adaptation.config import AdaptationConfig
 from cloud.adaptation.executor import Executor, Finished, WorkerLost
 from cloud.adaptation.jobs import Job, JobStore
@@ -22,7 +24,7 @@ from cloud.adaptation.scheduler import Scheduler
 from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.uploads import read_raw
 from cloud.adaptation.worker import JobResult, JobSpec
-from cloud.devices import DeviceRegistry
+from cloud.devices import Devices, RollbackEvent
 from cloud.samples.base import SampleStore
 from cloud.updates.base import UpdateRecord, UpdateRegistry
 from common.errors import TandemError
@@ -40,7 +42,7 @@ class TrainerService:
         config: AdaptationConfig,
         state_dir: str | Path,
         samples: SampleStore,
-        devices: DeviceRegistry,
+        devices: Devices,
         updates: UpdateRegistry,
         jobs: JobStore,
         executor: Executor,
@@ -87,17 +89,52 @@ class TrainerService:
     def busy(self) -> bool:
         return self.executor.free_slots() == 0
 
+    def drain(self, grace_s: float) -> list[int]:
+        """Stop taking jobs: let running ones finish (and publish) for up to ``grace_s`` seconds, then requeue
+        those still running (a restarted service runs them again); returns the requeued ids."""
+        deadline = time.monotonic() + grace_s
+        while self.executor.running() and (left := deadline - time.monotonic()) > 0:
+            try:
+                self.collect(min(left, 0.5))
+            except Exception:
+                log.exception("collecting a finished job failed while stopping")
+        requeued = [j for j in self.executor.running() if self.jobs.requeue(j, "service stopped mid-job")]
+        if requeued:
+            log.info("requeued jobs still running after %.0f s: %s", grace_s, requeued)
+        return requeued
+
     def close(self) -> None:
         self.executor.close()
 
     # -- steps -----------------------------------------------------------------------------------------------
     def read_rollbacks(self) -> None:
-        """Devices that rolled back: their next job rebases the mirror on the version they now hold."""
+        """Devices that rolled back: a device's next job rebases its mirror on the version it now holds; a
+        cohort member (with cohort training) is sent the cohort's updates from that version (``catchup``)."""
         cursor = int(self.jobs.get_meta("rollback_cursor", "0"))
         for event in self.devices.rollbacks(after_id=cursor):
-            self.jobs.set_meta(f"rebase:device:{event.device_id}", event.to_version)
-            self.jobs.set_meta("rollback_cursor", str(event.event_id))
             log.info("device %s rolled back to %s (%s)", event.device_id, event.to_version, event.reason)
+            device = self.devices.get(event.device_id)
+            if self.config.cohort_training and device is not None and device.cohort:
+                self.catch_up(event, device.cohort)
+            else:
+                self.jobs.set_meta(f"rebase:device:{event.device_id}", event.to_version)
+            self.jobs.set_meta("rollback_cursor", str(event.event_id))
+
+    def catch_up(self, event: RollbackEvent, cohort: str) -> None:
+        """Publish to the member the cohort updates from the version it rolled back to."""
+        sent = publish_catch_up(self.updates, event.device_id, cohort, event.to_version, event.event_id)
+        if sent is None:
+            log.warning("device %s holds %s, not on cohort %s's line: no catch-up", event.device_id,
+                        event.to_version, cohort)  # fmt: skip
+            return
+        for record in sent:
+            self.metrics.updates_published.inc()
+            self.metrics.bytes_published.inc(record.size)
+            if self.on_publish is not None:
+                self.on_publish(record)
+        if sent:
+            log.info("device %s catches up with cohort %s: %s -> %s in %d updates", event.device_id, cohort,
+                     event.to_version, sent[-1].target_version, len(sent))  # fmt: skip
 
     def schedule(self) -> list[int]:
         return self.scheduler.update(self.devices.list())
@@ -165,21 +202,10 @@ class TrainerService:
 
     def publish(self, job: Job, result: JobResult) -> UpdateRecord:
         """Publish the job's update once: a record carrying this job id means it was already published."""
-        header = header_from_json(result.header_json or "")
-        kw = {"device_id": header.device_id} if header.device_id else {"cohort": header.cohort}
-        existing = [r for r in self.updates.list(**kw) if r.metadata.get("job_id") == str(job.job_id)]
-        if existing:
-            record = existing[0]
-        else:
-            payload = result.payload or b""
-            if header.device_id:
-                record = self.updates.publish(
-                    header.device_id, header.base_version, header.target_version, payload, header.metadata
-                )
-            else:
-                record = self.updates.publish_cohort(
-                    header.cohort, header.base_version, header.target_version, payload, header.metadata
-                )
+        record = self.updates.by_job(job.job_id)
+        if record is None:
+            header = header_from_json(result.header_json or "")
+            record = self.updates.publish_header(header, result.payload or b"", job_id=job.job_id)
             self.metrics.updates_published.inc()
             self.metrics.bytes_published.inc(record.size)
             if self.on_publish is not None:

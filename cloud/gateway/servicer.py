@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from cloud.config import GatewayConfig
-from cloud.devices import DeviceRecord, DeviceRegistry, DeviceStateError
+from cloud.devices import DeviceRecord, Devices, DeviceStateError
 from cloud.feature_bases import accepted_formats
 from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation
 from cloud.gateway.budget import BudgetExhausted, MemoryBudget
@@ -40,7 +40,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
     def __init__(
         self,
         config: GatewayConfig,
-        devices: DeviceRegistry,
+        devices: Devices,
         writer: GroupCommitWriter,
         updates: UpdateRegistry,
         public_key_pem: bytes,
@@ -68,7 +68,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         token = token_from_metadata(context.invocation_metadata())
         if token is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-        device = self.devices.authenticate(token)
+        device = await asyncio.to_thread(self.devices.authenticate, token)
         if device is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token")
         await self._check_cert_binding(context, method, device.device_id)  # type: ignore[union-attr]
@@ -101,13 +101,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if problem:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self._check_cert_binding(context, m, request.device_id)
-        existing = self.devices.get(request.device_id)
-        code, msg = self._enrollment_refusal(request, existing, context)
+        existing = await asyncio.to_thread(self.devices.get, request.device_id)
+        code, msg = await self._enrollment_refusal(request, existing, context)
         if code is not None:
             await self._abort(context, m, code, msg)
         cohort = request.cohort if self.config.open_enrollment else (existing.cohort if existing else "")
         try:
-            record, token = self.devices.register(
+            record, token = await asyncio.to_thread(
+                self.devices.register,
                 request.device_id,
                 cohort=cohort,
                 model_family=request.model_family,
@@ -130,7 +131,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             feature_bases=KNOWN_BASES.versions(),
         )
 
-    def _enrollment_refusal(
+    async def _enrollment_refusal(
         self, request: gateway_pb2.RegisterRequest, existing: DeviceRecord | None, context
     ) -> tuple[grpc.StatusCode | None, str]:
         """Why this Register may not proceed (status and message), or ``(None, "")``."""
@@ -142,12 +143,14 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 f"device {device_id} was revoked; an operator must re-admit it (tandem-cloud devices add {device_id})"
             )
         if existing is not None and existing.provisioned:
-            if has_secret or self.devices.check_enrollment_code(device_id, request.enrollment_secret):
+            if has_secret or await asyncio.to_thread(
+                self.devices.check_enrollment_code, device_id, request.enrollment_secret
+            ):
                 return None, ""
             return grpc.StatusCode.UNAUTHENTICATED, f"wrong or missing enrollment code for device {device_id}"
         if existing is not None:
             token = token_from_metadata(context.invocation_metadata())
-            holder = self.devices.authenticate(token) if token else None
+            holder = await asyncio.to_thread(self.devices.authenticate, token) if token else None
             if holder is None or holder.device_id != device_id:
                 return grpc.StatusCode.PERMISSION_DENIED, (
                     f"device {device_id} is already registered; re-register with its token"
@@ -203,7 +206,9 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             fault_point("gateway.after_store")  # test-only: kill -9 between store and ack (common/faults.py)
             self.metrics.samples_stored.inc(stored)
             self.metrics.samples_duplicate.inc(duplicates)
-            acked = await self.writer.high_water(device.device_id)
+            acked = session.high_water  # from the commit itself; a stream that stored nothing asks the store
+            if acked is None:
+                acked = await self.writer.high_water(device.device_id)
             if refusal is not None:
                 code, msg, seq = refusal
                 trailers = [(ACKED_SEQ_TRAILER, str(acked))]
@@ -225,7 +230,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"update_id must be between 1 and {MAX_SEQ}",
             )
-        record = self.updates.get(update_id)
+        record = await asyncio.to_thread(self.updates.get, update_id)
         if record is None:
             await self._abort(context, method, grpc.StatusCode.NOT_FOUND, f"no update {update_id}")
         assert record is not None
@@ -278,7 +283,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         if request.after_update_id > MAX_SEQ:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, f"after_update_id above {MAX_SEQ}")
         if request.current_version:
-            self.devices.touch(device.device_id, request.current_version)
+            await asyncio.to_thread(self.devices.touch, device.device_id, request.current_version)
         cursor = request.after_update_id
         self.metrics.active_streams.labels(m).inc()
         try:
@@ -303,6 +308,18 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             metrics["uplink_bytes_per_s"] = float(request.uplink_bytes_per_s)
         if len(json.dumps(metrics)) > 64 * 1024:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat metrics exceed 64 KiB")
+        latest = await asyncio.to_thread(self._record_heartbeat, device, request, metrics)
+        self._ok(m)
+        return gateway_pb2.HeartbeatResponse(
+            server_unix_ms=_now_ms(),
+            acked_seq=await self.writer.high_water(device.device_id),
+            latest_update_id=latest,
+            sample_formats=accepted_formats(),
+            feature_bases=KNOWN_BASES.versions(),
+        )
+
+    def _record_heartbeat(self, device: DeviceRecord, request: gateway_pb2.HeartbeatRequest, metrics: dict) -> int:
+        """The heartbeat's writes (on a worker thread); returns the latest update id addressed to the device."""
         self.devices.heartbeat(
             device.device_id,
             status=request.status[:256],
@@ -316,16 +333,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 request.applied_version[:128],
                 request.rollback_reason[:256],
             )
-        self._ok(m)
-        return gateway_pb2.HeartbeatResponse(
-            server_unix_ms=_now_ms(),
-            acked_seq=await self.writer.high_water(device.device_id),
-            latest_update_id=max(
-                (r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0
-            ),
-            sample_formats=accepted_formats(),
-            feature_bases=KNOWN_BASES.versions(),
-        )
+        return max((r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0)
 
 
 def _now_ms() -> int:

@@ -50,6 +50,9 @@ class UploadSession:
         self.pending: list[Sample] = []
         self.pending_bytes = 0
         self.writes: list[asyncio.Task[list[bool]]] = []
+        self.device_id = device_id
+        self.high_water: int | None = None
+        """The device's high-water as of this stream's latest commit (None before any)."""
 
     async def receive(self, requests: AsyncIterable) -> None:
         """Consume the whole stream; raises ProtocolViolation, BudgetExhausted or StreamIdle.
@@ -97,7 +100,9 @@ class UploadSession:
 
     async def _commit(self, samples: list[Sample]) -> list[bool]:
         try:
-            return await self.writer.put(samples)
+            done = await self.writer.put(samples)
+            self.high_water = max(self.high_water or 0, done.high_water.get(self.device_id, 0))
+            return done.new
         finally:
             await self.hold.give(sum(len(s.payload) for s in samples))
 

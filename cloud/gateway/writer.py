@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from cloud.gateway.metrics import GatewayMetrics
-from cloud.samples.base import Sample, SampleStore
+from cloud.samples.base import Committed, Sample, SampleStore
 
 
 class GroupCommitWriter:
@@ -20,18 +20,18 @@ class GroupCommitWriter:
         self._metrics = metrics
         self._max_batch_bytes = max_batch_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample-writer")
-        self._queue: asyncio.Queue[tuple[Sequence[Sample], asyncio.Future[list[bool]]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Sequence[Sample], asyncio.Future[Committed]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the commit loop on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
 
-    async def put(self, samples: Sequence[Sample]) -> list[bool]:
-        """Store ``samples`` durably; returns, per sample, whether it was new."""
+    async def put(self, samples: Sequence[Sample]) -> Committed:
+        """Store ``samples`` durably; returns, per sample, whether it was new, and the devices' high-waters."""
         if not samples:
-            return []
-        fut: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+            return Committed([], {})
+        fut: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         await self._queue.put((samples, fut))
         return await fut
 
@@ -52,7 +52,7 @@ class GroupCommitWriter:
             flat = [s for samples, _ in batch for s in samples]
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._store.put, flat)
+                done = await loop.run_in_executor(self._executor, self._store.commit, flat)
             except Exception as exc:  # the store failed: every waiter sees the error, nothing is acked
                 for _, fut in batch:
                     if not fut.done():
@@ -64,7 +64,9 @@ class GroupCommitWriter:
             pos = 0
             for samples, fut in batch:
                 if not fut.done():
-                    fut.set_result(results[pos : pos + len(samples)])
+                    mine = {s.device_id for s in samples}
+                    high = {d: q for d, q in done.high_water.items() if d in mine}
+                    fut.set_result(Committed(done.new[pos : pos + len(samples)], high))
                 pos += len(samples)
 
     async def close(self) -> None:

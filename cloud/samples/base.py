@@ -19,6 +19,23 @@ class Sample:
     received_unix_ms: int = 0
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What one durable ``commit`` did: per sample whether it was new, and the high-water of each device in it."""
+
+    new: list[bool]
+    high_water: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PendingStats:
+    """Samples of one device after a seq: how many, their payload bytes and the highest seq among them."""
+
+    count: int
+    bytes: int
+    upto_seq: int
+
+
 class SampleStore(ABC):
     """Durable storage of device samples. Writing a (device_id, seq) that exists is a no-op."""
 
@@ -26,9 +43,19 @@ class SampleStore(ABC):
     """True when reads may run on any thread while a ``put`` is in progress (the gateway's writer then keeps
     its one thread for commits)."""
 
-    @abstractmethod
     def put(self, samples: Sequence[Sample]) -> list[bool]:
         """Store ``samples`` in one durable transaction; per sample, True if new, False if already stored."""
+        return self.commit(samples).new
+
+    @abstractmethod
+    def commit(self, samples: Sequence[Sample]) -> Committed:
+        """``put``, also returning the high-water of every device in ``samples`` as of this commit (what the
+        gateway acks, without another round trip)."""
+
+    @abstractmethod
+    def pending_stats(self, device_id: str, after_seq: int, limit: int) -> PendingStats:
+        """Count, payload bytes and highest seq of the first ``limit`` samples after ``after_seq`` (no payload
+        is read: the scheduler's view)."""
 
     @abstractmethod
     def high_water(self, device_id: str) -> int:

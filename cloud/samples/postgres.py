@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from cloud.blobs import BlobStore
 from cloud.db import PostgresDatabase
-from cloud.samples.base import Sample, SampleStore
+from cloud.samples.base import Committed, PendingStats, Sample, SampleStore
 
 _PAGE = 256
 _MAX_GAP = 256 * 1024  # read across another device's bytes rather than issue a second request
@@ -35,9 +35,9 @@ class PostgresSampleStore(SampleStore):
         self.blobs = blobs
         self._reads = PostgresDatabase(db.dsn, "tandem-samples-read", migrate=False)
 
-    def put(self, samples: Sequence[Sample]) -> list[bool]:
+    def commit(self, samples: Sequence[Sample]) -> Committed:
         if not samples:
-            return []
+            return Committed([], {})
         fresh: dict[tuple[str, int], Sample] = {}
         for s in samples:
             fresh.setdefault((s.device_id, s.seq), s)  # a second copy in the same batch is a duplicate
@@ -49,12 +49,16 @@ class PostgresSampleStore(SampleStore):
             offsets.append(pos)
             pos += len(s.payload)
         self.blobs.put(blob_key, b"".join(s.payload for s in batch))  # durable before any row refers to it
+        ids = sorted({s.device_id for s in batch})
         with self.db.cursor() as cur:  # one statement: atomic, and durable once it returns
+            # The rows it inserted, and each device's high-water before it (the statement's snapshot).
             cur.execute(
-                "INSERT INTO samples (device_id, seq, blob_key, blob_offset, length, metadata, created_unix_ms,"
-                " received_unix_ms) SELECT d, q, %s, o, n, m::jsonb, c, r FROM unnest(%s::text[], %s::bigint[],"
-                " %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[]) AS t(d, q, o, n, m, c, r)"
-                " ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq",
+                "WITH ins AS (INSERT INTO samples (device_id, seq, blob_key, blob_offset, length, metadata,"
+                " created_unix_ms, received_unix_ms) SELECT d, q, %s, o, n, m::jsonb, c, r FROM unnest(%s::text[],"
+                " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[])"
+                " AS t(d, q, o, n, m, c, r) ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq)"
+                " SELECT TRUE, device_id, seq FROM ins UNION ALL SELECT FALSE, device_id, MAX(seq) FROM samples"
+                " WHERE device_id = ANY(%s::text[]) GROUP BY device_id",
                 (
                     blob_key,
                     [s.device_id for s in batch],
@@ -64,12 +68,28 @@ class PostgresSampleStore(SampleStore):
                     [json.dumps(s.metadata, sort_keys=True) for s in batch],
                     [s.created_unix_ms for s in batch],
                     [s.received_unix_ms for s in batch],
+                    ids,
                 ),
             )
-            inserted = {(d, int(q)) for d, q in cur.fetchall()}
+            rows = cur.fetchall()
+        inserted = {(d, int(q)) for new, d, q in rows if new}
+        high = dict.fromkeys(ids, 0)
+        for _, d, q in rows:
+            high[d] = max(high[d], int(q))
         if not inserted:  # every sample was stored before (a resend): nothing refers to the blob
             self.blobs.delete(blob_key)
-        return [s is fresh[(s.device_id, s.seq)] and (s.device_id, s.seq) in inserted for s in samples]
+        new = [s is fresh[(s.device_id, s.seq)] and (s.device_id, s.seq) in inserted for s in samples]
+        return Committed(new, high)
+
+    def pending_stats(self, device_id: str, after_seq: int, limit: int) -> PendingStats:
+        with self._reads.cursor() as cur:
+            cur.execute(
+                "SELECT COUNT(*), COALESCE(SUM(length), 0), COALESCE(MAX(seq), 0) FROM (SELECT seq, length"
+                " FROM samples WHERE device_id = %s AND seq > %s ORDER BY seq LIMIT %s) AS page",
+                (device_id, after_seq, limit),
+            )
+            row = cur.fetchone()
+        return PendingStats(int(row[0]), int(row[1]), int(row[2])) if row else PendingStats(0, 0, 0)
 
     def high_water(self, device_id: str) -> int:
         with self._reads.cursor() as cur:

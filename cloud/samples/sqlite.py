@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cloud.db import open_sqlite
 from cloud.migrations import migrate_sqlite
-from cloud.samples.base import Sample, SampleStore
+from cloud.samples.base import Committed, PendingStats, Sample, SampleStore
 
 _MIGRATIONS = (
     """
@@ -67,51 +67,69 @@ class SqliteSampleStore(SampleStore):
             self._segment += 1
             self._writer = open(self._segment_path(self._segment), "ab")  # noqa: SIM115
 
-    def put(self, samples: Sequence[Sample]) -> list[bool]:
+    def commit(self, samples: Sequence[Sample]) -> Committed:
         if not samples:
-            return []
+            return Committed([], {})
         with self._lock:
-            cur = self._conn.cursor()
-            results: list[bool] = []
-            seen: set[tuple[str, int]] = set()
-            rows = []
-            self._rotate_if_full()
-            for s in samples:
-                key = (s.device_id, s.seq)
-                exists = (
-                    key in seen or cur.execute("SELECT 1 FROM samples WHERE device_id = ? AND seq = ?", key).fetchone()
+            new = self._put(samples)
+            ids = sorted({s.device_id for s in samples})
+            rows = self._conn.execute(
+                f"SELECT device_id, MAX(seq) FROM samples WHERE device_id IN ({','.join('?' * len(ids))})"
+                " GROUP BY device_id",
+                ids,
+            ).fetchall()
+        return Committed(new, {d: int(q) for d, q in rows})
+
+    def _put(self, samples: Sequence[Sample]) -> list[bool]:
+        """Write payloads, then insert their rows in one transaction (the caller holds the lock)."""
+        cur = self._conn.cursor()
+        results: list[bool] = []
+        seen: set[tuple[str, int]] = set()
+        rows = []
+        self._rotate_if_full()
+        for s in samples:
+            key = (s.device_id, s.seq)
+            exists = key in seen or cur.execute("SELECT 1 FROM samples WHERE device_id = ? AND seq = ?", key).fetchone()
+            results.append(not exists)
+            if exists:
+                continue
+            seen.add(key)
+            offset = self._writer.tell()
+            self._writer.write(s.payload)
+            rows.append(
+                (
+                    s.device_id,
+                    s.seq,
+                    self._segment,
+                    offset,
+                    len(s.payload),
+                    json.dumps(s.metadata, sort_keys=True),
+                    s.created_unix_ms,
+                    s.received_unix_ms,
                 )
-                results.append(not exists)
-                if exists:
-                    continue
-                seen.add(key)
-                offset = self._writer.tell()
-                self._writer.write(s.payload)
-                rows.append(
-                    (
-                        s.device_id,
-                        s.seq,
-                        self._segment,
-                        offset,
-                        len(s.payload),
-                        json.dumps(s.metadata, sort_keys=True),
-                        s.created_unix_ms,
-                        s.received_unix_ms,
-                    )
-                )
-            if not rows:
-                return results
-            self._writer.flush()
-            if self.synchronous == "FULL":
-                os.fsync(self._writer.fileno())
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+            )
+        if not rows:
+            return results
+        self._writer.flush()
+        if self.synchronous == "FULL":
+            os.fsync(self._writer.fileno())
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
         return results
+
+    def pending_stats(self, device_id: str, after_seq: int, limit: int) -> PendingStats:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(length), 0), COALESCE(MAX(seq), 0) FROM (SELECT seq, length"
+                " FROM samples WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?)",
+                (device_id, after_seq, limit),
+            ).fetchone()
+        return PendingStats(int(row[0]), int(row[1]), int(row[2]))
 
     def high_water(self, device_id: str) -> int:
         with self._lock:

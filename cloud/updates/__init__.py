@@ -1,6 +1,6 @@
-"""Versioned, signed updates per device and per cohort: interface and SQLite + files implementation."""
+"""Versioned, signed updates per device and per cohort: the interface and its one SQL implementation."""
 
 from cloud.updates.base import UpdateRecord, UpdateRegistry
-from cloud.updates.sqlite import SqliteUpdateRegistry
+from cloud.updates.registry import SqliteUpdateRegistry, SqlUpdateRegistry
 
-__all__ = ["SqliteUpdateRegistry", "UpdateRecord", "UpdateRegistry"]
+__all__ = ["SqlUpdateRegistry", "SqliteUpdateRegistry", "UpdateRecord", "UpdateRegistry"]

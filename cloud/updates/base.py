@@ -4,53 +4,58 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from cloud.updates.publishing import prepare_update
+from common.signing import Ed25519PrivateKey
 from protocol.tandem.v1 import gateway_pb2, tensors_pb2
 from protocol.updates import UpdateHeader, header_to_proto
-
-# The update row's columns, in the order both registries select them.
-UPDATE_COLUMNS = (
-    "update_id, device_id, cohort, base_version, target_version, sha256, size, metadata, created_unix_ms,"
-    " signature, key_id, payload_info"
-)
 
 
 @dataclass(frozen=True)
 class UpdateRecord:
-    """A published update: its signed header fields, signature and where its payload lives."""
+    """A published update: the signed header (the one ``UpdateHeader``), its signature and registry extras."""
 
     update_id: int
-    device_id: str
-    cohort: str
-    base_version: str
-    target_version: str
-    sha256_hex: str
-    size: int
-    metadata: dict[str, str] = field(default_factory=dict)
+    header: UpdateHeader
     created_unix_ms: int = 0
     signature: bytes = b""
     key_id: str = ""
     payload_info: bytes = b""
     """Serialised ``tandem.v1.PayloadInfo`` (format, size, digest, tensor list)."""
 
-    def header(self) -> UpdateHeader:
-        """The signed part of the header."""
-        return UpdateHeader(
-            device_id=self.device_id,
-            cohort=self.cohort,
-            base_version=self.base_version,
-            target_version=self.target_version,
-            sha256_hex=self.sha256_hex,
-            size=self.size,
-            metadata=dict(self.metadata),
-        )
+    @property
+    def device_id(self) -> str:
+        return self.header.device_id
+
+    @property
+    def cohort(self) -> str:
+        return self.header.cohort
+
+    @property
+    def base_version(self) -> str:
+        return self.header.base_version
+
+    @property
+    def target_version(self) -> str:
+        return self.header.target_version
+
+    @property
+    def sha256_hex(self) -> str:
+        return self.header.sha256_hex
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
 
     def to_proto(self) -> gateway_pb2.UpdateHeader:
         """Wire header."""
         return header_to_proto(
-            self.header(),
+            self.header,
             update_id=self.update_id,
             payload=tensors_pb2.PayloadInfo.FromString(self.payload_info),
             signature=self.signature,
@@ -62,6 +67,8 @@ class UpdateRecord:
 class UpdateRegistry(ABC):
     """Durable store of signed updates, served in chunks."""
 
+    _key: Ed25519PrivateKey
+
     def publish(
         self,
         device_id: str,
@@ -71,7 +78,7 @@ class UpdateRegistry(ABC):
         metadata: dict[str, str] | None = None,
     ) -> UpdateRecord:
         """Sign and store an update for one device; returns its record."""
-        return self._publish(device_id or "", "", base_version, target_version, payload, metadata)
+        return self.publish_header(_unsigned(device_id or "", "", base_version, target_version, metadata), payload)
 
     def publish_cohort(
         self,
@@ -82,13 +89,20 @@ class UpdateRegistry(ABC):
         metadata: dict[str, str] | None = None,
     ) -> UpdateRecord:
         """Sign and store an update for every device of ``cohort``."""
-        return self._publish("", cohort or "", base_version, target_version, payload, metadata)
+        return self.publish_header(_unsigned("", cohort or "", base_version, target_version, metadata), payload)
+
+    def publish_header(self, header: UpdateHeader, payload: bytes, job_id: int = 0) -> UpdateRecord:
+        """Sign and store ``header`` (as the DWC step built it; its digest and size must describe ``payload``) for
+        its device or cohort; ``job_id`` > 0 names the job that made it (see ``by_job``)."""
+        return self._store(prepare_update(self._key, header, payload), payload, job_id)
 
     @abstractmethod
-    def _publish(
-        self, device_id: str, cohort: str, base: str, target: str, payload: bytes, metadata: dict | None
-    ) -> UpdateRecord:
-        """Sign and store an update for a device (``cohort`` empty) or a cohort (``device_id`` empty)."""
+    def _store(self, record: UpdateRecord, payload: bytes, job_id: int) -> UpdateRecord:
+        """Store a signed record (``update_id`` 0) and its payload; returns it numbered."""
+
+    @abstractmethod
+    def by_job(self, job_id: int) -> UpdateRecord | None:
+        """The update published for ``job_id`` (an indexed lookup: publishing a job twice is a no-op), or None."""
 
     @abstractmethod
     def get(self, update_id: int) -> UpdateRecord | None:
@@ -123,18 +137,19 @@ class UpdateRegistry(ABC):
         return lambda: None
 
 
-def record_from_row(row: tuple, json_value: Callable[[Any], Any]) -> UpdateRecord:
-    """An update from a row selected as ``UPDATE_COLUMNS``; ``json_value`` reads the JSON metadata column as the
-    driver returns it (SQLite: text, PostgreSQL: already parsed)."""
+def _unsigned(device_id: str, cohort: str, base: str, target: str, metadata: dict | None) -> UpdateHeader:
+    """A header whose digest and size ``prepare_update`` fills in from the payload."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return UpdateHeader(device_id, cohort, base, target, "", -1, meta)
+
+
+def record_from_row(row: tuple) -> UpdateRecord:
+    """An update from a row of ``cloud.sql.updates`` (update_id, device_id, cohort, base_version, target_version,
+    sha256, size, metadata parsed, created_unix_ms, signature, key_id, payload_info)."""
+    header = UpdateHeader(row[1], row[2], row[3], row[4], row[5], int(row[6]), dict(row[7]))
     return UpdateRecord(
         update_id=int(row[0]),
-        device_id=row[1],
-        cohort=row[2],
-        base_version=row[3],
-        target_version=row[4],
-        sha256_hex=row[5],
-        size=int(row[6]),
-        metadata=dict(json_value(row[7])),
+        header=header,
         created_unix_ms=int(row[8]),
         signature=bytes(row[9]),
         key_id=row[10],

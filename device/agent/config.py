@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError
 
 from common.adapters import AdapterConfig
-from common.config import StrictConfig, read_yaml_mapping, short_validation_message
+from common.config import StrictConfig, parse_assignments, read_yaml_mapping, set_dotted, short_validation_message
+
+__all__ = ["AgentConfig", "load_agent_config", "parse_assignments"]
 from common.errors import ConfigError
 from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE
 from common.modeling import DType, Quantization
@@ -142,33 +143,6 @@ class AgentConfig(StrictConfig):
         return Path(self.transport.state_dir)
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """``["api.max_batch=4", ...]`` -> ``{"api.max_batch": 4}`` (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects section.field=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: value is not valid YAML: {raw!r}") from None
-    return out
-
-
 def load_agent_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
     """The config from an optional YAML file with dotted overrides applied (a None value sets null).
 
@@ -176,7 +150,7 @@ def load_agent_config(path: str | Path | None = None, overrides: dict[str, Any] 
     """
     data = read_yaml_mapping(path) if path is not None else {}
     for key, value in (overrides or {}).items():
-        _set_path(data, key, value)
+        set_dotted(data, key, value)
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:

@@ -58,3 +58,15 @@ def store_samples(store, device_id: str, payloads: list[bytes], first_seq: int =
 def data_dirs(root: Path) -> tuple[Path, Path]:
     """``(data_dir, state_dir)`` under ``root``."""
     return root / "data", root / "data" / "adaptation"
+
+
+def newest_job(jobs_db: Path):
+    """The newest job in a trainer's ``jobs.db`` (read from another process), or None."""
+    from cloud.adaptation.job_store import SqliteJobStore
+
+    store = SqliteJobStore(jobs_db, "NORMAL")
+    try:
+        found = store.list(limit=1)
+        return found[0] if found else None
+    finally:
+        store.close()

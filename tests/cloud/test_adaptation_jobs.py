@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cloud.adaptation.config import AdaptationConfig
+from cloud.adaptation.job_store import SqliteJobStore
 from cloud.adaptation.jobs import JobError, NewJob, SeqRange
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
 from cloud.adaptation.scheduler import Scheduler
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore

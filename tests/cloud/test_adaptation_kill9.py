@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
+from cloud.adaptation.job_store import SqliteJobStore
 from cloud.devices import DeviceRegistry
 from cloud.samples import SqliteSampleStore
 from cloud.updates import SqliteUpdateRegistry
 from common.faults import fault_env
 from common.signing import generate_private_key
-from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, store_samples
+from tests.cloud.adaptation_support import FAMILY, adaptation_config, make_uploads, newest_job, store_samples
 from tests.transport_support import REPO_ROOT
 
 
@@ -81,7 +81,7 @@ def _rerun(data_dir, config_path, fault, jobs_db):
     """Restart the trainer (nothing armed), wait for the job to be done, stop it gracefully."""
     proc = _trainer(data_dir, config_path, fault)
     try:
-        done = _wait(lambda: (j := _job(jobs_db)) is not None and j.state == "done" and j, proc, 300, "the rerun")
+        done = _wait(lambda: (j := newest_job(jobs_db)) is not None and j.state == "done" and j, proc, 300, "the rerun")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

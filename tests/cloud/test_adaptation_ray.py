@@ -61,7 +61,9 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
         async with registered_client(tmp_path / "dev1", gateway.address, "dev-1", model_family=FAMILY) as client:
             resp = await client.upload([OutboxItem(i + 1, p) for i, p in enumerate(uploads[:24])])
             assert resp.acked_seq == 24
-            await asyncio.to_thread(_wait, lambda: bool(gateway.updates.list(device_id="dev-1")), 300, "dev-1's update")
+            await asyncio.to_thread(  # done, not only published: the service marks the job done after publishing
+                _wait, lambda: _done(trainer, "dev-1"), 300, "dev-1's job to be done"
+            )
             (job,) = trainer.jobs.list(subject="dev-1")
             assert job.outcome == "published" and job.attempts == 1 and job.samples == 24
             # The device fetches, verifies the signature and applies it on top of its seeded v0 adapters.
@@ -95,7 +97,7 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
             await asyncio.to_thread(_wait, lambda: not _alive(int(pid)), 60, "the held actor's process to die")
             ray_fault_file.unlink()  # the retry runs through
             await asyncio.to_thread(
-                _wait, lambda: bool(gateway.updates.list(device_id="dev-2")), 300, "dev-2's update after the kill"
+                _wait, lambda: _done(trainer, "dev-2"), 300, "dev-2's job to be done after the kill"
             )
             (job,) = trainer.jobs.list(subject="dev-2")
             assert job.state == "done" and job.attempts == 2 and "actor died" in job.error
@@ -108,3 +110,8 @@ async def test_uploads_become_a_signed_update_the_device_applies(tmp_path, micro
         await asyncio.to_thread(thread.join, 60)
         trainer.close()
         await gateway.stop(grace=0.2)
+
+
+def _done(trainer, device_id: str) -> bool:
+    jobs = trainer.jobs.list(subject=device_id)
+    return bool(jobs) and jobs[0].state == "done"

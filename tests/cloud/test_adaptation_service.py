@@ -8,8 +8,8 @@ import time
 import pytest
 
 from cloud.adaptation.executor import InProcessExecutor
+from cloud.adaptation.job_store import SqliteJobStore
 from cloud.adaptation.jobs import NewJob, SeqRange
-from cloud.adaptation.jobs_sqlite import SqliteJobStore
 from cloud.adaptation.service import TrainerService
 from cloud.adaptation.state import LearnerStore
 from cloud.adaptation.worker import LocalLabeler, Worker
@@ -103,8 +103,8 @@ class CrashAfterPublish(SqliteUpdateRegistry):
 
     crashed = False
 
-    def publish(self, *args, **kwargs):
-        record = super().publish(*args, **kwargs)
+    def publish_header(self, *args, **kwargs):
+        record = super().publish_header(*args, **kwargs)
         if not self.crashed:
             self.crashed = True
             raise OSError("simulated crash after the update was stored")
@@ -126,7 +126,7 @@ def test_a_crash_between_publish_and_commit_publishes_exactly_once(tmp_path, mic
     v0 = learner.history["v0"]
     payload = registry.read_payload(record.update_id, 0, record.size)
     assert learner.mirror.version == "v1" == record.target_version
-    assert state_digest(apply_update(v0, payload, "v0", record.header())) == learner.mirror_digest()
+    assert state_digest(apply_update(v0, payload, "v0", record.header)) == learner.mirror_digest()
     cloud.close()
 
 
@@ -195,6 +195,49 @@ def test_a_cohort_trains_one_shared_adapter_that_every_member_applies(tmp_path, 
     # Both members hold v0 and are served this one record (above): applied to v0 it lands on the cohort mirror.
     learner = worker.load_learner("cohort:north", FAMILY)
     payload = cloud.updates.read_payload(record.update_id, 0, record.size)
-    applied = apply_update(learner.history["v0"], payload, "v0", record.header())
-    assert state_digest(applied) == learner.mirror_digest() and learner.mirror.version == record.target_version
+    for _member in ("north-1", "north-2"):  # both hold v0, both land on the cohort mirror
+        applied = apply_update(learner.history["v0"], payload, "v0", record.header)
+        assert state_digest(applied) == learner.mirror_digest()
+    cloud.close()
+
+
+def _follow(cloud: Cloud, device_id: str, held: tuple, after_id: int) -> tuple[tuple, int]:
+    """Apply, as the device's agent does, every update addressed to it (or its cohort) after ``after_id`` whose
+    base is the version it holds; returns ``((state, version), last update id seen)``."""
+    state, version = held
+    device = cloud.devices.get(device_id)
+    for record in cloud.updates.for_device(device_id, device.cohort, after_id):
+        after_id = record.update_id
+        if record.base_version == version:
+            payload = cloud.updates.read_payload(record.update_id, 0, record.size)
+            state, version = apply_update(state, payload, version, record.header), record.target_version
+    return (state, version), after_id
+
+
+def test_a_cohort_member_that_rolled_back_catches_up_and_rejoins_the_cohort(tmp_path, micro_zoo, worker, uploads):
+    cloud = Cloud(tmp_path, micro_zoo, worker, cohort_training=True, cohort_trigger={"min_samples": 20})
+    members = ("north-1", "north-2")
+    for m in members:
+        cloud.register(m, cohort="north")
+    store_samples(cloud.samples, "north-1", uploads[:12])
+    store_samples(cloud.samples, "north-2", uploads[12:24])
+    cloud.run_until_idle()
+    v0 = worker.load_learner("cohort:north", FAMILY).history["v0"]
+    held, seen = {m: (v0, "v0") for m in members}, dict.fromkeys(members, 0)
+    for m in members:
+        held[m], seen[m] = _follow(cloud, m, held[m], seen[m])
+    assert {held[m][1] for m in members} == {"v1"}
+    # north-1's regression guard takes it back to v0; the cohort trains on and publishes v1 -> v2.
+    held["north-1"] = (v0, "v0")
+    cloud.devices.record_rollback("north-1", "v1", "v0", "guard: confidence dropped")
+    store_samples(cloud.samples, "north-1", uploads[24:36], first_seq=13)
+    store_samples(cloud.samples, "north-2", uploads[36:48], first_seq=13)
+    cloud.run_until_idle()
+    learner = worker.load_learner("cohort:north", FAMILY)
+    assert learner.mirror.version == "v2"
+    for m in members:  # both end on the cohort's next version, bit for bit
+        held[m], seen[m] = _follow(cloud, m, held[m], seen[m])
+        assert held[m][1] == "v2" and state_digest(held[m][0]) == learner.mirror_digest(), m
+    catch_up = cloud.updates.list(device_id="north-1")
+    assert [(r.base_version, r.target_version) for r in catch_up] == [("v0", "v1")]
     cloud.close()

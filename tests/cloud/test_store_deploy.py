@@ -54,3 +54,12 @@ def test_kubernetes_gateway_takes_the_dsn_from_the_secret(monkeypatch):
     assert any(Path(cfg.blobs.directory).is_relative_to(m) for m in mounts)
     selector = objects["Service"]["spec"]["selector"]
     assert selector.items() <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_two_compose_files_combine_without_a_host_port_twice():
+    """`docker compose -f compose.yaml -f compose.fleet.yaml up`: every published host port is published once."""
+    published = []
+    for name in ("compose.yaml", "compose.fleet.yaml"):
+        for svc in yaml.safe_load((DEPLOY / name).read_text())["services"].values():
+            published += [str(p).split(":")[0] for p in svc.get("ports", [])]
+    assert published and len(published) == len(set(published)), sorted(published)

@@ -293,3 +293,21 @@ async def test_watch_updates_sees_updates_published_elsewhere(backend, tmp_path)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await watcher
+
+
+def test_a_commit_returns_the_high_waters_and_pending_stats_reads_no_payload(backend: Backend):
+    """What the gateway acks comes from the commit itself (a batch of duplicates too); the scheduler's view counts
+    samples and bytes after a cursor, up to a limit, on every backend."""
+    store = backend.open_samples()
+    try:
+        first = store.commit([Sample("dev-1", s, b"x" * s) for s in (1, 2, 5)] + [Sample("dev-2", 3, b"yy")])
+        assert first.new == [True] * 4 and first.high_water == {"dev-1": 5, "dev-2": 3}
+        again = store.commit([Sample("dev-1", 2, b"xx"), Sample("dev-1", 2, b"xx")])  # resent: nothing new
+        assert again.new == [False, False] and again.high_water == {"dev-1": 5}
+        stats = store.pending_stats("dev-1", after_seq=1, limit=10)
+        assert (stats.count, stats.bytes, stats.upto_seq) == (2, 2 + 5, 5)
+        limited = store.pending_stats("dev-1", after_seq=0, limit=2)
+        assert (limited.count, limited.bytes, limited.upto_seq) == (2, 1 + 2, 2)
+        assert store.pending_stats("dev-3", after_seq=0, limit=10).count == 0
+    finally:
+        store.close()

@@ -158,7 +158,119 @@ def test_sqlite_file_from_before_versioning_is_adopted_with_its_rows(tmp_path):
     assert [d.device_id for d in reg.list()] == ["old"]
     reg.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # the devices steps: schema, enrollment codes
     conn.close()
     store = SqliteSampleStore(tmp_path / "samples.db")
     store.close()
+
+
+def test_a_devices_file_made_by_the_code_before_the_sql_layer_migrates_in_place(tmp_path):
+    """devices.db as main's code left it (schema step 1, then an unversioned ALTER for enrollment codes): the
+    versioned step 2 adopts it with every row, token and code intact."""
+    path = tmp_path / "devices.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    from cloud.devices import _SCHEMA
+
+    conn.executescript(_SCHEMA)
+    conn.execute("ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT")
+    conn.execute("PRAGMA user_version = 1")
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    conn.execute(
+        "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+        " registered_unix_ms, applied_version, metrics, revoked) VALUES"
+        " ('live', ?, 'north', 'f', '1', '{\"memory_bytes\": 8}', 5, 'v3', '{\"acc\": 0.5}', 0),"
+        " ('gone', ?, '', 'f', '1', '{}', 6, '', '{}', 1)",
+        (sha("live-token"), sha("gone-token")),
+    )
+    conn.execute(
+        "INSERT INTO devices (device_id, token_sha256, cohort, model_family, model_version, capabilities,"
+        " registered_unix_ms, enrollment_sha256) VALUES ('new', 'x', 'south', '', '', '{}', 7, ?)",
+        (sha("one-time"),),
+    )
+    conn.execute("INSERT INTO rollbacks (device_id, from_version, to_version, reason, unix_ms) VALUES"
+                 " ('live', 'v3', 'v2', 'guard', 8)")  # fmt: skip
+    conn.close()
+    reg = DeviceRegistry(path)
+    try:
+        live = reg.authenticate("live-token")
+        assert (live.device_id, live.cohort, live.capabilities, live.metrics) == ("live", "north", {"memory_bytes": 8},
+                                                                                 {"acc": 0.5})  # fmt: skip
+        assert reg.authenticate("gone-token") is None and reg.get("gone").state == "revoked"
+        assert reg.get("new").state == "provisioned" and reg.check_enrollment_code("new", "one-time")
+        assert [(e.device_id, e.to_version) for e in reg.rollbacks()] == [("live", "v2")]
+        reg.record_rollback("live", "v2", "v1", "again")
+        assert [e.event_id for e in reg.rollbacks()] == [1, 2]
+    finally:
+        reg.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
+def test_an_updates_file_made_by_the_code_before_the_sql_layer_migrates_in_place(tmp_path):
+    """updates.db at main's step 1 with an update a job published: its payload is served, the job id is found by
+    the indexed lookup, and the next update numbers after it."""
+    from cloud.updates import SqliteUpdateRegistry
+    from cloud.updates.registry import SQLITE_MIGRATIONS
+
+    key = generate_private_key()
+    old = tmp_path / "old"
+    (old / "blobs").mkdir(parents=True)
+    payload = b"weights of job 7"
+    sha = hashlib.sha256(payload).hexdigest()
+    (old / "blobs" / sha).write_bytes(payload)
+    conn = sqlite3.connect(old / "updates.db", isolation_level=None)
+    conn.executescript(SQLITE_MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO updates (device_id, cohort, base_version, target_version, sha256, size, metadata,"
+        " created_unix_ms, signature, key_id, payload_info)"
+        " VALUES ('dev-1', '', 'v0', 'v1', ?, ?, ?, 1, x'00', 'k', x'')",
+        (sha, len(payload), '{"job_id": "7"}'),
+    )
+    conn.close()
+    reg = SqliteUpdateRegistry(old, key)
+    try:
+        (record,) = reg.list(device_id="dev-1")
+        assert reg.read_payload(record.update_id, 0, record.size) == payload
+        assert reg.by_job(7) == record and reg.by_job(8) is None
+        assert reg.publish("dev-1", "v1", "v2", b"next").update_id == record.update_id + 1
+    finally:
+        reg.close()
+    conn = sqlite3.connect(old / "updates.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS) == 3
+    conn.close()
+
+
+def test_a_jobs_file_made_by_the_code_before_the_sql_layer_migrates_in_place(tmp_path):
+    """jobs.db as main's code made it (an unversioned script; tables ``cursors`` and ``meta``): its jobs, cursors
+    and metadata are adopted under PostgreSQL's table names, and the one-active-job rule still holds."""
+    from cloud.adaptation.job_store import SQLITE_MIGRATIONS, SqliteJobStore
+    from cloud.adaptation.jobs import NewJob, SeqRange
+
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SQLITE_MIGRATIONS[0])  # main's script, user_version 0
+    conn.execute(
+        "INSERT INTO jobs (subject_kind, subject, family, ranges, samples, bytes, reason, state, created_unix_ms)"
+        " VALUES ('device', 'dev-1', 'f', '[[\"dev-1\", 0, 9]]', 9, 90, 'r', 'queued', 1)"
+    )
+    conn.execute("INSERT INTO cursors VALUES ('dev-1', 9, 1)")
+    conn.execute("INSERT INTO meta VALUES ('rollback_cursor', '4')")
+    conn.close()
+    store = SqliteJobStore(path)
+    try:
+        (job,) = store.list()
+        assert (job.subject, job.state, job.ranges) == ("dev-1", "queued", (SeqRange("dev-1", 0, 9),))
+        assert store.cursor("dev-1") == (9, 1) and store.get_meta("rollback_cursor") == "4"
+        assert store.create(NewJob("device", "dev-1", "f", (SeqRange("dev-1", 9, 12),), 3, 30, "r")) is None
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"jobs", "job_cursors", "job_meta"} <= tables and not {"cursors", "meta"} & tables
+    conn.close()

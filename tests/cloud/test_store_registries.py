@@ -90,7 +90,7 @@ def test_update_registry(backend):
         assert one.update_id < two.update_id < three.update_id == other.latest_id() == reg.latest_id()
         got = other.get(one.update_id)
         assert got == one and got.metadata == {"bits": "4"}
-        assert UpdateHeader.verify(got.header(), key.public_key(), got.signature)
+        assert UpdateHeader.verify(got.header, key.public_key(), got.signature)
         assert other.read_payload(one.update_id, 1000, 500) == payload[1000:1500]
         assert other.read_payload(three.update_id, 0, len(payload) + 10) == payload
         assert [r.update_id for r in other.for_device("dev-1", "jetsons")] == [one.update_id, two.update_id]

@@ -36,3 +36,18 @@ def test_shipped_cloud_config_is_closed_quiet_and_keeps_its_key_in_the_data_dir(
     assert cloud.metrics_port is None  # docs/transport.md: metrics are off by default
     assert not cloud.open_enrollment and cloud.enrollment_secret is None
     assert GatewayConfig().open_enrollment is False  # closed without a config file too
+
+
+def test_tandem_cloud_set_overrides_any_field_and_a_bad_one_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from common.config import parse_assignments
+
+    sets = parse_assignments(["open_enrollment=true", "adaptation.stop_grace_s=3", "adaptation.ray.learners=4"])
+    cfg = load_config(GatewayConfig, REPO_ROOT / "deploy/configs/cloud.yaml", sets, port=0)
+    assert cfg.open_enrollment and cfg.adaptation.stop_grace_s == 3.0 and cfg.adaptation.ray.learners == 4
+    cmd = [sys.executable, "-m", "cloud.cli", "serve", "--data-dir", str(tmp_path), "--set", "adaptation.bogus=1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "adaptation.bogus" in lines[0], proc.stderr

@@ -14,7 +14,7 @@ from transport_support import running_gateway
 
 from cloud.dwc import CloudMirror, DWCConfig, compress
 from cloud.gateway.servicer import DeviceGatewayServicer
-from cloud.updates.sqlite import SqliteUpdateRegistry
+from cloud.updates import SqliteUpdateRegistry
 from common.delta_codec import state_digest
 from common.modeling import load_mllm
 from common.signing import generate_private_key

@@ -15,10 +15,10 @@ import torch
 from agent_support import QUESTIONS, image_array, micro_zoo
 
 from common.errors import ConfigError
+from common.logs import JsonFormatter
 from device.agent import AdapterState, AdapterStore, DeviceModel, DeviceStep, DirectorySource, Frame, RegressionGuard
 from device.agent.batcher import MicroBatcher
 from device.agent.config import load_agent_config, parse_assignments
-from device.agent.logs import JsonFormatter
 from device.agent.sdnotify import SystemdNotifier
 from device.agent.sources import CameraSource
 from device.agent.store import AdapterStoreError

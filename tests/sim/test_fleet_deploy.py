@@ -42,8 +42,9 @@ def test_one_cloud_three_agents():
     cloud = services["cloud"]
     assert cloud["build"]["dockerfile"] == "deploy/compose/Dockerfile"
     config = cloud["command"][cloud["command"].index("--config") + 1]
-    assert config == "/etc/tandem/cloud-compose.yaml"  # deploy/configs/ is copied to /etc/tandem/
-    cfg = load_config(GatewayConfig, ROOT / "deploy" / "configs" / "cloud-compose.yaml")
+    assert config == "/etc/tandem/cloud.yaml"  # deploy/configs/ is copied to /etc/tandem/
+    sets = parse_assignments(_option(cloud["command"], "--set"))
+    cfg = load_config(GatewayConfig, ROOT / "deploy" / "configs" / "cloud.yaml", sets)
     assert cfg.port == 50051 and "tandem-zoo" in cfg.adaptation.families
     assert cfg.open_enrollment  # the agents register themselves; the shipped cloud.yaml stays closed
     assert not load_config(GatewayConfig, ROOT / "deploy" / "configs" / "cloud.yaml").open_enrollment

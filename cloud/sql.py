@@ -1,0 +1,176 @@
+"""The cloud's SQL layer on SQLAlchemy Core: one ``MetaData`` naming the tables the stores query on both
+databases, the engines for SQLite and PostgreSQL, and the hooks where the two really differ.
+
+Hooks: SQLite opens every write transaction (:func:`write`) with ``BEGIN IMMEDIATE`` (the writer lock at once, so a
+read-then-write transaction never fails to upgrade; WAL, ``synchronous`` and a busy timeout on every
+connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped advisory lock
+(:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and wakes other processes with
+``NOTIFY`` (:func:`notify`; ``cloud.updates.listen`` LISTENs); upserts use each dialect's ``insert``
+(:func:`upsert`). The schema itself is created and changed by ``cloud.migrations`` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+metadata = MetaData()
+_Json = JSON().with_variant(postgresql.JSONB(), "postgresql")
+_Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's rowid alias must be INTEGER
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("device_id", Text, primary_key=True),
+    Column("token_sha256", Text, nullable=False, unique=True),
+    Column("cohort", Text, nullable=False),
+    Column("model_family", Text, nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("capabilities", _Json, nullable=False),
+    Column("registered_unix_ms", BigInteger, nullable=False),
+    Column("applied_version", Text, nullable=False, server_default=""),
+    Column("status", Text, nullable=False, server_default=""),
+    Column("metrics", _Json, nullable=False, server_default="{}"),
+    Column("last_seen_unix_ms", BigInteger, nullable=False, server_default="0"),
+    Column("revoked", Boolean(create_constraint=False), nullable=False, server_default="0"),
+    Column("enrollment_sha256", Text),
+)
+
+rollbacks = Table(
+    "rollbacks",
+    metadata,
+    Column("event_id", _Id, primary_key=True, autoincrement=True),
+    Column("device_id", Text, nullable=False),
+    Column("from_version", Text, nullable=False),
+    Column("to_version", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("unix_ms", BigInteger, nullable=False),
+)
+
+
+updates = Table(
+    "updates",
+    metadata,
+    Column("update_id", _Id, primary_key=True, autoincrement=True),
+    Column("device_id", Text, nullable=False),
+    Column("cohort", Text, nullable=False),
+    Column("base_version", Text, nullable=False),
+    Column("target_version", Text, nullable=False),
+    Column("sha256", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("metadata", _Json, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("payload_info", LargeBinary, nullable=False),
+    Column("blob_key", Text, nullable=False),
+    Column("job_id", BigInteger, nullable=False, server_default="0"),
+)
+
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", _Id, primary_key=True, autoincrement=True),
+    Column("subject_kind", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("family", Text, nullable=False),
+    Column("ranges", _Json, nullable=False),
+    Column("samples", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=False, server_default=""),
+    Column("outcome", Text, nullable=False, server_default=""),
+    Column("update_id", BigInteger, nullable=False, server_default="0"),
+    Column("result", _Json, nullable=False, server_default="{}"),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("started_unix_ms", BigInteger, nullable=False, server_default="0"),
+    Column("finished_unix_ms", BigInteger, nullable=False, server_default="0"),
+)
+
+job_cursors = Table(
+    "job_cursors",
+    metadata,
+    Column("device_id", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("unix_ms", BigInteger, nullable=False),
+)
+
+job_meta = Table("job_meta", metadata, Column("key", Text, primary_key=True), Column("value", Text, nullable=False))
+
+
+def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
+    """An engine on a WAL-mode SQLite file whose write transactions (:func:`write`) begin with ``BEGIN IMMEDIATE``."""
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError("synchronous must be FULL or NORMAL")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite+pysqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # the driver opens no transaction of its own: _begin does
+        for pragma in ("journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000"):
+            dbapi_conn.execute(f"PRAGMA {pragma}")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:  # reads take no lock (WAL snapshot); writes take the writer lock at once
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+    return engine
+
+
+def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int = 4) -> Engine:
+    """An engine on PostgreSQL (psycopg 3); ConfigError at once if the server cannot be reached."""
+    from cloud.db import connect_postgres
+
+    engine = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: connect_postgres(dsn, application_name, autocommit=False),
+        pool_size=pool_size,  # no pre-ping (a round trip per checkout): a dropped connection fails its one
+    )  # statement, SQLAlchemy discards it and the next checkout connects afresh
+    with engine.connect():
+        pass
+    return engine
+
+
+def write(engine: Engine):
+    """``with write(engine) as conn:`` one write transaction (SQLite: ``BEGIN IMMEDIATE``); reads use
+    ``engine.connect()`` and lock nothing."""
+    return engine.execution_options(write=True).begin()
+
+
+def xact_lock(conn: Connection, key: int) -> None:
+    """PostgreSQL: hold advisory lock ``key`` until the transaction ends (no-op on SQLite)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(key)))
+
+
+def notify(conn: Connection, channel: str, payload: str) -> None:
+    """PostgreSQL: ``NOTIFY channel`` when the transaction commits (no-op on SQLite: one process serves it)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(channel, payload)))
+
+
+def upsert(conn: Connection, table: Table):
+    """The dialect's ``INSERT`` with ``on_conflict_do_*``."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
