@@ -26,9 +26,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (a command run inside another program, e.g. a test
+    capturing its output, must not keep writing to a stream that program has since closed)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str = "info", structured: bool = True) -> None:
     """Log to stderr (journald picks it up under systemd)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     handler.setFormatter(JsonFormatter() if structured else plain)
     root = logging.getLogger()

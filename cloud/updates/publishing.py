@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from cloud.updates.base import UpdateRecord
 from common import clock as clocks
 from common.codec import sha256_hex
 from common.errors import TandemError
