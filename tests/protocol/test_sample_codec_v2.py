@@ -174,3 +174,19 @@ def test_the_reference_zoo_device_ships_a_basis():
 
     basis = load_basis(reference_root("base") / "device")
     assert basis is not None and basis.dim == 64 and basis.rank == 64
+
+
+def test_many_threads_encode_at_once():
+    """Agents of a simulated fleet encode from their own batcher threads: one shared zstd compressor failed
+    ("cannot compress: Src size is incorrect") as soon as two used it at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = [_sample(24, 48) for _ in range(8)]
+    coding = SampleCoding(BASIS, parse_rate("r16b4"))
+    expected = [encode_sample(s, coding) for s in samples]
+
+    def work(i: int) -> bool:
+        return all(encode_sample(samples[j % 8], coding) == expected[j % 8] for j in range(i, i + 200))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))
