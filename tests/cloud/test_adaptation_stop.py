@@ -104,5 +104,5 @@ def test_a_signal_stops_serve_gracefully_under_ray(tmp_path, micro_zoo, sig, epo
         assert job.attempts == 0 and job.error == "service stopped mid-job"
     else:
         assert job.outcome in ("published", "unchanged", "refused")
-    _, alive = psutil.wait_procs([k for k in kids if k.is_running()], timeout=30)
+    _, alive = psutil.wait_procs([k for k in kids if k.is_running()], timeout=120)  # Ray's agents exit late under load
     assert not alive, [_cmdline(k)[:120] for k in alive]
