@@ -39,17 +39,15 @@ ZSTD_LEVEL = 19
 _SCALE_STEPS = 8  # scale exponents per octave
 _SCALE_OFFSET = 160  # exponent e means 2 ** ((e - 160) / 8): 2^-20 .. 2^11.9
 _FIELDS = 12
-_LOCAL = threading.local()
+_COMPRESSOR = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True)
+_COMPRESSOR_LOCK = threading.Lock()
+"""A ZstdCompressor must not be used by two threads at once (many agents share a process in the fleet simulator,
+each batcher thread encoding its own samples); one per thread would hold a large context each."""
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    """This thread's compressor: a ZstdCompressor must not be used by two threads at once (many agents share a
-    process in the fleet simulator; each batcher thread encodes its own samples)."""
-    c = getattr(_LOCAL, "compressor", None)
-    if c is None:
-        c = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True)
-        _LOCAL.compressor = c
-    return c
+def _compress(data: bytes) -> bytes:
+    with _COMPRESSOR_LOCK:
+        return _COMPRESSOR.compress(data)
 
 
 @dataclass(frozen=True)
@@ -184,7 +182,7 @@ def encode_v2(
         question,
     ]
     packed = msgpack.packb(body, use_bin_type=True, use_single_float=True)
-    return MAGIC + _compressor().compress(packed)
+    return MAGIC + _compress(packed)
 
 
 def is_v2(data: bytes) -> bool:
