@@ -15,11 +15,13 @@ Also the encode + decode time of /2 relative to /1 in the same run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 import torch
 
+from bench._verdict import verdict
 from bench.transport_common import print_table
 from common.feature_basis import fit_basis, load_basis
 from common.feature_codec import parse_rate
@@ -127,28 +129,48 @@ def timing_row(repeats: int) -> list[str]:
     return [f"{1e3 * t1:.2f} ms", f"{1e3 * t2:.2f} ms", f"{t2 / t1:.2f}"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     n = 8 if args.quick else 32
-    ladder = RateConfig().ladder
-    print(f"default rate {RateConfig().rate}; ladder {', '.join(ladder)}")
+    default, ladder = RateConfig().rate, RateConfig().ladder
+    print(f"default rate {default}; ladder {', '.join(ladder)}")
+    llava = llava_rows(n, ladder)
     print_table(
         f"LLaVA-1.5-7B geometry: {LLAVA_TOKENS} x {LLAVA_DIM}, keep {KEEP} (synthetic features; bytes only)",
         ["payload", "bytes/sample", "/ JPEG q90", "x smaller than /1"],
-        llava_rows(n, ladder),
+        llava,
     )
+    zoo = zoo_rows(4 * n, ladder)
     print_table(
         "reference zoo (base): bytes per sample (/ JPEG q90 of the same frames)",
         ["shift", "JPEG q90", "JPEG q50", "/1 int8", *[f"/2 {r}" for r in ladder]],
-        zoo_rows(4 * n, ladder),
+        zoo,
     )
     print_table(
         "encode + decode per sample, LLaVA geometry", ["/1", "/2", "ratio"], [timing_row(5 if args.quick else 20)]
     )
+    return verdict("uplink_codec", checks(llava, zoo, default, ladder))
+
+
+def checks(llava: list[list[str]], zoo: list[list[str]], default: str, ladder: list[str]) -> list[tuple[bool, str]]:
+    """The issue's size targets at the default rate: <= 8 KB per sample at LLaVA-1.5-7B geometry, and <= 1/4 of
+    the frame's JPEG q90 on the reference zoo (recovery is the offline experiment's, not this benchmark's)."""
+    row = next(r for r in llava if r[0] == f"/2 {default}")
+    size = float(row[1].replace(",", ""))
+    out = [(size <= LLAVA_TARGET_BYTES, f"LLaVA geometry {default}: {size:,.0f} B (target <= {LLAVA_TARGET_BYTES:,})")]
+    column = 4 + ladder.index(default)
+    for cells in zoo:
+        ratio = float(cells[column].rsplit("(", 1)[1].rstrip(")"))
+        out.append((ratio <= JPEG_SHARE_TARGET, f"{cells[0]} {default}: {ratio:.2f} of JPEG q90 (target <= 0.25)"))
+    return out
+
+
+LLAVA_TARGET_BYTES = 8192
+JPEG_SHARE_TARGET = 0.25
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

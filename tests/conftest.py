@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+import pytest
 import torch
 
 # Respect OMP_NUM_THREADS when set (shared machines); otherwise use at most two threads.
@@ -21,3 +23,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_cli_log_handler_outlives_its_test():
+    """A command run in-process (``tandem-device run``, ``tandem-cloud serve``) installs the service's stderr log
+    handler on the root logger; remove it after the test, or every later test's stderr carries its lines."""
+    yield
+    from common.logs import _StderrHandler
+
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)]
