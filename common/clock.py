@@ -124,11 +124,11 @@ class SharedClockFile:
     def read(self) -> tuple:
         return _LAYOUT.unpack(self._map[: _LAYOUT.size])
 
-    def _set(self, index: int, value: float | int) -> None:
-        with self._lock:
-            fields = list(self.read())
-            fields[index] = value
-            self._map[: _LAYOUT.size] = _LAYOUT.pack(*fields)
+    def _write(self, index: int, value: float | int) -> None:
+        """Write one field's own 8 bytes: each field has one writer (the simulator: now, tick, epoch; the cloud:
+        ack, barrier, calls), so neither process ever rewrites a field the other one owns."""
+        kind = _LAYOUT.format[1 + index]
+        struct.pack_into("<" + kind, self._map, 8 * index, value)
 
     def now(self) -> float:
         return self.read()[_NOW]
@@ -140,34 +140,29 @@ class SharedClockFile:
         return self.read()[_TICK]
 
     def set_now(self, now: float, epoch_unix: float | None = None) -> None:
-        with self._lock:
-            fields = list(self.read())
-            fields[_NOW] = now
-            if epoch_unix is not None:
-                fields[_EPOCH] = epoch_unix
-            self._map[: _LAYOUT.size] = _LAYOUT.pack(*fields)
+        if epoch_unix is not None:
+            self._write(_EPOCH, epoch_unix)
+        self._write(_NOW, now)
 
     def request_tick(self) -> int:
         """Ask the cloud for one loop turn at the current time; returns the tick to wait for."""
         with self._lock:
-            fields = list(self.read())
-            fields[_TICK] += 1
-            self._map[: _LAYOUT.size] = _LAYOUT.pack(*fields)
-            return fields[_TICK]
+            tick = self.tick() + 1
+            self._write(_TICK, tick)
+            return tick
 
     def ack(self, tick: int, barrier: float) -> None:
         """The cloud has run its scheduler at ``tick``; nothing it holds is due before ``barrier``."""
         with self._lock:
-            fields = list(self.read())
-            fields[_ACK], fields[_BARRIER] = tick, barrier
-            self._map[: _LAYOUT.size] = _LAYOUT.pack(*fields)
+            self._write(_BARRIER, barrier)  # before the ack: a reader that sees the tick sees its barrier
+            self._write(_ACK, tick)
 
     def acked(self) -> tuple[int, float]:
         f = self.read()
         return f[_ACK], f[_BARRIER]
 
     def set_calls(self, calls: int) -> None:
-        self._set(_CALLS, calls)
+        self._write(_CALLS, calls)
 
     def calls(self) -> int:
         return self.read()[_CALLS]
