@@ -64,3 +64,47 @@ def init_lora(model: torch.nn.Module, seed: int) -> None:
             fresh = torch.empty(a.shape, dtype=torch.float32).uniform_(-1.0, 1.0, generator=gen) / math.sqrt(a.shape[1])
             a.data = fresh.to(a.device)
             b.data = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+
+
+class RowAdapters:
+    """One batched forward in which every row runs with its own LoRA adapter (peft's mixed-adapter batches,
+    requested layer by layer): the language model's LoRA layers see rows ``[B, T, H]`` and take ``names[b]`` for
+    row ``b``; the projector runs once per sample (``select(i)`` before it) and takes ``names[i]`` for all its
+    tokens. Use as a context manager around the forward; the hooks are gone after it."""
+
+    def __init__(self, layers: list[tuple[str, LoraLayer]], names: list[str]) -> None:
+        self.names = list(names)
+        self._sample = 0
+        self._handles: list = []
+        self._layers = layers
+
+    @staticmethod
+    def layers_of(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
+        """The model's LoRA layers by name (find them once: a model with many adapters has many modules)."""
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+    def select(self, sample: int) -> None:
+        """The sample whose features the projector is about to see."""
+        self._sample = sample
+
+    def _projector_hook(self, module, args, kwargs):
+        kwargs["adapter_names"] = [self.names[self._sample]] * int(args[0].shape[0])
+        return args, kwargs
+
+    def _row_hook(self, module, args, kwargs):
+        rows = int(args[0].shape[0])
+        if rows != len(self.names):
+            raise ValueError(f"a LoRA layer saw {rows} rows for {len(self.names)} adapter names")
+        kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    def __enter__(self) -> RowAdapters:
+        for name, module in self._layers:
+            hook = self._projector_hook if "multi_modal_projector" in name else self._row_hook
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

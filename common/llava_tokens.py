@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.adapters import RowAdapters
 from common.errors import TandemError
 
 DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -97,6 +98,7 @@ def answer_forward(
     with_relevance: bool = False,
     before_lm: Callable[[torch.Tensor], None] | None = None,
     continuation: Sequence[Sequence[int]] | None = None,
+    adapters: RowAdapters | None = None,
 ) -> AnswerOutput:
     """Run projector + language model on each sample's selected features and question.
 
@@ -105,6 +107,8 @@ def answer_forward(
     with the [B, T] boolean mask of the image positions right before the language model runs (a token-pruning
     language model such as SparseVLM's needs to know where the visual tokens are). ``continuation[i]``: answer
     token ids appended after sample ``i``'s prompt (generation's next step, or the teacher's answer to force).
+    ``adapters``: per-row LoRA adapters (entered by the caller around this call); the projector of sample ``i``
+    runs with sample ``i``'s.
     """
     if len(features) == 0:
         raise TokenPathError("empty batch")
@@ -129,6 +133,8 @@ def answer_forward(
         after = after + extra
         ids_b = torch.tensor(before, dtype=torch.long, device=param.device)
         ids_a = torch.tensor(after, dtype=torch.long, device=param.device)
+        if adapters is not None:
+            adapters.select(i)
         vis = projector(feats.to(param.device, param.dtype))
         seqs.append(torch.cat([embed(ids_b), vis, embed(ids_a)], dim=0))
         spans.append((len(before), len(before) + vis.shape[0]))
@@ -180,6 +186,7 @@ def greedy_continuations(
     limits: Sequence[int],
     eos_id: int | None,
     before_lm: Callable[[torch.Tensor], None] | None = None,
+    adapters: RowAdapters | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """Greedy answers after a first step whose logits [B, V] are ``first_logits``: each row grows by its argmax
     until ``limits[i]`` tokens or ``eos_id``. Every further step feeds the tokens so far (``continuation``).
@@ -191,7 +198,9 @@ def greedy_continuations(
     steps = [first_logits.float()]
     done = [lim <= 1 or s[-1] == eos_id for s, lim in zip(seqs, limits, strict=True)]
     while not all(done):
-        out = answer_forward(model, prompts, features, questions, before_lm=before_lm, continuation=seqs)
+        out = answer_forward(
+            model, prompts, features, questions, before_lm=before_lm, continuation=seqs, adapters=adapters
+        )
         steps.append(out.logits.float())
         for i, token in enumerate(out.logits.argmax(-1).tolist()):
             if not done[i]:

@@ -37,11 +37,12 @@ def apply_adapter_update(current: VersionedAdapter, payload: bytes, header: Upda
     return VersionedAdapter(version=header.target_version, state=new_state)
 
 
-def load_adapter_state(peft_model: torch.nn.Module, adapter: VersionedAdapter) -> None:
-    """Copy an adapter state into a PeftModel (keys as ``get_peft_model_state_dict`` names them)."""
+def load_adapter_state(peft_model: torch.nn.Module, adapter: VersionedAdapter, slot: str = "default") -> None:
+    """Copy an adapter state into a PeftModel's adapter ``slot`` (keys as ``get_peft_model_state_dict`` names
+    them)."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(peft_model, adapter.state)
+    result = set_peft_model_state_dict(peft_model, adapter.state, adapter_name=slot)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if unexpected:
         raise UpdateError(f"adapter state has keys the model lacks: {unexpected[:3]}")

@@ -117,9 +117,10 @@ async def serve(config: GatewayConfig, role: Role = "all", ready_file: Path | No
                 from cloud.simulated import lockstep
 
                 lockstep(trainer, config, clock).run(halt)
+                trainer.drain(0.0)  # simulated time stopped with the harness: a held job would never finish
             else:
                 trainer.run(halt)
-            trainer.drain(config.adaptation.stop_grace_s)
+                trainer.drain(config.adaptation.stop_grace_s)
 
         thread = threading.Thread(target=run_trainer, name="tandem-trainer", daemon=True)
         thread.start()

@@ -25,6 +25,7 @@ from device.agent.outbox_writer import OutboxWriter
 from device.agent.requests import check_ask
 from device.agent.runtime import DeviceModel
 from device.agent.sdnotify import SystemdNotifier
+from device.agent.shared_batcher import Lane, SharedBatcher
 from device.agent.sources import CameraSource, DirectorySource, Source, decode_image
 from device.agent.step import Answer, DeviceStep, Frame
 from device.agent.store import AdapterState, AdapterStore
@@ -46,7 +47,10 @@ class DeviceAgent:
         model: DeviceModel | None = None,
         connect: bool = True,
         compute_model: ComputeModel | None = None,
+        shared_batcher: SharedBatcher | None = None,
     ) -> None:
+        """``shared_batcher``: serve from one batcher shared with other agents in this process (``model`` must be
+        a tenant of its shared model, ``device.agent.tenants``) instead of a batcher of its own."""
         self.config = config
         self.connect = connect
         self.state_dir = config.state_dir
@@ -75,9 +79,13 @@ class DeviceAgent:
         self.metrics = AgentMetrics()
         self.metrics.set_version(self.step.version)
         api = config.api
-        self.batcher = MicroBatcher(
-            self.step, api.max_batch, api.max_wait_ms / 1e3, api.max_queue, self._after_batch, compute_model
-        )
+        self.batcher: MicroBatcher | Lane
+        if shared_batcher is None:
+            self.batcher = MicroBatcher(
+                self.step, api.max_batch, api.max_wait_ms / 1e3, api.max_queue, self._after_batch, compute_model
+            )
+        else:
+            self.batcher = shared_batcher.lane(self.step, self._after_batch, compute_model)
         self.notifier = SystemdNotifier()
         self.link: LinkLoops | None = None
         self.sources: list[tuple[Source, float]] = []
@@ -292,8 +300,7 @@ class DeviceAgent:
             stats = await asyncio.to_thread(self.outbox.stats)
             self.metrics.outbox_depth.set(stats.pending)
             self.metrics.outbox_bytes.set(stats.pending_bytes)
-            thread = self.batcher._thread
-            if thread is not None and thread.is_alive():
+            if self.batcher.alive:
                 self.notifier.watchdog()
             await self.clock.wait(self._stop, interval)
 

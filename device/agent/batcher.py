@@ -73,6 +73,8 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self._last_batch = 1
+        self._poll_s = 0.02
+        """Longest wall wait for a first request before the worker looks at its other duties again."""
         self.swap_pauses_s: list[float] = []
 
     def start(self) -> None:
@@ -96,6 +98,11 @@ class MicroBatcher:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (the agent's watchdog keep-alive checks this)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def host_busy(self) -> bool:
@@ -149,7 +156,7 @@ class MicroBatcher:
         """Take what is queued (up to ``max_batch``); wait up to ``max_wait`` only for as many requests as the
         previous batch held, so a lone client never waits and concurrent clients keep sharing forwards."""
         try:
-            first = self._queue.get(timeout=0.02)
+            first = self._queue.get(timeout=self._poll_s)
         except queue.Empty:
             return []
         self._in_batch = True  # before the queue looks empty to a watcher

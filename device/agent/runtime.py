@@ -7,6 +7,8 @@ UTS uses to pick the visual tokens of an upload (no second pass).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 
-from common.adapters import AdapterConfig, add_lora
+from common.adapters import AdapterConfig, RowAdapters, add_lora
 from common.errors import ModelLoadError
 from common.llava_tokens import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -30,6 +32,9 @@ from common.update_header import INITIAL_VERSION
 from device.agent.store import AdapterState
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, expect_image_mask, sparse_stats
 from device.update_apply import VersionedAdapter, load_adapter_state
+
+DEFAULT_SLOT = "default"
+"""peft's name for a model's first adapter: the one an agent of its own answers with."""
 
 
 @dataclass
@@ -78,6 +83,8 @@ class DeviceModel:
         self.max_new_tokens = int(max_new_tokens or stored or 1)
         """Answer tokens when a frame names none: the config's, else the checkpoint's generation config's, else 1."""
         self.eos_id = self.tokenizer.eos_token_id
+        self._lora_layers: list | None = None
+        """The LoRA layers, found on the first forward with per-row slots."""
 
     @classmethod
     def load(
@@ -126,14 +133,25 @@ class DeviceModel:
         return next(unwrap_llava(self.model).model.multi_modal_projector.parameters()).device
 
     # -- adapters ------------------------------------------------------------------------------------------
-    def adapter_weights(self) -> dict[str, torch.Tensor]:
-        """The installed adapter's weights (PEFT names) as fp32 CPU copies."""
-        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+    def adapter_weights(self, slot: str = DEFAULT_SLOT) -> dict[str, torch.Tensor]:
+        """The adapter weights in ``slot`` (PEFT names) as fp32 CPU copies."""
+        state = get_peft_model_state_dict(self.model, adapter_name=slot)
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
-    def install(self, adapter: AdapterState) -> None:
-        """Copy ``adapter`` into the model (callers do this between batches)."""
-        load_adapter_state(self.model, VersionedAdapter(adapter.version, adapter.state))
-        self.adapter = adapter
+    def install(self, adapter: AdapterState, slot: str = DEFAULT_SLOT) -> None:
+        """Copy ``adapter`` into ``slot`` (callers do this between batches); the default slot is what ``forward``
+        answers with unless told otherwise."""
+        load_adapter_state(self.model, VersionedAdapter(adapter.version, adapter.state), slot)
+        if slot == DEFAULT_SLOT:
+            self.adapter = adapter
+
+    def add_slot(self, slot: str) -> None:
+        """A further adapter slot of the same LoRA shape, holding the default slot's weights (its version 0)."""
+        if slot in self.model.peft_config:
+            raise ValueError(f"adapter slot {slot!r} exists")
+        self.model.add_adapter(slot, copy.deepcopy(self.model.peft_config[DEFAULT_SLOT]))
+        load_adapter_state(self.model, VersionedAdapter(self.adapter.version, self.adapter_weights()), slot)
+        self.model.eval()
 
     # -- the forward ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,9 +164,22 @@ class DeviceModel:
         return vision_features(self.model, pixels.to(param.device, param.dtype))
 
     @torch.no_grad()
-    def forward(self, features: torch.Tensor | list[torch.Tensor], questions: list[str]) -> ForwardOut:
-        """Answer every question on its frame's features with all visual tokens offered to the LM."""
-        feats = list(features)
+    def forward(
+        self, features: torch.Tensor | list[torch.Tensor], questions: list[str], slots: list[str] | None = None
+    ) -> ForwardOut:
+        """Answer every question on its frame's features with all visual tokens offered to the LM; ``slots[i]``
+        names the adapter slot row ``i`` answers with (default: the default slot for every row)."""
+        with self._rows(slots) as adapters:
+            return self._forward(list(features), questions, adapters)
+
+    def _rows(self, slots: list[str] | None):
+        if slots is None or all(s == DEFAULT_SLOT for s in slots):
+            return contextlib.nullcontext()
+        if self._lora_layers is None:
+            self._lora_layers = RowAdapters.layers_of(self.model)
+        return RowAdapters(self._lora_layers, slots)
+
+    def _forward(self, feats: list[torch.Tensor], questions: list[str], adapters: RowAdapters | None) -> ForwardOut:
         llava = unwrap_llava(self.model)
 
         def mark_images(mask: torch.Tensor) -> None:
@@ -156,7 +187,9 @@ class DeviceModel:
 
         before = sparse_stats(llava) if self.sparse is not None else None
         hook = mark_images if self.sparse is not None else None
-        out = answer_forward(self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook)
+        out = answer_forward(
+            self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook, adapters=adapters
+        )
         n = [int(f.shape[0]) for f in feats]
         stats = sparse_stats(llava) if self.sparse is not None else None
         if stats is before:  # the prefill fell back to dense (no visual tokens to prune): no fresh stats
@@ -174,7 +207,11 @@ class DeviceModel:
 
     @torch.no_grad()
     def generate(
-        self, features: torch.Tensor | list[torch.Tensor], questions: list[str], limits: list[int]
+        self,
+        features: torch.Tensor | list[torch.Tensor],
+        questions: list[str],
+        limits: list[int],
+        slots: list[str] | None = None,
     ) -> ForwardOut:
         """Greedy answers of up to ``limits[i]`` tokens, stopping a row at end-of-sequence.
 
@@ -182,12 +219,14 @@ class DeviceModel:
         step feeds the tokens chosen so far after the prompt (the pruning of that pass is deterministic, so the
         visual tokens the answer reads are the first step's).
         """
-        first = self.forward(features, questions)
+        feats = list(features)
         llava = unwrap_llava(self.model)
         hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
-        seqs, token_logits, mask = greedy_continuations(
-            self.model, self.prompts, list(features), questions, first.logits, limits, self.eos_id, hook
-        )
+        with self._rows(slots) as adapters:
+            first = self._forward(feats, questions, adapters)
+            seqs, token_logits, mask = greedy_continuations(
+                self.model, self.prompts, feats, questions, first.logits, limits, self.eos_id, hook, adapters
+            )
         first.sequences, first.token_logits, first.mask = seqs, token_logits, mask
         return first
 

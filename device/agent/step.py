@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from device.agent.runtime import DeviceModel
+from device.agent.runtime import DeviceModel, ForwardOut
 from device.agent.store import AdapterState
 from device.uts import UncertaintyTokenSampler, answer_uncertainty
 
@@ -30,6 +30,31 @@ class Frame:
     metadata: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int | None = None
     """Answer tokens at most (None: the model's default, ``DeviceModel.max_new_tokens``)."""
+
+
+@dataclass
+class ModelPass:
+    """A batch's model outputs before any agent decides on them: logits [B, V] (or [B, T, V] with ``mask``
+    [B, T] for multi-token answers), each row's token ids, and the forward's seconds."""
+
+    out: ForwardOut
+    logits: torch.Tensor
+    mask: torch.Tensor | None
+    seqs: list[list[int]]
+    elapsed_s: float
+
+    def rows(self, index: list[int]) -> ModelPass:
+        """The pass restricted to rows ``index`` (in that order)."""
+        o = self.out
+        pick = torch.tensor(index, dtype=torch.long)
+        out = ForwardOut(
+            o.logits[pick],
+            [o.relevance[i] for i in index],
+            [o.kept[i] for i in index],
+            [o.total[i] for i in index],
+        )
+        mask = self.mask[pick] if self.mask is not None else None
+        return ModelPass(out, self.logits[pick], mask, [self.seqs[i] for i in index], self.elapsed_s)
 
 
 @dataclass
@@ -79,17 +104,20 @@ class DeviceStep:
         """Answer a batch of frames (images are run through the vision tower once, here)."""
         if not frames:
             return []
+        limits = [f.max_new_tokens for f in frames]
+        stacked = self.stack_features(frames)
+        return self.run_features(stacked, [f.question for f in frames], [f.metadata for f in frames], limits)
+
+    def stack_features(self, frames: list[Frame]) -> torch.Tensor:
+        """The frames' vision features [B, N, D]: given, or computed here in one tower pass."""
         need = [i for i, f in enumerate(frames) if f.features is None]
         feats: list[torch.Tensor | None] = [f.features for f in frames]
         if need:
             computed = self.model.features([frames[i].image for i in need])
             for j, i in enumerate(need):
                 feats[i] = computed[j]
-        stacked = torch.stack([f.to(self.model.device) for f in feats])  # type: ignore[union-attr]
-        limits = [f.max_new_tokens for f in frames]
-        return self.run_features(stacked, [f.question for f in frames], [f.metadata for f in frames], limits)
+        return torch.stack([f.to(self.model.device) for f in feats])  # type: ignore[union-attr]
 
-    @torch.no_grad()
     def run_features(
         self,
         features: torch.Tensor,
@@ -99,23 +127,49 @@ class DeviceStep:
     ) -> list[Answer]:
         """Answer from vision features [B, N, D] (the offline experiment's path); ``max_new_tokens[i]`` caps
         sample ``i``'s answer (None: the model's default)."""
+        return self.decide(self.model_pass(features, questions, max_new_tokens), features, questions, metadata)
+
+    @torch.no_grad()
+    def model_pass(
+        self,
+        features: torch.Tensor,
+        questions: list[str],
+        max_new_tokens: list[int | None] | None = None,
+        slots: list[str] | None = None,
+    ) -> ModelPass:
+        """The model's answers to a batch, before UTS; ``slots[i]``: the adapter slot row ``i`` answers with
+        (a batch of several tenants' rows, ``device.agent.tenants``; default: the model's own adapter)."""
         t0 = time.perf_counter()
-        version = self.version
         default = self.model.max_new_tokens
         limits = [m or default for m in (max_new_tokens or [None] * len(questions))]
+        extra = {} if slots is None else {"slots": slots}
         if max(limits) > 1:
-            out = self.model.generate(features, questions, limits)
+            out = self.model.generate(features, questions, limits, **extra)
             logits, mask, seqs = out.token_logits, out.mask, out.sequences
         else:
-            out = self.model.forward(features, questions)
+            out = self.model.forward(features, questions, **extra)
             logits, mask, seqs = out.logits, None, [[int(t)] for t in out.logits.argmax(-1).tolist()]
+        return ModelPass(out, logits, mask, seqs, time.perf_counter() - t0)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def decide(
+        self,
+        passed: ModelPass,
+        features: torch.Tensor,
+        questions: list[str],
+        metadata: list[dict[str, str]] | None = None,
+    ) -> list[Answer]:
+        """This agent's answers from a model pass over its rows: uncertainty, UTS's choice, the sink."""
+        t0 = time.perf_counter()
+        version = self.version
+        out, logits, mask, seqs = passed.out, passed.logits, passed.mask, passed.seqs
         decided = self.uts.decide(features, questions, logits, out.relevance, mask) if self.uts else None
         unc = answer_uncertainty(logits, mask=mask)  # type: ignore[arg-type]
-        elapsed = time.perf_counter() - t0
+        elapsed = passed.elapsed_s + time.perf_counter() - t0
         answers = []
         for i, q in enumerate(questions):
             row = unc.row(i)
-            ids = seqs[i]  # type: ignore[index]
+            ids = seqs[i]
             scored = int(mask[i].sum()) if mask is not None else 1
             a = Answer(
                 answer=self.model.decode_answer(ids),

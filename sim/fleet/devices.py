@@ -1,5 +1,5 @@
-"""One simulated device as the harness holds it: its link emulator, registration, agent (on a shared copy of the
-base weights), world source and probe."""
+"""One simulated device as the harness holds it: its link emulator, registration, agent (a tenant of the one
+shared device model, with its own adapter), world source and probe."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device.agent import AgentConfig, DeviceAgent, DeviceModel
+from device.agent import AgentConfig, DeviceAgent
 from device.agent.batcher import ComputeModel
+from device.agent.shared_batcher import SharedBatcher
 from device.transport.enroll import register_device
 from sim.fleet.probe import DeviceProbe
 from sim.fleet.results import Point
 from sim.fleet.scenario import DeviceSpec
-from sim.fleet.shared_model import shared_copy
 from sim.fleet.world_source import WorldSource
 from sim.link import LinkConfig, LinkProxy
 from sim.world import World
@@ -84,20 +84,20 @@ class SimDevice:
         spec: DeviceSpec,
         run_dir: Path,
         gateway: tuple[str, int],
-        base_model,
-        processor,
+        pool: SharedBatcher,
         world: World,
         overrides: dict[str, Any],
         compute_model: ComputeModel | None = None,
     ) -> SimDevice:
         """Link up, register (as ``tandem-device register`` does, retrying a slow link's timeouts), and build
-        the agent on a shared copy of ``base_model``, its answers paced by ``compute_model``."""
+        the agent as a tenant of the pool's shared model, served by the pool's one batcher (each agent's rows
+        with its own adapter), its answers paced by ``compute_model``."""
         proxy = LinkProxy(gateway[0], gateway[1], spec.link)
         await proxy.start()
         cfg = agent_config(spec, run_dir / "devices" / spec.device_id, proxy.address, overrides)
         await register_device(cfg.transport, give_up_after_s=REGISTER_GIVE_UP_S)
-        model = DeviceModel(shared_copy(base_model), processor, cfg.adapter, cfg.sparse, cfg.model.prompt_template)
-        agent = DeviceAgent(cfg, model, compute_model=compute_model)
+        model = pool.tenants.tenant(spec.device_id)
+        agent = DeviceAgent(cfg, model, compute_model=compute_model, shared_batcher=pool)
         source = WorldSource(spec, world)
         probe = DeviceProbe(source)
         agent.subscribe(probe)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from common import clock as clocks
+from device.agent.shared_batcher import SharedBatcher
+from device.agent.tenants import TenantModels
 from sim.clock import VirtualClock
 from sim.fleet.ceiling import measure_ceiling
 from sim.fleet.cloud_process import CloudProcess
@@ -42,6 +44,9 @@ TICK_S = 0.25
 """How often the harness looks at every agent (versions, rollbacks, acks)."""
 EPSILON_S = 1e-6
 """Virtual moments closer than this are the same moment (float sums of steps)."""
+POOL_WAIT_S = 0.002
+"""Wall seconds the shared batcher waits for more rows once it has some (the frames of one moment arrive
+together, from many agents' source loops)."""
 
 
 @dataclass
@@ -63,6 +68,8 @@ class RunOptions:
     """Overrides the scenario's cloud profile (``sim/profiles/clouds.yaml``)."""
     ceiling: bool = True
     """After the run, replay the cloud's jobs with true labels (``sim.fleet.ceiling``) for the ceiling column."""
+    batch_rows: int = 32
+    """Most frames (of any agents) in one batched forward of the shared batcher."""
 
 
 @dataclass
@@ -111,6 +118,7 @@ class FleetRunner:
     options: RunOptions = field(default_factory=RunOptions)
     clock: clocks.Clock = field(default=clocks.WALL, init=False)
     lockstep: Lockstep | None = field(default=None, init=False)
+    pool: SharedBatcher | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         stamp = f"{self.scenario.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
@@ -189,6 +197,7 @@ class FleetRunner:
         try:
             evaluator = await asyncio.to_thread(self._evaluator, models, world)
             facts.update(await asyncio.to_thread(_byte_references, evaluator, models, world))
+            self.pool = await asyncio.to_thread(self._shared_batcher, models)
             rss_before = rss_bytes()
             compute = None if self.lockstep is None else dev_profile.batch_seconds
             await self._while(self._create_devices(devices, state_dir, (host, int(port)), models, world, compute))
@@ -203,6 +212,8 @@ class FleetRunner:
             facts["measure_wall_s"] = time.perf_counter() - measured_from
             facts["memory_per_agent_mb"] = (rss_bytes() - rss_before) / len(devices) / 2**20
             facts["rss_shared_mb"] = rss_before / 2**20
+            facts["batched_forwards"] = self.pool.batches
+            facts["rows_per_forward"] = self.pool.rows / max(1, self.pool.batches)
             await self._drain(devices)
             facts["virtual_s"] = clock.monotonic() - epoch
         finally:
@@ -238,15 +249,23 @@ class FleetRunner:
 
         async def one(spec):
             async with gate:
-                return await SimDevice.create(
-                    spec, state_dir, gateway, models.device, models.processor, world, sc.agent, compute_model
-                )
+                return await SimDevice.create(spec, state_dir, gateway, self.pool, world, sc.agent, compute_model)
 
         made = await asyncio.gather(*(one(spec) for spec in sc.devices()), return_exceptions=True)
         devices.extend(d for d in made if isinstance(d, SimDevice))
         for d in made:
             if isinstance(d, BaseException):
                 raise d
+
+    def _shared_batcher(self, models: Models) -> SharedBatcher:
+        """The one device model every agent is a tenant of, and the one batcher that serves them all."""
+        from device.agent import DeviceModel, load_agent_config
+
+        cfg = load_agent_config(None, _flat(self.scenario.agent))
+        shared = DeviceModel(
+            shared_copy(models.device), models.processor, cfg.adapter, cfg.sparse, cfg.model.prompt_template
+        )
+        return SharedBatcher(TenantModels(shared), max_batch=self.options.batch_rows, max_wait_s=POOL_WAIT_S)
 
     def _evaluator(self, models: Models, world: World) -> Evaluator:
         from device.agent import DeviceModel, load_agent_config

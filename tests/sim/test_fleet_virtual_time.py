@@ -1,8 +1,11 @@
 """Virtual time makes a fleet report a function of the scenario: the same micro scenario run twice, once with a
-CPU-burning thread and process beside it, gives the same updates and the same accuracy curve."""
+CPU-burning thread and process beside it, gives the same updates and the same accuracy curve. The idle run's
+report (results.json) also shows what the default suite needs to see of a fleet run: uploads triggered a job in
+the real cloud, and its update reached every agent, which applied it and measured on it."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import threading
 import time
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from sim.fleet.report import write_report
 from sim.fleet.runner import FleetRunner, RunOptions
 from sim.fleet.scenario import load_scenario
 from sim.fleet.summary import summarize
@@ -48,7 +52,8 @@ def _burn(stop) -> None:
 
 def _run(tmp_path: Path, name: str, busy: bool):
     sc = load_scenario(_scenario(tmp_path))
-    runner = FleetRunner(sc, RunOptions(out_dir=tmp_path / "reports", run_name=name, drain_s=6))
+    options = RunOptions(out_dir=tmp_path / "reports", run_name=name, drain_s=6, ceiling=False)
+    runner = FleetRunner(sc, options)
     stop_thread, stop_proc = threading.Event(), multiprocessing.Event()
     burners = []
     if busy:
@@ -64,12 +69,24 @@ def _run(tmp_path: Path, name: str, busy: bool):
         stop_proc.set()
         for b in burners:
             b.join(10)
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - started, runner.run_dir()
+
+
+def _check_report(result, run_dir: Path) -> None:
+    """What a user reads: samples acked and none lost, an update published, applied by every agent, measured on."""
+    data = json.loads(write_report(result, run_dir)["json"].read_text())
+    summary = data["summary"]
+    assert summary["samples_acked"] >= 8 and summary["samples_lost"] == 0  # enough uplinked to trigger a job
+    assert summary["updates_published"] >= 1 and summary["update_latency_count"] >= 1
+    for device in data["devices"]:
+        assert device["updates"][0]["version"] == "v1", device["device_id"]
+        assert device["points"][-1]["version"] != "v0"  # the last measurement ran on an update's adapter
 
 
 def test_same_scenario_same_report_whatever_the_load(tmp_path):
-    idle, idle_wall = _run(tmp_path, "idle", busy=False)
-    busy, busy_wall = _run(tmp_path, "busy", busy=True)
+    idle, idle_wall, idle_dir = _run(tmp_path, "idle", busy=False)
+    _check_report(idle, idle_dir)
+    busy, busy_wall, _ = _run(tmp_path, "busy", busy=True)
     for result in (idle, busy):
         assert result.facts["clock"] == "virtual"
         assert result.facts["lockstep"]["safety_timeouts"] == 0

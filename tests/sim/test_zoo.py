@@ -138,7 +138,13 @@ def test_generate_first_token_equals_fast_prediction(micro_zoo):
 
 @pytest.mark.parametrize(
     "compile_model",
-    [False, pytest.param(True, marks=pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler"))],
+    [
+        False,
+        pytest.param(  # opt-in: compiling takes about a minute; the swap and restore are tested in test_compiling
+            True,
+            marks=[pytest.mark.slow, pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler")],
+        ),
+    ],
 )
 def test_training_step_lowers_loss(compile_model):
     recipe = micro_recipe()
