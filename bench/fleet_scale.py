@@ -65,6 +65,10 @@ def run_one(devices: int, virtual_s: float, zoo: str, out: Path) -> dict:
         "acked": s["samples_acked"],
         "lost": s["samples_lost"],
         "safety_timeouts": f["lockstep"]["safety_timeouts"],
+        "rows_per_forward": f.get("rows_per_forward", 0.0),
+        "settle_wall_s": f["lockstep"]["settle_wall_s"],
+        "barrier_wall_s": f["lockstep"]["barrier_wall_s"],
+        "cloud_wall_s": f["lockstep"]["cloud_wall_s"],
     }
 
 
@@ -93,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n:>5} devices: {row['wall_per_virtual']:.2f} wall s per virtual s, "
                 f"{row['memory_per_agent_mb']:.1f} MB per agent, set-up {row['setup_s']:.0f} s, "
                 f"{row['frames']} frames, {row['acked']} acked, {row['lost']} lost, "
-                f"{row['safety_timeouts']} safety timeouts (load average {load:.1f} at start)",
+                f"{row['safety_timeouts']} safety timeouts; {row['rows_per_forward']:.1f} frames per batched "
+                f"forward; wall s waiting for the host to settle {row['settle_wall_s']:.0f}, for jobs due "
+                f"{row['barrier_wall_s']:.0f}, for the cloud's turns {row['cloud_wall_s']:.0f} "
+                f"(load average {load:.1f} at start)",
                 flush=True,
             )
     biggest = max(rows, key=lambda r: r["devices"])

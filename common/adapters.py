@@ -8,6 +8,7 @@ casts to a float base layer's dtype: an fp16 device and an fp32 cloud would hold
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -64,6 +65,20 @@ def init_lora(model: torch.nn.Module, seed: int) -> None:
             fresh = torch.empty(a.shape, dtype=torch.float32).uniform_(-1.0, 1.0, generator=gen) / math.sqrt(a.shape[1])
             a.data = fresh.to(a.device)
             b.data = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+
+
+def clone_adapter(layer: LoraLayer, source: str, slot: str) -> None:
+    """Give ``layer`` a further adapter ``slot``: copies of ``source``'s LoRA modules and settings (every
+    per-adapter attribute peft declares for the layer: ``adapter_layer_names`` and ``other_param_names``). Costs
+    the same whatever the number of adapters (peft's ``update_layer`` walks all of them), frozen."""
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        table = getattr(layer, attr, None)
+        if table is None or source not in table:
+            continue
+        value = table[source]
+        if isinstance(value, torch.nn.Module):
+            value = copy.deepcopy(value).requires_grad_(False)
+        table[slot] = value
 
 
 class RowAdapters:

@@ -8,7 +8,6 @@ UTS uses to pick the visual tokens of an upload (no second pass).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 
-from common.adapters import AdapterConfig, RowAdapters, add_lora
+from common.adapters import AdapterConfig, RowAdapters, add_lora, clone_adapter
 from common.errors import ModelLoadError
 from common.llava_tokens import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -28,7 +27,7 @@ from common.llava_tokens import (
     vision_features,
 )
 from common.modeling import load_mllm
-from common.update_header import INITIAL_VERSION
+from common.update_header import INITIAL_VERSION, UpdateError
 from device.agent.store import AdapterState
 from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, expect_image_mask, sparse_stats
 from device.update_apply import VersionedAdapter, load_adapter_state
@@ -72,6 +71,10 @@ class DeviceModel:
             model.requires_grad_(False)
             model = add_lora(model, adapter or AdapterConfig())
         self.model = model.eval()
+        self._lora_layers: list | None = None
+        """The LoRA layers, found on the first forward with per-row slots (or the first added slot)."""
+        self._slots: dict[str, dict[str, torch.Tensor]] = {}
+        """Further adapter slots (``add_slot``): PEFT state names -> the slot's own tensors."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         llava = unwrap_llava(self.model)
@@ -83,8 +86,6 @@ class DeviceModel:
         self.max_new_tokens = int(max_new_tokens or stored or 1)
         """Answer tokens when a frame names none: the config's, else the checkpoint's generation config's, else 1."""
         self.eos_id = self.tokenizer.eos_token_id
-        self._lora_layers: list | None = None
-        """The LoRA layers, found on the first forward with per-row slots."""
 
     @classmethod
     def load(
@@ -135,23 +136,61 @@ class DeviceModel:
     # -- adapters ------------------------------------------------------------------------------------------
     def adapter_weights(self, slot: str = DEFAULT_SLOT) -> dict[str, torch.Tensor]:
         """The adapter weights in ``slot`` (PEFT names) as fp32 CPU copies."""
-        state = get_peft_model_state_dict(self.model, adapter_name=slot)
+        state = get_peft_model_state_dict(self.model) if not self._slots else self._slot(slot)
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
     def install(self, adapter: AdapterState, slot: str = DEFAULT_SLOT) -> None:
         """Copy ``adapter`` into ``slot`` (callers do this between batches); the default slot is what ``forward``
         answers with unless told otherwise."""
-        load_adapter_state(self.model, VersionedAdapter(adapter.version, adapter.state), slot)
+        if not self._slots:
+            if slot != DEFAULT_SLOT:
+                raise UpdateError(f"no adapter slot {slot!r}")
+            load_adapter_state(self.model, VersionedAdapter(adapter.version, adapter.state))
+        else:
+            params = self._slot(slot)
+            if set(adapter.state) != set(params):
+                odd = sorted(set(adapter.state) ^ set(params))
+                raise UpdateError(f"adapter state does not fit slot {slot!r}: {odd[:3]}")
+            with torch.no_grad():
+                for key, param in params.items():
+                    param.copy_(adapter.state[key].to(param.device, param.dtype))
         if slot == DEFAULT_SLOT:
             self.adapter = adapter
 
     def add_slot(self, slot: str) -> None:
-        """A further adapter slot of the same LoRA shape, holding the default slot's weights (its version 0)."""
-        if slot in self.model.peft_config:
+        """A further adapter slot of the same LoRA shape, holding the default slot's weights (its version 0).
+
+        Added layer by layer (``common.adapters.clone_adapter``) and read and written through each slot's own
+        tensors from then on, so adding or swapping a slot costs the same whatever the number of slots (peft's
+        model-level adapter functions walk every module of every adapter, and count unregistered slots as the
+        default adapter's)."""
+        if not self._slots:
+            self._lora_layers = RowAdapters.layers_of(self.model)
+            default = self._tensors(DEFAULT_SLOT)
+            if set(default) != set(get_peft_model_state_dict(self.model)):
+                raise UpdateError("the default adapter's tensors are not its LoRA layers' (peft names them otherwise)")
+            self._slots[DEFAULT_SLOT] = default
+        if slot in self._slots:
             raise ValueError(f"adapter slot {slot!r} exists")
-        self.model.add_adapter(slot, copy.deepcopy(self.model.peft_config[DEFAULT_SLOT]))
-        load_adapter_state(self.model, VersionedAdapter(self.adapter.version, self.adapter_weights()), slot)
-        self.model.eval()
+        for _, layer in self._lora_layers or []:
+            if DEFAULT_SLOT in layer.lora_A:
+                clone_adapter(layer, DEFAULT_SLOT, slot)
+        self._slots[slot] = self._tensors(slot)
+
+    def _tensors(self, slot: str) -> dict[str, torch.Tensor]:
+        """PEFT state names -> ``slot``'s own lora_A / lora_B weights."""
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self._lora_layers or []:
+            if slot in layer.lora_A:
+                out[f"{name}.lora_A.weight"] = layer.lora_A[slot].weight
+                out[f"{name}.lora_B.weight"] = layer.lora_B[slot].weight
+        return out
+
+    def _slot(self, slot: str) -> dict[str, torch.Tensor]:
+        try:
+            return self._slots[slot]
+        except KeyError:
+            raise UpdateError(f"no adapter slot {slot!r}") from None
 
     # -- the forward ---------------------------------------------------------------------------------------
     @torch.no_grad()

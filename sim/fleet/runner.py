@@ -284,9 +284,9 @@ class FleetRunner:
         clock = self.clock
         await self._pace(max(0.0, epoch - clock.monotonic()))
         while (t := clock.monotonic() - epoch) < sc.duration_s - EPSILON_S:
-            if t >= next_measure:
+            if t >= next_measure - EPSILON_S:  # epoch + next_measure - epoch may fall a hair short of it
                 await asyncio.to_thread(self._measure_all, devices, evaluator, t)
-                while next_measure <= clock.monotonic() - epoch:  # a slow measurement skips the missed ones
+                while next_measure <= clock.monotonic() - epoch + EPSILON_S:  # a slow one skips the missed ones
                     next_measure += sc.measure_every_s
             if self.options.progress is not None and t - last_progress >= 1.0:
                 last_progress = t
