@@ -171,6 +171,12 @@ class SqlJobStore(JobStore):
             row = conn.execute(select(c.seq, c.unix_ms).where(c.device_id == device_id)).first()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
+    def cursors(self) -> dict[str, tuple[int, int]]:
+        c = sql.job_cursors.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(c.device_id, c.seq, c.unix_ms)).all()
+        return {str(d): (int(seq), int(ms)) for d, seq, ms in rows}
+
     def get_meta(self, key: str, default: str = "") -> str:
         c = sql.job_meta.c
         with self.engine.connect() as conn:

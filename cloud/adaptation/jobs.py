@@ -130,6 +130,10 @@ class JobStore(ABC):
         """``(seq, unix_ms)``: the highest seq already given to a job, and when (0, 0 when never)."""
 
     @abstractmethod
+    def cursors(self) -> dict[str, tuple[int, int]]:
+        """Every device's ``cursor`` in one read (devices never given a job are absent)."""
+
+    @abstractmethod
     def get_meta(self, key: str, default: str = "") -> str:
         """A small persisted value (e.g. an event cursor)."""
 

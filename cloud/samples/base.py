@@ -61,6 +61,10 @@ class SampleStore(ABC):
     def high_water(self, device_id: str) -> int:
         """Highest seq stored for ``device_id`` (0 when none)."""
 
+    def high_waters(self) -> dict[str, int]:
+        """Every device's ``high_water`` (devices with no sample are absent); stores override it with one read."""
+        return {d: self.high_water(d) for d in self.devices()}
+
     @abstractmethod
     def iter_samples(self, device_id: str, after_seq: int = 0, limit: int | None = None) -> Iterator[Sample]:
         """Samples of ``device_id`` with seq > ``after_seq`` in seq order."""

@@ -97,6 +97,12 @@ class PostgresSampleStore(SampleStore):
             row = cur.fetchone()
         return int(row[0] or 0) if row else 0
 
+    def high_waters(self) -> dict[str, int]:
+        with self._reads.cursor() as cur:
+            cur.execute("SELECT device_id, MAX(seq) FROM samples GROUP BY device_id")
+            rows = cur.fetchall()
+        return {str(d): int(seq) for d, seq in rows}
+
     def _payloads(self, rows: list[tuple]) -> list[bytes]:
         """Payloads of ``rows`` (blob_key, offset, length, ...): one ranged read per run of nearby bytes."""
         out: list[bytes] = []

@@ -136,6 +136,11 @@ class SqliteSampleStore(SampleStore):
             row = self._conn.execute("SELECT MAX(seq) FROM samples WHERE device_id = ?", (device_id,)).fetchone()
         return int(row[0] or 0)
 
+    def high_waters(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT device_id, MAX(seq) FROM samples GROUP BY device_id").fetchall()
+        return {str(d): int(seq) for d, seq in rows}
+
     def _read(self, segment: int, offset: int, length: int) -> bytes:
         fd = self._readers.get(segment)
         if fd is None:

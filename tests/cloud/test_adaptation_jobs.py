@@ -87,3 +87,32 @@ def test_cohort_jobs_pool_their_devices(tmp_path):
     job = jobs.get(job_id)
     assert job.key == "cohort:north" and job.samples == 9
     assert set(job.ranges) == {SeqRange("a", 0, 5), SeqRange("b", 0, 4)}
+
+
+class _CountingSamples(SqliteSampleStore):
+    """The real store, counting the per-device pending reads the scheduler makes."""
+
+    reads = 0
+
+    def pending_stats(self, device_id, after_seq, limit):
+        type(self).reads += 1
+        return super().pending_stats(device_id, after_seq, limit)
+
+
+def test_a_turn_reads_only_the_devices_whose_samples_or_cursor_moved(tmp_path):
+    samples = _CountingSamples(tmp_path / "samples.db", synchronous="NORMAL")
+    devices = DeviceRegistry(tmp_path / "devices.db", "NORMAL")
+    jobs = SqliteJobStore(tmp_path / "jobs.db", "NORMAL")
+    sched = Scheduler(AdaptationConfig.model_validate({"families": {"f": {}}, "trigger": {"min_samples": 4}}),
+                      samples, jobs)  # fmt: skip
+    for i in range(20):
+        devices.register(f"d{i}", cohort="", model_family="f", model_version="1", capabilities={})
+    for i in range(5):
+        store_samples(samples, f"d{i}", [b"x"] * 2)  # pending, below the trigger
+    assert samples.high_waters() == {f"d{i}": 2 for i in range(5)}
+    now = sched.started_ms + 1
+    assert sched.update(devices.list(), now_ms=now) == [] and _CountingSamples.reads == 5  # 15 have none
+    assert sched.update(devices.list(), now_ms=now) == [] and _CountingSamples.reads == 5  # nothing moved
+    store_samples(samples, "d3", [b"x"] * 2, first_seq=3)
+    (job_id,) = sched.update(devices.list(), now_ms=now)
+    assert _CountingSamples.reads == 6 and jobs.get(job_id).ranges == (SeqRange("d3", 0, 4),)

@@ -123,3 +123,20 @@ async def test_each_lane_is_paced_by_its_own_modelled_device(zoo, tmp_path):
     assert finished[:2] == ["fast", "slow"]  # the fast device's answer did not wait for the slow one's compute
     assert a_slow.latency_s >= 2.0 and a_fast.latency_s < a_slow.latency_s - 1.5
     assert second.latency_s >= 2.0
+
+
+def test_adapter_slots_are_separate_and_checked(zoo):
+    model = DeviceModel.load(zoo.device)
+    v0 = model.adapter_weights()
+    model.add_slot("tenant_a")
+    with pytest.raises(ValueError, match="exists"):
+        model.add_slot("tenant_a")
+    moved = _adapter(model, 2)
+    model.install(moved, "tenant_a")
+    assert all(torch.equal(model.adapter_weights("tenant_a")[k], moved.state[k]) for k in v0)
+    assert all(torch.equal(model.adapter_weights()[k], v0[k]) for k in v0)  # the default slot is untouched
+    wrong = AdapterState("v9", {**moved.state, "base_model.model.extra.lora_A.weight": torch.zeros(1)})
+    with pytest.raises(Exception, match="does not fit slot"):
+        model.install(wrong, "tenant_a")
+    with pytest.raises(Exception, match="no adapter slot"):
+        model.install(moved, "tenant_b")
