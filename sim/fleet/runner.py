@@ -44,6 +44,10 @@ TICK_S = 0.25
 """How often the harness looks at every agent (versions, rollbacks, acks)."""
 EPSILON_S = 1e-6
 """Virtual moments closer than this are the same moment (float sums of steps)."""
+START_WAVE = 50
+START_WAVE_GAP_S = 0.2
+"""Agents start in waves of ``START_WAVE``, ``START_WAVE_GAP_S`` of scenario time apart (before time 0), so their
+connections are made a wave at a time."""
 POOL_WAIT_S = 0.002
 """Wall seconds the shared batcher waits for more rows once it has some (the frames of one moment arrive
 together, from many agents' source loops)."""
@@ -201,11 +205,15 @@ class FleetRunner:
             rss_before = rss_bytes()
             compute = None if self.lockstep is None else dev_profile.batch_seconds
             await self._while(self._create_devices(devices, state_dir, (host, int(port)), models, world, compute))
-            epoch = clock.monotonic() + 1.0
-            facts["epoch_unix_ms"] = int((clock.time() + 1.0) * 1000)
-            for d in devices:
-                d.start_clock(epoch)
-                await d.agent.start()
+            waves = [devices[i : i + START_WAVE] for i in range(0, len(devices), START_WAVE)]
+            lead = 1.0 + START_WAVE_GAP_S * len(waves)
+            epoch = clock.monotonic() + lead
+            facts["epoch_unix_ms"] = int((clock.time() + lead) * 1000)
+            for wave in waves:  # a thousand agents connecting at once would storm the links and the gateway
+                for d in wave:
+                    d.start_clock(epoch)
+                    await d.agent.start()
+                await self._pace(START_WAVE_GAP_S)
             facts["setup_s"] = time.perf_counter() - started
             measured_from = time.perf_counter()
             await self._measure(devices, evaluator, epoch)
@@ -217,11 +225,9 @@ class FleetRunner:
             await self._drain(devices)
             facts["virtual_s"] = clock.monotonic() - epoch
         finally:
-            for d in devices:
-                with contextlib.suppress(Exception):
-                    await d.agent.stop()
-                with contextlib.suppress(Exception):
-                    await d.proxy.stop()
+            stopping = time.perf_counter()
+            await asyncio.gather(*(_stop_device(d) for d in devices))  # at once: each waits on its own channel
+            facts["stop_devices_s"] = time.perf_counter() - stopping
             facts["cloud_exit_code"] = await cloud.stop()
         facts["wall_s"] = time.perf_counter() - started
         facts["slowdown"] = facts.get("measure_wall_s", 0.0) / sc.duration_s
@@ -367,6 +373,14 @@ def _byte_references(evaluator: Evaluator, models: Models, world: World) -> dict
 
     fp32 = full_state_bytes(evaluator.initial.state)  # as the offline experiment counts it (fp32 safetensors)
     return {"send_all_sample_bytes": sum(sizes) / len(sizes), "fp32_adapter_bytes": fp32}
+
+
+async def _stop_device(d: SimDevice) -> None:
+    """Stop one device's agent, then its link (errors are the run's end, not news)."""
+    with contextlib.suppress(Exception):
+        await d.agent.stop()
+    with contextlib.suppress(Exception):
+        await d.proxy.stop()
 
 
 def _snapshot(devices: list[SimDevice], t: float, duration: float) -> dict:
