@@ -136,6 +136,14 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         CREATE UNIQUE INDEX updates_job ON updates (job_id) WHERE job_id > 0;
         """,
     ),
+    Migration(
+        5,
+        "devices: the token epoch, bumped by every token change (gateways cache tokens)",
+        (
+            "CREATE TABLE device_epoch (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL);"
+            " INSERT INTO device_epoch VALUES (1, 0)"
+        ),
+    ),
 )
 
 

@@ -5,7 +5,7 @@ Hooks: SQLite opens every write transaction (:func:`write`) with ``BEGIN IMMEDIA
 read-then-write transaction never fails to upgrade; WAL, ``synchronous`` and a busy timeout on every
 connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped advisory lock
 (:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and wakes other processes with
-``NOTIFY`` (:func:`notify`; ``cloud.updates.listen`` LISTENs); upserts use each dialect's ``insert``
+``NOTIFY`` (:func:`notify`; ``cloud.listen`` LISTENs); upserts use each dialect's ``insert``
 (:func:`upsert`). The schema itself is created and changed by ``cloud.migrations`` only.
 """
 
@@ -53,6 +53,14 @@ devices = Table(
     Column("revoked", Boolean(create_constraint=False), nullable=False, server_default="0"),
     Column("enrollment_sha256", Text),
 )
+
+device_epoch = Table(
+    "device_epoch",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("epoch", BigInteger, nullable=False),
+)
+"""One row: bumped by every change to who holds which token (token caches compare it, ``cloud.device_tokens``)."""
 
 rollbacks = Table(
     "rollbacks",

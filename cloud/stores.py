@@ -51,7 +51,7 @@ def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: s
     from cloud.devices import DeviceRegistry
 
     if settings.store == "postgres":
-        return DeviceRegistry(_engine(settings, "devices"))
+        return DeviceRegistry(_engine(settings, "devices"), dsn=settings.dsn())
     return DeviceRegistry(Path(data_dir) / "devices.db", synchronous)
 
 

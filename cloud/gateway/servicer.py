@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from cloud.config import GatewayConfig
+from cloud.device_tokens import TokenCache
 from cloud.devices import DeviceRecord, Devices, DeviceStateError
 from cloud.feature_bases import accepted_formats
 from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation
@@ -57,7 +58,12 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.budget = budget
         self.validator = validator
         self.published = asyncio.Event()
+        self.tokens = TokenCache(devices)
         self._uploads = 0
+
+    def close(self) -> None:
+        """Stop watching the registry for token changes."""
+        self.tokens.close()
 
     def notify_published(self) -> None:
         """Wake WatchUpdates streams (publishes from this process; others are found by polling)."""
@@ -68,7 +74,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         token = token_from_metadata(context.invocation_metadata())
         if token is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-        device = await asyncio.to_thread(self.devices.authenticate, token)
+        device = await self.tokens.authenticate(token)
         if device is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token")
         await self._check_cert_binding(context, method, device.device_id)  # type: ignore[union-attr]
@@ -150,7 +156,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             return grpc.StatusCode.UNAUTHENTICATED, f"wrong or missing enrollment code for device {device_id}"
         if existing is not None:
             token = token_from_metadata(context.invocation_metadata())
-            holder = await asyncio.to_thread(self.devices.authenticate, token) if token else None
+            holder = await self.tokens.authenticate(token) if token else None
             if holder is None or holder.device_id != device_id:
                 return grpc.StatusCode.PERMISSION_DENIED, (
                     f"device {device_id} is already registered; re-register with its token"

@@ -4,7 +4,7 @@ store (files under the SQLite registry's directory, or the blob store every gate
 Publishing holds the writer lock (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-scoped advisory lock) from
 id assignment to commit, so update ids commit in id order: a watcher that has seen id n never misses a smaller id
 that commits later. On PostgreSQL the same transaction sends ``NOTIFY tandem_updates``; every gateway LISTENs
-(``cloud.updates.listen``) and wakes its WatchUpdates streams at once, whichever process published.
+(``cloud.listen``) and wakes its WatchUpdates streams at once, whichever process published.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class SqlUpdateRegistry(UpdateRegistry):
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         if self._dsn is None:  # SQLite: watchers poll
             return lambda: None
-        from cloud.updates.listen import Listener
+        from cloud.listen import Listener
 
         listener = Listener(self._dsn, CHANNEL, callback)
         listener.start()

@@ -158,7 +158,7 @@ def test_sqlite_file_from_before_versioning_is_adopted_with_its_rows(tmp_path):
     assert [d.device_id for d in reg.list()] == ["old"]
     reg.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # the devices steps: schema, enrollment codes
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3  # the devices steps: schema, enrollment codes, token epoch
     conn.close()
     store = SqliteSampleStore(tmp_path / "samples.db")
     store.close()
@@ -206,7 +206,7 @@ def test_a_devices_file_made_by_the_code_before_the_sql_layer_migrates_in_place(
     finally:
         reg.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()
 
 
