@@ -158,7 +158,7 @@ def test_sqlite_file_from_before_versioning_is_adopted_with_its_rows(tmp_path):
     assert [d.device_id for d in reg.list()] == ["old"]
     reg.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3  # the devices steps: schema, enrollment codes, token epoch
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3  # schema, enrollment codes, token epoch
     conn.close()
     store = SqliteSampleStore(tmp_path / "samples.db")
     store.close()
