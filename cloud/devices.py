@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,53 +19,14 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import Connection, Engine, Row, select, update
 
 from cloud import sql
-from cloud.db import open_sqlite
-from cloud.migrations import migrate_sqlite
+from cloud.migrations import migrate
+from cloud.schemas import DEVICES
 from common import clock as clocks
 from common.errors import TandemError
 
 if TYPE_CHECKING:
     from cloud.device_tokens import TokenWatch
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    token_sha256 TEXT NOT NULL UNIQUE,
-    cohort TEXT NOT NULL,
-    model_family TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    capabilities TEXT NOT NULL,
-    registered_unix_ms INTEGER NOT NULL,
-    applied_version TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL DEFAULT '',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    last_seen_unix_ms INTEGER NOT NULL DEFAULT 0,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS rollbacks (
-    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    from_version TEXT NOT NULL,
-    to_version TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    unix_ms INTEGER NOT NULL
-);
-"""
-
-
-def _add_enrollment_column(conn: sqlite3.Connection) -> None:
-    """Version 2: enrollment codes (a file of the code before versioned steps may have the column already)."""
-    if "enrollment_sha256" not in {row[1] for row in conn.execute("PRAGMA table_info(devices)")}:
-        conn.execute("ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT")
-
-
-_EPOCH = (
-    "CREATE TABLE device_epoch (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL); INSERT INTO device_epoch VALUES (1, 0)"
-)
-"""The token epoch (``cloud.device_tokens``): one row, the same statement on SQLite and PostgreSQL."""
-
-SQLITE_MIGRATIONS = (_SCHEMA, _add_enrollment_column, _EPOCH)
-"""``devices.db``'s steps (PostgreSQL: the same tables in ``cloud.migrations.POSTGRES_MIGRATIONS``)."""
 TOKEN_CHANNEL = "tandem_devices"  # NOTIFY after a token change (cloud.device_tokens LISTENs)
 _ROLLBACK_LOCK = 0x726F6C6C  # "roll": rollback event ids commit in id order (PostgreSQL)
 
@@ -161,12 +121,12 @@ class DeviceRegistry:
             self.engine = where
         else:
             self._path = Path(where)
-            conn = open_sqlite(where, synchronous)
-            try:
-                migrate_sqlite(conn, SQLITE_MIGRATIONS, f"device registry {where}")
-            finally:
-                conn.close()
             self.engine = sql.sqlite_engine(where, synchronous)
+            try:
+                migrate(self.engine, DEVICES, where=f"device registry {where}")
+            except BaseException:
+                self.engine.dispose()
+                raise
 
     def _one(self, *where) -> DeviceRecord | None:
         with self.engine.connect() as conn:

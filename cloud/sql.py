@@ -6,7 +6,8 @@ read-then-write transaction never fails to upgrade; WAL, ``synchronous`` and a b
 connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped advisory lock
 (:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and wakes other processes with
 ``NOTIFY`` (:func:`notify`; ``cloud.listen`` LISTENs); upserts use each dialect's ``insert``
-(:func:`upsert`). The schema itself is created and changed by ``cloud.migrations`` only.
+(:func:`upsert`). The schema itself is created and changed by the steps in ``cloud.schemas`` only
+(``cloud.migrations`` applies them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ from sqlalchemy.dialects import postgresql, sqlite
 metadata = MetaData()
 _Json = JSON().with_variant(postgresql.JSONB(), "postgresql")
 _Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's rowid alias must be INTEGER
+
+samples = Table(
+    "samples",
+    metadata,
+    Column("device_id", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("blob_key", Text, nullable=False),
+    Column("blob_offset", BigInteger, nullable=False),
+    Column("length", BigInteger, nullable=False),
+    Column("metadata", _Json, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("received_unix_ms", BigInteger, nullable=False),
+)
+"""One row per stored sample; its payload is ``length`` bytes at ``blob_offset`` of payload ``blob_key``."""
 
 devices = Table(
     "devices",

@@ -1,0 +1,152 @@
+"""The sample store on SQL (SQLAlchemy Core): rows in SQLite or PostgreSQL, payload bytes in a payload store
+(``cloud.samples.payloads``: segment files for one gateway, blobs shared by several).
+
+A ``commit`` skips the samples already stored, writes the payloads of the rest durably, then inserts their rows
+with ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` and reads the devices' high-waters in the same
+transaction. A committed row therefore always points at durable bytes, and two gateways that take the same
+sample at once (a device that reconnected elsewhere) store it once: the primary key decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select, tuple_
+
+from cloud import sql
+from cloud.migrations import migrate
+from cloud.samples.base import Committed, PendingStats, Sample, SampleStore
+from cloud.samples.payloads import SEGMENT_BYTES, PayloadStore, SegmentPayloads
+from cloud.schemas import SAMPLES
+
+_S = sql.samples.c
+_PAGE = 256
+_MAX_GAP = 256 * 1024  # read across another device's bytes rather than issue a second request
+
+
+class SqlSampleStore(SampleStore):
+    """Samples keyed by (device_id, seq) in one SQL database; a key that exists is skipped (idempotent writes)."""
+
+    concurrent_reads = True
+
+    def __init__(self, engine: Engine, payloads: PayloadStore) -> None:
+        self.engine = engine
+        self.payloads = payloads
+
+    def commit(self, samples: Sequence[Sample]) -> Committed:
+        if not samples:
+            return Committed([], {})
+        fresh: dict[tuple[str, int], Sample] = {}
+        for s in samples:
+            fresh.setdefault((s.device_id, s.seq), s)  # a second copy in the same batch is a duplicate
+        ids = sorted({s.device_id for s in samples})
+        with self.engine.connect() as conn:
+            known = select(_S.device_id, _S.seq).where(tuple_(_S.device_id, _S.seq).in_(list(fresh)))
+            stored = {(d, int(q)) for d, q in conn.execute(known)}
+        batch = [s for key, s in fresh.items() if key not in stored]
+        inserted: set[tuple[str, int]] = set()
+        if batch:
+            blob_key, offsets = self.payloads.write([s.payload for s in batch])  # durable before any row
+            rows = [
+                dict(device_id=s.device_id, seq=s.seq, blob_key=blob_key, blob_offset=off, length=len(s.payload),
+                     metadata=s.metadata, created_unix_ms=s.created_unix_ms, received_unix_ms=s.received_unix_ms)
+                for s, off in zip(batch, offsets, strict=True)
+            ]  # fmt: skip
+            with sql.write(self.engine) as conn:
+                stmt = sql.upsert(conn, sql.samples).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+                inserted = {(d, int(q)) for d, q in conn.execute(stmt.returning(_S.device_id, _S.seq), rows)}
+                high = self._high_waters(conn, ids)
+            if not inserted:  # another gateway stored them all meanwhile: nothing refers to the batch
+                self.payloads.discard(blob_key)
+        else:
+            with self.engine.connect() as conn:
+                high = self._high_waters(conn, ids)
+        new = [s is fresh[(s.device_id, s.seq)] and (s.device_id, s.seq) in inserted for s in samples]
+        return Committed(new, high)
+
+    @staticmethod
+    def _high_waters(conn, ids: list[str]) -> dict[str, int]:
+        query = select(_S.device_id, func.max(_S.seq)).where(_S.device_id.in_(ids)).group_by(_S.device_id)
+        high = dict.fromkeys(ids, 0)
+        high.update({d: int(q) for d, q in conn.execute(query)})
+        return high
+
+    def pending_stats(self, device_id: str, after_seq: int, limit: int) -> PendingStats:
+        page = select(_S.seq, _S.length).where(_S.device_id == device_id, _S.seq > after_seq)
+        page = page.order_by(_S.seq).limit(limit).subquery()
+        query = select(func.count(), func.coalesce(func.sum(page.c.length), 0), func.coalesce(func.max(page.c.seq), 0))
+        with self.engine.connect() as conn:
+            n, size, upto = conn.execute(query).one()
+        return PendingStats(int(n), int(size), int(upto))
+
+    def high_water(self, device_id: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(_S.seq)).where(_S.device_id == device_id)).scalar() or 0)
+
+    def _read(self, rows: list) -> list[bytes]:
+        """Payloads of ``rows`` (blob_key, offset, length, ...): one read per run of nearby bytes."""
+        out: list[bytes] = []
+        i = 0
+        while i < len(rows):
+            key, start, end = rows[i][0], int(rows[i][1]), int(rows[i][1]) + int(rows[i][2])
+            j = i + 1
+            while j < len(rows) and rows[j][0] == key and end <= rows[j][1] <= end + _MAX_GAP:
+                end = int(rows[j][1]) + int(rows[j][2])
+                j += 1
+            span = self.payloads.read(key, start, end - start)
+            for _, off, length, *_ in rows[i:j]:
+                data = span[off - start : off - start + length]
+                if len(data) != length:
+                    raise OSError(f"payload {key} is shorter than its rows say (offset {off}, length {length})")
+                out.append(data)
+            i = j
+        return out
+
+    def iter_samples(self, device_id: str, after_seq: int = 0, limit: int | None = None) -> Iterator[Sample]:
+        columns = (_S.blob_key, _S.blob_offset, _S.length, _S.seq, _S.metadata, _S.created_unix_ms,
+                   _S.received_unix_ms)  # fmt: skip
+        remaining, cursor = limit, after_seq
+        while remaining is None or remaining > 0:
+            n = _PAGE if remaining is None else min(_PAGE, remaining)
+            query = select(*columns).where(_S.device_id == device_id, _S.seq > cursor).order_by(_S.seq).limit(n)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            for (_, _, _, seq, meta, created, received), payload in zip(rows, self._read(rows), strict=True):
+                yield Sample(device_id, int(seq), payload, dict(meta), int(created), int(received))
+            cursor = int(rows[-1][3])
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def count(self, device_id: str | None = None) -> int:
+        query = select(func.count()).select_from(sql.samples)
+        if device_id is not None:
+            query = query.where(_S.device_id == device_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    def devices(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(_S.device_id).distinct().order_by(_S.device_id)).scalars())
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.payloads.close()
+
+
+class SqliteSampleStore(SqlSampleStore):
+    """One gateway's store: ``path`` (SQLite, WAL) and segment files in ``<stem>.segments/`` beside it."""
+
+    def __init__(self, path: str | Path, synchronous: str = "FULL", segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.path = Path(path)
+        engine = sql.sqlite_engine(self.path, synchronous)
+        try:
+            migrate(engine, SAMPLES, where=f"sample store {self.path}")
+        except BaseException:
+            engine.dispose()
+            raise
+        segments = SegmentPayloads(self.path.parent / f"{self.path.stem}.segments", synchronous == "FULL",
+                                   segment_bytes)  # fmt: skip
+        super().__init__(engine, segments)
