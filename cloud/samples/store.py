@@ -1,9 +1,10 @@
 """The sample store on SQL (SQLAlchemy Core): rows in SQLite or PostgreSQL, payload bytes in a payload store
 (``cloud.samples.payloads``: segment files for one gateway, blobs shared by several).
 
-A ``commit`` skips the samples already stored, writes the payloads of the rest durably, then inserts their rows
-with ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` and reads the devices' high-waters in the same
-transaction. A committed row therefore always points at durable bytes, and two gateways that take the same
+A ``commit`` writes the batch's payloads durably, then inserts their rows with
+``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING`` and reads the devices' high-waters in the same
+transaction. A resent sample's bytes are written again and left unreferenced (a batch of resends only is
+discarded at once). A committed row therefore always points at durable bytes, and two gateways that take the same
 sample at once (a device that reconnected elsewhere) store it once: the primary key decides.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sqlalchemy import Engine, func, select, tuple_
+from sqlalchemy import Engine, bindparam, func, select
 
 from cloud import sql
 from cloud.migrations import migrate
@@ -21,6 +22,13 @@ from cloud.samples.payloads import SEGMENT_BYTES, PayloadStore, SegmentPayloads
 from cloud.schemas import SAMPLES
 
 _S = sql.samples.c
+# Built once: a hot path pays for executing a statement, not for building it.
+_HIGH_WATER = select(func.max(_S.seq)).where(_S.device_id == bindparam("id"))
+_HIGH_WATERS = (
+    select(_S.device_id, func.max(_S.seq))
+    .where(_S.device_id.in_(bindparam("ids", expanding=True)))
+    .group_by(_S.device_id)
+)
 _PAGE = 256
 _MAX_GAP = 256 * 1024  # read across another device's bytes rather than issue a second request
 
@@ -33,6 +41,7 @@ class SqlSampleStore(SampleStore):
     def __init__(self, engine: Engine, payloads: PayloadStore) -> None:
         self.engine = engine
         self.payloads = payloads
+        self._inserts: dict[str, object] = {}
 
     def commit(self, samples: Sequence[Sample]) -> Committed:
         if not samples:
@@ -40,37 +49,30 @@ class SqlSampleStore(SampleStore):
         fresh: dict[tuple[str, int], Sample] = {}
         for s in samples:
             fresh.setdefault((s.device_id, s.seq), s)  # a second copy in the same batch is a duplicate
-        ids = sorted({s.device_id for s in samples})
-        with self.engine.connect() as conn:
-            known = select(_S.device_id, _S.seq).where(tuple_(_S.device_id, _S.seq).in_(list(fresh)))
-            stored = {(d, int(q)) for d, q in conn.execute(known)}
-        batch = [s for key, s in fresh.items() if key not in stored]
-        inserted: set[tuple[str, int]] = set()
-        if batch:
-            blob_key, offsets = self.payloads.write([s.payload for s in batch])  # durable before any row
-            rows = [
-                dict(device_id=s.device_id, seq=s.seq, blob_key=blob_key, blob_offset=off, length=len(s.payload),
-                     metadata=s.metadata, created_unix_ms=s.created_unix_ms, received_unix_ms=s.received_unix_ms)
-                for s, off in zip(batch, offsets, strict=True)
-            ]  # fmt: skip
-            with sql.write(self.engine) as conn:
-                stmt = sql.upsert(conn, sql.samples).on_conflict_do_nothing(index_elements=["device_id", "seq"])
-                inserted = {(d, int(q)) for d, q in conn.execute(stmt.returning(_S.device_id, _S.seq), rows)}
-                high = self._high_waters(conn, ids)
-            if not inserted:  # another gateway stored them all meanwhile: nothing refers to the batch
-                self.payloads.discard(blob_key)
-        else:
-            with self.engine.connect() as conn:
-                high = self._high_waters(conn, ids)
+        batch = list(fresh.values())
+        blob_key, offsets = self.payloads.write([s.payload for s in batch])  # durable before any row refers to it
+        rows = [
+            dict(device_id=s.device_id, seq=s.seq, blob_key=blob_key, blob_offset=off, length=len(s.payload),
+                 metadata=s.metadata, created_unix_ms=s.created_unix_ms, received_unix_ms=s.received_unix_ms)
+            for s, off in zip(batch, offsets, strict=True)
+        ]  # fmt: skip
+        ids = sorted({s.device_id for s in batch})
+        with sql.write(self.engine) as conn:
+            inserted = {(d, int(q)) for d, q in conn.execute(self._insert(conn), rows)}
+            high = dict.fromkeys(ids, 0)
+            high.update({d: int(q) for d, q in conn.execute(_HIGH_WATERS, {"ids": ids})})
+        if not inserted:  # every sample was stored before (a resend): nothing refers to the batch
+            self.payloads.discard(blob_key)
         new = [s is fresh[(s.device_id, s.seq)] and (s.device_id, s.seq) in inserted for s in samples]
         return Committed(new, high)
 
-    @staticmethod
-    def _high_waters(conn, ids: list[str]) -> dict[str, int]:
-        query = select(_S.device_id, func.max(_S.seq)).where(_S.device_id.in_(ids)).group_by(_S.device_id)
-        high = dict.fromkeys(ids, 0)
-        high.update({d: int(q) for d, q in conn.execute(query)})
-        return high
+    def _insert(self, conn):
+        """``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq`` in the dialect."""
+        stmt = self._inserts.get(conn.dialect.name)
+        if stmt is None:
+            stmt = sql.upsert(conn, sql.samples).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+            stmt = self._inserts[conn.dialect.name] = stmt.returning(_S.device_id, _S.seq)
+        return stmt
 
     def pending_stats(self, device_id: str, after_seq: int, limit: int) -> PendingStats:
         page = select(_S.seq, _S.length).where(_S.device_id == device_id, _S.seq > after_seq)
@@ -82,7 +84,7 @@ class SqlSampleStore(SampleStore):
 
     def high_water(self, device_id: str) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.max(_S.seq)).where(_S.device_id == device_id)).scalar() or 0)
+            return int(conn.execute(_HIGH_WATER, {"id": device_id}).scalar() or 0)
 
     def _read(self, rows: list) -> list[bytes]:
         """Payloads of ``rows`` (blob_key, offset, length, ...): one read per run of nearby bytes."""
