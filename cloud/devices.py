@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import Connection, Engine, Row, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, select, update
 
 from cloud import sql
 from cloud.migrations import migrate
@@ -60,6 +60,16 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """What one heartbeat records of a device."""
+
+    device_id: str
+    status: str
+    applied_version: str
+    metrics: dict
+
+
+@dataclass(frozen=True)
 class RollbackEvent:
     """A device reported that it left ``from_version`` and holds ``to_version`` again."""
 
@@ -89,6 +99,7 @@ class Devices(Protocol):
     def get(self, device_id: str) -> DeviceRecord | None: ...
     def authenticate(self, token: str) -> DeviceRecord | None: ...
     def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None: ...
+    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> None: ...
     def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None: ...
     def rollbacks(self, after_id: int = 0) -> list[RollbackEvent]: ...
     def touch(self, device_id: str, applied_version: str | None = None) -> None: ...
@@ -107,6 +118,9 @@ _COLUMNS = (
     _D.applied_version, _D.status, _D.metrics, _D.last_seen_unix_ms, _D.revoked,
     _D.enrollment_sha256.is_not(None),
 )  # fmt: skip
+
+
+_HEARTBEAT = update(sql.devices).where(_D.device_id == bindparam("d"))
 
 
 class DeviceRegistry:
@@ -203,9 +217,17 @@ class DeviceRegistry:
 
     def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None:
         """Record the device's latest status, applied version and metrics."""
-        self._set(
-            device_id, status=status, applied_version=applied_version, metrics=metrics, last_seen_unix_ms=_now_ms()
-        )
+        self.record_heartbeats([Heartbeat(device_id, status, applied_version, metrics)])
+
+    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> None:
+        """Record several heartbeats in one transaction (in order: a device's last one wins)."""
+        if not beats:
+            return
+        now = _now_ms()
+        rows = [dict(d=b.device_id, status=b.status, applied_version=b.applied_version, metrics=b.metrics,
+                     last_seen_unix_ms=now) for b in beats]  # fmt: skip
+        with sql.write(self.engine) as conn:
+            conn.execute(_HEARTBEAT, rows)
 
     def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None:
         """Remember a rollback the device reported (the trainer rebases the device's mirror on it)."""

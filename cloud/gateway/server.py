@@ -192,7 +192,7 @@ class GatewayServer:
             self.writer = None
         self._unsubscribe()
         if self.servicer is not None:
-            self.servicer.close()
+            await self.servicer.close()
         if self._validator is not None:
             self._validator.shutdown(wait=True)
             self._validator = None

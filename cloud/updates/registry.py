@@ -84,6 +84,11 @@ class SqlUpdateRegistry(UpdateRegistry):
         mine = or_(_U.device_id == device_id, (_U.cohort != "") & (_U.cohort == cohort))
         return self._select(_U.update_id > after_id, mine)
 
+    def latest_for_device(self, device_id: str, cohort: str) -> int:
+        mine = or_(_U.device_id == device_id, (_U.cohort != "") & (_U.cohort == cohort))
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(_U.update_id)).where(mine)).scalar() or 0)
+
     def read_payload(self, update_id: int, offset: int, length: int) -> bytes:
         with self.engine.connect() as conn:
             key = conn.execute(select(_U.blob_key).where(_U.update_id == update_id)).scalar()

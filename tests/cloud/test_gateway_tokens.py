@@ -99,3 +99,24 @@ async def test_changes_in_another_process_empty_the_cache(registries):
         await _refused_within(cache, token2, limit)
     finally:
         cache.close()
+
+
+async def test_a_revoke_by_the_operator_cli_is_refused_on_the_next_call(tmp_path):
+    """One SQLite gateway serving; ``tandem-cloud devices revoke`` opens the same file in another process (here:
+    another registry) and revokes: the very next call with the old token is refused."""
+    import grpc
+    from transport_support import registered_client, running_gateway
+
+    from cloud.devices import DeviceRegistry
+
+    async with running_gateway(tmp_path / "cloud") as gw, registered_client(tmp_path / "d", gw.address) as client:
+        for _ in range(3):  # served from the cache now
+            assert (await client.heartbeat("ok", "v0", {}, 0)).server_unix_ms > 0
+        operator = DeviceRegistry(tmp_path / "cloud" / "devices.db")
+        try:
+            assert operator.revoke("dev-1")
+        finally:
+            operator.close()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.heartbeat("ok", "v0", {}, 0)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
