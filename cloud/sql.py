@@ -12,6 +12,9 @@ connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import (
@@ -179,10 +182,30 @@ def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int =
     return engine
 
 
-def write(engine: Engine):
+_SQLITE_WRITERS: dict[str, threading.RLock] = {}
+_SQLITE_WRITERS_LOCK = threading.Lock()
+
+
+def _sqlite_writer(engine: Engine) -> threading.RLock:
+    with _SQLITE_WRITERS_LOCK:
+        return _SQLITE_WRITERS.setdefault(str(engine.url.database), threading.RLock())
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
     """``with write(engine) as conn:`` one write transaction (SQLite: ``BEGIN IMMEDIATE``); reads use
-    ``engine.connect()`` and lock nothing (on SQLite each read statement is its own snapshot)."""
-    return engine.execution_options(write=True).begin()
+    ``engine.connect()`` and lock nothing (on SQLite each read statement is its own snapshot).
+
+    On SQLite the threads of one process take turns on a lock per file before ``BEGIN IMMEDIATE``: waiting for the
+    writer lock inside SQLite means its busy handler, which sleeps and polls (up to 100 ms a turn), so a burst of
+    concurrent writes (a wave of registrations) would wait far longer than the writes take.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.execution_options(write=True).begin() as conn:
+            yield conn
+        return
+    with _sqlite_writer(engine), engine.execution_options(write=True).begin() as conn:
+        yield conn
 
 
 def xact_lock(conn: Connection, key: int) -> None:
