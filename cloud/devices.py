@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import Connection, Engine, Row, bindparam, select, update
 
 from cloud import sql
-from cloud.migrations import migrate
+from cloud.migrations import migrated_sqlite
 from cloud.schemas import DEVICES
 from common import clock as clocks
 from common.errors import TandemError
@@ -135,12 +135,7 @@ class DeviceRegistry:
             self.engine = where
         else:
             self._path = Path(where)
-            self.engine = sql.sqlite_engine(where, synchronous)
-            try:
-                migrate(self.engine, DEVICES, where=f"device registry {where}")
-            except BaseException:
-                self.engine.dispose()
-                raise
+            self.engine = migrated_sqlite(where, synchronous, DEVICES, "device registry")
 
     def _one(self, *where) -> DeviceRecord | None:
         with self.engine.connect() as conn:

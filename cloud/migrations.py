@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine, inspect, text
 
@@ -166,6 +167,17 @@ def migrate(engine: Engine, *schemas: Schema, where: str = "") -> dict[str, int]
             current[s.name] = s.latest
         _mark_for_older_code(conn)
     return current
+
+
+def migrated_sqlite(path: str | Path, synchronous: str, schema: Schema, what: str) -> Engine:
+    """An engine on the SQLite file ``path`` holding one store (``what``, for messages), its schema migrated."""
+    engine = sql.sqlite_engine(path, synchronous)
+    try:
+        migrate(engine, schema, where=f"{what} {path}")
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def _record(conn: Connection, store: str, version: int, description: str) -> None:

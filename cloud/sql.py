@@ -169,12 +169,17 @@ def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
 
 
 def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int = 4) -> Engine:
-    """An engine on PostgreSQL (psycopg 3); ConfigError at once if the server cannot be reached."""
+    """An engine on PostgreSQL (psycopg 3); ConfigError at once if the server cannot be reached.
+
+    Reads run in autocommit: one statement is one round trip (not BEGIN, the statement, ROLLBACK); :func:`write`
+    opens a READ COMMITTED transaction (the isolation level is set on the client, no round trip).
+    """
     from cloud.db import connect_postgres
 
     engine = create_engine(
         "postgresql+psycopg://",
         creator=lambda: connect_postgres(dsn, application_name, autocommit=False),
+        isolation_level="AUTOCOMMIT",
         pool_size=pool_size,  # no pre-ping (a round trip per checkout): a dropped connection fails its one
     )  # statement, SQLAlchemy discards it and the next checkout connects afresh
     with engine.connect():
@@ -201,7 +206,7 @@ def write(engine: Engine) -> Iterator[Connection]:
     concurrent writes (a wave of registrations) would wait far longer than the writes take.
     """
     if engine.dialect.name != "sqlite":
-        with engine.execution_options(write=True).begin() as conn:
+        with engine.execution_options(write=True, isolation_level="READ COMMITTED").begin() as conn:
             yield conn
         return
     with _sqlite_writer(engine), engine.execution_options(write=True).begin() as conn:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cloud import sql
 from cloud.adaptation.jobs import STATES, Job, JobError, JobState, JobStore, NewJob, job_from_row, now_ms
-from cloud.migrations import migrate
+from cloud.migrations import migrated_sqlite
 from cloud.schemas import JOBS
 
 _J = sql.jobs.c
@@ -160,13 +160,7 @@ class SqliteJobStore(SqlJobStore):
 
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        engine = sql.sqlite_engine(self.path, synchronous)
-        try:
-            migrate(engine, JOBS, where=f"job store {self.path}")
-        except BaseException:
-            engine.dispose()
-            raise
-        super().__init__(engine)
+        super().__init__(migrated_sqlite(self.path, synchronous, JOBS, "job store"))
 
 
 def _job(row) -> Job:

@@ -5,10 +5,10 @@ committed, as before; a fleet's heartbeats just stop costing one write transacti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 from cloud.devices import Devices, Heartbeat
+from cloud.gateway.writer import stop_commit_loop
 
 MAX_BATCH = 512
 
@@ -51,13 +51,4 @@ class HeartbeatWriter:
 
     async def close(self) -> None:
         """Commit what is queued (within 10 s), stop the loop and release the thread."""
-        deadline = asyncio.get_running_loop().time() + 10.0
-        while not self._queue.empty() and self._task is not None and not self._task.done():
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=True)
+        await stop_commit_loop(self._queue, self._task, self._executor, 10.0)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, or_, select
 
 from cloud import sql
 from cloud.blobs import BlobStore, DirectoryBlobStore
-from cloud.migrations import migrate
+from cloud.migrations import migrated_sqlite
 from cloud.schemas import UPDATES
 from cloud.updates.base import UpdateRecord, UpdateRegistry, record_from_row
 from common.signing import Ed25519PrivateKey
@@ -124,12 +124,7 @@ class SqliteUpdateRegistry(SqlUpdateRegistry):
     def __init__(self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL") -> None:
         self.data_dir = Path(data_dir)
         path = self.data_dir / "updates.db"
-        engine = sql.sqlite_engine(path, synchronous)
-        try:
-            migrate(engine, UPDATES, where=f"update registry {path}")
-        except BaseException:
-            engine.dispose()
-            raise
+        engine = migrated_sqlite(path, synchronous, UPDATES, "update registry")
         super().__init__(engine, DirectoryBlobStore(self.data_dir / "blobs"), signing_key)
 
     def blob_path(self, record: UpdateRecord) -> Path:
