@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sqlalchemy import Engine, bindparam, func, literal, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Engine, bindparam, func, select
 
 from cloud import sql
 from cloud.migrations import migrated_sqlite
@@ -59,7 +58,7 @@ class SqlSampleStore(SampleStore):
         ]  # fmt: skip
         ids = sorted({s.device_id for s in batch})
         if self.engine.dialect.name == "postgresql":
-            inserted, high = self._insert_one_statement(rows, ids)
+            inserted, high = self._insert_autocommit(rows, ids)
         else:
             with sql.write(self.engine) as conn:
                 inserted = {(d, int(q)) for d, q in conn.execute(self._insert(conn), rows)}
@@ -70,20 +69,15 @@ class SqlSampleStore(SampleStore):
         new = [s is fresh[(s.device_id, s.seq)] and (s.device_id, s.seq) in inserted for s in samples]
         return Committed(new, high)
 
-    def _insert_one_statement(self, rows: list[dict], ids: list[str]) -> tuple[set[tuple[str, int]], dict[str, int]]:
-        """PostgreSQL: the insert and the high-waters in one statement, run in autocommit (atomic, and durable
-        once it returns): one round trip instead of four (BEGIN, INSERT, SELECT, COMMIT), which under load is most
-        of a commit's wait. The SELECT reads the statement's snapshot, before its own rows: they are merged in."""
-        ins = postgresql.insert(sql.samples).values(rows).on_conflict_do_nothing(index_elements=["device_id", "seq"])
-        done = ins.returning(_S.device_id, _S.seq).cte("ins")
-        before = select(literal(False), _S.device_id, func.max(_S.seq)).where(_S.device_id.in_(ids))
-        stmt = select(literal(True), done.c.device_id, done.c.seq).union_all(before.group_by(_S.device_id))
+    def _insert_autocommit(self, rows: list[dict], ids: list[str]) -> tuple[set[tuple[str, int]], dict[str, int]]:
+        """PostgreSQL: the INSERT (one statement for up to 1,000 rows: atomic, and durable once it returns) and the
+        high-waters after it, each in autocommit: two round trips instead of four (BEGIN, INSERT, SELECT,
+        COMMIT). Rows of a larger batch go in several statements; an error still acks none of them."""
         with self.engine.connect() as conn:
-            found = conn.execute(stmt).all()
-        high = dict.fromkeys(ids, 0)
-        for _, d, q in found:
-            high[d] = max(high[d], int(q))
-        return {(d, int(q)) for new, d, q in found if new}, high
+            inserted = {(d, int(q)) for d, q in conn.execute(self._insert(conn), rows)}
+            high = dict.fromkeys(ids, 0)
+            high.update({d: int(q) for d, q in conn.execute(_HIGH_WATERS, {"ids": ids})})
+        return inserted, high
 
     def _insert(self, conn):
         """``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq`` in the dialect."""
