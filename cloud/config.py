@@ -93,8 +93,8 @@ class SimulationConfig(StrictConfig):
 
     def job_seconds(self, samples: int, epochs: int) -> float:
         """Modelled wall time of one job on one GPU of the profiled cluster."""
-        return self.job_overhead_s + samples / self.teacher_samples_per_s + samples * epochs / (
-            self.learner_samples_per_s
+        return (
+            self.job_overhead_s + samples / self.teacher_samples_per_s + samples * epochs / (self.learner_samples_per_s)
         )
 
 

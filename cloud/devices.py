@@ -10,53 +10,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import Engine, Row, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, select, update
 
 from cloud import sql
-from cloud.db import open_sqlite
-from cloud.migrations import migrate_sqlite
+from cloud.migrations import migrated_sqlite
+from cloud.schemas import DEVICES
 from common import clock as clocks
 from common.errors import TandemError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    token_sha256 TEXT NOT NULL UNIQUE,
-    cohort TEXT NOT NULL,
-    model_family TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    capabilities TEXT NOT NULL,
-    registered_unix_ms INTEGER NOT NULL,
-    applied_version TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL DEFAULT '',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    last_seen_unix_ms INTEGER NOT NULL DEFAULT 0,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS rollbacks (
-    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    from_version TEXT NOT NULL,
-    to_version TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    unix_ms INTEGER NOT NULL
-);
-"""
+if TYPE_CHECKING:
+    from cloud.device_tokens import TokenWatch
 
-
-def _add_enrollment_column(conn: sqlite3.Connection) -> None:
-    """Version 2: enrollment codes (a file of the code before versioned steps may have the column already)."""
-    if "enrollment_sha256" not in {row[1] for row in conn.execute("PRAGMA table_info(devices)")}:
-        conn.execute("ALTER TABLE devices ADD COLUMN enrollment_sha256 TEXT")
-
-
-SQLITE_MIGRATIONS = (_SCHEMA, _add_enrollment_column)
-"""``devices.db``'s steps (PostgreSQL: the same tables in ``cloud.migrations.POSTGRES_MIGRATIONS``)."""
+TOKEN_CHANNEL = "tandem_devices"  # NOTIFY after a token change (cloud.device_tokens LISTENs)
 _ROLLBACK_LOCK = 0x726F6C6C  # "roll": rollback event ids commit in id order (PostgreSQL)
 
 
@@ -89,6 +60,16 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """What one heartbeat records of a device."""
+
+    device_id: str
+    status: str
+    applied_version: str
+    metrics: dict
+
+
+@dataclass(frozen=True)
 class RollbackEvent:
     """A device reported that it left ``from_version`` and holds ``to_version`` again."""
 
@@ -100,7 +81,8 @@ class RollbackEvent:
     unix_ms: int
 
 
-def _hash(token: str) -> str:
+def token_hash(token: str) -> str:
+    """What the registry stores of a token or enrollment code: its sha256, hex."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -117,6 +99,7 @@ class Devices(Protocol):
     def get(self, device_id: str) -> DeviceRecord | None: ...
     def authenticate(self, token: str) -> DeviceRecord | None: ...
     def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None: ...
+    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> None: ...
     def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None: ...
     def rollbacks(self, after_id: int = 0) -> list[RollbackEvent]: ...
     def touch(self, device_id: str, applied_version: str | None = None) -> None: ...
@@ -125,6 +108,7 @@ class Devices(Protocol):
     def check_enrollment_code(self, device_id: str, code: str) -> bool: ...
     def set_cohort(self, device_id: str, cohort: str) -> bool: ...
     def list(self) -> list[DeviceRecord]: ...
+    def watch_tokens(self, on_change: Callable[[], None]) -> TokenWatch | None: ...
     def close(self) -> None: ...
 
 
@@ -136,20 +120,22 @@ _COLUMNS = (
 )  # fmt: skip
 
 
+_HEARTBEAT = update(sql.devices).where(_D.device_id == bindparam("d"))
+
+
 class DeviceRegistry:
     """Devices and their token hashes in SQL: a SQLite file (``path``) for one gateway, or the PostgreSQL
     database every gateway shares (an ``Engine``, see ``cloud.stores``)."""
 
-    def __init__(self, where: str | Path | Engine, synchronous: str = "FULL") -> None:
+    def __init__(self, where: str | Path | Engine, synchronous: str = "FULL", dsn: str | None = None) -> None:
+        self._path: Path | None = None
+        self._dsn = dsn
+        self._on_change: list[Callable[[], None]] = []
         if isinstance(where, Engine):
             self.engine = where
         else:
-            conn = open_sqlite(where, synchronous)
-            try:
-                migrate_sqlite(conn, SQLITE_MIGRATIONS, f"device registry {where}")
-            finally:
-                conn.close()
-            self.engine = sql.sqlite_engine(where, synchronous)
+            self._path = Path(where)
+            self.engine = migrated_sqlite(where, synchronous, DEVICES, "device registry")
 
     def _one(self, *where) -> DeviceRecord | None:
         with self.engine.connect() as conn:
@@ -159,6 +145,32 @@ class DeviceRegistry:
     def _set(self, device_id: str, **values) -> bool:
         with sql.write(self.engine) as conn:
             return conn.execute(update(sql.devices).where(_D.device_id == device_id).values(**values)).rowcount == 1
+
+    @contextmanager
+    def _token_change(self) -> Iterator[Connection]:
+        """A write transaction that changes who holds which token (or a device's cohort): it bumps the token
+        epoch and notifies (PostgreSQL); after it ends, this process's token caches are emptied."""
+        try:
+            with sql.write(self.engine) as conn:
+                yield conn
+                conn.execute(update(sql.device_epoch).values(epoch=sql.device_epoch.c.epoch + 1))
+                sql.notify(conn, TOKEN_CHANNEL, "")
+        finally:
+            for callback in list(self._on_change):
+                callback()
+
+    def watch_tokens(self, on_change: Callable[[], None]) -> TokenWatch | None:
+        """Call ``on_change`` after every token change this registry commits, and watch other processes' (see
+        ``cloud.device_tokens``); None where no watch can run (then nothing may be cached)."""
+        from cloud.device_tokens import ListenTokenWatch, SqliteTokenWatch
+
+        if self._path is not None:
+            self._on_change.append(on_change)
+            return SqliteTokenWatch(self._path)
+        if self._dsn is not None:
+            self._on_change.append(on_change)
+            return ListenTokenWatch(self._dsn, on_change)
+        return None
 
     def register(
         self,
@@ -175,12 +187,12 @@ class DeviceRegistry:
         """
         token = secrets.token_urlsafe(32)
         fields = dict(cohort=cohort, model_family=model_family, model_version=model_version)
-        with sql.write(self.engine) as conn:
+        with self._token_change() as conn:
             revoked = conn.execute(select(_D.revoked).where(_D.device_id == device_id).with_for_update()).scalar()
             if revoked:
                 raise DeviceStateError(f"device {device_id} is revoked; an operator must provision it again")
             stmt = sql.upsert(conn, sql.devices).values(
-                device_id=device_id, token_sha256=_hash(token), capabilities=capabilities,
+                device_id=device_id, token_sha256=token_hash(token), capabilities=capabilities,
                 registered_unix_ms=_now_ms(), **fields,
             )  # fmt: skip
             changed = dict(token_sha256=stmt.excluded.token_sha256, capabilities=stmt.excluded.capabilities, **fields)
@@ -196,13 +208,21 @@ class DeviceRegistry:
 
     def authenticate(self, token: str) -> DeviceRecord | None:
         """The live (not revoked) device holding ``token``, or None."""
-        return self._one(_D.token_sha256 == _hash(token), _D.revoked.is_(False))
+        return self._one(_D.token_sha256 == token_hash(token), _D.revoked.is_(False))
 
     def heartbeat(self, device_id: str, *, status: str, applied_version: str, metrics: dict) -> None:
         """Record the device's latest status, applied version and metrics."""
-        self._set(
-            device_id, status=status, applied_version=applied_version, metrics=metrics, last_seen_unix_ms=_now_ms()
-        )
+        self.record_heartbeats([Heartbeat(device_id, status, applied_version, metrics)])
+
+    def record_heartbeats(self, beats: Sequence[Heartbeat]) -> None:
+        """Record several heartbeats in one transaction (in order: a device's last one wins)."""
+        if not beats:
+            return
+        now = _now_ms()
+        rows = [dict(d=b.device_id, status=b.status, applied_version=b.applied_version, metrics=b.metrics,
+                     last_seen_unix_ms=now) for b in beats]  # fmt: skip
+        with sql.write(self.engine) as conn:
+            conn.execute(_HEARTBEAT, rows)
 
     def record_rollback(self, device_id: str, from_version: str, to_version: str, reason: str) -> None:
         """Remember a rollback the device reported (the trainer rebases the device's mirror on it)."""
@@ -230,7 +250,9 @@ class DeviceRegistry:
 
     def revoke(self, device_id: str) -> bool:
         """Invalidate the device's token (and any enrollment code); True if the device exists."""
-        return self._set(device_id, revoked=True, enrollment_sha256=None)
+        with self._token_change() as conn:
+            stmt = update(sql.devices).where(_D.device_id == device_id).values(revoked=True, enrollment_sha256=None)
+            return conn.execute(stmt).rowcount == 1
 
     def provision(self, device_id: str, cohort: str) -> str:
         """Admit ``device_id`` (new, revoked or still provisioned) in ``cohort``; returns its one-time code.
@@ -239,14 +261,14 @@ class DeviceRegistry:
         token of the id stops working. An active device raises DeviceStateError (revoke it first).
         """
         code = secrets.token_urlsafe(24)
-        with sql.write(self.engine) as conn:
+        with self._token_change() as conn:
             query = select(_D.revoked, _D.enrollment_sha256).where(_D.device_id == device_id).with_for_update()
             row = conn.execute(query).first()
             if row is not None and not row[0] and row[1] is None:
                 raise DeviceStateError(f"device {device_id} is registered and active; revoke it first")
             stmt = sql.upsert(conn, sql.devices).values(
-                device_id=device_id, token_sha256=_hash(secrets.token_urlsafe(32)), cohort=cohort, model_family="",
-                model_version="", capabilities={}, registered_unix_ms=_now_ms(), enrollment_sha256=_hash(code),
+                device_id=device_id, token_sha256=token_hash(secrets.token_urlsafe(32)), cohort=cohort, model_family="",
+                model_version="", capabilities={}, registered_unix_ms=_now_ms(), enrollment_sha256=token_hash(code),
             )  # fmt: skip
             x = stmt.excluded
             changed = dict(
@@ -260,11 +282,13 @@ class DeviceRegistry:
         query = select(_D.enrollment_sha256).where(_D.device_id == device_id, _D.revoked.is_(False))
         with self.engine.connect() as conn:
             stored = conn.execute(query).scalar()
-        return bool(code) and stored is not None and hmac.compare_digest(stored, _hash(code))
+        return bool(code) and stored is not None and hmac.compare_digest(stored, token_hash(code))
 
     def set_cohort(self, device_id: str, cohort: str) -> bool:
         """Move a device to ``cohort`` (the operator's decision); True if the device exists."""
-        return self._set(device_id, cohort=cohort)
+        with self._token_change() as conn:
+            stmt = update(sql.devices).where(_D.device_id == device_id).values(cohort=cohort)
+            return conn.execute(stmt).rowcount == 1
 
     def list(self) -> list[DeviceRecord]:
         """Every registered device."""
@@ -274,6 +298,7 @@ class DeviceRegistry:
 
     def close(self) -> None:
         """Release the database."""
+        self._on_change.clear()
         self.engine.dispose()
 
 

@@ -5,12 +5,16 @@ Hooks: SQLite opens every write transaction (:func:`write`) with ``BEGIN IMMEDIA
 read-then-write transaction never fails to upgrade; WAL, ``synchronous`` and a busy timeout on every
 connection); PostgreSQL serialises id-ordered inserts with a transaction-scoped advisory lock
 (:func:`xact_lock`; SQLite needs none, its writer lock already orders them) and wakes other processes with
-``NOTIFY`` (:func:`notify`; ``cloud.updates.listen`` LISTENs); upserts use each dialect's ``insert``
-(:func:`upsert`). The schema itself is created and changed by ``cloud.migrations`` only.
+``NOTIFY`` (:func:`notify`; ``cloud.listen`` LISTENs); upserts use each dialect's ``insert``
+(:func:`upsert`). The schema itself is created and changed by the steps in ``cloud.schemas`` only
+(``cloud.migrations`` applies them).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import (
@@ -36,6 +40,20 @@ metadata = MetaData()
 _Json = JSON().with_variant(postgresql.JSONB(), "postgresql")
 _Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's rowid alias must be INTEGER
 
+samples = Table(
+    "samples",
+    metadata,
+    Column("device_id", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("blob_key", Text, nullable=False),
+    Column("blob_offset", BigInteger, nullable=False),
+    Column("length", BigInteger, nullable=False),
+    Column("metadata", _Json, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("received_unix_ms", BigInteger, nullable=False),
+)
+"""One row per stored sample; its payload is ``length`` bytes at ``blob_offset`` of payload ``blob_key``."""
+
 devices = Table(
     "devices",
     metadata,
@@ -53,6 +71,14 @@ devices = Table(
     Column("revoked", Boolean(create_constraint=False), nullable=False, server_default="0"),
     Column("enrollment_sha256", Text),
 )
+
+device_epoch = Table(
+    "device_epoch",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("epoch", BigInteger, nullable=False),
+)
+"""One row: bumped by every change to who holds which token (token caches compare it, ``cloud.device_tokens``)."""
 
 rollbacks = Table(
     "rollbacks",
@@ -133,19 +159,27 @@ def sqlite_engine(path: str | Path, synchronous: str = "FULL") -> Engine:
             dbapi_conn.execute(f"PRAGMA {pragma}")
 
     @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:  # reads take no lock (WAL snapshot); writes take the writer lock at once
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+    def _begin(conn: Connection) -> None:
+        # Writes take the writer lock at once. Reads open no transaction: each statement reads its own WAL snapshot
+        # (the stores' reads are single statements), which spares a BEGIN and a ROLLBACK per read.
+        if conn.get_execution_options().get("write"):
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
     return engine
 
 
 def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int = 4) -> Engine:
-    """An engine on PostgreSQL (psycopg 3); ConfigError at once if the server cannot be reached."""
+    """An engine on PostgreSQL (psycopg 3); ConfigError at once if the server cannot be reached.
+
+    Reads run in autocommit: one statement is one round trip (not BEGIN, the statement, ROLLBACK); :func:`write`
+    opens a READ COMMITTED transaction (the isolation level is set on the client, no round trip).
+    """
     from cloud.db import connect_postgres
 
     engine = create_engine(
         "postgresql+psycopg://",
         creator=lambda: connect_postgres(dsn, application_name, autocommit=False),
+        isolation_level="AUTOCOMMIT",
         pool_size=pool_size,  # no pre-ping (a round trip per checkout): a dropped connection fails its one
     )  # statement, SQLAlchemy discards it and the next checkout connects afresh
     with engine.connect():
@@ -153,10 +187,30 @@ def postgres_engine(dsn: str, application_name: str = "tandem", pool_size: int =
     return engine
 
 
-def write(engine: Engine):
+_SQLITE_WRITERS: dict[str, threading.RLock] = {}
+_SQLITE_WRITERS_LOCK = threading.Lock()
+
+
+def _sqlite_writer(engine: Engine) -> threading.RLock:
+    with _SQLITE_WRITERS_LOCK:
+        return _SQLITE_WRITERS.setdefault(str(engine.url.database), threading.RLock())
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
     """``with write(engine) as conn:`` one write transaction (SQLite: ``BEGIN IMMEDIATE``); reads use
-    ``engine.connect()`` and lock nothing."""
-    return engine.execution_options(write=True).begin()
+    ``engine.connect()`` and lock nothing (on SQLite each read statement is its own snapshot).
+
+    On SQLite the threads of one process take turns on a lock per file before ``BEGIN IMMEDIATE``: waiting for the
+    writer lock inside SQLite means its busy handler, which sleeps and polls (up to 100 ms a turn), so a burst of
+    concurrent writes (a wave of registrations) would wait far longer than the writes take.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.execution_options(write=True, isolation_level="READ COMMITTED").begin() as conn:
+            yield conn
+        return
+    with _sqlite_writer(engine), engine.execution_options(write=True).begin() as conn:
+        yield conn
 
 
 def xact_lock(conn: Connection, key: int) -> None:

@@ -14,18 +14,20 @@ from cloud.updates.base import UpdateRegistry
 from common.signing import Ed25519PrivateKey
 
 
-def _database(settings: StoreSettings, role: str):
-    from cloud.db import PostgresDatabase
-
-    return PostgresDatabase(settings.dsn(), application_name=f"tandem-{role}")
-
-
 def _engine(settings: StoreSettings, role: str):
-    """A SQLAlchemy engine on the shared database, migrated first."""
+    """A SQLAlchemy engine on the shared database, every store's schema migrated first (once, under an advisory
+    lock, whichever process comes first)."""
+    from cloud.migrations import migrate
+    from cloud.schemas import ALL
     from cloud.sql import postgres_engine
 
-    _database(settings, role).close()  # applies cloud.migrations (once, under its advisory lock)
-    return postgres_engine(settings.dsn(), f"tandem-{role}")
+    engine = postgres_engine(settings.dsn(), f"tandem-{role}")
+    try:
+        migrate(engine, *ALL, where="the PostgreSQL database")
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def _blobs(settings: StoreSettings, data_dir: Path, synchronous: str):
@@ -36,13 +38,12 @@ def _blobs(settings: StoreSettings, data_dir: Path, synchronous: str):
 
 def open_sample_store(settings: StoreSettings, data_dir: Path, synchronous: str = "FULL") -> SampleStore:
     """The sample store of the configured backend."""
+    from cloud.samples.store import SqliteSampleStore, SqlSampleStore
+
     if settings.store == "postgres":
-        from cloud.samples.postgres import PostgresSampleStore
+        from cloud.samples.payloads import BlobPayloads
 
-        db = _database(settings, "samples")
-        return PostgresSampleStore(db, _blobs(settings, data_dir, synchronous))
-    from cloud.samples.sqlite import SqliteSampleStore
-
+        return SqlSampleStore(_engine(settings, "samples"), BlobPayloads(_blobs(settings, data_dir, synchronous)))
     return SqliteSampleStore(Path(data_dir) / "samples.db", synchronous=synchronous)
 
 
@@ -51,7 +52,7 @@ def open_device_registry(settings: StoreSettings, data_dir: Path, synchronous: s
     from cloud.devices import DeviceRegistry
 
     if settings.store == "postgres":
-        return DeviceRegistry(_engine(settings, "devices"))
+        return DeviceRegistry(_engine(settings, "devices"), dsn=settings.dsn())
     return DeviceRegistry(Path(data_dir) / "devices.db", synchronous)
 
 

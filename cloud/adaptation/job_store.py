@@ -16,43 +16,12 @@ from sqlalchemy.exc import IntegrityError
 
 from cloud import sql
 from cloud.adaptation.jobs import STATES, Job, JobError, JobState, JobStore, NewJob, job_from_row, now_ms
-from cloud.db import open_sqlite
-from cloud.migrations import migrate_sqlite
+from cloud.migrations import migrated_sqlite
+from cloud.schemas import JOBS
 
 _J = sql.jobs.c
 _COLUMNS = tuple(sql.jobs.c)
 _BUSY = "subject has a queued or running job"
-
-SQLITE_MIGRATIONS = (
-    """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    subject_kind TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    family TEXT NOT NULL,
-    ranges TEXT NOT NULL,
-    samples INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT NOT NULL DEFAULT '',
-    outcome TEXT NOT NULL DEFAULT '',
-    update_id INTEGER NOT NULL DEFAULT 0,
-    result TEXT NOT NULL DEFAULT '{}',
-    created_unix_ms INTEGER NOT NULL,
-    started_unix_ms INTEGER NOT NULL DEFAULT 0,
-    finished_unix_ms INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active ON jobs (subject_kind, subject)
-    WHERE state IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, job_id);
-CREATE TABLE IF NOT EXISTS cursors (device_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, unix_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
-""",
-    "ALTER TABLE cursors RENAME TO job_cursors; ALTER TABLE meta RENAME TO job_meta",  # PostgreSQL's names
-)
-"""``jobs.db``'s steps; step 1 adopts a file made before versioning (``CREATE ... IF NOT EXISTS``)."""
 
 
 class SqlJobStore(JobStore):
@@ -197,12 +166,7 @@ class SqliteJobStore(SqlJobStore):
 
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        conn = open_sqlite(self.path, synchronous)
-        try:
-            migrate_sqlite(conn, SQLITE_MIGRATIONS, f"job store {self.path}")
-        finally:
-            conn.close()
-        super().__init__(sql.sqlite_engine(self.path, synchronous))
+        super().__init__(migrated_sqlite(self.path, synchronous, JOBS, "job store"))
 
 
 def _job(row) -> Job:

@@ -191,6 +191,8 @@ class GatewayServer:
             await self.writer.close()
             self.writer = None
         self._unsubscribe()
+        if self.servicer is not None:
+            await self.servicer.close()
         if self._validator is not None:
             self._validator.shutdown(wait=True)
             self._validator = None

@@ -14,10 +14,12 @@ from typing import Any
 import grpc
 
 from cloud.config import GatewayConfig
-from cloud.devices import DeviceRecord, Devices, DeviceStateError
+from cloud.device_tokens import TokenCache
+from cloud.devices import DeviceRecord, Devices, DeviceStateError, Heartbeat
 from cloud.feature_bases import accepted_formats
 from cloud.gateway.assembler import MAX_SEQ, ProtocolViolation
 from cloud.gateway.budget import BudgetExhausted, MemoryBudget
+from cloud.gateway.heartbeats import HeartbeatWriter
 from cloud.gateway.metrics import GatewayMetrics
 from cloud.gateway.upload import StreamIdle, UploadSession
 from cloud.gateway.writer import GroupCommitWriter
@@ -57,7 +59,15 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         self.budget = budget
         self.validator = validator
         self.published = asyncio.Event()
+        self.tokens = TokenCache(devices)
+        self.heartbeats = HeartbeatWriter(devices)
+        self.heartbeats.start()
         self._uploads = 0
+
+    async def close(self) -> None:
+        """Commit the queued heartbeats, stop watching the registry for token changes."""
+        await self.heartbeats.close()
+        self.tokens.close()
 
     def notify_published(self) -> None:
         """Wake WatchUpdates streams (publishes from this process; others are found by polling)."""
@@ -68,7 +78,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
         token = token_from_metadata(context.invocation_metadata())
         if token is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-        device = await asyncio.to_thread(self.devices.authenticate, token)
+        device = await self.tokens.authenticate(token)
         if device is None:
             await self._abort(context, method, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked device token")
         await self._check_cert_binding(context, method, device.device_id)  # type: ignore[union-attr]
@@ -150,7 +160,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             return grpc.StatusCode.UNAUTHENTICATED, f"wrong or missing enrollment code for device {device_id}"
         if existing is not None:
             token = token_from_metadata(context.invocation_metadata())
-            holder = await asyncio.to_thread(self.devices.authenticate, token) if token else None
+            holder = await self.tokens.authenticate(token) if token else None
             if holder is None or holder.device_id != device_id:
                 return grpc.StatusCode.PERMISSION_DENIED, (
                     f"device {device_id} is already registered; re-register with its token"
@@ -308,24 +318,24 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
             metrics["uplink_bytes_per_s"] = float(request.uplink_bytes_per_s)
         if len(json.dumps(metrics)) > 64 * 1024:
             await self._abort(context, m, grpc.StatusCode.INVALID_ARGUMENT, "heartbeat metrics exceed 64 KiB")
-        latest = await asyncio.to_thread(self._record_heartbeat, device, request, metrics)
+        beat = Heartbeat(device.device_id, request.status[:256], request.applied_version[:MAX_VERSION_CHARS], metrics)
+        _, latest, acked = await asyncio.gather(
+            self.heartbeats.record(beat),  # committed with the other heartbeats that came in meanwhile
+            asyncio.to_thread(self._heartbeat_reads, device, request),
+            self.writer.high_water(device.device_id),
+        )
         self._ok(m)
         return gateway_pb2.HeartbeatResponse(
             server_unix_ms=_now_ms(),
-            acked_seq=await self.writer.high_water(device.device_id),
+            acked_seq=acked,
             latest_update_id=latest,
             sample_formats=accepted_formats(),
             feature_bases=KNOWN_BASES.versions(),
         )
 
-    def _record_heartbeat(self, device: DeviceRecord, request: gateway_pb2.HeartbeatRequest, metrics: dict) -> int:
-        """The heartbeat's writes (on a worker thread); returns the latest update id addressed to the device."""
-        self.devices.heartbeat(
-            device.device_id,
-            status=request.status[:256],
-            applied_version=request.applied_version[:MAX_VERSION_CHARS],
-            metrics=metrics,
-        )
+    def _heartbeat_reads(self, device: DeviceRecord, request: gateway_pb2.HeartbeatRequest) -> int:
+        """On a worker thread: records a reported rollback (rare), returns the latest update id addressed to the
+        device."""
         if request.rolled_back_from:
             self.devices.record_rollback(
                 device.device_id,
@@ -333,7 +343,7 @@ class DeviceGatewayServicer(gateway_pb2_grpc.DeviceGatewayServicer):
                 request.applied_version[:128],
                 request.rollback_reason[:256],
             )
-        return max((r.update_id for r in self.updates.for_device(device.device_id, device.cohort)), default=0)
+        return self.updates.latest_for_device(device.device_id, device.cohort)
 
 
 def _now_ms() -> int:

@@ -71,13 +71,20 @@ class GroupCommitWriter:
 
     async def close(self) -> None:
         """Stop the loop (after pending commits) and release the thread."""
-        deadline = asyncio.get_running_loop().time() + 30.0
-        while not self._queue.empty() and self._task is not None and not self._task.done():
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=True)
+        await stop_commit_loop(self._queue, self._task, self._executor, 30.0)
+
+
+async def stop_commit_loop(
+    queue: asyncio.Queue, task: asyncio.Task[None] | None, executor: ThreadPoolExecutor, drain_s: float
+) -> None:
+    """Let a group-commit loop drain ``queue`` (for up to ``drain_s``), cancel ``task``, release its thread."""
+    deadline = asyncio.get_running_loop().time() + drain_s
+    while not queue.empty() and task is not None and not task.done():
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    executor.shutdown(wait=True)

@@ -116,6 +116,11 @@ class UpdateRegistry(ABC):
     def for_device(self, device_id: str, cohort: str, after_id: int = 0) -> list[UpdateRecord]:
         """Updates addressed to ``device_id`` or to its ``cohort``, with id > ``after_id``, in id order."""
 
+    def latest_for_device(self, device_id: str, cohort: str) -> int:
+        """Highest id of an update addressed to ``device_id`` or its ``cohort`` (0 when none): what a heartbeat
+        reports, without reading the records."""
+        return max((r.update_id for r in self.for_device(device_id, cohort)), default=0)
+
     @abstractmethod
     def read_payload(self, update_id: int, offset: int, length: int) -> bytes:
         """Up to ``length`` payload bytes of ``update_id`` from ``offset``."""

@@ -4,7 +4,7 @@ store (files under the SQLite registry's directory, or the blob store every gate
 Publishing holds the writer lock (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-scoped advisory lock) from
 id assignment to commit, so update ids commit in id order: a watcher that has seen id n never misses a smaller id
 that commits later. On PostgreSQL the same transaction sends ``NOTIFY tandem_updates``; every gateway LISTENs
-(``cloud.updates.listen``) and wakes its WatchUpdates streams at once, whichever process published.
+(``cloud.listen``) and wakes its WatchUpdates streams at once, whichever process published.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from sqlalchemy import Engine, func, or_, select
 
 from cloud import sql
 from cloud.blobs import BlobStore, DirectoryBlobStore
-from cloud.db import open_sqlite
-from cloud.migrations import migrate_sqlite
+from cloud.migrations import migrated_sqlite
+from cloud.schemas import UPDATES
 from cloud.updates.base import UpdateRecord, UpdateRegistry, record_from_row
 from common.signing import Ed25519PrivateKey
 
@@ -27,38 +27,6 @@ _PUBLISH_LOCK = 0x7570646174  # "updat": serialises id assignment with commit (P
 _U = sql.updates.c
 _COLUMNS = (_U.update_id, _U.device_id, _U.cohort, _U.base_version, _U.target_version, _U.sha256, _U.size,
             _U.metadata, _U.created_unix_ms, _U.signature, _U.key_id, _U.payload_info)  # fmt: skip
-
-SQLITE_MIGRATIONS = (
-    """
-CREATE TABLE IF NOT EXISTS updates (
-    update_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    cohort TEXT NOT NULL,
-    base_version TEXT NOT NULL,
-    target_version TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    metadata TEXT NOT NULL,
-    created_unix_ms INTEGER NOT NULL,
-    signature BLOB NOT NULL,
-    key_id TEXT NOT NULL,
-    payload_info BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS updates_device ON updates (device_id, update_id);
-CREATE INDEX IF NOT EXISTS updates_cohort ON updates (cohort, update_id)
-""",
-    """
-ALTER TABLE updates ADD COLUMN job_id INTEGER NOT NULL DEFAULT 0;
-UPDATE updates SET job_id = CAST(json_extract(metadata, '$.job_id') AS INTEGER)
-    WHERE json_extract(metadata, '$.job_id') IS NOT NULL;
-CREATE UNIQUE INDEX updates_job ON updates (job_id) WHERE job_id > 0
-""",
-    """
-ALTER TABLE updates ADD COLUMN blob_key TEXT NOT NULL DEFAULT '';
-UPDATE updates SET blob_key = sha256
-""",
-)
-"""``updates.db``'s steps (PostgreSQL: the same table in ``cloud.migrations.POSTGRES_MIGRATIONS``)."""
 
 
 class SqlUpdateRegistry(UpdateRegistry):
@@ -116,6 +84,11 @@ class SqlUpdateRegistry(UpdateRegistry):
         mine = or_(_U.device_id == device_id, (_U.cohort != "") & (_U.cohort == cohort))
         return self._select(_U.update_id > after_id, mine)
 
+    def latest_for_device(self, device_id: str, cohort: str) -> int:
+        mine = or_(_U.device_id == device_id, (_U.cohort != "") & (_U.cohort == cohort))
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(_U.update_id)).where(mine)).scalar() or 0)
+
     def read_payload(self, update_id: int, offset: int, length: int) -> bytes:
         with self.engine.connect() as conn:
             key = conn.execute(select(_U.blob_key).where(_U.update_id == update_id)).scalar()
@@ -130,7 +103,7 @@ class SqlUpdateRegistry(UpdateRegistry):
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         if self._dsn is None:  # SQLite: watchers poll
             return lambda: None
-        from cloud.updates.listen import Listener
+        from cloud.listen import Listener
 
         listener = Listener(self._dsn, CHANNEL, callback)
         listener.start()
@@ -151,13 +124,8 @@ class SqliteUpdateRegistry(SqlUpdateRegistry):
     def __init__(self, data_dir: str | Path, signing_key: Ed25519PrivateKey, synchronous: str = "FULL") -> None:
         self.data_dir = Path(data_dir)
         path = self.data_dir / "updates.db"
-        conn = open_sqlite(path, synchronous)
-        try:
-            migrate_sqlite(conn, SQLITE_MIGRATIONS, f"update registry {path}")
-        finally:
-            conn.close()
-        blobs = DirectoryBlobStore(self.data_dir / "blobs")
-        super().__init__(sql.sqlite_engine(path, synchronous), blobs, signing_key)
+        engine = migrated_sqlite(path, synchronous, UPDATES, "update registry")
+        super().__init__(engine, DirectoryBlobStore(self.data_dir / "blobs"), signing_key)
 
     def blob_path(self, record: UpdateRecord) -> Path:
         """File holding the payload of ``record``."""

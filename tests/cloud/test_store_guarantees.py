@@ -103,12 +103,10 @@ class _Hooked:
         return wrapped
 
 
-def _hook_payload_writes(gw, backend: Backend) -> _Hooked:
-    if backend.name == "sqlite":  # segment bytes: the hook follows flush (fsync comes next, before the commit)
-        gw.samples._writer = _Hooked(gw.samples._writer, "flush", lambda: None)
-        return gw.samples._writer
-    gw.samples.blobs = _Hooked(gw.samples.blobs, "put", lambda: None)  # returns once the blob is durable
-    return gw.samples.blobs
+def _hook_payload_writes(gw) -> _Hooked:
+    """The payload store's ``write`` (segment files or blobs) returns once the bytes are durable."""
+    gw.samples.payloads = _Hooked(gw.samples.payloads, "write", lambda: None)
+    return gw.samples.payloads
 
 
 def _set_commit_failure(backend: Backend, seq: int | None) -> None:
@@ -145,7 +143,7 @@ async def test_upload_is_acked_only_after_durable_blob_and_committed_rows(backen
     ):
         probe = backend.open_samples()  # another connection and blob client: what a restarted gateway would see
         try:
-            hooked = _hook_payload_writes(gw, backend)
+            hooked = _hook_payload_writes(gw)
             visible_at_blob_write: list[int] = []
             hooked.hook = lambda: visible_at_blob_write.append(probe.count("dev-1"))
             resp = await client.upload(_items(1, 4))

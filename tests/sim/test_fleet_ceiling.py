@@ -8,8 +8,8 @@ import torch
 
 from cloud.adaptation import Teacher
 from cloud.adaptation.jobs import Job, SeqRange
+from cloud.samples import SqliteSampleStore
 from cloud.samples.base import Sample
-from cloud.samples.sqlite import SqliteSampleStore
 from common.modeling import load_mllm
 from sim.fleet.ceiling import CeilingReplay
 from sim.world import World
