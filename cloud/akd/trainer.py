@@ -129,9 +129,10 @@ class AKDTrainer:
         step_logits: torch.Tensor, labels: TeacherLabels, t: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CE on the teacher's tokens and T^2 * KL to its step distributions, over each row's forced tokens."""
-        mask = labels.forced_mask
+        mask = labels.forced_mask.to(step_logits.device)
         width = step_logits.shape[1]
-        targets = torch.tensor([s + [0] * (width - len(s)) for s in labels.sequences])  # type: ignore[union-attr]
+        rows = [s + [0] * (width - len(s)) for s in labels.sequences]  # type: ignore[union-attr]
+        targets = torch.tensor(rows, device=step_logits.device)
         logits, teacher = step_logits[mask], labels.step_logits[:, :width][mask]  # type: ignore[index]
         ce = F.cross_entropy(logits, targets[mask])
         kd = (t * t) * F.kl_div(
