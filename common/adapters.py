@@ -18,7 +18,8 @@ from pydantic import Field
 from common.config import StrictConfig
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR_TARGETS = r".*multi_modal_projector\.(linear_1|linear_2)"
+PROJECTOR_TARGETS = r"(.*multi_modal_projector\.(linear_1|linear_2))|(.*visual\.merger\.mlp\.(0|2))"
+"""The projector's linears: LLaVA's ``multi_modal_projector``, Qwen2-VL's patch merger MLP."""
 
 
 class AdapterConfig(StrictConfig):

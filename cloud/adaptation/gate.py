@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cloud.akd import AKDTrainer, TeacherLabels
-from common.llava_tokens import answer_forward
+from common.llava_tokens import answer_forward, upload_positions
 from common.sample_codec import UploadSample
 
 
@@ -51,10 +51,11 @@ def agreement(
         if labels.is_sequence:
             part = labels.subset(range(i, i + len(chunk)))
             forced = [seq[:-1] for seq in part.sequences]  # type: ignore[union-attr]
-            out = answer_forward(trainer.student, trainer.prompts, feats, questions, continuation=forced)
+            where = upload_positions(chunk)
+            out = answer_forward(trainer.student, trainer.prompts, feats, questions, continuation=forced, **where)
             hits += int(sequences_agree(out.step_logits, part).sum())  # type: ignore[arg-type]
             continue
-        out = answer_forward(trainer.student, trainer.prompts, feats, questions)
+        out = answer_forward(trainer.student, trainer.prompts, feats, questions, **upload_positions(chunk))
         hits += int((out.logits.argmax(-1).cpu() == labels.answer_ids[i : i + bs].cpu()).sum())
     return hits / len(samples)
 

@@ -23,8 +23,8 @@ def torch_device(name: str) -> torch.device:
 
 
 def prompts_for(model: torch.nn.Module, tokenizer) -> PromptBuilder:
-    """The prompt builder of a LLaVA model (its configured image token)."""
-    return PromptBuilder(tokenizer, int(unwrap_llava(model).config.image_token_id))
+    """The prompt builder of the model's family (its image token and chat template)."""
+    return PromptBuilder.for_model(model, tokenizer)
 
 
 @dataclass

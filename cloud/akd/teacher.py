@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.llava_tokens import PromptBuilder, answer_forward, greedy_continuations, unwrap_llava
+from common.llava_tokens import (
+    PromptBuilder,
+    answer_forward,
+    greedy_continuations,
+    unwrap_llava,
+    upload_positions,
+)
 from common.sample_codec import UploadSample
 
 
@@ -117,12 +123,13 @@ def teacher_labels(
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         feats, questions = [s.features for s in chunk], [s.question for s in chunk]
-        out = answer_forward(teacher, prompts, feats, questions)
+        where = upload_positions(chunk)
+        out = answer_forward(teacher, prompts, feats, questions, **where, use_cache=max_new_tokens > 1)
         logits.append(out.logits.float().cpu())
         hidden.append(out.hidden.float().cpu())
         if max_new_tokens > 1:
             s, step, _ = greedy_continuations(
-                teacher, prompts, feats, questions, out.logits, [max_new_tokens] * len(chunk), eos
+                teacher, prompts, feats, questions, out, [max_new_tokens] * len(chunk), eos, **where
             )
             seqs += s
             steps.append(step.cpu())

@@ -30,7 +30,7 @@ from cloud.akd.student import AdapterConfig, adapter_state, build_student, expor
 from cloud.akd.teacher import TeacherLabels
 from common.config import StrictConfig
 from common.errors import TandemError
-from common.llava_tokens import PromptBuilder, answer_forward, unwrap_llava
+from common.llava_tokens import PromptBuilder, answer_forward, unwrap_llava, upload_positions
 from common.sample_codec import UploadSample
 
 
@@ -97,13 +97,14 @@ class AKDTrainer:
         cfg = weights or self.config
         feats, questions = [s.features for s in samples], [s.question for s in samples]
         t = cfg.temperature
+        where = upload_positions(samples)
         if labels.is_sequence:
             forced = [seq[:-1] for seq in labels.sequences]  # type: ignore[union-attr]
-            out = answer_forward(self.student, self.prompts, feats, questions, continuation=forced)
+            out = answer_forward(self.student, self.prompts, feats, questions, continuation=forced, **where)
             ce, kd = self._sequence_terms(out.step_logits, labels, t)  # type: ignore[arg-type]
             first_hidden = out.step_hidden[:, 0]  # type: ignore[index]
         else:
-            out = answer_forward(self.student, self.prompts, feats, questions)
+            out = answer_forward(self.student, self.prompts, feats, questions, **where)
             ce, kd = self._first_token_terms(out.logits, labels, t, cfg.confidence_weighting)
             first_hidden = out.hidden
         align = F.mse_loss(self.align(first_hidden), labels.hidden)

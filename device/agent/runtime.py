@@ -2,7 +2,9 @@
 
 One forward per batch: the vision tower turns images into features, then projector + language model answer with
 SparseVLM pruning visual tokens inside the language model. The same pass yields SparseVLM's rater scores, which
-UTS uses to pick the visual tokens of an upload (no second pass).
+UTS uses to pick the visual tokens of an upload (no second pass). Longer answers continue from that pass's KV
+cache (SparseVLM's pruned one when it is on), one token per step. Every supported family (LLaVA, Qwen2-VL: see
+``common.mllm_family``) runs this same code.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from peft import PeftModel, get_peft_model_state_dict
 
 from common.adapters import AdapterConfig, add_lora
 from common.errors import ModelLoadError
-from common.llava_tokens import (
-    DEFAULT_PROMPT_TEMPLATE,
-    PromptBuilder,
-    answer_forward,
-    greedy_continuations,
-    unwrap_llava,
-    vision_features,
-)
+from common.llava_tokens import PromptBuilder, answer_forward, greedy_continuations, unwrap_llava
+from common.mllm_family import family_of
 from common.modeling import load_mllm
 from common.update_header import INITIAL_VERSION
 from device.agent.store import AdapterState
-from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, expect_image_mask, sparse_stats
+from device.sparse import (
+    SparseConfig,
+    decision_prefix,
+    disable_sparsevlm,
+    enable_sparsevlm,
+    expect_image_mask,
+    sparse_stats,
+)
 from device.update_apply import VersionedAdapter, load_adapter_state
 
 
@@ -52,7 +55,7 @@ class ForwardOut:
 
 
 class DeviceModel:
-    """A LLaVA-style model with one LoRA adapter slot and optional SparseVLM."""
+    """A LLaVA- or Qwen2-VL-family model with one LoRA adapter slot and optional SparseVLM."""
 
     def __init__(
         self,
@@ -60,7 +63,7 @@ class DeviceModel:
         processor,
         adapter: AdapterConfig | None = None,
         sparse: SparseConfig | None = None,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template: str | None = None,
         max_new_tokens: int | None = None,
     ) -> None:
         if not isinstance(model, PeftModel):
@@ -70,7 +73,8 @@ class DeviceModel:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         llava = unwrap_llava(self.model)
-        self.prompts = PromptBuilder(self.tokenizer, int(llava.config.image_token_id), prompt_template)
+        self.family = family_of(self.model)
+        self.prompts = PromptBuilder.for_model(self.model, self.tokenizer, prompt_template)
         self.sparse: SparseConfig | None = None
         self.set_sparse(sparse)
         self.adapter = AdapterState(INITIAL_VERSION, self.adapter_weights())
@@ -90,7 +94,7 @@ class DeviceModel:
         adapter: AdapterConfig | None = None,
         adapter_init: Path | None = None,
         sparse: SparseConfig | None = None,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template: str | None = None,
         max_new_tokens: int | None = None,
     ) -> DeviceModel:
         """Load with ``common.modeling.load_mllm``; LoRA from ``adapter_init`` (PEFT directory) or fresh."""
@@ -123,7 +127,7 @@ class DeviceModel:
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap_llava(self.model).model.multi_modal_projector.parameters()).device
+        return next(self.family.projector(self.model).parameters()).device
 
     # -- adapters ------------------------------------------------------------------------------------------
     def adapter_weights(self) -> dict[str, torch.Tensor]:
@@ -137,26 +141,31 @@ class DeviceModel:
 
     # -- the forward ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, images: list) -> torch.Tensor:
-        """Vision-tower features [B, N, D] of uint8 HWC arrays or PIL images."""
+    def encode(self, images: list) -> tuple[list[torch.Tensor], list[tuple[int, int]] | None]:
+        """Vision-tower features of uint8 HWC arrays or PIL images, one [N_i, D] per image, and each image's token
+        grid (rows, columns; None for fixed-size square families). Qwen2-VL keeps each image's own resolution."""
         arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
-        pixels = self.processor.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
-        tower = unwrap_llava(self.model).model.vision_tower
-        param = next(tower.parameters())
-        return vision_features(self.model, pixels.to(param.device, param.dtype))
+        pixels, grids = self.family.pixel_inputs(self.processor, arrays)
+        return list(self.family.vision_features(self.model, pixels)), grids
 
-    @torch.no_grad()
-    def forward(self, features: torch.Tensor | list[torch.Tensor], questions: list[str]) -> ForwardOut:
-        """Answer every question on its frame's features with all visual tokens offered to the LM."""
-        feats = list(features)
+    def features(self, images: list) -> list[torch.Tensor]:
+        """Vision-tower features of the images, one [N_i, D] per image (see ``encode``)."""
+        return self.encode(images)[0]
+
+    def _answer(
+        self,
+        feats: list[torch.Tensor],
+        questions: list[str],
+        grids: list[tuple[int, int] | None] | None,
+        use_cache: bool,
+    ):
         llava = unwrap_llava(self.model)
-
-        def mark_images(mask: torch.Tensor) -> None:
-            expect_image_mask(llava, mask)
-
         before = sparse_stats(llava) if self.sparse is not None else None
-        hook = mark_images if self.sparse is not None else None
-        out = answer_forward(self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook)
+        hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
+        out = answer_forward(
+            self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook, grids=grids,
+            use_cache=use_cache,
+        )  # fmt: skip
         n = [int(f.shape[0]) for f in feats]
         stats = sparse_stats(llava) if self.sparse is not None else None
         if stats is before:  # the prefill fell back to dense (no visual tokens to prune): no fresh stats
@@ -170,24 +179,52 @@ class DeviceModel:
             else:
                 relevance.append(out.similarity[i].detach().float().cpu() if out.similarity is not None else None)
             kept.append(stats.samples[i].final_count if stats is not None and i < len(stats.samples) else n[i])
-        return ForwardOut(out.logits.float(), relevance, kept, n)
+        return ForwardOut(out.logits.float(), relevance, kept, n), out
+
+    @torch.no_grad()
+    def forward(
+        self,
+        features: torch.Tensor | list[torch.Tensor],
+        questions: list[str],
+        grids: list[tuple[int, int] | None] | None = None,
+    ) -> ForwardOut:
+        """Answer every question on its frame's features with all visual tokens offered to the LM."""
+        return self._answer(list(features), questions, grids, use_cache=False)[0]
 
     @torch.no_grad()
     def generate(
-        self, features: torch.Tensor | list[torch.Tensor], questions: list[str], limits: list[int]
+        self,
+        features: torch.Tensor | list[torch.Tensor],
+        questions: list[str],
+        limits: list[int],
+        grids: list[tuple[int, int] | None] | None = None,
+        use_cache: bool = True,
     ) -> ForwardOut:
         """Greedy answers of up to ``limits[i]`` tokens, stopping a row at end-of-sequence.
 
-        The first step is ``forward`` (SparseVLM's pruning, relevance and token counts come from it); each further
-        step feeds the tokens chosen so far after the prompt (the pruning of that pass is deterministic, so the
-        visual tokens the answer reads are the first step's).
+        The first step is ``forward``'s pass (SparseVLM's pruning, relevance and token counts come from it); each
+        further token is one step on its KV cache (with SparseVLM, the pruned cache: the answer reads the visual
+        tokens the prefill kept). ``use_cache=False`` re-runs the prefill on the prompt and the tokens so far
+        instead (the reference; with SparseVLM its pruning decisions are based on the prompt's columns only, which
+        matches the cached pass exactly when the rows' prompts are equally long).
         """
-        first = self.forward(features, questions)
+        feats = list(features)
+        first, out = self._answer(feats, questions, grids, use_cache=use_cache and max(limits) > 1)
         llava = unwrap_llava(self.model)
         hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
-        seqs, token_logits, mask = greedy_continuations(
-            self.model, self.prompts, list(features), questions, first.logits, limits, self.eos_id, hook
-        )
+        args = (self.model, self.prompts, feats, questions)
+        if use_cache or self.sparse is None:
+            seqs, token_logits, mask = greedy_continuations(
+                *args, out if use_cache else out.logits, limits, self.eos_id, hook, grids=grids
+            )
+        else:
+            width = max(
+                len(b) + int(f.shape[0]) + len(a) for f, (b, a) in zip(feats, map(self.prompts.split, questions))
+            )
+            with decision_prefix(llava, width):
+                seqs, token_logits, mask = greedy_continuations(
+                    *args, out.logits, limits, self.eos_id, hook, grids=grids
+                )
         first.sequences, first.token_logits, first.mask = seqs, token_logits, mask
         return first
 

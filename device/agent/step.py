@@ -81,13 +81,18 @@ class DeviceStep:
             return []
         need = [i for i, f in enumerate(frames) if f.features is None]
         feats: list[torch.Tensor | None] = [f.features for f in frames]
+        grids: list[tuple[int, int] | None] = [None] * len(frames)
         if need:
-            computed = self.model.features([frames[i].image for i in need])
+            computed, computed_grids = self.model.encode([frames[i].image for i in need])
             for j, i in enumerate(need):
                 feats[i] = computed[j]
-        stacked = torch.stack([f.to(self.model.device) for f in feats])  # type: ignore[union-attr]
+                grids[i] = computed_grids[j] if computed_grids is not None else None
+        on_device = [f.to(self.model.device) for f in feats]  # type: ignore[union-attr]
+        same = len({tuple(f.shape) for f in on_device}) == 1
+        batch = torch.stack(on_device) if same else on_device  # dynamic resolution: per-frame token counts
         limits = [f.max_new_tokens for f in frames]
-        return self.run_features(stacked, [f.question for f in frames], [f.metadata for f in frames], limits)
+        questions, meta = [f.question for f in frames], [f.metadata for f in frames]
+        return self.run_features(batch, questions, meta, limits, grids if any(grids) else None)
 
     @torch.no_grad()
     def run_features(
@@ -96,20 +101,22 @@ class DeviceStep:
         questions: list[str],
         metadata: list[dict[str, str]] | None = None,
         max_new_tokens: list[int | None] | None = None,
+        grids: list[tuple[int, int] | None] | None = None,
     ) -> list[Answer]:
-        """Answer from vision features [B, N, D] (the offline experiment's path); ``max_new_tokens[i]`` caps
-        sample ``i``'s answer (None: the model's default)."""
+        """Answer from vision features [B, N, D] or one [N_i, D] per frame (the offline experiment's path);
+        ``max_new_tokens[i]`` caps sample ``i``'s answer (None: the model's default); ``grids[i]`` is frame
+        ``i``'s token grid when it is not square (Qwen2-VL's dynamic resolution)."""
         t0 = time.perf_counter()
         version = self.version
         default = self.model.max_new_tokens
         limits = [m or default for m in (max_new_tokens or [None] * len(questions))]
         if max(limits) > 1:
-            out = self.model.generate(features, questions, limits)
+            out = self.model.generate(features, questions, limits, grids)
             logits, mask, seqs = out.token_logits, out.mask, out.sequences
         else:
-            out = self.model.forward(features, questions)
+            out = self.model.forward(features, questions, grids)
             logits, mask, seqs = out.logits, None, [[int(t)] for t in out.logits.argmax(-1).tolist()]
-        decided = self.uts.decide(features, questions, logits, out.relevance, mask) if self.uts else None
+        decided = self.uts.decide(features, questions, logits, out.relevance, mask, grids) if self.uts else None
         unc = answer_uncertainty(logits, mask=mask)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - t0
         answers = []
