@@ -148,9 +148,11 @@ class DeviceModel:
         pixels, grids = self.family.pixel_inputs(self.processor, arrays)
         return list(self.family.vision_features(self.model, pixels)), grids
 
-    def features(self, images: list) -> list[torch.Tensor]:
-        """Vision-tower features of the images, one [N_i, D] per image (see ``encode``)."""
-        return self.encode(images)[0]
+    def features(self, images: list) -> torch.Tensor | list[torch.Tensor]:
+        """Vision-tower features of the images: [B, N, D] when every image gives as many tokens (LLaVA, or
+        Qwen2-VL frames of one size), else one [N_i, D] per image (see ``encode``)."""
+        feats = self.encode(images)[0]
+        return torch.stack(feats) if len({tuple(f.shape) for f in feats}) == 1 else feats
 
     def _answer(
         self,
