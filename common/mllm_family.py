@@ -68,14 +68,12 @@ class LlavaFamily:
         param = next(proj.parameters())
         return proj(feats.to(param.device, param.dtype))
 
-    def pixel_inputs(self, processor: Any, arrays: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Pixel values of uint8 HWC arrays and each image's token grid (rows, columns)."""
-        pixels = processor.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
-        side = int(pixels.shape[-1]) // int(unwrap_config(processor, "patch_size", 14) or 14)
-        return pixels, [(side, side)] * len(arrays)
+    def pixel_inputs(self, processor: Any, arrays: list) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """Pixel values of uint8 HWC arrays, and each image's token grid (None: every image is one fixed square)."""
+        return processor.image_processor(images=arrays, return_tensors="pt")["pixel_values"], None
 
-    def vision_features(self, model: nn.Module, pixels: torch.Tensor, grids: Any = None) -> list[torch.Tensor]:
-        """Tower hidden states at the feature layer, CLS dropped: one [N, D] per image."""
+    def vision_features(self, model: nn.Module, pixels: Any) -> Any:
+        """Tower hidden states at the feature layer, CLS dropped: [B, N, D]."""
         base = unwrap(model)
         cfg = base.config
         layer = cfg.vision_feature_layer
@@ -93,10 +91,6 @@ class LlavaFamily:
     ) -> torch.Tensor:
         """[1, L] contiguous positions over what the language model is fed."""
         return torch.arange(n_before + n_visual + n_after)[None]
-
-
-def unwrap_config(processor: Any, name: str, default: Any) -> Any:
-    return getattr(processor, name, default)
 
 
 class Qwen2VLFamily(LlavaFamily):
@@ -128,7 +122,7 @@ class Qwen2VLFamily(LlavaFamily):
         units = feats.to(param.device, param.dtype)
         return merger(units.reshape(-1, units.shape[-1] // self.merge(model) ** 2))
 
-    def pixel_inputs(self, processor: Any, arrays: list) -> tuple[Any, list[tuple[int, int]]]:
+    def pixel_inputs(self, processor: Any, arrays: list) -> tuple[Any, list[tuple[int, int]] | None]:
         """Flattened patches and ``image_grid_thw`` (dynamic resolution); grids in visual tokens (after merging)."""
         enc = processor.image_processor(images=arrays, return_tensors="pt")
         thw = enc["image_grid_thw"]
@@ -136,7 +130,7 @@ class Qwen2VLFamily(LlavaFamily):
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
         return (enc["pixel_values"], thw), grids
 
-    def vision_features(self, model: nn.Module, pixels: Any, grids: Any = None) -> list[torch.Tensor]:
+    def vision_features(self, model: nn.Module, pixels: Any) -> Any:
         """The ViT's last hidden states before the merger, one [n_tokens, merge^2 * embed_dim] per image."""
         values, thw = pixels
         tower = self.tower(model)
