@@ -76,7 +76,7 @@ class TeacherLabels:
         if self.sequences is None or self.step_logits is None:
             return TeacherLabels(self.logits[idx], self.hidden[idx])
         seqs = [self.sequences[i] for i in idx.tolist()]
-        width = max(len(s) for s in seqs)
+        width = max((len(s) for s in seqs), default=0)  # an empty subset (a job that holds nothing out) is fine
         return TeacherLabels(self.logits[idx], self.hidden[idx], seqs, self.step_logits[idx, :width])
 
     def to(self, device: torch.device | str) -> TeacherLabels:

@@ -4,6 +4,7 @@ the learner's state on disk. The zoo's one-word case (max_new_tokens 1) keeps it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -56,6 +57,16 @@ def test_a_multi_token_family_is_labelled_distilled_and_gated_on_sequences(setup
     # the replay and held-out buffers keep the sequences (the next round trains on them again)
     assert learner.replay.labels().sequences == labels.subset(range(len(job.held), len(labels.sequences))).sequences
     assert learner.held_out.labels().is_sequence
+    empty = labels.subset([])  # a job whose uploads are all trained on holds out an empty subset
+    assert empty.sequences == [] and empty.step_logits.shape[0] == 0
+
+
+def test_a_job_that_holds_nothing_out_labels_and_trains_on_sequences(setup):
+    worker, decoded = setup
+    learner = worker.build_learner(FAMILY)
+    few = dataclasses.replace(decoded, uploads=[u for u in decoded.uploads if u.seq % 5][:3])  # the fleet's 3
+    job = run_job(learner, few, worker._label_fn(FAMILY), JobSettings(held_out_every=5, margin=1.0, min_held_out=2))
+    assert not job.held and job.labels.is_sequence and job.result is not None
 
 
 def test_sequence_labels_survive_the_learners_state_on_disk(setup, tmp_path):
