@@ -101,13 +101,14 @@ class AKDTrainer:
         if labels.is_sequence:
             forced = [seq[:-1] for seq in labels.sequences]  # type: ignore[union-attr]
             out = answer_forward(self.student, self.prompts, feats, questions, continuation=forced, **where)
-            ce, kd = self._sequence_terms(out.step_logits, labels, t)  # type: ignore[arg-type]
+            ce, kd = self._sequence_terms(out.step_logits.float(), labels, t)  # type: ignore[union-attr]
             first_hidden = out.step_hidden[:, 0]  # type: ignore[index]
         else:
             out = answer_forward(self.student, self.prompts, feats, questions, **where)
-            ce, kd = self._first_token_terms(out.logits, labels, t, cfg.confidence_weighting)
+            ce, kd = self._first_token_terms(out.logits.float(), labels, t, cfg.confidence_weighting)
             first_hidden = out.hidden
-        align = F.mse_loss(self.align(first_hidden), labels.hidden)
+        # losses in fp32 whatever the base's dtype (a checkpoint stored in fp16 or bf16, as the shape members are)
+        align = F.mse_loss(self.align(first_hidden.float()), labels.hidden.float())
         total = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_align * align
         return {"total": total, "ce": ce, "kd": kd, "align": align}
 
