@@ -10,6 +10,9 @@ each reports its own peak RSS and at most two models live at once):
 - ``memory``: the device model's bytes at 4-bit NF4 and int8 (bitsandbytes on CPU) against fp16.
 - ``uplink``: bytes of one uploaded sample in today's format (UTS keep ratio from deploy/configs/device.yaml)
   against all 576 tokens in that format and a JPEG q90 of the 336x336 frame.
+- ``generate``: an N-token greedy answer (``--gen-tokens``, default 8; batch 1, fp32) from the KV cache (one prefill +
+  N - 1 one-token steps) against re-running the prefill per token, dense and with SparseVLM at 64 (its pruned
+  cache); the answers must be identical, the figure is cached time / uncached time.
 - ``agent``: a real offline ``DeviceAgent`` on the 4-bit model with SparseVLM, a few Asks: peak RSS.
 - ``trainer``: teacher labels (13B-shaped, bf16), AKD steps with LoRA at width 4096 (seconds per sample), DWC
   update bytes against the fp32 LoRA state and CD-CCA's 0.791 MB; peak RSS.
@@ -34,7 +37,7 @@ import torch
 from bench._verdict import verdict
 
 CDCCA_DOWNLINK_BYTES = 791_000  # CD-CCA's DWC update (paper: 14.48 GB -> 0.791 MB), docs/../cdcca.md
-SECTIONS = ("prefill", "memory", "uplink", "agent", "trainer")
+SECTIONS = ("prefill", "memory", "uplink", "generate", "agent", "trainer")
 PREFILL_TARGET = 0.35
 """SparseVLM LM prefill at 64 of 576 visual tokens, as a share of dense (issue: real geometry)."""
 
@@ -96,6 +99,39 @@ def section_prefill(root: Path, repeats: int, batches: list[int]) -> dict:
             row = out["settings"].setdefault(name, {})
             row[f"lm_prefill_s_b{batch}"] = _median(values)
             row[f"ratio_b{batch}"] = _median(values) / dense
+    return out
+
+
+@torch.no_grad()
+def section_generate(root: Path, tokens: int, repeats: int) -> dict:
+    """Cached vs uncached greedy answers of ``tokens`` tokens, dense and SparseVLM at 64 (same run, batch 1)."""
+    from device.agent.runtime import DeviceModel
+    from device.sparse import SparseConfig
+
+    model = DeviceModel.load(root / "device", dtype="float32")
+    model.eos_id = -1  # random weights: make every answer run its full length
+    sample = frames(1)[0]
+    feats = model.features([sample.image])
+    question = [sample.question]
+    out: dict = {"tokens": tokens}
+    for name, cfg in (("dense", None), ("tandem-64", SparseConfig(budget=64, budget_kind="layer_average"))):
+        model.set_sparse(cfg)
+        model.generate(feats, question, [2])  # warm-up
+        times: dict[str, list[float]] = {"cached": [], "uncached": []}
+        answers: dict[str, list[int]] = {}
+        for _ in range(repeats):
+            for kind in times:
+                t0 = time.perf_counter()
+                got = model.generate(feats, question, [tokens], use_cache=kind == "cached")
+                times[kind].append(time.perf_counter() - t0)
+                answers[kind] = got.sequences[0]
+        cached, uncached = _median(times["cached"]), _median(times["uncached"])
+        out[name] = {
+            "cached_s": cached,
+            "uncached_s": uncached,
+            "cached_vs_uncached": cached / uncached,
+            "identical": answers["cached"] == answers["uncached"],
+        }
     return out
 
 
@@ -276,6 +312,8 @@ def run_section(name: str, args: argparse.Namespace) -> dict:
         result = section_memory(root)
     elif name == "uplink":
         result = section_uplink(root)
+    elif name == "generate":
+        result = section_generate(root, args.gen_tokens, args.repeats)
     elif name == "agent":
         result = section_agent(root, args.asks)
     else:
@@ -290,6 +328,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="batch-1 timing repeats (batch 8: one)")
     parser.add_argument("--batches", default="1,8", help="prefill batch sizes")
     parser.add_argument("--asks", type=int, default=3, help="Asks the agent answers")
+    parser.add_argument("--gen-tokens", type=int, default=8, help="answer tokens of the generate section")
     parser.add_argument("--samples", type=int, default=4, help="uploads the trainer labels and distils")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="(from `python -m bench`) batch 1 only, 1 repeat")
@@ -304,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:  # `python -m bench`: batch 1 once, no agent or trainer process (minutes, not a quarter hour)
         args.batches, args.repeats = "1", 1
         if args.sections == ",".join(SECTIONS):
-            args.sections = "prefill,memory,uplink"
+            args.sections = "prefill,memory,uplink,generate"
     if args.child:
         print("RESULT " + json.dumps(run_section(args.child, args)), flush=True)
         return 0
@@ -343,6 +382,11 @@ def checks(results: dict) -> list[tuple[bool, str]]:
         if name in memory:
             ratio = memory[name]["at_32_layers_vs_fp16"]
             out.append((ratio < 1.0, f"{name} model at 32 layers {ratio:.3f} of fp16"))
+    for name, row in results.get("generate", {}).items():
+        if isinstance(row, dict):
+            out.append((row["identical"], f"{name}: cached answer identical to uncached"))
+            out.append((row["cached_vs_uncached"] < 1.0, f"{name}: {results['generate']['tokens']}-token answer from "
+                        f"the KV cache {row['cached_vs_uncached']:.3f} of the uncached time"))  # fmt: skip
     uplink = results.get("uplink")
     if uplink:
         ratio = uplink["sample_vs_all_tokens"]

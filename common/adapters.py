@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -19,7 +20,8 @@ from pydantic import Field
 from common.config import StrictConfig
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR_TARGETS = r".*multi_modal_projector\.(linear_1|linear_2)"
+PROJECTOR_TARGETS = r"(.*multi_modal_projector\.(linear_1|linear_2))|(.*visual\.merger\.mlp\.(0|2))"
+"""The projector's linears: LLaVA's ``multi_modal_projector``, Qwen2-VL's patch merger MLP."""
 
 
 class AdapterConfig(StrictConfig):
@@ -84,8 +86,9 @@ def clone_adapter(layer: LoraLayer, source: str, slot: str) -> None:
 class RowAdapters:
     """One batched forward in which every row runs with its own LoRA adapter (peft's mixed-adapter batches,
     requested layer by layer): the language model's LoRA layers see rows ``[B, T, H]`` and take ``names[b]`` for
-    row ``b``; the projector runs once per sample (``select(i)`` before it) and takes ``names[i]`` for all its
-    tokens. Use as a context manager around the forward; the hooks are gone after it."""
+    row ``b``; the projector (LLaVA's projector, Qwen2-VL's patch merger: ``PROJECTOR_TARGETS``) runs once per
+    sample (``select(i)`` before it) and takes ``names[i]`` for all its tokens. Use as a context manager around
+    the forward; the hooks are gone after it."""
 
     def __init__(self, layers: list[tuple[str, LoraLayer]], names: list[str]) -> None:
         self.names = list(names)
@@ -115,7 +118,7 @@ class RowAdapters:
 
     def __enter__(self) -> RowAdapters:
         for name, module in self._layers:
-            hook = self._projector_hook if "multi_modal_projector" in name else self._row_hook
+            hook = self._projector_hook if re.fullmatch(PROJECTOR_TARGETS, name) else self._row_hook
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 

@@ -19,7 +19,7 @@ from common.errors import ModelLoadError
 Quantization = Literal["none", "4bit", "8bit"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 # Modules kept in full precision when quantizing: the shared vision tower, the projector and the head.
-KEEP_FULL_PRECISION = ["vision_tower", "multi_modal_projector", "lm_head"]
+KEEP_FULL_PRECISION = ["vision_tower", "multi_modal_projector", "visual", "lm_head"]  # visual: Qwen2-VL's tower
 # bitsandbytes 4-bit: absmax block size, and the row tile of its CPU kernel. On CPUs with AVX512-BF16,
 # ``Linear4bit`` repacks its weight on the first forward, which needs in_features % 64 == 0 and
 # out_features % 32 == 0 (bitsandbytes 0.50 ``_convert_weight_packed_for_cpu``); other layers fail there.

@@ -39,6 +39,9 @@ class UploadSample:
     answer_ids: torch.Tensor  # [m] int64, device's top-m answer tokens
     answer_probs: torch.Tensor  # [m] float32
     uncertainty: dict[str, float] = field(default_factory=dict)
+    grid: tuple[int, int] | None = None
+    """The image's visual-token grid (rows, columns) when it is not square (Qwen2-VL's dynamic resolution): where
+    each patch index sits for 2D positions. Format /1 carries it (metadata ``grid``); None: a square grid."""
 
 
 def quantize_tokens(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +70,8 @@ def encode_sample(sample: UploadSample, coding: SampleCoding | None = None) -> b
     """Serialise a sample: format /1 (int8 features) without ``coding``, else /2 on its basis and rate;
     PayloadError on inconsistent fields."""
     _validate(sample)
+    if coding is not None and sample.grid is not None and sample.grid[0] != sample.grid[1]:
+        raise PayloadError(f"format /2 carries no token grid; a {sample.grid} grid needs format /1")
     if coding is not None:
         return encode_v2(
             sample.features,
@@ -93,6 +98,7 @@ def encode_sample(sample: UploadSample, coding: SampleCoding | None = None) -> b
         "format": FORMAT,
         "question": sample.question,
         "num_patches": str(sample.num_patches),
+        **({"grid": f"{sample.grid[0]}x{sample.grid[1]}"} if sample.grid is not None else {}),
         "uncertainty": json.dumps(
             {k: round(float(v), 5) for k, v in sample.uncertainty.items()}, separators=(",", ":")
         ),
@@ -116,6 +122,7 @@ class _Parsed:
     num_patches: int
     question: str
     uncertainty: dict[str, float]
+    grid: tuple[int, int] | None = None
 
 
 def check_sample(data: bytes, bases: BasisBook | None = None) -> None:
@@ -160,6 +167,7 @@ def decode_sample(data: bytes, bases: BasisBook | None = None) -> UploadSample:
         answer_ids=t["aid"].long(),
         answer_probs=t["ap"].float(),
         uncertainty=p.uncertainty,
+        grid=p.grid,
     )
     _validate(sample)
     return sample
@@ -191,10 +199,14 @@ def _parse(data: bytes) -> _Parsed:
         num_patches = int(require(meta, "num_patches"))
         raw = json.loads(require(meta, "uncertainty"))
         uncertainty = {str(k): float(v) for k, v in raw.items()}
+        grid_text = meta.get("grid")
+        grid = tuple(int(x) for x in grid_text.split("x", 1)) if grid_text is not None else None
     except (ValueError, AttributeError, TypeError, OverflowError, RecursionError):
-        raise PayloadError("sample metadata num_patches/uncertainty malformed") from None
+        raise PayloadError("sample metadata num_patches/uncertainty/grid malformed") from None
     if not 1 <= num_patches <= MAX_NUM_PATCHES:
         raise PayloadError(f"num_patches must lie in [1, {MAX_NUM_PATCHES}]")
+    if grid is not None and (len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] != num_patches):
+        raise PayloadError(f"sample grid {grid_text[:20]!r} does not hold num_patches {num_patches} tokens")
     unexpected = sorted(set(tensors) - set(_EXPECTED))
     if unexpected:
         raise PayloadError(f"unexpected sample tensors {unexpected[:5]}")
@@ -208,7 +220,7 @@ def _parse(data: bytes) -> _Parsed:
         raise PayloadError("sample features must have at least one dimension per token")
     if tensors["s"].shape[0] != tensors["q"].shape[0]:
         raise PayloadError("sample has a different number of feature scales and tokens")
-    return _Parsed(tensors, num_patches, require(meta, "question"), uncertainty)
+    return _Parsed(tensors, num_patches, require(meta, "question"), uncertainty, grid)  # type: ignore[arg-type]
 
 
 def _validate(s: UploadSample) -> None:

@@ -7,6 +7,7 @@ and :meth:`dwc_config` when the trainer starts.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,21 @@ class ModelFamily(StrictConfig):
     teacher_model: str = str(REFERENCE_ZOO / "teacher")
     initial_version: str = INITIAL_VERSION
     """The version a freshly enrolled device holds (adapters initialised from ``akd.adapter.seed``)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Answer tokens the teacher labels each upload with (its greedy answer sequence; 1: the first token only).
+    None: what the family's device answers with by default, ``max_new_tokens`` of the device model's
+    ``generation_config.json`` when ``device_model`` is a directory, else 1 (see :meth:`answer_tokens`)."""
+
+    def answer_tokens(self) -> int:
+        """The resolved ``max_new_tokens`` (reads the device model's generation config; no hub access)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        path = Path(self.device_model) / "generation_config.json"
+        try:
+            stored = json.loads(path.read_text()).get("max_new_tokens") if path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            stored = None
+        return int(stored) if isinstance(stored, int) and stored >= 1 else 1
 
     @model_validator(mode="after")
     def _check(self) -> ModelFamily:

@@ -1,9 +1,11 @@
 """The validation gate: is a candidate adapter state at least as good as the one the device holds?
 
 Both states are scored on the subject's held-out uploads (never trained on) against the teacher's labels:
-agreement = share of samples whose answer equals the teacher's (its first token; for sequence labels every token
-of the teacher's answer, read with teacher forcing: the student's greedy choice at each position). A candidate
-whose agreement is below the current state's by more than ``margin`` is refused.
+agreement = share of samples whose answer equals the teacher's. With one-token labels that is the first answer
+token; with sequence labels it is a sequence exact match: the student, fed the teacher's answer (teacher forcing),
+must choose the teacher's token at every position, end-of-sequence included (one wrong token fails the sample;
+no partial credit per token). A candidate whose agreement is below the current state's by more than ``margin``
+is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cloud.akd import AKDTrainer, TeacherLabels
-from common.llava_tokens import answer_forward
+from common.llava_tokens import answer_forward, upload_positions
 from common.sample_codec import UploadSample
 
 
@@ -28,6 +30,8 @@ class GateReport:
     candidate_agreement: float
     margin: float
     reason: str
+    metric: str = "first token"
+    """What agreement compared: ``first token`` or ``sequence exact match`` (teacher-forced, every token)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,10 +51,11 @@ def agreement(
         if labels.is_sequence:
             part = labels.subset(range(i, i + len(chunk)))
             forced = [seq[:-1] for seq in part.sequences]  # type: ignore[union-attr]
-            out = answer_forward(trainer.student, trainer.prompts, feats, questions, continuation=forced)
+            where = upload_positions(chunk)
+            out = answer_forward(trainer.student, trainer.prompts, feats, questions, continuation=forced, **where)
             hits += int(sequences_agree(out.step_logits, part).sum())  # type: ignore[arg-type]
             continue
-        out = answer_forward(trainer.student, trainer.prompts, feats, questions)
+        out = answer_forward(trainer.student, trainer.prompts, feats, questions, **upload_positions(chunk))
         hits += int((out.logits.argmax(-1).cpu() == labels.answer_ids[i : i + bs].cpu()).sum())
     return hits / len(samples)
 
@@ -74,13 +79,15 @@ def validate(
     min_held_out: int,
 ) -> GateReport:
     """Score ``current`` and ``candidate``; leaves the trainer holding ``candidate``."""
+    metric = "sequence exact match" if labels.is_sequence else "first token"
     if len(samples) < min_held_out:
         trainer.load_adapter_state(candidate)
-        return GateReport(True, len(samples), float("nan"), float("nan"), margin, "too few held-out samples to judge")
+        reason = "too few held-out samples to judge"
+        return GateReport(True, len(samples), float("nan"), float("nan"), margin, reason, metric)
     cur = agreement(trainer, current, samples, labels)
     cand = agreement(trainer, candidate, samples, labels)
     trainer.load_adapter_state(candidate)
     if cand < cur - margin:
         reason = f"candidate agrees with the teacher on {cand:.3f} of held-out uploads, current on {cur:.3f}"
-        return GateReport(False, len(samples), cur, cand, margin, reason)
-    return GateReport(True, len(samples), cur, cand, margin, "candidate within margin")
+        return GateReport(False, len(samples), cur, cand, margin, reason, metric)
+    return GateReport(True, len(samples), cur, cand, margin, "candidate within margin", metric)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from cloud.adaptation.gate import GateReport, validate
-from cloud.akd import AKDConfig, AKDReport, AKDTrainer, TeacherLabels
+from cloud.akd import AKDConfig, AKDReport, AKDTrainer, LabelRow, TeacherLabels
 from cloud.dwc import CloudMirror, DWCConfig, DWCUpdate, compress
 from common.delta_codec import state_digest
 from common.sample_codec import UploadSample
@@ -32,21 +32,20 @@ class LabelledBuffer:
     capacity: int
     payloads: list[bytes] = field(default_factory=list)
     samples: list[UploadSample] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
-    hidden: list[torch.Tensor] = field(default_factory=list)
+    rows: list[LabelRow] = field(default_factory=list)
+    """Each upload's labels (with the teacher's answer sequence when it labelled with one)."""
 
     def extend(self, payloads: Sequence[bytes], samples: Sequence[UploadSample], labels: TeacherLabels) -> None:
         for i, (p, s) in enumerate(zip(payloads, samples, strict=True)):
             self.payloads.append(p)
             self.samples.append(s)
-            self.logits.append(labels.logits[i].detach().cpu())
-            self.hidden.append(labels.hidden[i].detach().cpu())
+            self.rows.append(labels.row(i))
         drop = max(0, len(self.samples) - self.capacity)
-        for lst in (self.payloads, self.samples, self.logits, self.hidden):
+        for lst in (self.payloads, self.samples, self.rows):
             del lst[:drop]
 
     def labels(self) -> TeacherLabels:
-        return TeacherLabels(torch.stack(self.logits), torch.stack(self.hidden))
+        return TeacherLabels.from_rows(self.rows)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -195,7 +194,7 @@ class Learner:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _on_device(self, labels: TeacherLabels) -> TeacherLabels:
-        return TeacherLabels(labels.logits.to(self.device), labels.hidden.to(self.device))
+        return labels.to(self.device)
 
     def _snapshot(self):
         return (

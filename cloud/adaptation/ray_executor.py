@@ -37,14 +37,14 @@ class TeacherActor:
         torch.set_num_threads(threads)
         cfg = _config(config_doc)
         load_known_bases(cfg)  # format /2 uploads decode on these
-        self.teacher = Teacher.load(cfg.families[family].teacher_model, cfg.device, cfg.label_batch_size)
+        fam = cfg.families[family]
+        self.teacher = Teacher.load(fam.teacher_model, cfg.device, cfg.label_batch_size, fam.answer_tokens())
 
     def hidden_size(self) -> int:
         return self.teacher.hidden_size
 
-    def label(self, payloads: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = self.teacher.label([decode_sample(p) for p in payloads])
-        return labels.logits, labels.hidden
+    def label(self, payloads: list[bytes]) -> TeacherLabels:
+        return self.teacher.label([decode_sample(p) for p in payloads])
 
 
 class RayLabeler:
@@ -60,8 +60,7 @@ class RayLabeler:
         return self._hidden[family]
 
     def label(self, family: str, payloads: list[bytes], samples: list[UploadSample]) -> TeacherLabels:
-        logits, hidden = ray.get(self.teachers[family].label.remote(list(payloads)))
-        return TeacherLabels(logits, hidden)
+        return ray.get(self.teachers[family].label.remote(list(payloads)))
 
 
 @ray.remote

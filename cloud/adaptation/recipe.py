@@ -18,7 +18,7 @@ from cloud.adaptation.learner import Learner, RoundResult
 from cloud.adaptation.uploads import JobUploads, Upload
 from cloud.akd import TeacherLabels
 from cloud.dwc import DWCUpdate
-from common.llava_tokens import unwrap_llava
+from common.mllm_family import family_of
 
 LabelFn = Callable[[Sequence[Upload]], TeacherLabels]
 """Labels uploads (one label per upload, in order)."""
@@ -66,9 +66,9 @@ class JobRound:
 
 
 def feature_dim(model: torch.nn.Module) -> int:
-    """Width of the tower features a LLaVA model's projector takes (what ``decode_uploads`` checks uploads
-    against); a plain model or a learner's PeftModel student."""
-    return int(unwrap_llava(model).model.multi_modal_projector.linear_1.in_features)
+    """Width of the tower features the model's projector takes (what ``decode_uploads`` checks uploads against;
+    per family, ``common.mllm_family``); a plain model or a learner's PeftModel student."""
+    return family_of(model).feature_dim(model)
 
 
 def split_held_out(uploads: Sequence[Upload], every: int) -> tuple[list[Upload], list[Upload]]:

@@ -3,7 +3,8 @@
 Layout under ``<state_dir>/learners/<kind>/<subject>/``:
 - ``mirror/<version>.safetensors``: the exact adapter state of each version the device may hold (immutable);
 - ``gen-<n>/``: one generation of the learner (``learner.safetensors``: adapters, alignment map, optimiser;
-  ``replay.safetensors`` and ``held_out.safetensors``: raw upload bytes and teacher labels; ``state.json``);
+  ``replay.safetensors`` and ``held_out.safetensors``: raw upload bytes and teacher labels, with the teacher's
+  answer sequences and their step logits when it labelled with sequences; ``state.json``);
 - ``current.json``: which generation is live; ``pending.json``: a generation that waits for its update to be
   published (written before publishing, promoted after, so a crash in between neither loses nor repeats it).
 Every file is written to a temporary name, fsynced and renamed, and every new name (files and directories) is
@@ -82,6 +83,10 @@ def _save_buffer(path: Path, buf: LabelledBuffer) -> None:
     if len(buf):
         labels = buf.labels()
         tensors.update(logits=labels.logits, hidden=labels.hidden)
+        if labels.sequences is not None and labels.step_logits is not None:
+            width = labels.step_logits.shape[1]
+            ids = [s + [-1] * (width - len(s)) for s in labels.sequences]
+            tensors.update(sequence_ids=torch.tensor(ids, dtype=torch.int64), step_logits=labels.step_logits)
     _save_tensors(path, tensors, {"count": str(len(buf))})
 
 
@@ -91,7 +96,11 @@ def _load_buffer(path: Path, buf: LabelledBuffer) -> None:
     if n == 0:
         return
     payloads = [tensors[f"p.{i}"].numpy().tobytes() for i in range(n)]
-    buf.extend(payloads, [decode_sample(p) for p in payloads], TeacherLabels(tensors["logits"], tensors["hidden"]))
+    labels = TeacherLabels(tensors["logits"], tensors["hidden"])
+    if "sequence_ids" in tensors:  # the teacher labelled with answer sequences
+        labels.sequences = [[int(t) for t in row if t >= 0] for row in tensors["sequence_ids"].tolist()]
+        labels.step_logits = tensors["step_logits"]
+    buf.extend(payloads, [decode_sample(p) for p in payloads], labels)
 
 
 class LearnerStore:

@@ -50,8 +50,10 @@ class LocalLabeler:
 
     def teacher(self, family: str) -> Teacher:
         if family not in self.teachers:
-            source = self.config.families[family].teacher_model
-            self.teachers[family] = Teacher.load(source, self.config.device, self.config.label_batch_size)
+            fam, cfg = self.config.families[family], self.config
+            self.teachers[family] = Teacher.load(
+                fam.teacher_model, cfg.device, cfg.label_batch_size, fam.answer_tokens()
+            )
         return self.teachers[family]
 
     def hidden_size(self, family: str) -> int:

@@ -30,7 +30,7 @@ from cloud.akd.student import AdapterConfig, adapter_state, build_student, expor
 from cloud.akd.teacher import TeacherLabels
 from common.config import StrictConfig
 from common.errors import TandemError
-from common.llava_tokens import PromptBuilder, answer_forward, unwrap_llava
+from common.llava_tokens import PromptBuilder, answer_forward, unwrap_llava, upload_positions
 from common.sample_codec import UploadSample
 
 
@@ -97,16 +97,18 @@ class AKDTrainer:
         cfg = weights or self.config
         feats, questions = [s.features for s in samples], [s.question for s in samples]
         t = cfg.temperature
+        where = upload_positions(samples)
         if labels.is_sequence:
             forced = [seq[:-1] for seq in labels.sequences]  # type: ignore[union-attr]
-            out = answer_forward(self.student, self.prompts, feats, questions, continuation=forced)
-            ce, kd = self._sequence_terms(out.step_logits, labels, t)  # type: ignore[arg-type]
+            out = answer_forward(self.student, self.prompts, feats, questions, continuation=forced, **where)
+            ce, kd = self._sequence_terms(out.step_logits.float(), labels, t)  # type: ignore[union-attr]
             first_hidden = out.step_hidden[:, 0]  # type: ignore[index]
         else:
-            out = answer_forward(self.student, self.prompts, feats, questions)
-            ce, kd = self._first_token_terms(out.logits, labels, t, cfg.confidence_weighting)
+            out = answer_forward(self.student, self.prompts, feats, questions, **where)
+            ce, kd = self._first_token_terms(out.logits.float(), labels, t, cfg.confidence_weighting)
             first_hidden = out.hidden
-        align = F.mse_loss(self.align(first_hidden), labels.hidden)
+        # losses in fp32 whatever the base's dtype (a checkpoint stored in fp16 or bf16, as the shape members are)
+        align = F.mse_loss(self.align(first_hidden.float()), labels.hidden.float())
         total = cfg.w_ce * ce + cfg.w_kd * kd + cfg.w_align * align
         return {"total": total, "ce": ce, "kd": kd, "align": align}
 
@@ -129,9 +131,10 @@ class AKDTrainer:
         step_logits: torch.Tensor, labels: TeacherLabels, t: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """CE on the teacher's tokens and T^2 * KL to its step distributions, over each row's forced tokens."""
-        mask = labels.forced_mask
+        mask = labels.forced_mask.to(step_logits.device)
         width = step_logits.shape[1]
-        targets = torch.tensor([s + [0] * (width - len(s)) for s in labels.sequences])  # type: ignore[union-attr]
+        rows = [s + [0] * (width - len(s)) for s in labels.sequences]  # type: ignore[union-attr]
+        targets = torch.tensor(rows, device=step_logits.device)
         logits, teacher = step_logits[mask], labels.step_logits[:, :width][mask]  # type: ignore[index]
         ce = F.cross_entropy(logits, targets[mask])
         kd = (t * t) * F.kl_div(

@@ -16,7 +16,6 @@ from common.config import StrictConfig, parse_assignments, read_yaml_mapping, se
 
 __all__ = ["AgentConfig", "load_agent_config", "parse_assignments"]
 from common.errors import ConfigError
-from common.llava_tokens import DEFAULT_PROMPT_TEMPLATE
 from common.modeling import DType, Quantization
 from device.sparse.config import SparseConfig
 from device.transport.config import DeviceClientConfig
@@ -35,7 +34,9 @@ class ModelSettings(StrictConfig):
     """Where the weights go: ``cpu``, ``cuda``, ``cuda:0``, ``auto``."""
     dtype: DType = "auto"
     """Weights (and NF4 compute) dtype: ``float16`` on a Jetson or GPU, ``auto`` keeps the stored dtype."""
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    prompt_template: str | None = None
+    """Chat prompt with ``{question}`` and the family's image placeholder; None: the family's own (LLaVA-1.5's
+    ``USER: <image>\n{question} ASSISTANT:``, Qwen2-VL's chat template; ``common.mllm_family``)."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Answer tokens at most when an Ask names none (greedy, stops at end-of-sequence). ``None``: the
     checkpoint's ``generation_config.max_new_tokens`` (the shape members set their family's default), else 1:

@@ -2,7 +2,9 @@
 
 One forward per batch: the vision tower turns images into features, then projector + language model answer with
 SparseVLM pruning visual tokens inside the language model. The same pass yields SparseVLM's rater scores, which
-UTS uses to pick the visual tokens of an upload (no second pass).
+UTS uses to pick the visual tokens of an upload (no second pass). Longer answers continue from that pass's KV
+cache (SparseVLM's pruned one when it is on), one token per step. Every supported family (LLaVA, Qwen2-VL: see
+``common.mllm_family``) runs this same code.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ from peft import PeftModel, get_peft_model_state_dict
 
 from common.adapters import AdapterConfig, RowAdapters, add_lora, clone_adapter
 from common.errors import ModelLoadError
-from common.llava_tokens import (
-    DEFAULT_PROMPT_TEMPLATE,
-    PromptBuilder,
-    answer_forward,
-    greedy_continuations,
-    unwrap_llava,
-    vision_features,
-)
+from common.llava_tokens import PromptBuilder, answer_forward, greedy_continuations, unwrap_llava
+from common.mllm_family import family_of
 from common.modeling import load_mllm
 from common.update_header import INITIAL_VERSION, UpdateError
 from device.agent.store import AdapterState
-from device.sparse import SparseConfig, disable_sparsevlm, enable_sparsevlm, expect_image_mask, sparse_stats
+from device.sparse import (
+    SparseConfig,
+    decision_prefix,
+    disable_sparsevlm,
+    enable_sparsevlm,
+    expect_image_mask,
+    sparse_stats,
+)
 from device.update_apply import VersionedAdapter, load_adapter_state
 
 DEFAULT_SLOT = "default"
@@ -56,7 +59,7 @@ class ForwardOut:
 
 
 class DeviceModel:
-    """A LLaVA-style model with one LoRA adapter slot and optional SparseVLM."""
+    """A LLaVA- or Qwen2-VL-family model with one LoRA adapter slot and optional SparseVLM."""
 
     def __init__(
         self,
@@ -64,7 +67,7 @@ class DeviceModel:
         processor,
         adapter: AdapterConfig | None = None,
         sparse: SparseConfig | None = None,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template: str | None = None,
         max_new_tokens: int | None = None,
     ) -> None:
         if not isinstance(model, PeftModel):
@@ -78,7 +81,8 @@ class DeviceModel:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         llava = unwrap_llava(self.model)
-        self.prompts = PromptBuilder(self.tokenizer, int(llava.config.image_token_id), prompt_template)
+        self.family = family_of(self.model)
+        self.prompts = PromptBuilder.for_model(self.model, self.tokenizer, prompt_template)
         self.sparse: SparseConfig | None = None
         self.set_sparse(sparse)
         self.adapter = AdapterState(INITIAL_VERSION, self.adapter_weights())
@@ -98,7 +102,7 @@ class DeviceModel:
         adapter: AdapterConfig | None = None,
         adapter_init: Path | None = None,
         sparse: SparseConfig | None = None,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template: str | None = None,
         max_new_tokens: int | None = None,
     ) -> DeviceModel:
         """Load with ``common.modeling.load_mllm``; LoRA from ``adapter_init`` (PEFT directory) or fresh."""
@@ -131,7 +135,7 @@ class DeviceModel:
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap_llava(self.model).model.multi_modal_projector.parameters()).device
+        return next(self.family.projector(self.model).parameters()).device
 
     # -- adapters ------------------------------------------------------------------------------------------
     def adapter_weights(self, slot: str = DEFAULT_SLOT) -> dict[str, torch.Tensor]:
@@ -194,41 +198,34 @@ class DeviceModel:
 
     # -- the forward ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, images: list) -> torch.Tensor:
-        """Vision-tower features [B, N, D] of uint8 HWC arrays or PIL images."""
+    def encode(self, images: list) -> tuple[list[torch.Tensor], list[tuple[int, int]] | None]:
+        """Vision-tower features of uint8 HWC arrays or PIL images, one [N_i, D] per image, and each image's token
+        grid (rows, columns; None for fixed-size square families). Qwen2-VL keeps each image's own resolution."""
         arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
-        pixels = self.processor.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
-        tower = unwrap_llava(self.model).model.vision_tower
-        param = next(tower.parameters())
-        return vision_features(self.model, pixels.to(param.device, param.dtype))
+        pixels, grids = self.family.pixel_inputs(self.processor, arrays)
+        return list(self.family.vision_features(self.model, pixels)), grids
 
-    @torch.no_grad()
-    def forward(
-        self, features: torch.Tensor | list[torch.Tensor], questions: list[str], slots: list[str] | None = None
-    ) -> ForwardOut:
-        """Answer every question on its frame's features with all visual tokens offered to the LM; ``slots[i]``
-        names the adapter slot row ``i`` answers with (default: the default slot for every row)."""
-        with self._rows(slots) as adapters:
-            return self._forward(list(features), questions, adapters)
+    def features(self, images: list) -> torch.Tensor | list[torch.Tensor]:
+        """Vision-tower features of the images: [B, N, D] when every image gives as many tokens (LLaVA, or
+        Qwen2-VL frames of one size), else one [N_i, D] per image (see ``encode``)."""
+        feats = self.encode(images)[0]
+        return torch.stack(feats) if len({tuple(f.shape) for f in feats}) == 1 else feats
 
-    def _rows(self, slots: list[str] | None):
-        if slots is None or all(s == DEFAULT_SLOT for s in slots):
-            return contextlib.nullcontext()
-        if self._lora_layers is None:
-            self._lora_layers = RowAdapters.layers_of(self.model)
-        return RowAdapters(self._lora_layers, slots)
-
-    def _forward(self, feats: list[torch.Tensor], questions: list[str], adapters: RowAdapters | None) -> ForwardOut:
+    def _answer(
+        self,
+        feats: list[torch.Tensor],
+        questions: list[str],
+        grids: list[tuple[int, int] | None] | None,
+        use_cache: bool,
+        adapters: RowAdapters | None = None,
+    ):
         llava = unwrap_llava(self.model)
-
-        def mark_images(mask: torch.Tensor) -> None:
-            expect_image_mask(llava, mask)
-
         before = sparse_stats(llava) if self.sparse is not None else None
-        hook = mark_images if self.sparse is not None else None
+        hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
         out = answer_forward(
-            self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook, adapters=adapters
-        )
+            self.model, self.prompts, feats, questions, with_relevance=True, before_lm=hook, grids=grids,
+            use_cache=use_cache, adapters=adapters,
+        )  # fmt: skip
         n = [int(f.shape[0]) for f in feats]
         stats = sparse_stats(llava) if self.sparse is not None else None
         if stats is before:  # the prefill fell back to dense (no visual tokens to prune): no fresh stats
@@ -242,7 +239,28 @@ class DeviceModel:
             else:
                 relevance.append(out.similarity[i].detach().float().cpu() if out.similarity is not None else None)
             kept.append(stats.samples[i].final_count if stats is not None and i < len(stats.samples) else n[i])
-        return ForwardOut(out.logits.float(), relevance, kept, n)
+        return ForwardOut(out.logits.float(), relevance, kept, n), out
+
+    @torch.no_grad()
+    def forward(
+        self,
+        features: torch.Tensor | list[torch.Tensor],
+        questions: list[str],
+        grids: list[tuple[int, int] | None] | None = None,
+        slots: list[str] | None = None,
+    ) -> ForwardOut:
+        """Answer every question on its frame's features with all visual tokens offered to the LM; ``slots[i]``
+        names the adapter slot row ``i`` answers with (default: the default slot for every row)."""
+        with self._rows(slots) as adapters:
+            return self._answer(list(features), questions, grids, use_cache=False, adapters=adapters)[0]
+
+    def _rows(self, slots: list[str] | None):
+        """Per-row adapters for a batch of several slots' rows (none needed when every row is the default's)."""
+        if slots is None or all(s == DEFAULT_SLOT for s in slots):
+            return contextlib.nullcontext()
+        if self._lora_layers is None:
+            self._lora_layers = RowAdapters.layers_of(self.model)
+        return RowAdapters(self._lora_layers, slots)
 
     @torch.no_grad()
     def generate(
@@ -250,22 +268,39 @@ class DeviceModel:
         features: torch.Tensor | list[torch.Tensor],
         questions: list[str],
         limits: list[int],
+        grids: list[tuple[int, int] | None] | None = None,
+        use_cache: bool = True,
         slots: list[str] | None = None,
     ) -> ForwardOut:
-        """Greedy answers of up to ``limits[i]`` tokens, stopping a row at end-of-sequence.
+        """Greedy answers of up to ``limits[i]`` tokens, stopping a row at end-of-sequence (``slots`` as in
+        ``forward``).
 
-        The first step is ``forward`` (SparseVLM's pruning, relevance and token counts come from it); each further
-        step feeds the tokens chosen so far after the prompt (the pruning of that pass is deterministic, so the
-        visual tokens the answer reads are the first step's).
+        The first step is ``forward``'s pass (SparseVLM's pruning, relevance and token counts come from it); each
+        further token is one step on its KV cache (with SparseVLM, the pruned cache: the answer reads the visual
+        tokens the prefill kept). ``use_cache=False`` re-runs the prefill on the prompt and the tokens so far
+        instead (the reference; with SparseVLM its pruning decisions are based on the prompt's columns only, which
+        matches the cached pass exactly when the rows' prompts are equally long).
         """
-        feats = list(features)
+        with self._rows(slots) as adapters:
+            return self._generate(list(features), questions, limits, grids, use_cache, adapters)
+
+    def _generate(self, feats, questions, limits, grids, use_cache: bool, adapters: RowAdapters | None) -> ForwardOut:
+        first, out = self._answer(feats, questions, grids, use_cache and max(limits) > 1, adapters)
         llava = unwrap_llava(self.model)
         hook = (lambda mask: expect_image_mask(llava, mask)) if self.sparse is not None else None
-        with self._rows(slots) as adapters:
-            first = self._forward(feats, questions, adapters)
+        args = (self.model, self.prompts, feats, questions)
+        if use_cache or self.sparse is None:
             seqs, token_logits, mask = greedy_continuations(
-                self.model, self.prompts, feats, questions, first.logits, limits, self.eos_id, hook, adapters
+                *args, out if use_cache else out.logits, limits, self.eos_id, hook, grids=grids, adapters=adapters
             )
+        else:
+            width = max(
+                len(b) + int(f.shape[0]) + len(a) for f, (b, a) in zip(feats, map(self.prompts.split, questions))
+            )
+            with decision_prefix(llava, width):
+                seqs, token_logits, mask = greedy_continuations(
+                    *args, out.logits, limits, self.eos_id, hook, grids=grids, adapters=adapters
+                )
         first.sequences, first.token_logits, first.mask = seqs, token_logits, mask
         return first
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from common import clock as clocks
 from device.agent.batcher import BatchCallback, BatcherBusy, BatcherStopped, ComputeModel, MicroBatcher, Request
 from device.agent.step import Answer, DeviceStep, Frame
@@ -192,9 +194,10 @@ class SharedBatcher(MicroBatcher):
         questions = [f.question for f in frames]
         try:
             with self.tenants.lock:
-                features = self.step.stack_features(frames)
+                features, grids = self.step.stack_features(frames)
                 slots = [r.lane.slot for r in live]  # type: ignore[union-attr]
-                passed = self.step.model_pass(features, questions, [f.max_new_tokens for f in frames], slots)
+                limits = [f.max_new_tokens for f in frames]
+                passed = self.step.model_pass(features, questions, limits, slots, grids)
         except Exception as exc:  # one failing batch fails its requests, never the worker
             log.exception("shared batch of %d failed", len(live))
             for r in live:
@@ -212,7 +215,7 @@ class SharedBatcher(MicroBatcher):
             try:
                 answers = lane.step.decide(
                     passed.rows(index),
-                    features[index],
+                    features[index] if isinstance(features, torch.Tensor) else [features[i] for i in index],
                     [questions[i] for i in index],
                     [frames[i].metadata for i in index],
                 )

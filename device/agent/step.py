@@ -42,6 +42,7 @@ class ModelPass:
     mask: torch.Tensor | None
     seqs: list[list[int]]
     elapsed_s: float
+    grids: list[tuple[int, int] | None] | None = None
 
     def rows(self, index: list[int]) -> ModelPass:
         """The pass restricted to rows ``index`` (in that order)."""
@@ -54,7 +55,8 @@ class ModelPass:
             [o.total[i] for i in index],
         )
         mask = self.mask[pick] if self.mask is not None else None
-        return ModelPass(out, self.logits[pick], mask, [self.seqs[i] for i in index], self.elapsed_s)
+        grids = [self.grids[i] for i in index] if self.grids is not None else None
+        return ModelPass(out, self.logits[pick], mask, [self.seqs[i] for i in index], self.elapsed_s, grids)
 
 
 @dataclass
@@ -104,38 +106,51 @@ class DeviceStep:
         """Answer a batch of frames (images are run through the vision tower once, here)."""
         if not frames:
             return []
+        batch, grids = self.stack_features(frames)
         limits = [f.max_new_tokens for f in frames]
-        stacked = self.stack_features(frames)
-        return self.run_features(stacked, [f.question for f in frames], [f.metadata for f in frames], limits)
+        questions, meta = [f.question for f in frames], [f.metadata for f in frames]
+        return self.run_features(batch, questions, meta, limits, grids)
 
-    def stack_features(self, frames: list[Frame]) -> torch.Tensor:
-        """The frames' vision features [B, N, D]: given, or computed here in one tower pass."""
+    def stack_features(
+        self, frames: list[Frame]
+    ) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int] | None] | None]:
+        """The frames' vision features (given, or computed here in one tower pass): [B, N, D], or one [N_i, D] per
+        frame when their token counts differ; and each frame's token grid when one is not square (else None)."""
         need = [i for i, f in enumerate(frames) if f.features is None]
         feats: list[torch.Tensor | None] = [f.features for f in frames]
+        grids: list[tuple[int, int] | None] = [None] * len(frames)
         if need:
-            computed = self.model.features([frames[i].image for i in need])
+            computed, computed_grids = self.model.encode([frames[i].image for i in need])
             for j, i in enumerate(need):
                 feats[i] = computed[j]
-        return torch.stack([f.to(self.model.device) for f in feats])  # type: ignore[union-attr]
+                grids[i] = computed_grids[j] if computed_grids is not None else None
+        on_device = [f.to(self.model.device) for f in feats]  # type: ignore[union-attr]
+        same = len({tuple(f.shape) for f in on_device}) == 1
+        batch = torch.stack(on_device) if same else on_device  # dynamic resolution: per-frame token counts
+        return batch, (grids if any(grids) else None)
 
     def run_features(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | list[torch.Tensor],
         questions: list[str],
         metadata: list[dict[str, str]] | None = None,
         max_new_tokens: list[int | None] | None = None,
+        grids: list[tuple[int, int] | None] | None = None,
     ) -> list[Answer]:
-        """Answer from vision features [B, N, D] (the offline experiment's path); ``max_new_tokens[i]`` caps
-        sample ``i``'s answer (None: the model's default)."""
-        return self.decide(self.model_pass(features, questions, max_new_tokens), features, questions, metadata)
+        """Answer from vision features [B, N, D] or one [N_i, D] per frame (the offline experiment's path);
+        ``max_new_tokens[i]`` caps sample ``i``'s answer (None: the model's default); ``grids[i]`` is frame
+        ``i``'s token grid when it is not square (Qwen2-VL's dynamic resolution)."""
+        passed = self.model_pass(features, questions, max_new_tokens, grids=grids)
+        return self.decide(passed, features, questions, metadata)
 
     @torch.no_grad()
     def model_pass(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | list[torch.Tensor],
         questions: list[str],
         max_new_tokens: list[int | None] | None = None,
         slots: list[str] | None = None,
+        grids: list[tuple[int, int] | None] | None = None,
     ) -> ModelPass:
         """The model's answers to a batch, before UTS; ``slots[i]``: the adapter slot row ``i`` answers with
         (a batch of several tenants' rows, ``device.agent.tenants``; default: the model's own adapter)."""
@@ -144,18 +159,18 @@ class DeviceStep:
         limits = [m or default for m in (max_new_tokens or [None] * len(questions))]
         extra = {} if slots is None else {"slots": slots}
         if max(limits) > 1:
-            out = self.model.generate(features, questions, limits, **extra)
+            out = self.model.generate(features, questions, limits, grids, **extra)
             logits, mask, seqs = out.token_logits, out.mask, out.sequences
         else:
-            out = self.model.forward(features, questions, **extra)
+            out = self.model.forward(features, questions, grids, **extra)
             logits, mask, seqs = out.logits, None, [[int(t)] for t in out.logits.argmax(-1).tolist()]
-        return ModelPass(out, logits, mask, seqs, time.perf_counter() - t0)  # type: ignore[arg-type]
+        return ModelPass(out, logits, mask, seqs, time.perf_counter() - t0, grids)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def decide(
         self,
         passed: ModelPass,
-        features: torch.Tensor,
+        features: torch.Tensor | list[torch.Tensor],
         questions: list[str],
         metadata: list[dict[str, str]] | None = None,
     ) -> list[Answer]:
@@ -163,7 +178,8 @@ class DeviceStep:
         t0 = time.perf_counter()
         version = self.version
         out, logits, mask, seqs = passed.out, passed.logits, passed.mask, passed.seqs
-        decided = self.uts.decide(features, questions, logits, out.relevance, mask) if self.uts else None
+        uts = self.uts
+        decided = uts.decide(features, questions, logits, out.relevance, mask, passed.grids) if uts else None
         unc = answer_uncertainty(logits, mask=mask)  # type: ignore[arg-type]
         elapsed = passed.elapsed_s + time.perf_counter() - t0
         answers = []

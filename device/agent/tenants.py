@@ -80,17 +80,21 @@ class TenantModel:
             self.shared.install(adapter, self.slot)
         self.adapter = adapter
 
-    def features(self, images: list) -> torch.Tensor:
+    def features(self, images: list):
         with self.models.lock:
             return self.shared.features(images)
 
-    def forward(self, features, questions: list[str]) -> ForwardOut:
+    def encode(self, images: list):
         with self.models.lock:
-            return self.shared.forward(features, questions, [self.slot] * len(questions))
+            return self.shared.encode(images)
 
-    def generate(self, features, questions: list[str], limits: list[int]) -> ForwardOut:
+    def forward(self, features, questions: list[str], grids=None) -> ForwardOut:
         with self.models.lock:
-            return self.shared.generate(features, questions, limits, [self.slot] * len(questions))
+            return self.shared.forward(features, questions, grids, slots=[self.slot] * len(questions))
+
+    def generate(self, features, questions: list[str], limits: list[int], grids=None) -> ForwardOut:
+        with self.models.lock:
+            return self.shared.generate(features, questions, limits, grids, slots=[self.slot] * len(questions))
 
     def decode(self, token_id: int) -> str:
         return self.shared.decode(token_id)

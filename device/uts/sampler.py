@@ -112,33 +112,37 @@ class UncertaintyTokenSampler:
     @torch.no_grad()
     def decide(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | list[torch.Tensor],
         questions: list[str],
         logits: torch.Tensor,
         relevance: list[torch.Tensor | None],
         mask: torch.Tensor | None = None,
+        grids: list[tuple[int, int] | None] | None = None,
     ) -> list[UTSResult]:
         """Score, gate, pick tokens and encode, from an answer pass that already ran (no second forward).
 
         ``logits`` [B, V] are the first answer token's, or [B, T, V] a generated answer's (``mask`` [B, T] marks
         each row's tokens): the sequence is scored, the upload's top answers are its first token's.
         ``relevance[i]`` [N] ranks sample ``i``'s visual tokens (SparseVLM's rater scores of that pass, or the
-        model's own attention/similarity).
+        model's own attention/similarity). ``features`` may be one [N_i, D] per sample (dynamic resolution);
+        ``grids[i]`` is sample ``i``'s token grid when not square (it travels with the upload).
         """
         unc = answer_uncertainty(logits, mask=mask)
         scores = uncertainty_score(unc, self.config.score)
         probs = torch.softmax((logits[:, 0] if logits.dim() == 3 else logits).float(), dim=-1)
         top = torch.topk(probs, min(self.config.top_answers, probs.shape[-1]), dim=-1)
         results = []
-        for i in range(features.shape[0]):
+        for i in range(len(features)):
             score = float(scores[i])
             result = UTSResult(int(probs[i].argmax()), unc.row(i), score, sent=False)
             if score >= self.gate.threshold():
                 idx = self.pick_tokens(features[i], relevance[i])
+                grid = grids[i] if grids is not None else None
                 sample = UploadSample(
-                    features=features[i, idx].float().cpu(),
+                    features=features[i][idx].float().cpu(),
                     patch_indices=idx,
-                    num_patches=features.shape[1],
+                    num_patches=int(features[i].shape[0]),
+                    grid=tuple(grid) if grid is not None and grid[0] != grid[1] else None,
                     question=questions[i],
                     answer_ids=top.indices[i].cpu(),
                     answer_probs=top.values[i].cpu(),

@@ -18,8 +18,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cloud_settings(zoo: FleetZoo, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Config keys for ``tandem-cloud serve`` (beyond host, port and data_dir, which the harness sets)."""
+def cloud_settings(zoo: FleetZoo, overrides: dict[str, Any], agent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Config keys for ``tandem-cloud serve`` (beyond host, port and data_dir, which the harness sets). When the
+    scenario's agents answer in a set number of tokens (``agent.model.max_new_tokens``), the teacher labels
+    uploads with answers of that length."""
+    family: dict[str, Any] = {"device_model": str(zoo.device), "teacher_model": str(zoo.teacher)}
+    tokens = ((agent or {}).get("model") or {}).get("max_new_tokens")
+    if tokens:
+        family["max_new_tokens"] = int(tokens)
     base: dict[str, Any] = {
         # The scenario is the operator: its devices enrol themselves in the cohorts it gives them (a deployment
         # keeps enrollment closed and provisions each device with `tandem-cloud devices add`).
@@ -27,7 +33,7 @@ def cloud_settings(zoo: FleetZoo, overrides: dict[str, Any]) -> dict[str, Any]:
         "sqlite_synchronous": "NORMAL",
         "watch_poll_interval_s": 0.5,
         "adaptation": {
-            "families": {MODEL_FAMILY: {"device_model": str(zoo.device), "teacher_model": str(zoo.teacher)}},
+            "families": {MODEL_FAMILY: family},
             "poll_interval_s": 1.0,
             "ray": {"num_cpus": max(1, min(2, os.cpu_count() or 1)), "include_dashboard": False},
         },

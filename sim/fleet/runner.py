@@ -108,7 +108,7 @@ def cloud_overrides(scenario: Scenario, zoo: FleetZoo, simulation: dict[str, Any
     time) the clock file and the modelled cluster."""
     from sim.fleet.cloud_settings import cloud_settings
 
-    settings = cloud_settings(zoo, scenario.cloud)
+    settings = cloud_settings(zoo, scenario.cloud, scenario.agent)
     if simulation is not None:
         settings["simulation"] = simulation
     return settings

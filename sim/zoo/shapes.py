@@ -243,6 +243,15 @@ def llava_config(shape: ModelShape, lm_layers: int, tower_layers: int):
     )  # fmt: skip
 
 
+def mrope_sections(text: TextShape) -> list[int]:
+    """M-RoPE's (temporal, height, width) split of the rotary half-dimension: Qwen2-VL's [16, 24, 24] at head_dim
+    128, in the same 1/4, 3/8, 3/8 proportion at a narrower width (the small test models)."""
+    half = text.hidden_size // text.num_heads // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
 def qwen2_vl_config(shape: ModelShape, lm_layers: int, tower_layers: int):
     """``Qwen2VLConfig`` with the shape's geometry at the cut depth (Qwen2-VL-2B's ids and M-RoPE sections)."""
     from transformers import Qwen2VLConfig
@@ -253,7 +262,7 @@ def qwen2_vl_config(shape: ModelShape, lm_layers: int, tower_layers: int):
         hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_attention_heads=t.num_heads,
         num_key_value_heads=t.num_kv_heads, num_hidden_layers=lm_layers, vocab_size=t.vocab_size,
         max_position_embeddings=32768, rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": [16, 24, 24]},
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": mrope_sections(t)},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )  # fmt: skip
     vision = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -70,3 +71,14 @@ def test_the_teacher_agrees_with_itself_on_every_token_and_a_changed_token_disag
     changed[i][-1] = (changed[i][-1] + 1) % 10  # the last token of one answer differs
     wrong = dataclasses.replace(labels, sequences=changed)
     assert agreement(same, state, uploads, wrong) == pytest.approx(1 - 1 / len(uploads))
+
+
+def test_a_half_precision_student_distils(setup):
+    """The shape members store fp16 (device) and bf16 (teacher) weights, and the trainer loads them as stored: the
+    loss terms run in fp32 beside them (the first shape-member fleet run failed every job on a Half/Float mix)."""
+    pair, uploads, labels = setup
+    student = copy.deepcopy(pair.device).half()
+    trainer = AKDTrainer(student, pair.teacher.config.text_config.hidden_size, pair.prompts,
+                         AKDConfig(epochs=1, batch_size=6))  # fmt: skip
+    report = trainer.train(uploads, labels)
+    assert math.isfinite(report.loss_after["total"]) and report.steps == 2

@@ -145,3 +145,28 @@ async def test_register_with_an_enrollment_code(tmp_path, capsys):
     argv = [*base[:-2], "--state-dir", str(tmp_path / "e"), "--enrollment-code", " "]
     code, _, err = await asyncio.to_thread(_run, argv, capsys)
     assert code == 1 and "--enrollment-code is empty" in err
+
+
+@pytest.mark.parametrize("sparse", [None, {"budget": 8}], ids=["dense", "sparsevlm"])
+def test_cached_answers_equal_uncached_ones(model, sparse):
+    """One prefill + cached steps answers exactly as re-running the prefill per token (rows of different prompt
+    lengths in one batch on the dense path; SparseVLM: its pruned cache, one row at a time)."""
+    from device.sparse import SparseConfig
+
+    feats = list(_features(model, 2))
+    questions = [QUESTION, "is there a red square in the image ?"]
+    model.set_sparse(SparseConfig(**sparse) if sparse else None)
+    model.eos_id, eos = -1, model.eos_id  # full-length answers: every step is compared
+    try:
+        rows = [[0, 1]] if sparse is None else [[0], [1]]
+        for idx in rows:
+            f, q = [feats[i] for i in idx], [questions[i] for i in idx]
+            cached = model.generate(f, q, [6] * len(idx))
+            uncached = model.generate(f, q, [6] * len(idx), use_cache=False)
+            assert cached.sequences == uncached.sequences and all(len(s) == 6 for s in cached.sequences)
+            torch.testing.assert_close(cached.token_logits, uncached.token_logits, rtol=1e-4, atol=1e-4)
+            if sparse:
+                assert cached.kept[0] < cached.total[0]
+    finally:
+        model.eos_id = eos
+        model.set_sparse(None)

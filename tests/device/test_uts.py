@@ -147,3 +147,20 @@ def test_upload_decoder_rejects_foreign_bytes():
     data = bytearray(encode_sample(_sample()))
     with pytest.raises(PayloadError):
         decode_sample(bytes(data[: len(data) // 2]))
+
+
+def test_a_non_square_token_grid_travels_with_format_1_only():
+    from common.feature_basis import fit_basis
+    from common.feature_codec import Rate
+    from common.sample_codec import SampleCoding
+
+    feats = torch.randn(3, 8)
+    up = UploadSample(feats, torch.tensor([0, 5, 11]), 12, "q", torch.tensor([1]), torch.tensor([0.5]), grid=(3, 4))
+    assert decode_sample(encode_sample(up)).grid == (3, 4)
+    square = UploadSample(feats, torch.tensor([0, 5, 11]), 16, "q", torch.tensor([1]), torch.tensor([0.5]))
+    assert decode_sample(encode_sample(square)).grid is None
+    with pytest.raises(PayloadError, match="grid"):  # rows x columns must hold num_patches
+        decode_sample(encode_sample(UploadSample(**{**up.__dict__, "grid": (2, 4)})))
+    basis = fit_basis(torch.randn(64, 8), rank=4)
+    with pytest.raises(PayloadError, match="format /1"):
+        encode_sample(up, SampleCoding(basis, Rate(4, 4)))

@@ -108,3 +108,16 @@ def test_drift_ramps_and_phases():
     assert sched.domain_at(32.5) == "night:0.8+cast:0.2"  # severities rounded to the 0.1 step
     assert sched.domain_at(100) == "cast"
     assert sched.phase_at(25) == 1 and sched.phase_end(1, 60) == 30 and sched.phase_end(2, 60) == 60
+
+
+def test_the_cloud_labels_with_the_agents_answer_length(tmp_path):
+    from sim.fleet.cloud_settings import cloud_settings
+    from sim.fleet.devices import MODEL_FAMILY
+    from sim.fleet.zoo import FleetZoo
+
+    zoo = FleetZoo("z", tmp_path / "teacher", tmp_path / "device")
+    family = cloud_settings(zoo, {}, {"model": {"max_new_tokens": 4}})["adaptation"]["families"][MODEL_FAMILY]
+    assert family["max_new_tokens"] == 4
+    assert "max_new_tokens" not in cloud_settings(zoo, {}, {})["adaptation"]["families"][MODEL_FAMILY]
+    shape = load_scenario("llava-7b-shape")  # the shape scenario triggers jobs at its few uploads
+    assert shape.cloud["adaptation"]["trigger"]["min_samples"] <= 4
