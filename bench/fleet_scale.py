@@ -50,7 +50,8 @@ def run_one(devices: int, virtual_s: float, zoo: str, out: Path) -> dict:
 
     path = out / f"scale-{devices}.yaml"
     path.write_text(yaml.safe_dump(scenario(devices, virtual_s, zoo)))
-    runner = FleetRunner(load_scenario(path), RunOptions(out_dir=out, run_name=f"scale-{devices}", drain_s=10))
+    options = RunOptions(out_dir=out, run_name=f"scale-{devices}", drain_s=10, ceiling=False)  # cost, not accuracy
+    runner = FleetRunner(load_scenario(path), options)
     started = time.perf_counter()
     result = runner.run()
     s = summarize(result)
