@@ -182,6 +182,7 @@ class MicroBatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_swaps()
+            self._between_batches()
             batch = self._collect()
             if not batch:
                 continue
@@ -190,6 +191,13 @@ class MicroBatcher:
             finally:
                 self._in_batch = False
         self._run_swaps()
+        self._stopped()
+
+    def _between_batches(self) -> None:
+        """The worker's own work between two batches (a subclass's; none here)."""
+
+    def _stopped(self) -> None:
+        """The worker's last work once it stops (a subclass's; none here)."""
 
     def _run_batch(self, batch: list[Request]) -> None:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]

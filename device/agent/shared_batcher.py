@@ -160,19 +160,11 @@ class SharedBatcher(MicroBatcher):
         releases = self._releases
         return bool(releases) and releases[0].due <= clocks.current().monotonic()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._run_swaps()
-            self._release_due()
-            self._poll_s = 0.002 if self._releases else 0.02
-            batch = self._collect()
-            if not batch:
-                continue
-            try:
-                self._run_batch(batch)
-            finally:
-                self._in_batch = False
-        self._run_swaps()
+    def _between_batches(self) -> None:
+        self._release_due()
+        self._poll_s = 0.002 if self._releases else 0.02  # a release falls due while no request comes
+
+    def _stopped(self) -> None:
         self._release_all()
 
     def _run_batch(self, batch: list[Request]) -> None:
