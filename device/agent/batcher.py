@@ -193,6 +193,13 @@ class MicroBatcher:
         self._run_swaps()
         self._stopped()
 
+    @staticmethod
+    def _fail(requests: list[Request], exc: Exception) -> None:
+        """A batch that failed fails its requests (logged once), never the worker."""
+        log.exception("batch of %d failed", len(requests))
+        for r in requests:
+            r.future.set_exception(exc)
+
     def _between_batches(self) -> None:
         """The worker's own work between two batches (a subclass's; none here)."""
 
@@ -209,9 +216,7 @@ class MicroBatcher:
         try:
             answers = self.step.run([r.frame for r in live])
         except Exception as exc:  # one failing batch fails its requests, never the worker
-            log.exception("batch of %d failed", len(live))
-            for r in live:
-                r.future.set_exception(exc)
+            self._fail(live, exc)
             return
         forward_s = time.perf_counter() - t0
         self.batches += 1

@@ -191,9 +191,7 @@ class SharedBatcher(MicroBatcher):
                 limits = [f.max_new_tokens for f in frames]
                 passed = self.step.model_pass(features, questions, limits, slots, grids)
         except Exception as exc:  # one failing batch fails its requests, never the worker
-            log.exception("shared batch of %d failed", len(live))
-            for r in live:
-                r.future.set_exception(exc)
+            self._fail(live, exc)  # type: ignore[arg-type]
             return
         forward_s = time.perf_counter() - t0
         self.batches += 1
